@@ -1,0 +1,217 @@
+"""Enqueue notifications: the Dramatiq wire format, the idempotency claim and the
+``queued`` status record, written together by one Lua script."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from producers.job import Notification
+from producers.keys import (
+    ACTOR_NAME,
+    QUEUES,
+    idempotency_key,
+    queue_key,
+    queue_messages_key,
+    status_key,
+)
+from settings import JobValidationError, Limits, MailworkerError, Settings, public_url
+
+__all__ = ["BrokerUnavailableError", "Producer", "connect", "wire_message"]
+
+# KEYS: queue list, queue hash, status hash, idempotency key ("" for none)
+# ARGV: redis message id, payload, job id, status fields (JSON), status ttl, idem ttl, payload hash
+_ENQUEUE = """
+if KEYS[4] ~= '' then
+  local claim = ARGV[3] .. ' ' .. ARGV[7]
+  if redis.call('SET', KEYS[4], claim, 'NX', 'EX', ARGV[6]) == false then
+    local held = redis.call('GET', KEYS[4])
+    if held then
+      local sep = string.find(held, ' ', 1, true)
+      local id, digest = string.sub(held, 1, sep - 1), string.sub(held, sep + 1)
+      if digest == ARGV[7] then return {'existing', id} end
+      return {'conflict', id}
+    end
+    redis.call('SET', KEYS[4], claim, 'EX', ARGV[6])
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local fields = cjson.decode(ARGV[4])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[3], k, v) end
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return {'enqueued', ARGV[3]}
+"""
+_CHUNK = 500
+
+
+class BrokerUnavailableError(MailworkerError):
+    """The broker (Redis) cannot be reached; nothing was enqueued."""
+
+
+def connect(url: str, *, ca_bundle: Path | None = None) -> redis.Redis:
+    """Return a Redis client for ``url`` (bytes replies, as Dramatiq needs).
+
+    Args:
+        url: ``redis://`` or ``rediss://`` URL.
+        ca_bundle: extra trust for ``rediss://``.
+
+    Returns:
+        A client; it connects lazily.
+    """
+    options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 10}
+    if ca_bundle is not None and url.startswith("rediss://"):
+        options["ssl_ca_certs"] = str(ca_bundle)
+    return redis.Redis.from_url(url, **options)
+
+
+def wire_message(job_id: str, queue: str, job: dict[str, Any]) -> tuple[str, bytes]:
+    """Return (redis message id, payload) of the Dramatiq message for one job."""
+    redis_message_id = str(uuid.uuid4())
+    message = {
+        "queue_name": queue,
+        "actor_name": ACTOR_NAME,
+        "args": [],
+        "kwargs": {"job": job},
+        "options": {"redis_message_id": redis_message_id},
+        "message_id": job_id,
+        "message_timestamp": int(time.time() * 1000),
+    }
+    return redis_message_id, orjson.dumps(message)
+
+
+class Producer:
+    """Enqueues notifications on one broker. Thread-safe; build one per process."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str = "mailworker",
+        limits: Limits | None = None,
+        status_ttl: float = 7 * 86400,
+        idempotency_ttl: float = 86400,
+        broker_label: str = "redis",
+    ) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._limits = limits or Limits()
+        self._status_ttl = int(status_ttl)
+        self._idempotency_ttl = max(1, int(idempotency_ttl))
+        self._label = broker_label
+        self._script = client.register_script(_ENQUEUE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, broker_url: str | None = None) -> Producer:
+        """Build a producer from the configuration (only broker and limits are used)."""
+        url = broker_url or settings.broker_url.get_secret_value()
+        return cls(
+            connect(url, ca_bundle=settings.broker_ca_bundle),
+            namespace=settings.namespace,
+            limits=settings.limits,
+            status_ttl=settings.status.ttl,
+            idempotency_ttl=settings.status.idempotency_ttl,
+            broker_label=public_url(url),
+        )
+
+    def enqueue(self, notification: Notification) -> str:
+        """Validate and enqueue one notification.
+
+        Args:
+            notification: the job.
+
+        Returns:
+            The job id (the same one again for a repeated ``idempotency_key``).
+
+        Raises:
+            JobValidationError: the job breaks ``[limits]`` or reuses an idempotency key
+                with another payload.
+            BrokerUnavailableError: Redis cannot be reached; nothing was enqueued.
+        """
+        return self.enqueue_many([notification])[0]
+
+    def enqueue_many(self, notifications: Iterable[Notification]) -> list[str]:
+        """Validate every notification, then enqueue them in few round trips.
+
+        Returns:
+            The job ids, in order.
+
+        Raises:
+            JobValidationError: one is invalid (``field`` starts with its index); none
+                was enqueued. For a conflicting idempotency key the ones before it were.
+            BrokerUnavailableError: Redis cannot be reached.
+        """
+        jobs = list(notifications)
+        for index, job in enumerate(jobs):
+            try:
+                job.check_limits(self._limits)
+            except JobValidationError as exc:
+                if len(jobs) == 1:
+                    raise
+                raise JobValidationError(f"[{index}].{exc.field}", str(exc)) from None
+        ids: list[str] = []
+        for start in range(0, len(jobs), _CHUNK):
+            ids.extend(self._enqueue_chunk(jobs[start : start + _CHUNK], start))
+        return ids
+
+    def _enqueue_chunk(self, jobs: Sequence[Notification], offset: int) -> list[str]:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    self._queue_call(pipe, job, now)
+                replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(
+                f"broker {self._label} unreachable: {exc.__class__.__name__}"
+            ) from None
+        ids = []
+        for index, (state, job_id) in enumerate(replies):
+            if state == b"conflict":
+                raise JobValidationError(
+                    f"[{offset + index}].idempotency_key" if len(jobs) > 1 else "idempotency_key",
+                    f"already used for job {job_id.decode()} with another payload",
+                )
+            ids.append(job_id.decode())
+        return ids
+
+    def _queue_call(self, pipe: Any, job: Notification, now: str) -> None:
+        wire = job.to_wire()
+        job_id = str(uuid.uuid4())
+        queue = QUEUES[job.priority]
+        redis_message_id, payload = wire_message(job_id, queue, wire)
+        digest = hashlib.sha256(orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        fields = {
+            "id": job_id,
+            "state": "queued",
+            "attempts": 0,
+            "queue": queue,
+            "created_at": now,
+            "updated_at": now,
+            "metadata": orjson.dumps(job.metadata).decode(),
+        }
+        idem = idempotency_key(self._namespace, job.idempotency_key) if job.idempotency_key else ""
+        keys = [
+            queue_key(self._namespace, queue),
+            queue_messages_key(self._namespace, queue),
+            status_key(self._namespace, job_id),
+            idem,
+        ]
+        args = [
+            redis_message_id,
+            payload,
+            job_id,
+            orjson.dumps(fields),
+            self._status_ttl,
+            self._idempotency_ttl,
+            digest,
+        ]
+        self._script(keys=keys, args=args, client=pipe)

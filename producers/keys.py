@@ -1,0 +1,51 @@
+"""Names on the broker shared by producers and workers: queues, the actor, Redis keys."""
+
+from __future__ import annotations
+
+import hashlib
+
+__all__ = [
+    "ACTOR_NAME",
+    "QUEUES",
+    "accepted_key",
+    "history_key",
+    "idempotency_key",
+    "queue_key",
+    "queue_messages_key",
+    "status_key",
+]
+
+ACTOR_NAME = "deliver"
+# priority → Dramatiq queue; each its own queue so a bulk send never delays `high`.
+QUEUES = {"high": "mail-high", "normal": "mail", "bulk": "mail-bulk"}
+
+
+def queue_key(namespace: str, queue: str) -> str:
+    """The Redis list Dramatiq fetches message ids from."""
+    return f"{namespace}:{queue}"
+
+
+def queue_messages_key(namespace: str, queue: str) -> str:
+    """The Redis hash of message id → encoded message."""
+    return f"{namespace}:{queue}.msgs"
+
+
+def status_key(namespace: str, job_id: str) -> str:
+    """The status record (a hash) of one job."""
+    return f"{namespace}:job:{job_id}"
+
+
+def history_key(namespace: str, job_id: str) -> str:
+    """The attempt history (a list of JSON entries) of one job."""
+    return f"{namespace}:job:{job_id}:history"
+
+
+def accepted_key(namespace: str, job_id: str) -> str:
+    """The delivery marker: the set of recipients a server has accepted for the job."""
+    return f"{namespace}:job:{job_id}:accepted"
+
+
+def idempotency_key(namespace: str, key: str) -> str:
+    """The claim of one idempotency key (hashed: keys are free text)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{namespace}:idem:{digest}"

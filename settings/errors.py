@@ -1,0 +1,29 @@
+"""The root of mailworker's error tree, shared by every room.
+
+Only the two errors that the lowest rooms raise live here; ``worker.errors`` builds
+the rest of the tree on top of them (settings ← producers ← worker).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "JobValidationError", "MailworkerError"]
+
+
+class MailworkerError(Exception):
+    """Base class of every error mailworker raises on purpose."""
+
+
+class ConfigError(MailworkerError, ValueError):
+    """The configuration is invalid; ``field`` names the key at fault. Never retried."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class JobValidationError(MailworkerError, ValueError):
+    """A notification is invalid; ``field`` names the part at fault. Never retried."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)

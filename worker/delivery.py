@@ -1,0 +1,182 @@
+"""Deliver one notification: sender order, in-process retries (tenacity) and failover."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from producers.job import Mailbox, Notification
+from settings import JobValidationError, Retry
+from worker.errors import (
+    DeliveryError,
+    MessageRefusedError,
+    RecipientRefusedError,
+    TransientDeliveryError,
+)
+from worker.message import message_id, render, render_body
+from worker.transports.base import OutgoingMessage, Receipt, Transport
+
+__all__ = ["Deliverer", "Outcome", "Service"]
+
+log = structlog.get_logger("mailworker.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A transport with the From it sends as."""
+
+    transport: Transport
+    from_box: Mailbox
+
+    @property
+    def name(self) -> str:
+        """The configured service name."""
+        return self.transport.name
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one attempt achieved, across every service it tried."""
+
+    service: str | None = None
+    message_id: str | None = None
+    receipt: Receipt = field(default_factory=Receipt)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    last_error: DeliveryError | None = None
+    retry_after: float | None = None
+    retryable: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """True when no recipient is left to try again."""
+        return not self.receipt.deferred and not self.retryable
+
+
+class Deliverer:
+    """Tries services in order until one takes the message (DESIGN §5).
+
+    Args:
+        services: enabled services in delivery order.
+        retry: the ``[retry]`` settings (``transport_retries``, ``max_in_process_wait``).
+        backoff: first in-process wait in seconds; doubles per retry.
+        sleep: how to wait (injectable so tests need not wait).
+    """
+
+    def __init__(
+        self,
+        services: Sequence[Service],
+        *,
+        retry: Retry,
+        backoff: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.services = list(services)
+        self._retry = retry
+        self._backoff = backoff
+        self._sleep = sleep
+
+    def order(self, notification: Notification) -> list[Service]:
+        """The services to try: all in order, or only the pinned ``sender``.
+
+        Raises:
+            JobValidationError: ``sender`` names no enabled service.
+        """
+        if notification.sender is None:
+            return self.services
+        pinned = [s for s in self.services if s.name == notification.sender]
+        if not pinned:
+            raise JobValidationError("sender", f"no enabled service named {notification.sender!r}")
+        return pinned
+
+    def deliver(
+        self,
+        job_id: str,
+        notification: Notification,
+        recipients: Sequence[str],
+        *,
+        extra_headers: dict[str, str] | None = None,
+    ) -> Outcome:
+        """Send to ``recipients`` through the first service that takes the message.
+
+        Returns:
+            The outcome; ``retryable`` when every service failed for a passing reason.
+
+        Raises:
+            JobValidationError: ``sender`` names no enabled service.
+        """
+        outcome = Outcome()
+        services = self.order(notification)
+        body = render_body(notification)
+        for service in services:
+            message = OutgoingMessage(
+                job_id=job_id,
+                sender=service.from_box.address,
+                recipients=tuple(recipients),
+                data=render(
+                    notification,
+                    job_id=job_id,
+                    from_box=service.from_box,
+                    body=body,
+                    extra_headers=extra_headers,
+                ),
+                notification=notification,
+            )
+            try:
+                receipt = self._send_with_retries(service, message)
+            except RecipientRefusedError as exc:
+                outcome.last_error = exc
+                outcome.receipt.refused = {r: (exc.code or 550, str(exc)) for r in recipients}
+                outcome.retryable = False
+                return outcome
+            except DeliveryError as exc:
+                self._skip(outcome, service, exc, last=service is services[-1])
+                continue
+            outcome.service = service.name
+            outcome.message_id = message_id(job_id, service.from_box.address)
+            outcome.receipt = receipt
+            outcome.retryable = False
+            return outcome
+        return outcome
+
+    def _skip(self, outcome: Outcome, service: Service, exc: DeliveryError, *, last: bool) -> None:
+        outcome.last_error = exc
+        outcome.skipped.append({"service": service.name, "reason": exc.kind, "message": str(exc)})
+        if not isinstance(exc, MessageRefusedError):
+            outcome.retryable = True
+        if isinstance(exc, TransientDeliveryError) and exc.retry_after is not None:
+            outcome.retry_after = max(outcome.retry_after or 0.0, exc.retry_after)
+        log.warning(
+            "transport_failed_over" if not last else "transport_failed",
+            service=service.name,
+            error_type=exc.kind,
+            code=exc.code,
+            error=str(exc),
+        )
+
+    def _send_with_retries(self, service: Service, message: OutgoingMessage) -> Receipt:
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientDeliveryError),
+            stop=stop_after_attempt(self._retry.transport_retries + 1) | self._retry_after_too_long,
+            wait=self._wait,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        receipt: Receipt = retrying(service.transport.send, message)
+        return receipt
+
+    def _retry_after_too_long(self, state: RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome else None
+        wait = getattr(error, "retry_after", None)
+        return wait is not None and wait > self._retry.max_in_process_wait
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        wait = getattr(error, "retry_after", None)
+        if wait is not None:
+            return float(wait)
+        return float(self._backoff * 2 ** (state.attempt_number - 1))

@@ -1,0 +1,88 @@
+"""mailworker's errors. The tree, one delivery class per row of DESIGN §5's table::
+
+    MailworkerError
+    ├── ConfigError(MailworkerError, ValueError)        names the field; never retried
+    ├── JobValidationError(MailworkerError, ValueError) dead-lettered at once
+    ├── BrokerUnavailableError                          Redis unreachable (CLI exit 4)
+    └── DeliveryError                                   .service, .code; no secrets
+        ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
+        ├── MessageRefusedError        this service can't carry this message: next service
+        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now
+        └── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after
+
+The transport that raises decides the class; nothing outside ``worker.transports``
+catches a library's own exceptions.
+"""
+
+from __future__ import annotations
+
+from producers.enqueue import BrokerUnavailableError
+from settings.errors import ConfigError, JobValidationError, MailworkerError
+
+__all__ = [
+    "BrokerUnavailableError",
+    "ConfigError",
+    "DeliveryError",
+    "JobValidationError",
+    "MailworkerError",
+    "MessageRefusedError",
+    "RecipientRefusedError",
+    "TransientDeliveryError",
+    "TransportUnavailableError",
+]
+
+
+class DeliveryError(MailworkerError):
+    """A delivery through one service failed.
+
+    Attributes:
+        service: the configured service name.
+        code: the SMTP reply code or HTTP status, when there was one.
+        kind: the DESIGN §5 class, as written in status records.
+    """
+
+    kind = "delivery"
+
+    def __init__(self, message: str, *, service: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.service = service
+        self.code = code
+
+    def as_record(self) -> dict[str, object]:
+        """The ``error`` object of a status record (DESIGN §6)."""
+        return {"type": self.kind, "code": self.code, "service": self.service, "message": str(self)}
+
+
+class RecipientRefusedError(DeliveryError):
+    """Every remaining recipient was refused for good (SMTP 5xx to RCPT)."""
+
+    kind = "recipient_refused"
+
+
+class MessageRefusedError(DeliveryError):
+    """This service cannot carry this message (size, sender, content): try the next."""
+
+    kind = "message_refused"
+
+
+class TransportUnavailableError(DeliveryError):
+    """The service cannot be used now (connect, TLS, AUTH): try the next at once."""
+
+    kind = "unavailable"
+
+
+class TransientDeliveryError(DeliveryError):
+    """A failure worth retrying (4xx, timeouts). ``retry_after`` in seconds, if the far end said."""
+
+    kind = "transient"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str,
+        code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, service=service, code=code)
+        self.retry_after = retry_after

@@ -1,0 +1,147 @@
+"""structlog, configured once per process: JSON or console, bound job context, no secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, BinaryIO, Literal
+
+import orjson
+import structlog
+from structlog.processors import ExceptionRenderer
+from structlog.tracebacks import ExceptionDictTransformer
+
+__all__ = ["DramatiqArgsFilter", "configure", "show_address"]
+
+_SECRET_KEYS = frozenset({"password", "secret", "client_secret", "token", "access_token", "authorization"})
+_secrets: set[str] = set()
+_recipients_mode = "full"
+
+
+def show_address(address: str) -> str:
+    """An address as logs may show it, per ``log_recipients`` (full | domain | hash)."""
+    if _recipients_mode == "full":
+        return address
+    local, _, domain = address.rpartition("@")
+    if _recipients_mode == "domain":
+        return f"***@{domain}"
+    return "sha256:" + hashlib.sha256(address.lower().encode()).hexdigest()[:16]
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _secrets:
+            if secret in value:
+                value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: "***" if str(k).lower() in _SECRET_KEYS else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Last line of defence: no configured secret and no secret-named key reaches output."""
+    for key, value in list(event.items()):
+        event[key] = "***" if key.lower() in _SECRET_KEYS else _scrub(value)
+    return event
+
+
+class DramatiqArgsFilter(logging.Filter):
+    """Replace Dramatiq message objects in log arguments by their ids (their repr holds the job)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                getattr(a, "message_id", a) if hasattr(a, "message_id") else a for a in record.args
+            )
+        return True
+
+
+def _stream() -> BinaryIO:
+    # A dup of fd 2, unbuffered: one write(2) a line, around Dramatiq's log pipe.
+    return os.fdopen(os.dup(2), "wb", buffering=0)
+
+
+def configure(
+    *,
+    log_format: Literal["auto", "json", "console"],
+    log_recipients: str = "full",
+    secrets: Iterable[str] = (),
+    dev: bool = False,
+    level: int = logging.INFO,
+) -> None:
+    """Configure structlog and route stdlib loggers (dramatiq, …) through it.
+
+    Args:
+        log_format: ``auto`` is console for ``mailworker dev``, JSON otherwise.
+        log_recipients: what log lines show of addresses.
+        secrets: values that must never be printed (passwords, client secrets).
+        dev: whether this is ``mailworker dev``.
+        level: the lowest level written.
+    """
+    global _recipients_mode
+    _recipients_mode = log_recipients
+    _secrets.update(s for s in secrets if len(s) >= 4)
+    console = log_format == "console" or (log_format == "auto" and dev)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+        _redact,
+    ]
+    renderer: Any
+    if console:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        factory: Any = structlog.PrintLoggerFactory(file=sys.stderr)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory = structlog.BytesLoggerFactory(file=_stream())
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+    _route_stdlib(shared, renderer, console, level)
+
+
+def _route_stdlib(shared: list[Any], renderer: Any, console: bool, level: int) -> None:
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _to_text(renderer)],
+    )
+    handler = logging.StreamHandler(sys.stderr if console else _TextStream(_stream()))
+    handler.setFormatter(formatter)
+    handler.addFilter(DramatiqArgsFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("mail.log", "msal", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _to_text(renderer: Any) -> Any:
+    def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        out = renderer(logger, method, event)
+        return out.decode() if isinstance(out, bytes) else str(out)
+
+    return render
+
+
+class _TextStream:
+    """A text stream over a binary fd, one write per line."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+
+    def write(self, text: str) -> int:
+        return self._raw.write(text.encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        self._raw.flush()

@@ -1,0 +1,136 @@
+"""Write a notification as MIME bytes, fast: no ``email.message`` in the per-job path.
+
+The stdlib ``EmailMessage`` costs ~3 ms per text+html message; writing the bytes
+directly costs ~0.1 ms. Tests parse every shape back with ``email.parser`` as the oracle.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from email.header import Header
+from email.utils import formatdate
+from urllib.parse import quote
+
+from producers.job import Attachment, Mailbox, Notification
+
+__all__ = ["format_mailbox", "message_id", "render", "render_body"]
+
+_ATEXT_PHRASE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
+_CRLF = b"\r\n"
+_FOLD = ",\r\n "
+
+
+def message_id(job_id: str, from_address: str) -> str:
+    """``<job_id@domain of the from address>``: stable across retries and failover."""
+    return f"<{job_id}@{from_address.rpartition('@')[2]}>"
+
+
+def format_mailbox(box: Mailbox) -> str:
+    """One address for a header: ``Name <a@b>``, quoted or RFC 2047-encoded as needed."""
+    name = box.name
+    if not name:
+        return box.address
+    if not name.isascii():
+        encoded = Header(name, "utf-8").encode(linesep="\r\n")
+        return f"{encoded} <{box.address}>"
+    if _ATEXT_PHRASE.match(name):
+        return f"{name} <{box.address}>"
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}" <{box.address}>'
+
+
+def _header(name: str, value: str) -> bytes:
+    if not value.isascii():
+        value = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    elif len(name) + len(value) > 76:
+        value = Header(value, "us-ascii", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {value}\r\n".encode("ascii")
+
+
+def _address_header(name: str, boxes: list[Mailbox]) -> bytes:
+    joined = _FOLD.join(format_mailbox(b) for b in boxes)
+    return f"{name}: {joined}\r\n".encode("ascii")
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", _CRLF)
+
+
+def _text_part(subtype: str, text: str) -> bytes:
+    return (
+        f"Content-Type: text/{subtype}; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode() + _b64(text.encode("utf-8"))
+
+
+def _attachment_part(attachment: Attachment) -> bytes:
+    name = attachment.filename
+    if name.isascii():
+        params = f'; name="{name}"', f'; filename="{name}"'
+    else:
+        encoded = quote(name, safe="")
+        params = f"; name*=utf-8''{encoded}", f"; filename*=utf-8''{encoded}"
+    return (
+        f"Content-Type: {attachment.content_type}{params[0]}\r\n"
+        f"Content-Disposition: attachment{params[1]}\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode() + _b64(attachment.content)
+
+
+def _multipart(subtype: str, parts: list[bytes]) -> bytes:
+    boundary = f"=_{uuid.uuid4().hex}"
+    sep = f"--{boundary}\r\n".encode()
+    body = b"".join(sep + part for part in parts) + f"--{boundary}--\r\n".encode()
+    return f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode() + body
+
+
+def render_body(notification: Notification) -> bytes:
+    """The MIME entity of the content (no top-level headers but its own Content-*)."""
+    parts = []
+    if notification.text:
+        parts.append(_text_part("plain", notification.text))
+    if notification.html:
+        parts.append(_text_part("html", notification.html))
+    body = parts[0] if len(parts) == 1 else _multipart("alternative", parts)
+    if notification.attachments:
+        body = _multipart("mixed", [body, *map(_attachment_part, notification.attachments)])
+    return body
+
+
+def render(
+    notification: Notification,
+    *,
+    job_id: str,
+    from_box: Mailbox,
+    body: bytes | None = None,
+    extra_headers: dict[str, str] | None = None,
+) -> bytes:
+    """The whole message: headers for ``from_box`` followed by the body.
+
+    Args:
+        notification: the job.
+        job_id: its id, for the Message-ID.
+        from_box: the service's From address and display name.
+        body: ``render_body(notification)`` when already made (it is per job, not per service).
+        extra_headers: headers added by mailworker itself (e.g. for redirected staging mail).
+
+    Returns:
+        The message, CRLF line ends, every line at most 998 bytes.
+    """
+    head = [
+        _address_header("From", [from_box]),
+        _address_header("To", notification.to) if notification.to else b"",
+        _address_header("Cc", notification.cc) if notification.cc else b"",
+        _address_header("Reply-To", notification.reply_to) if notification.reply_to else b"",
+        _header("Subject", notification.subject),
+        f"Date: {formatdate(usegmt=True)}\r\n".encode(),
+        f"Message-ID: {message_id(job_id, from_box.address)}\r\n".encode(),
+        b"MIME-Version: 1.0\r\n",
+        b"Auto-Submitted: auto-generated\r\n",
+        b"X-Auto-Response-Suppress: All\r\n",
+    ]
+    for name, value in {**notification.headers, **(extra_headers or {})}.items():
+        head.append(_header(name, value))
+    return b"".join(head) + (body if body is not None else render_body(notification))

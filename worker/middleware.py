@@ -1,0 +1,39 @@
+"""Dramatiq middleware of our own: bound log context per job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from dramatiq import Broker, Middleware
+from dramatiq.message import Message
+
+__all__ = ["LogContext"]
+
+
+class LogContext(Middleware):
+    """Binds ``job_id``, ``actor``, ``attempt`` and the job's ``metadata`` to every log line."""
+
+    def before_process_message(self, broker: Broker, message: Message[Any]) -> None:
+        job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
+        metadata = job.get("metadata") if isinstance(job, dict) else None
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            job_id=message.message_id,
+            actor=message.actor_name,
+            attempt=message.options.get("retries", 0) + 1,
+            **({"metadata": metadata} if isinstance(metadata, dict) else {}),
+        )
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: Message[Any],
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        structlog.contextvars.clear_contextvars()
+
+    def after_skip_message(self, broker: Broker, message: Message[Any]) -> None:
+        structlog.contextvars.clear_contextvars()

@@ -1,0 +1,161 @@
+"""Status records (DESIGN §6) and the delivery marker, each write one Redis round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+
+from producers.keys import (
+    QUEUES,
+    accepted_key,
+    history_key,
+    queue_messages_key,
+    status_key,
+)
+
+__all__ = ["JobStart", "StatusStore", "now_iso"]
+
+_JSON_FIELDS = ("error", "recipients", "skipped", "metadata")
+_INT_FIELDS = ("attempts",)
+
+
+def now_iso() -> str:
+    """The current time as ISO 8601 UTC with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class JobStart:
+    """What an attempt needs to know before it sends: the marker and earlier outcomes."""
+
+    __slots__ = ("accepted", "recipients")
+
+    def __init__(self, accepted: set[str], recipients: list[dict[str, Any]]) -> None:
+        self.accepted = accepted
+        self.recipients = recipients
+
+    @property
+    def refused(self) -> set[str]:
+        """Recipients refused for good by an earlier attempt."""
+        return {r["address"] for r in self.recipients if r.get("state") == "refused"}
+
+
+class StatusStore:
+    """Reads and writes status records, the attempt history and the delivery marker.
+
+    Args:
+        client: a Redis client (bytes replies).
+        namespace: the key prefix shared with producers.
+        ttl: seconds a record, its history and its marker are kept.
+    """
+
+    def __init__(self, client: redis.Redis, *, namespace: str, ttl: float) -> None:
+        self._client = client
+        self._ns = namespace
+        self._ttl = int(ttl)
+
+    def begin(self, job_id: str, *, attempt: int, queue: str, metadata: Mapping[str, Any]) -> JobStart:
+        """Mark the job ``sending`` and read its marker and earlier outcomes (one round trip)."""
+        key = status_key(self._ns, job_id)
+        now = now_iso()
+        fields = {
+            "id": job_id,
+            "state": "sending",
+            "attempts": attempt,
+            "queue": queue,
+            "updated_at": now,
+            "metadata": orjson.dumps(dict(metadata)),
+            "reason": "",
+        }
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(key, "created_at", now)
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, self._ttl)
+            pipe.smembers(accepted_key(self._ns, job_id))
+            pipe.hget(key, "recipients")
+            replies = pipe.execute()
+        accepted = {a.decode() for a in replies[3]}
+        recipients = orjson.loads(replies[4]) if replies[4] else []
+        return JobStart(accepted, recipients)
+
+    def write(
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        *,
+        accepted: list[str] | None = None,
+        event: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Update the record, add to the marker and append a history entry: one round trip."""
+        key = status_key(self._ns, job_id)
+        values = {"updated_at": now_iso()}
+        for name, value in fields.items():
+            if name in _JSON_FIELDS:
+                values[name] = orjson.dumps(value).decode()
+            else:
+                values[name] = "" if value is None else str(value)
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=values)
+            pipe.expire(key, self._ttl)
+            if accepted:
+                marker = accepted_key(self._ns, job_id)
+                pipe.sadd(marker, *accepted)
+                pipe.expire(marker, self._ttl)
+            if event is not None:
+                history = history_key(self._ns, job_id)
+                pipe.rpush(history, orjson.dumps({"at": values["updated_at"], **event}))
+                pipe.expire(history, self._ttl)
+            pipe.execute()
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The record of DESIGN §6, or None when the id is unknown or expired.
+
+        A job still on a queue with no record (enqueued by a wire-format producer) is
+        reported ``queued``.
+        """
+        key = status_key(self._ns, job_id)
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.lrange(history_key(self._ns, job_id), 0, -1)
+            raw, history = pipe.execute()
+        if not raw:
+            return self._queued_without_record(job_id)
+        record = _decode(raw)
+        record["history"] = [orjson.loads(h) for h in history]
+        return record
+
+    def _queued_without_record(self, job_id: str) -> dict[str, Any] | None:
+        needle = f'"message_id":"{job_id}"'.encode()
+        for queue in QUEUES.values():
+            for name in (queue, f"{queue}.DQ"):
+                for _, payload in self._client.hscan_iter(queue_messages_key(self._ns, name)):
+                    if needle in payload:
+                        return _decode({b"id": job_id.encode(), b"state": b"queued", b"queue": queue.encode()})
+        return None
+
+
+def _decode(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
+    data = {k.decode(): v.decode() for k, v in raw.items()}
+    record: dict[str, Any] = {
+        "id": data.get("id", ""),
+        "state": data.get("state", "queued"),
+        "service": data.get("service") or None,
+        "attempts": int(data.get("attempts") or 0),
+        "error": None,
+        "reason": data.get("reason") or None,
+        "recipients": [],
+        "skipped": [],
+        "message_id": data.get("message_id") or None,
+        "queue": data.get("queue") or None,
+        "created_at": data.get("created_at") or None,
+        "updated_at": data.get("updated_at") or None,
+        "next_attempt_at": data.get("next_attempt_at") or None,
+        "metadata": {},
+    }
+    for name in _JSON_FIELDS:
+        if data.get(name):
+            record[name] = orjson.loads(data[name])
+    return record

@@ -1,0 +1,61 @@
+"""The one small interface every transport implements, and what it takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from producers.job import Notification
+
+__all__ = ["OutgoingMessage", "Receipt", "Transport"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One message for one service: envelope, rendered MIME and the job it came from.
+
+    Attributes:
+        job_id: the job (and Message-ID) it belongs to.
+        sender: the envelope sender (MAIL FROM).
+        recipients: envelope recipients still to be sent to.
+        data: the whole MIME message, CRLF line ends.
+        notification: the validated job, for transports that send structured data.
+    """
+
+    job_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    notification: Notification
+
+
+@dataclass(slots=True)
+class Receipt:
+    """What a server said about each recipient of one message.
+
+    Attributes:
+        accepted: recipients the server took responsibility for.
+        refused: recipient → (code, text), refused for good (5xx).
+        deferred: recipient → (code, text), refused for now (4xx).
+        response: the server's final reply to the message, for logs.
+    """
+
+    accepted: list[str] = field(default_factory=list)
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+    deferred: dict[str, tuple[int, str]] = field(default_factory=dict)
+    response: str = ""
+
+
+class Transport(Protocol):
+    """A configured service that can send a message. Called from worker threads."""
+
+    name: str
+
+    def send(self, message: OutgoingMessage) -> Receipt:
+        """Send ``message``; raise a ``DeliveryError`` subclass when the message as a
+        whole failed, return a Receipt when the server answered per recipient."""
+        ...
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        ...

@@ -1,0 +1,268 @@
+"""One SMTP session over smtplib: connect, TLS by the security rule, AUTH, and a
+pipelined send (RFC 2920). Every library error is mapped here, in ``map_errors``."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from settings import SmtpConnection
+from worker.errors import (
+    DeliveryError,
+    MessageRefusedError,
+    TransientDeliveryError,
+    TransportUnavailableError,
+)
+from worker.transports.base import Receipt
+
+__all__ = ["SmtpClient", "StepReporter", "map_errors", "tls_context"]
+
+StepReporter = Callable[[str, str], None]  # (step, detail) after each step succeeded
+_LOCAL_HOSTNAME = socket.gethostname() or "localhost"
+_QUOTA = ("5.2.0", "5.2.2")  # Exchange daily quota / mailbox full: the service, not the message
+
+
+def tls_context(conn: SmtpConnection) -> ssl.SSLContext:
+    """Certificates verified unless the connection opts out; ``ca_bundle`` adds trust."""
+    context = ssl.create_default_context()
+    if conn.ca_bundle is not None:
+        context.load_verify_locations(cafile=str(conn.ca_bundle))
+    if not conn.verify_certificates:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    message = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    return f"{code} {' '.join(message.split())}"[:300]
+
+
+def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
+    """DESIGN §5 for a whole-message SMTP reply."""
+    detail = f"{what}: {text}"
+    if 400 <= code < 500:
+        return TransientDeliveryError(detail, service=service, code=code)
+    if code == 530 or any(mark in text for mark in _QUOTA):
+        # 530: TLS or AUTH required (our configuration); 5.2.0: the service's quota.
+        return TransportUnavailableError(detail, service=service, code=code)
+    return MessageRefusedError(detail, service=service, code=code)
+
+
+@contextmanager
+def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
+    """Turn smtplib, ssl and socket errors into DESIGN §5's classes, naming host and step."""
+    where = f"{conn.server}:{conn.effective_port}"
+    name = conn.name
+    try:
+        yield
+    except DeliveryError:
+        raise
+    except smtplib.SMTPAuthenticationError as exc:
+        raise TransportUnavailableError(
+            f"authentication failed at {where}: {_reply(exc.smtp_code, exc.smtp_error)}",
+            service=name,
+            code=exc.smtp_code,
+        ) from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise TransportUnavailableError(
+            f"TLS failed at {where}: certificate not trusted ({exc.verify_message})", service=name
+        ) from exc
+    except ssl.SSLError as exc:
+        raise TransportUnavailableError(
+            f"TLS failed at {where}: {exc.reason or exc.__class__.__name__}", service=name
+        ) from exc
+    except smtplib.SMTPServerDisconnected as exc:
+        raise TransientDeliveryError(
+            f"{where} closed the connection during {step}", service=name
+        ) from exc
+    except smtplib.SMTPResponseException as exc:
+        code = exc.smtp_code
+        error: DeliveryError = _classify(code, _reply(code, exc.smtp_error), name, f"{step} at {where}")
+        if step in ("connect", "ehlo", "auth") and not isinstance(error, TransientDeliveryError):
+            error = TransportUnavailableError(str(error), service=name, code=code)
+        raise error from exc
+    except (TimeoutError, socket.timeout) as exc:
+        raise TransientDeliveryError(f"{where} timed out during {step}", service=name) from exc
+    except (ConnectionError, OSError) as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        if step == "connect":
+            raise TransportUnavailableError(
+                f"cannot connect to {where}: {reason}", service=name
+            ) from exc
+        raise TransientDeliveryError(f"{where} failed during {step}: {reason}", service=name) from exc
+    except smtplib.SMTPException as exc:
+        raise TransportUnavailableError(f"{step} at {where}: {exc}", service=name) from exc
+
+
+class SmtpClient:
+    """A connected, secured and authenticated SMTP session for one connection."""
+
+    def __init__(self, conn: SmtpConnection, password: str | None) -> None:
+        self.conn = conn
+        self._password = password
+        self._smtp: smtplib.SMTP | None = None
+        self.pipelining = False
+        self.broken = False  # set when the session can no longer be trusted for reuse
+
+    def __repr__(self) -> str:
+        return f"SmtpClient({self.conn.name!r}, {self.conn.server}:{self.conn.effective_port})"
+
+    def open(self, report: StepReporter | None = None) -> None:
+        """Connect, EHLO, TLS per the security rule, AUTH.
+
+        Raises:
+            TransportUnavailableError: connect, TLS or AUTH failed.
+            TransientDeliveryError: a timeout or a 4xx greeting.
+        """
+        conn, note = self.conn, report or (lambda step, detail: None)
+        security = conn.effective_security
+        with map_errors(conn, "connect"):
+            if security == "tls":
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    local_hostname=_LOCAL_HOSTNAME, timeout=conn.timeout, context=tls_context(conn)
+                )
+            else:
+                smtp = smtplib.SMTP(local_hostname=_LOCAL_HOSTNAME, timeout=conn.timeout)
+            self._smtp = smtp
+            smtp._host = conn.server  # type: ignore[attr-defined]  # TLS server_hostname
+            code, banner = smtp.connect(conn.server, conn.effective_port)
+        note("connect", _reply(code, banner))
+        if security == "tls":
+            note("tls", f"implicit TLS, {self._tls_detail()}")
+        with map_errors(conn, "ehlo"):
+            smtp.ehlo()
+        if security == "starttls":
+            self._starttls(smtp, note)
+        elif security == "none":
+            note("tls", "none (security = none)")
+        if conn.effective_auth == "password":
+            self._login(smtp, note)
+        else:
+            note("auth", "none")
+        self.pipelining = smtp.has_extn("pipelining")
+
+    def _tls_detail(self) -> str:
+        sock = self._smtp.sock if self._smtp else None
+        version = sock.version() if isinstance(sock, ssl.SSLSocket) else None
+        verified = "verified" if self.conn.verify_certificates else "NOT verified (opt-out)"
+        return f"{version or 'TLS'}, certificate {verified}"
+
+    def _starttls(self, smtp: smtplib.SMTP, note: StepReporter) -> None:
+        if not smtp.has_extn("starttls"):
+            raise TransportUnavailableError(
+                f"{self.conn.server}:{self.conn.effective_port} does not offer STARTTLS; "
+                "nothing is sent in plaintext (security = starttls)",
+                service=self.conn.name,
+            )
+        with map_errors(self.conn, "starttls"):
+            smtp.starttls(context=tls_context(self.conn))
+            smtp.ehlo()
+        note("tls", f"STARTTLS, {self._tls_detail()}")
+
+    def _login(self, smtp: smtplib.SMTP, note: StepReporter) -> None:
+        if not smtp.has_extn("auth"):
+            raise TransportUnavailableError(
+                f"{self.conn.server}:{self.conn.effective_port} does not offer AUTH "
+                "(it may require TLS first)",
+                service=self.conn.name,
+            )
+        with map_errors(self.conn, "auth"):
+            code, text = smtp.login(self.conn.username, self._password or "")
+        note("auth", f"{_reply(code, text)} as {self.conn.username}")
+
+    def send(self, sender: str, recipients: tuple[str, ...], data: bytes) -> Receipt:
+        """One transaction: MAIL, RCPT for each recipient, DATA; pipelined when offered.
+
+        Returns:
+            Per-recipient outcomes; when none was accepted, no message was sent.
+
+        Raises:
+            MessageRefusedError: the sender or the message was refused for good.
+            TransportUnavailableError: a quota reply (5.2.0).
+            TransientDeliveryError: a 4xx reply, a timeout or a lost connection.
+        """
+        smtp = self._smtp
+        assert smtp is not None, "open() first"
+        if b"\r\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n..")
+        with map_errors(self.conn, "send"):
+            size = f" SIZE={len(data)}" if smtp.has_extn("size") else ""
+            commands = [f"MAIL FROM:<{sender}>{size}\r\n"]
+            commands += [f"RCPT TO:<{r}>\r\n" for r in recipients]
+            if self.pipelining:
+                smtp.send("".join(commands) + "DATA\r\n")
+                replies = [smtp.getreply() for _ in range(len(commands) + 1)]
+            else:
+                replies = self._lockstep(smtp, commands)
+            return self._finish(smtp, recipients, replies, data)
+
+    @staticmethod
+    def _lockstep(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int, bytes]]:
+        replies = []
+        for command in [*commands, "DATA\r\n"]:
+            smtp.send(command)
+            replies.append(smtp.getreply())
+            if replies[0][0] != 250:
+                break
+        return replies
+
+    def _finish(
+        self, smtp: smtplib.SMTP, recipients: tuple[str, ...], replies: list[tuple[int, bytes]], data: bytes
+    ) -> Receipt:
+        name = self.conn.name
+        mail_code, mail_text = replies[0]
+        data_code = replies[-1][0] if len(replies) == len(recipients) + 2 else 0
+        receipt = Receipt()
+        for rcpt, (code, text) in zip(recipients, replies[1 : 1 + len(recipients)], strict=False):
+            if code in (250, 251):
+                receipt.accepted.append(rcpt)
+            elif 400 <= code < 500:
+                receipt.deferred[rcpt] = (code, _reply(code, text))
+            else:
+                receipt.refused[rcpt] = (code, _reply(code, text))
+        if mail_code != 250 or not receipt.accepted or data_code != 354:
+            if data_code == 354:
+                # RFC 2920: DATA was accepted with nothing valid to send; end it empty.
+                smtp.send(".\r\n")
+                smtp.getreply()
+            self._quiet_rset(smtp)
+            if mail_code != 250:
+                raise _classify(mail_code, _reply(mail_code, mail_text), name, "MAIL FROM refused")
+            if receipt.accepted:
+                code, text = replies[-1]
+                raise _classify(code, _reply(code, text), name, "DATA refused")
+            return receipt  # nothing accepted: the per-recipient replies say why
+        smtp.send(data if data.endswith(b"\r\n") else data + b"\r\n")
+        smtp.send(b".\r\n")
+        code, text = smtp.getreply()
+        if code != 250:
+            self._quiet_rset(smtp)
+            raise _classify(code, _reply(code, text), name, "message refused after DATA")
+        receipt.response = _reply(code, text)
+        return receipt
+
+    def _quiet_rset(self, smtp: smtplib.SMTP) -> None:
+        try:
+            smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self.broken = True
+
+    def reset(self) -> None:
+        """RSET, to check a pooled session is still alive before reuse."""
+        assert self._smtp is not None
+        with map_errors(self.conn, "rset"):
+            self._smtp.rset()
+
+    def close(self) -> None:
+        """QUIT politely; never raises."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
