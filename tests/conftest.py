@@ -123,6 +123,18 @@ class Recorder:
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address → reply
     data_replies: list[str] = field(default_factory=list)  # popped per message
     commands: list[str] = field(default_factory=list)
+    pipelining: bool = True  # advertise RFC 2920 (aiosmtpd reads pipelined commands fine)
+    ehlos: int = 0  # EHLO count: one per session (two with STARTTLS)
+
+    async def handle_EHLO(
+        self, server: SMTPServer, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        self.ehlos += 1
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: SMTPServer, session: Session, envelope: Envelope, address: str, options: list[str]

@@ -82,6 +82,7 @@ class JobHandler:
             raise JobValidationError("to", f"{count} recipients; at most {limits.max_recipients}")
         if notification.estimated_size() > limits.max_message_bytes:
             raise JobValidationError("attachments", "larger than limits.max_message_bytes")
+        self._deliverer.order(notification)  # a `sender` naming no service is invalid
         return notification
 
     def _attempt(

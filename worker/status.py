@@ -128,13 +128,23 @@ class StatusStore:
         return record
 
     def _queued_without_record(self, job_id: str) -> dict[str, Any] | None:
-        needle = f'"message_id":"{job_id}"'.encode()
+        needle = job_id.encode()
         for queue in QUEUES.values():
             for name in (queue, f"{queue}.DQ"):
                 for _, payload in self._client.hscan_iter(queue_messages_key(self._ns, name)):
-                    if needle in payload:
-                        return _decode({b"id": job_id.encode(), b"state": b"queued", b"queue": queue.encode()})
+                    if needle in payload and _message_id(payload) == job_id:
+                        return _decode(
+                            {b"id": needle, b"state": b"queued", b"queue": queue.encode()}
+                        )
         return None
+
+
+def _message_id(payload: bytes) -> str | None:
+    try:
+        message = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return message.get("message_id") if isinstance(message, dict) else None
 
 
 def _decode(raw: Mapping[bytes, bytes]) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""``mailworker send``: enqueue one notification (or many with ``--bulk``) from the shell."""
+
+from __future__ import annotations
+
+import mimetypes
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+from producers.enqueue import BrokerUnavailableError, Producer
+from producers.job import Notification, parse_job
+from settings import ConfigError, JobValidationError, load_settings
+
+__all__ = ["EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_USAGE", "fail", "send"]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BROKER = 1, 2, 3, 4
+
+
+def fail(code: int, message: str) -> NoReturn:
+    """Print the one-line cause on stderr and exit with ``code``."""
+    click.echo(f"mailworker: {message}", err=True)
+    sys.exit(code)
+
+
+def make_producer(broker_url: str | None) -> Producer:
+    """The producer for CLI commands: ``--broker-url``, else the environment, else the config."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        fail(EXIT_USAGE, str(exc))
+    return Producer.from_settings(settings, broker_url=broker_url)
+
+
+def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        key: list(options[key]) for key in ("to", "cc", "bcc", "reply_to") if options[key]
+    }
+    for key in ("subject", "text", "html", "sender", "idempotency_key", "priority", "not_after"):
+        if options[key] is not None:
+            job[key] = options[key]
+    headers = {}
+    for header in options["header"]:
+        name, sep, value = header.partition(":")
+        if not sep:
+            raise JobValidationError("--header", f"{header!r} is not 'Name: value'")
+        headers[name.strip()] = value.strip()
+    if headers:
+        job["headers"] = headers
+    metadata = {}
+    for item in options["metadata"]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise JobValidationError("--metadata", f"{item!r} is not key=value")
+        metadata[key] = value
+    if metadata:
+        job["metadata"] = metadata
+    attachments = []
+    for path in options["attach"]:
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        attachments.append({"filename": path.name, "content_type": ctype, "content": path.read_bytes()})
+    if attachments:
+        job["attachments"] = attachments
+    return job
+
+
+def _from_json(source: str) -> dict[str, Any]:
+    raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise JobValidationError("--json", f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise JobValidationError("--json", "expected one JSON object")
+    return data
+
+
+@click.command()
+@click.option("--to", multiple=True, help="Recipient; repeat for more ('Name <a@b>' or 'a@b').")
+@click.option("--cc", multiple=True, help="Cc recipient; repeatable.")
+@click.option("--bcc", multiple=True, help="Bcc recipient; repeatable.")
+@click.option("--reply-to", "reply_to", multiple=True, help="Reply-To address; repeatable.")
+@click.option("--subject", help="The subject line.")
+@click.option("--text", help="The plain-text body.")
+@click.option("--html", help="The HTML body.")
+@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Attach a file; repeatable.")
+@click.option("--header", multiple=True, help="Extra header 'Name: value'; repeatable.")
+@click.option("--metadata", multiple=True, help="Metadata key=value for status and logs.")
+@click.option("--sender", help="Pin one configured service by name (no failover).")
+@click.option("--idempotency-key", "idempotency_key", help="Same key + payload = same job.")
+@click.option("--priority", type=click.Choice(["high", "normal", "bulk"]), help="Queue (default normal).")
+@click.option("--not-after", "not_after", help="ISO 8601 deadline; later the job is dead-lettered.")
+@click.option("--json", "json_source", metavar="FILE|-", help="The whole job as JSON (DESIGN §4).")
+@click.option("--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config).")
+def send(json_source: str | None, broker_url: str | None, **options: Any) -> None:
+    """Enqueue one notification; print its job id alone on the last line.
+
+    Exit codes: 0 enqueued, 2 invalid job (the field is named), 4 broker unreachable.
+    """
+    try:
+        data = _from_json(json_source) if json_source else _from_flags(options)
+        notification: Notification = parse_job(data)
+    except JobValidationError as exc:
+        fail(EXIT_USAGE, f"invalid job: {exc}")
+    except OSError as exc:
+        fail(EXIT_USAGE, f"--json: cannot read {json_source}: {exc.strerror}")
+    producer = make_producer(broker_url)
+    try:
+        job_id = producer.enqueue(notification)
+    except JobValidationError as exc:
+        fail(EXIT_USAGE, f"invalid job: {exc}")
+    except BrokerUnavailableError as exc:
+        fail(EXIT_BROKER, str(exc))
+    click.echo(job_id)

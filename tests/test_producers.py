@@ -1,0 +1,124 @@
+"""The producer side: import isolation, the wire format, idempotency, a broker that is down."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from producers import BrokerUnavailableError, JobValidationError, Notification, Producer
+from tests.conftest import free_port
+from tests.helpers import wire_enqueue
+from worker.status import StatusStore
+
+
+def test_importing_producers_imports_no_transport_and_no_worker():
+    """`import producers` pulls in neither aiosmtplib, msal, httpx nor the worker."""
+    code = (
+        "import sys, producers, producers.cli\n"
+        "bad = [m for m in ('aiosmtplib', 'msal', 'httpx', 'worker', 'smtplib', 'dramatiq')"
+        " if m in sys.modules]\n"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def _notification(**fields) -> Notification:
+    fields.setdefault("to", ["ann@example.org"])
+    fields.setdefault("subject", "Task assigned")
+    fields.setdefault("text", "You have a new task.")
+    return Notification(**fields)
+
+
+def test_enqueue_writes_the_queued_record_and_the_documented_message(redis_client, namespace):
+    """enqueue() leaves a `queued` status record and a Dramatiq message on the `mail` queue."""
+    producer = Producer(redis_client, namespace=namespace)
+    job_id = producer.enqueue(_notification(metadata={"task": "t-1"}))
+    record = StatusStore(redis_client, namespace=namespace, ttl=60).get(job_id)
+    assert record["state"] == "queued"
+    assert record["attempts"] == 0
+    assert record["metadata"] == {"task": "t-1"}
+    assert redis_client.llen(f"{namespace}:mail") == 1
+    [payload] = redis_client.hvals(f"{namespace}:mail.msgs")
+    import json
+
+    message = json.loads(payload)
+    assert message["message_id"] == job_id
+    assert message["actor_name"] == "deliver"
+    assert message["queue_name"] == "mail"
+    assert message["kwargs"]["job"]["schema_version"] == 1
+    assert message["options"]["redis_message_id"] == redis_client.lindex(f"{namespace}:mail", 0).decode()
+    assert redis_client.ttl(f"{namespace}:job:{job_id}") > 0
+
+
+def test_wire_format_job_is_delivered(smtp_server, make_settings, run_worker, redis_client, namespace):
+    """A job written with plain Redis commands, as the README documents, is delivered."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    job = {"schema_version": 1, "to": ["ops@example.org"], "subject": "From a shell script",
+           "text": "hi", "attachments": [{"filename": "a.txt", "content_type": "text/plain",
+                                          "content": "aGVsbG8="}]}
+    job_id = wire_enqueue(redis_client, namespace, job)
+    app.broker.join("mail", timeout=10_000)
+    [received] = server.recorder.messages
+    assert received.rcpt_tos == ["ops@example.org"]
+    assert f"<{job_id}@example.com>".encode() in received.data
+    assert app.status.get(job_id)["state"] == "sent"
+
+
+def test_job_on_the_queue_without_a_record_is_reported_queued(redis_client, namespace):
+    """A wire-format job not yet processed has no record but its status is `queued`."""
+    job_id = wire_enqueue(redis_client, namespace, {"to": ["a@example.org"], "subject": "s", "text": "t"})
+    record = StatusStore(redis_client, namespace=namespace, ttl=60).get(job_id)
+    assert record["state"] == "queued" and record["id"] == job_id
+    assert StatusStore(redis_client, namespace=namespace, ttl=60).get("no-such-id") is None
+
+
+def test_same_idempotency_key_and_payload_is_one_job(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """The same key and payload return the same job id and produce one message."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    producer = Producer(redis_client, namespace=namespace)
+    first = producer.enqueue(_notification(idempotency_key="task-42-assigned"))
+    second = producer.enqueue(_notification(idempotency_key="task-42-assigned"))
+    assert first == second
+    app.broker.join("mail", timeout=10_000)
+    assert len(server.recorder.messages) == 1
+
+
+def test_same_idempotency_key_with_another_payload_is_refused(redis_client, namespace):
+    """Reusing a key for a different payload is an error naming idempotency_key."""
+    producer = Producer(redis_client, namespace=namespace)
+    producer.enqueue(_notification(idempotency_key="k"))
+    with pytest.raises(JobValidationError) as caught:
+        producer.enqueue(_notification(idempotency_key="k", subject="Other"))
+    assert caught.value.field == "idempotency_key"
+    assert redis_client.llen(f"{namespace}:mail") == 1
+
+
+def test_enqueue_many_returns_ids_in_order_and_validates_all_first(redis_client, namespace):
+    """enqueue_many enqueues in order; one job over the limits stops all, naming its index."""
+    producer = Producer(redis_client, namespace=namespace)
+    ids = producer.enqueue_many(_notification(subject=f"n{i}") for i in range(1200))
+    assert len(ids) == len(set(ids)) == 1200
+    assert redis_client.llen(f"{namespace}:mail") == 1200
+    from settings import Limits
+
+    strict = Producer(redis_client, namespace=namespace, limits=Limits(max_recipients=1))
+    with pytest.raises(JobValidationError) as caught:
+        strict.enqueue_many([_notification(), _notification(to=["a@example.org", "b@example.org"])])
+    assert caught.value.field == "[1].to"
+    assert redis_client.llen(f"{namespace}:mail") == 1200
+
+
+def test_broker_down_is_a_clear_error_not_a_silent_drop():
+    """With nothing listening on the broker port, enqueue raises BrokerUnavailableError."""
+    client = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    producer = Producer(client, broker_label="redis://127.0.0.1")
+    with pytest.raises(BrokerUnavailableError, match="unreachable"):
+        producer.enqueue(_notification())

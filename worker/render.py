@@ -1,0 +1,80 @@
+"""Human-readable output for the CLI: status records and the masked configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from settings import Settings, public_url
+
+__all__ = ["render_config", "render_status"]
+
+_MASK = "***"
+
+
+def render_status(record: dict[str, Any]) -> list[str]:
+    """A status record (DESIGN §6) as aligned lines."""
+    lines = [f"{'job':<16}{record['id']}", f"{'state':<16}{record['state']}"]
+    for key in ("reason", "service", "attempts", "message_id", "queue", "created_at",
+                "updated_at", "next_attempt_at"):
+        if record.get(key) not in (None, ""):
+            lines.append(f"{key:<16}{record[key]}")
+    if record.get("error"):
+        error = record["error"]
+        code = f" {error['code']}" if error.get("code") else ""
+        lines.append(f"{'error':<16}{error.get('type')}{code}: {error.get('message')}")
+    if record.get("metadata"):
+        lines.append(f"{'metadata':<16}{orjson.dumps(record['metadata']).decode()}")
+    if record.get("recipients"):
+        lines.append("recipients")
+        for r in record["recipients"]:
+            code = f" {r['code']}" if r.get("code") else ""
+            lines.append(f"  {r['address']:<40} {r['state']}{code} {r.get('message') or ''}".rstrip())
+    for skip in record.get("skipped") or []:
+        lines.append(f"{'skipped':<16}{skip['service']}: {skip['reason']} ({skip.get('message', '')})")
+    for entry in record.get("history") or []:
+        extra = entry.get("reason") or entry.get("service") or ""
+        lines.append(f"{'history':<16}{entry.get('at')} attempt {entry.get('attempt')} "
+                     f"{entry.get('event')} {extra}".rstrip())
+    return lines
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return orjson.dumps(str(value)).decode()
+
+
+def _table(data: dict[str, Any]) -> list[str]:
+    return [f"{key} = {_toml(value)}" for key, value in data.items() if value is not None]
+
+
+def _masked(model: Any) -> dict[str, Any]:
+    data: dict[str, Any] = model.model_dump(mode="json")
+    for key, value in data.items():
+        if value == "**********":
+            data[key] = _MASK
+    return data
+
+
+def render_config(settings: Settings) -> list[str]:
+    """The effective configuration as TOML, secrets masked, then the delivery order."""
+    root = _masked(settings)
+    root["broker_url"] = public_url(settings.broker_url.get_secret_value())
+    lines = _table({k: v for k, v in root.items() if not isinstance(v, dict | list)})
+    for section in ("limits", "retry", "breaker", "status"):
+        lines += ["", f"[{section}]", *_table(root[section])]
+    for kind, entries in (("smtp", settings.smtp), ("openauth", settings.openauth)):
+        for entry in entries:
+            lines += ["", f"[[{kind}]]", *_table(_masked(entry))]
+    for name, svc in settings.integrated_services.items():
+        lines += ["", f"[integrated_services.{name}]", *_table(_masked(svc))]
+    kinds = {s.name: "openauth" for s in settings.openauth} | {s.name: "smtp" for s in settings.smtp}
+    order = " -> ".join(f"{name} ({kinds[name]})" for name in settings.delivery_order)
+    lines += ["", f"# delivery order: {order or 'no enabled service'}"]
+    return lines
