@@ -36,9 +36,19 @@ def make_producer(broker_url: str | None) -> Producer:
 
 def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
     job: dict[str, Any] = {
-        key: list(options[key]) for key in ("to", "cc", "bcc", "reply_to") if options[key]
+        key: list(options[key])
+        for key in ("to", "cc", "bcc", "reply_to")
+        if options[key]
     }
-    for key in ("subject", "text", "html", "sender", "idempotency_key", "priority", "not_after"):
+    for key in (
+        "subject",
+        "text",
+        "html",
+        "sender",
+        "idempotency_key",
+        "priority",
+        "not_after",
+    ):
         if options[key] is not None:
             job[key] = options[key]
     headers = {}
@@ -60,7 +70,9 @@ def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
     attachments = []
     for path in options["attach"]:
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        attachments.append({"filename": path.name, "content_type": ctype, "content": path.read_bytes()})
+        attachments.append(
+            {"filename": path.name, "content_type": ctype, "content": path.read_bytes()}
+        )
     if attachments:
         job["attachments"] = attachments
     return job
@@ -78,23 +90,47 @@ def _from_json(source: str) -> dict[str, Any]:
 
 
 @click.command()
-@click.option("--to", multiple=True, help="Recipient; repeat for more ('Name <a@b>' or 'a@b').")
+@click.option(
+    "--to", multiple=True, help="Recipient; repeat for more ('Name <a@b>' or 'a@b')."
+)
 @click.option("--cc", multiple=True, help="Cc recipient; repeatable.")
 @click.option("--bcc", multiple=True, help="Bcc recipient; repeatable.")
-@click.option("--reply-to", "reply_to", multiple=True, help="Reply-To address; repeatable.")
+@click.option(
+    "--reply-to", "reply_to", multiple=True, help="Reply-To address; repeatable."
+)
 @click.option("--subject", help="The subject line.")
 @click.option("--text", help="The plain-text body.")
 @click.option("--html", help="The HTML body.")
-@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Attach a file; repeatable.")
+@click.option(
+    "--attach",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Attach a file; repeatable.",
+)
 @click.option("--header", multiple=True, help="Extra header 'Name: value'; repeatable.")
-@click.option("--metadata", multiple=True, help="Metadata key=value for status and logs.")
+@click.option(
+    "--metadata", multiple=True, help="Metadata key=value for status and logs."
+)
 @click.option("--sender", help="Pin one configured service by name (no failover).")
-@click.option("--idempotency-key", "idempotency_key", help="Same key + payload = same job.")
-@click.option("--priority", type=click.Choice(["high", "normal", "bulk"]), help="Queue (default normal).")
-@click.option("--not-after", "not_after", help="ISO 8601 deadline; later the job is dead-lettered.")
-@click.option("--json", "json_source", metavar="FILE|-", help="The whole job as JSON (DESIGN §4).")
-@click.option("--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config).")
+@click.option(
+    "--idempotency-key", "idempotency_key", help="Same key + payload = same job."
+)
+@click.option(
+    "--priority",
+    type=click.Choice(["high", "normal", "bulk"]),
+    help="Queue (default normal).",
+)
+@click.option(
+    "--not-after",
+    "not_after",
+    help="ISO 8601 deadline; later the job is dead-lettered.",
+)
+@click.option(
+    "--json", "json_source", metavar="FILE|-", help="The whole job as JSON (DESIGN §4)."
+)
+@click.option(
+    "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
+)
 def send(json_source: str | None, broker_url: str | None, **options: Any) -> None:
     """Enqueue one notification; print its job id alone on the last line.
 

@@ -110,7 +110,9 @@ class Producer:
         self._script = client.register_script(_ENQUEUE)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, broker_url: str | None = None) -> Producer:
+    def from_settings(
+        cls, settings: Settings, *, broker_url: str | None = None
+    ) -> Producer:
         """Build a producer from the configuration (only broker and limits are used)."""
         url = broker_url or settings.broker_url.get_secret_value()
         return cls(
@@ -177,7 +179,9 @@ class Producer:
         for index, (state, job_id) in enumerate(replies):
             if state == b"conflict":
                 raise JobValidationError(
-                    f"[{offset + index}].idempotency_key" if len(jobs) > 1 else "idempotency_key",
+                    f"[{offset + index}].idempotency_key"
+                    if len(jobs) > 1
+                    else "idempotency_key",
                     f"already used for job {job_id.decode()} with another payload",
                 )
             ids.append(job_id.decode())
@@ -188,7 +192,9 @@ class Producer:
         job_id = str(uuid.uuid4())
         queue = QUEUES[job.priority]
         redis_message_id, payload = wire_message(job_id, queue, wire)
-        digest = hashlib.sha256(orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        digest = hashlib.sha256(
+            orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
         fields = {
             "id": job_id,
             "state": "queued",
@@ -198,14 +204,18 @@ class Producer:
             "updated_at": now,
             "metadata": orjson.dumps(job.metadata).decode(),
         }
-        idem = idempotency_key(self._namespace, job.idempotency_key) if job.idempotency_key else ""
+        idem = (
+            idempotency_key(self._namespace, job.idempotency_key)
+            if job.idempotency_key
+            else ""
+        )
         keys = [
             queue_key(self._namespace, queue),
             queue_messages_key(self._namespace, queue),
             status_key(self._namespace, job_id),
             idem,
         ]
-        args = [
+        args: list[str | bytes | int] = [
             redis_message_id,
             payload,
             job_id,

@@ -31,17 +31,23 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_LOCAL = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$"
+)
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _NAMED = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^"<>]*?))\s*<([^<>]*)>\s*$')
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
-_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+_CONTENT_TYPE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$"
+)
 _META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 _RESERVED_HEADERS = frozenset(
-    "from sender to cc bcc reply-to subject date message-id mime-version content-type "
-    "content-transfer-encoding content-disposition auto-submitted return-path received "
-    "x-mailworker-job-id".split()
-)
+    {
+        "from", "sender", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id",
+        "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
+        "auto-submitted", "return-path", "received", "x-mailworker-job-id",
+    }
+)  # fmt: skip
 MAX_HEADERS = 50
 MAX_METADATA_BYTES = 4096
 
@@ -60,7 +66,9 @@ def _check_address(address: str) -> str:
     if len(local) > 64 or not _LOCAL.match(local):
         raise ValueError(f"{address!r} has an invalid local part")
     try:
-        ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+        ascii_domain = (
+            domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+        )
     except UnicodeError:
         raise ValueError(f"{address!r} has an invalid domain") from None
     labels = ascii_domain.split(".")
@@ -77,7 +85,9 @@ class Mailbox(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    address: Annotated[str, AfterValidator(_no_line_breaks), AfterValidator(_check_address)]
+    address: Annotated[
+        str, AfterValidator(_no_line_breaks), AfterValidator(_check_address)
+    ]
     name: Annotated[str, AfterValidator(_no_line_breaks), Field(max_length=200)] = ""
 
 
@@ -132,7 +142,9 @@ class Attachment(BaseModel):
     @classmethod
     def _content_type(cls, value: str) -> str:
         if not _CONTENT_TYPE.match(value):
-            raise ValueError(f"{value[:80]!r} is not a MIME type such as 'application/pdf'")
+            raise ValueError(
+                f"{value[:80]!r} is not a MIME type such as 'application/pdf'"
+            )
         return value.lower()
 
 
@@ -182,7 +194,9 @@ class Notification(BaseModel):
     def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
             if not _META_KEY.match(key):
-                raise ValueError(f"{key[:80]!r} is not a metadata key (letters, digits, _ . -)")
+                raise ValueError(
+                    f"{key[:80]!r} is not a metadata key (letters, digits, _ . -)"
+                )
         if len(repr(value)) > MAX_METADATA_BYTES:
             raise ValueError(f"larger than {MAX_METADATA_BYTES} bytes")
         return value
@@ -212,7 +226,8 @@ class Notification(BaseModel):
         count = len(self.to) + len(self.cc) + len(self.bcc)
         if count > limits.max_recipients:
             raise JobValidationError(
-                "to", f"{count} recipients; at most {limits.max_recipients} (limits.max_recipients)"
+                "to",
+                f"{count} recipients; at most {limits.max_recipients} (limits.max_recipients)",
             )
         if self.not_after is not None and self.not_after <= datetime.now(UTC):
             raise JobValidationError("not_after", "is in the past")
@@ -259,11 +274,14 @@ def parse_job(data: object) -> Notification:
         JobValidationError: the job is malformed; ``field`` names the part at fault.
     """
     if not isinstance(data, dict):
-        raise JobValidationError("job", f"expected a JSON object, got {type(data).__name__}")
+        raise JobValidationError(
+            "job", f"expected a JSON object, got {type(data).__name__}"
+        )
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise JobValidationError(
-            "schema_version", f"{version!r} is not supported (this worker reads {SCHEMA_VERSION})"
+            "schema_version",
+            f"{version!r} is not supported (this worker reads {SCHEMA_VERSION})",
         )
     fields = {k: v for k, v in data.items() if k != "schema_version"}
     try:
@@ -279,9 +297,9 @@ def validation_error(exc: ValidationError) -> JobValidationError:
     for item in error["loc"]:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif item not in ("function-after", "function-before") and not str(item).startswith(
-            ("function-", "list[", "str", "bytes")
-        ):
+        elif item not in ("function-after", "function-before") and not str(
+            item
+        ).startswith(("function-", "list[", "str", "bytes")):
             parts.append(str(item))
     field = ".".join(parts)
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -18,7 +18,11 @@ from settings.models import Settings
 __all__ = ["config_path", "load_settings", "public_url", "read_secret"]
 
 PREFIX = "MAILWORKER_"
-_NAMED_SECTIONS = {"SMTP": "smtp", "OPENAUTH": "openauth", "INTEGRATED_SERVICES": "integrated_services"}
+_NAMED_SECTIONS = {
+    "SMTP": "smtp",
+    "OPENAUTH": "openauth",
+    "INTEGRATED_SERVICES": "integrated_services",
+}
 
 
 def config_path(environ: Mapping[str, str] | None = None) -> Path | None:
@@ -62,7 +66,9 @@ def load_settings(
         raise _config_error(exc, data, path) from None
 
 
-def read_secret(inline: SecretStr | None, file: Path | None, field: str) -> SecretStr | None:
+def read_secret(
+    inline: SecretStr | None, file: Path | None, field: str
+) -> SecretStr | None:
     """Return a secret given inline or as a ``*_file`` path (read now, whitespace trimmed).
 
     Args:
@@ -83,7 +89,9 @@ def read_secret(inline: SecretStr | None, file: Path | None, field: str) -> Secr
     try:
         value = file.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(field, f"cannot read {file}: {exc.__class__.__name__}") from None
+        raise ConfigError(
+            field, f"cannot read {file}: {exc.__class__.__name__}"
+        ) from None
     if not value:
         raise ConfigError(field, f"{file} is empty")
     return SecretStr(value)
@@ -122,7 +130,12 @@ def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> None:
             data["broker_url"] = value
             continue
         parts = var[len(PREFIX) :].split("__")
-        if len(parts) != 3 or parts[0] not in _NAMED_SECTIONS or not parts[1] or not parts[2]:
+        if (
+            len(parts) != 3
+            or parts[0] not in _NAMED_SECTIONS
+            or not parts[1]
+            or not parts[2]
+        ):
             raise ConfigError(
                 var,
                 "unknown variable: use MAILWORKER_BROKER_URL, MAILWORKER_CONFIG or "
@@ -133,7 +146,9 @@ def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> None:
         entry[parts[2].lower()] = _env_value(value)
 
 
-def _named_entry(data: dict[str, Any], section: str, env_name: str, var: str) -> dict[str, Any]:
+def _named_entry(
+    data: dict[str, Any], section: str, env_name: str, var: str
+) -> dict[str, Any]:
     def matches(name: object) -> bool:
         return isinstance(name, str) and name.upper().replace("-", "_") == env_name
 
@@ -149,7 +164,9 @@ def _named_entry(data: dict[str, Any], section: str, env_name: str, var: str) ->
             for entry in entries:
                 if isinstance(entry, dict) and matches(entry.get("name")):
                     return entry
-    raise ConfigError(var, f"no {section} service named {env_name.lower()!r} in the config file")
+    raise ConfigError(
+        var, f"no {section} service named {env_name.lower()!r} in the config file"
+    )
 
 
 def _env_value(value: str) -> Any:
@@ -162,7 +179,9 @@ def _env_value(value: str) -> Any:
     return value
 
 
-def _config_error(exc: ValidationError, data: dict[str, Any], path: Path | None) -> ConfigError:
+def _config_error(
+    exc: ValidationError, data: dict[str, Any], path: Path | None
+) -> ConfigError:
     error = exc.errors()[0]
     field = _field_name(error["loc"], data)
     where = f"{path}: " if path is not None else ""

@@ -14,7 +14,11 @@ from pydantic import (
     SecretStr,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from settings.durations import Duration
 
@@ -30,13 +34,17 @@ __all__ = [
 ]
 
 SERVICE_NAME = re.compile(r"^[a-z0-9_-]+$")
-_ADDRESS = re.compile(r"^[^@\s<>\"(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_ADDRESS = re.compile(
+    r"^[^@\s<>\"(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
+)
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
 
 def _service_name(value: str) -> str:
     if not SERVICE_NAME.match(value):
-        raise ValueError(f"{value!r} is not a service name: use lowercase a-z, 0-9, '_' and '-'")
+        raise ValueError(
+            f"{value!r} is not a service name: use lowercase a-z, 0-9, '_' and '-'"
+        )
     return value
 
 
@@ -211,9 +219,13 @@ class IntegratedService(_Section):
         if secret and cert:
             raise ValueError("give a client secret or a certificate, not both")
         if not secret and not cert:
-            raise ValueError("needs client_secret(_file) or certificate_file + private_key_file")
+            raise ValueError(
+                "needs client_secret(_file) or certificate_file + private_key_file"
+            )
         if cert and (self.certificate_file is None or self.private_key_file is None):
-            raise ValueError("a certificate credential needs certificate_file and private_key_file")
+            raise ValueError(
+                "a certificate credential needs certificate_file and private_key_file"
+            )
         return self
 
 
@@ -228,13 +240,15 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_recipients: Literal["full", "domain", "hash"] = "full"
     redirect_all_to: Address = ""
-    limits: Limits = Field(default_factory=Limits)  # type: ignore[arg-type]  # all defaults
-    retry: Retry = Field(default_factory=Retry)  # type: ignore[arg-type]
-    breaker: Breaker = Field(default_factory=Breaker)  # type: ignore[arg-type]
-    status: Status = Field(default_factory=Status)  # type: ignore[arg-type]
+    limits: Limits = Field(default_factory=Limits)
+    retry: Retry = Field(default_factory=Retry)
+    breaker: Breaker = Field(default_factory=Breaker)
+    status: Status = Field(default_factory=Status)
     smtp: list[SmtpConnection] = Field(default_factory=list)
     openauth: list[OpenAuthService] = Field(default_factory=list)
-    integrated_services: dict[ServiceName, IntegratedService] = Field(default_factory=dict)
+    integrated_services: dict[ServiceName, IntegratedService] = Field(
+        default_factory=dict
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -252,7 +266,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _references(self) -> Settings:
         names: set[str] = set()
-        for service in [*self.openauth, *self.smtp]:
+        services: list[OpenAuthService | SmtpConnection] = [*self.openauth, *self.smtp]
+        for service in services:
             if service.name in names:
                 raise ValueError(f"service name {service.name!r} is used twice")
             names.add(service.name)

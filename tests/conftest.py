@@ -18,7 +18,7 @@ import pytest
 import redis
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import SMTP as SmtpProtocol  # noqa: N811 - aiosmtpd names it SMTP
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from dramatiq import Worker
 
@@ -123,11 +123,17 @@ class Recorder:
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address → reply
     data_replies: list[str] = field(default_factory=list)  # popped per message
     commands: list[str] = field(default_factory=list)
-    pipelining: bool = True  # advertise RFC 2920 (aiosmtpd reads pipelined commands fine)
+    pipelining: bool = (
+        True  # advertise RFC 2920 (aiosmtpd reads pipelined commands fine)
+    )
     ehlos: int = 0  # EHLO count: one per session (two with STARTTLS)
 
     async def handle_EHLO(
-        self, server: SMTPServer, session: Session, envelope: Envelope, hostname: str,
+        self,
+        server: SmtpProtocol,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
@@ -137,14 +143,24 @@ class Recorder:
         return responses
 
     async def handle_MAIL(
-        self, server: SMTPServer, session: Session, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: SmtpProtocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
     ) -> str:
         self.commands.append(f"MAIL {address}")
         envelope.mail_from = address
         return "250 OK"
 
     async def handle_RCPT(
-        self, server: SMTPServer, session: Session, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: SmtpProtocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
     ) -> str:
         self.commands.append(f"RCPT {address}")
         reply = self.rcpt_replies.get(address)
@@ -153,15 +169,21 @@ class Recorder:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(
+        self, server: SmtpProtocol, session: Session, envelope: Envelope
+    ) -> str:
         if self.data_replies:
             return self.data_replies.pop(0)
         content = envelope.original_content or b""
-        self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), content))
+        self.messages.append(
+            Received(envelope.mail_from or "", list(envelope.rcpt_tos), content)
+        )
         return "250 2.0.0 Queued"
 
 
-def _authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+def _authenticator(
+    server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+) -> AuthResult:
     ok = (
         isinstance(auth_data, LoginPassword)
         and auth_data.login == USER.encode()
@@ -186,7 +208,9 @@ class SmtpServer:
             "from_display_name": "Example Notifications",
             "server": "localhost" if self.mode != "plain" else HOST,
             "port": self.port,
-            "security": {"plain": "none", "starttls": "starttls", "tls": "tls"}[self.mode],
+            "security": {"plain": "none", "starttls": "starttls", "tls": "tls"}[
+                self.mode
+            ],
             "timeout": "5s",
         }
         if self.auth:
@@ -201,7 +225,9 @@ def smtp_server(server_tls: ssl.SSLContext) -> Iterator[Callable[..., SmtpServer
     logging.getLogger("mail.log").setLevel(logging.CRITICAL)
     controllers: list[Controller] = []
 
-    def start(mode: str = "plain", *, auth: bool = False, recorder: Recorder | None = None) -> SmtpServer:
+    def start(
+        mode: str = "plain", *, auth: bool = False, recorder: Recorder | None = None
+    ) -> SmtpServer:
         recorder = recorder or Recorder()
         port = free_port()
         kwargs: dict[str, Any] = {"hostname": HOST, "port": port}

@@ -8,19 +8,28 @@ import uuid
 from typing import Any
 
 
-def wire_enqueue(client: Any, namespace: str, job: Any, *, queue: str = "mail",
-                 actor: str = "deliver", kwargs: dict[str, Any] | None = None) -> str:
+def wire_enqueue(
+    client: Any,
+    namespace: str,
+    job: Any,
+    *,
+    queue: str = "mail",
+    actor: str = "deliver",
+    kwargs: dict[str, Any] | None = None,
+) -> str:
     """Enqueue the way the README tells non-Python producers to: plain Redis commands."""
     redis_message_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
-    payload = json.dumps({
-        "queue_name": queue,
-        "actor_name": actor,
-        "args": [],
-        "kwargs": {"job": job} if kwargs is None else kwargs,
-        "options": {"redis_message_id": redis_message_id},
-        "message_id": job_id,
-        "message_timestamp": int(time.time() * 1000),
-    })
+    payload = json.dumps(
+        {
+            "queue_name": queue,
+            "actor_name": actor,
+            "args": [],
+            "kwargs": {"job": job} if kwargs is None else kwargs,
+            "options": {"redis_message_id": redis_message_id},
+            "message_id": job_id,
+            "message_timestamp": int(time.time() * 1000),
+        }
+    )
     with client.pipeline(transaction=True) as pipe:  # MULTI/EXEC, hash first
         pipe.hset(f"{namespace}:{queue}.msgs", redis_message_id, payload)
         pipe.rpush(f"{namespace}:{queue}", redis_message_id)

@@ -8,21 +8,24 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from tests.conftest import HOST, PASSWORD, REDIS_URL, free_port, write_toml
+import redis
 
 from producers.keys import queue_key, queue_messages_key
+from tests.conftest import HOST, PASSWORD, REDIS_URL, free_port, write_toml
 
 MAILWORKER = Path(sys.executable).parent / "mailworker"
 TIMEOUT = 60  # seconds per command: generous, but a hang fails instead of blocking
 SMTP_PASSWORD = "smtp-pw-inline-4711"
 BROKER_PASSWORD = "brokerpw123"
 STEP = re.compile(r"^\s+(connect|tls|auth|send)\s+(ok|FAILED)\s+(.*)$")
+SEND = ("send", "--to", "a@example.org", "--subject", "s", "--text", "t")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -31,6 +34,7 @@ def mailworker(
     config: Path | None,
     env: dict[str, str] | None = None,
     stdin: str | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the console script with only our own MAILWORKER_* variables set."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
@@ -44,7 +48,7 @@ def mailworker(
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        cwd=config.parent if config is not None else None,
+        cwd=cwd or (config.parent if config is not None else None),
         check=False,
     )
     assert "Traceback" not in result.stderr, result.stderr
@@ -74,7 +78,7 @@ def reports(stdout: str) -> dict[str, list[tuple[str, str, str]]]:
 
 
 @pytest.fixture
-def write_config(tmp_path: Path, namespace: str):
+def write_config(tmp_path: Path, namespace: str) -> Callable[..., Path]:
     """Write ``mailworker.toml`` into tmp_path (this test's namespace) and return its path."""
 
     def write(**data: Any) -> Path:
@@ -85,11 +89,13 @@ def write_config(tmp_path: Path, namespace: str):
     return write
 
 
-def queued_jobs(redis_client, namespace: str) -> dict[str, dict[str, Any]]:
+def queued_jobs(redis_client: redis.Redis, namespace: str) -> dict[str, dict[str, Any]]:
     """The jobs waiting on the normal queue of ``namespace``, by job id."""
     ids = redis_client.lrange(queue_key(namespace, "mail"), 0, -1)
-    payloads = redis_client.hmget(queue_messages_key(namespace, "mail"), ids) if ids else []
-    messages = [orjson.loads(p) for p in payloads]
+    payloads = (
+        redis_client.hmget(queue_messages_key(namespace, "mail"), ids) if ids else []
+    )
+    messages = [orjson.loads(p) for p in payloads if p is not None]
     return {m["message_id"]: m["kwargs"]["job"] for m in messages}
 
 
@@ -98,7 +104,7 @@ def queued_jobs(redis_client, namespace: str) -> dict[str, dict[str, Any]]:
 
 def test_help_lists_every_command(tmp_path):
     """`mailworker --help` lists dev, worker, send, status, test-connection and config."""
-    result = mailworker("--help", config=None)
+    result = mailworker("--help", config=None, cwd=tmp_path)
     assert result.returncode == 0
     assert result.stderr == ""
     section = result.stdout.split("Commands:", 1)[1]
@@ -155,8 +161,7 @@ def test_send_prints_job_id_and_status_reports_it_queued(
 def test_status_without_json_prints_human_lines(redis_url, write_config):
     """`status ID` without --json prints aligned `key value` lines, not JSON."""
     config = write_config()
-    sent = mailworker("send", "--to", "a@example.org", "--subject", "s", "--text", "t",
-                      config=config)  # fmt: skip
+    sent = mailworker(*SEND, config=config)
     job_id = sent.stdout.splitlines()[-1]
     status = mailworker("status", job_id, config=config)
     assert status.returncode == 0, status.stderr
@@ -245,8 +250,7 @@ def test_unreachable_broker_exits_4(redis_url, write_config, given):
     dead = f"redis://:deadpw987@127.0.0.1:{free_port()}/0"
     flags = ["--broker-url", dead] if given == "flag" else []
     env = {"MAILWORKER_BROKER_URL": dead} if given == "env" else {}
-    sent = mailworker("send", "--to", "a@example.org", "--subject", "s", "--text", "t",
-                      *flags, config=config, env=env)  # fmt: skip
+    sent = mailworker(*SEND, *flags, config=config, env=env)
     status = mailworker("status", "some-job-id", *flags, config=config, env=env)
     for result in (sent, status):
         assert result.returncode == 4, result.stderr
@@ -260,11 +264,10 @@ def test_broker_url_flag_overrides_the_environment(redis_url, write_config, name
     """`--broker-url` wins over MAILWORKER_BROKER_URL, which wins over the config."""
     config = write_config(broker_url=f"redis://127.0.0.1:{free_port()}/0")
     dead = {"MAILWORKER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    args = ["send", "--to", "a@example.org", "--subject", "s", "--text", "t"]
-    assert mailworker(*args, config=config).returncode == 4
-    assert mailworker(*args, config=config, env={"MAILWORKER_BROKER_URL": REDIS_URL}) \
-        .returncode == 0  # fmt: skip
-    flagged = mailworker(*args, "--broker-url", REDIS_URL, config=config, env=dead)
+    live = {"MAILWORKER_BROKER_URL": REDIS_URL}
+    assert mailworker(*SEND, config=config).returncode == 4
+    assert mailworker(*SEND, config=config, env=live).returncode == 0
+    flagged = mailworker(*SEND, "--broker-url", REDIS_URL, config=config, env=dead)
     assert flagged.returncode == 0, flagged.stderr
     job_id = flagged.stdout.splitlines()[-1]
     status = mailworker(
@@ -360,36 +363,31 @@ def test_config_check_unknown_variable_exits_2(write_config):
     assert "MAILWORKER_FOO" in one_line_cause(result)
 
 
-@pytest.mark.xfail(
-    reason="BUG: config check names smtp[primary].password, not the password_file key "
-    "(worker/app.py secrets_of passes the wrong field name to read_secret)",
-    strict=True,
-)
 def test_config_check_missing_password_file_exits_2(write_config, tmp_path):
-    """A password_file that does not exist exits 2 naming the password_file field."""
-    missing = tmp_path / "secrets" / "nope"
-    config = write_config(smtp=_services({"password_file": str(missing)}))
-    result = mailworker("config", "check", config=config)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "smtp[primary].password_file" in one_line_cause(result)
-
-
-def test_config_check_missing_password_file_exits_2_naming_the_file(
-    write_config, tmp_path
-):
-    """A password_file that does not exist exits 2 with a cause naming the service and file."""
+    """A password_file that does not exist exits 2 naming the field and the file."""
     missing = tmp_path / "secrets" / "nope"
     config = write_config(smtp=_services({"password_file": str(missing)}))
     result = mailworker("config", "check", config=config)
     assert result.returncode == 2
     assert result.stdout == ""
     cause = one_line_cause(result)
-    assert "smtp[primary]" in cause
+    assert "smtp[primary].password_file" in cause
     assert str(missing) in cause
 
 
 # ---------------------------------------------------------------- test-connection
+
+
+def unreachable_section(name: str) -> dict[str, Any]:
+    """An [[smtp]] table for a loopback port where nothing listens."""
+    return {
+        "name": name,
+        "from_address": "noreply@example.com",
+        "server": HOST,
+        "port": free_port(),
+        "security": "none",
+        "timeout": "5s",
+    }
 
 
 def test_connection_starttls_auth_succeeds(smtp_server, write_config, ca_file):
@@ -434,32 +432,26 @@ def test_connection_wrong_password_fails_at_auth(smtp_server, write_config, ca_f
 
 def test_connection_unreachable_port_fails_at_connect(write_config):
     """Nothing listening on the port exits 1 with connect FAILED: cannot connect."""
-    port = free_port()
-    section = {"name": "primary", "from_address": "noreply@example.com",
-               "server": HOST, "port": port, "security": "none", "timeout": "5s"}  # fmt: skip
+    section = unreachable_section("primary")
     config = write_config(smtp=[section])
     result = mailworker("test-connection", "--to", "ops@example.org", config=config)
     assert result.returncode == 1
     [(step, verdict, cause)] = reports(result.stdout)["primary"]
     assert (step, verdict) == ("connect", "FAILED")
     assert "cannot connect" in cause
-    assert f"{HOST}:{port}" in cause
+    assert f"{HOST}:{section['port']}" in cause
 
 
 @pytest.mark.parametrize("mode", ["tls", "starttls"])
 def test_connection_untrusted_certificate_fails(smtp_server, write_config, mode):
-    """A server whose CA is not trusted (no ca_bundle) exits 1 naming the certificate."""
+    """An untrusted CA (no ca_bundle) exits 1 with the tls step FAILED on the certificate."""
     server = smtp_server(mode)
     config = write_config(smtp=[server.smtp_section()])
     result = mailworker("test-connection", "--to", "ops@example.org", config=config)
     assert result.returncode == 1
     steps = reports(result.stdout)["primary"]
-    failed = [(step, detail) for step, verdict, detail in steps if verdict == "FAILED"]
-    [(step, cause)] = failed
-    assert "certificate" in cause
-    if mode == "starttls":
-        assert steps[0][:2] == ("connect", "ok")
-        assert step == "tls"
+    assert [(s, v) for s, v, _ in steps] == [("connect", "ok"), ("tls", "FAILED")]
+    assert "certificate" in steps[-1][2]
     assert server.recorder.messages == []
     assert server.recorder.commands == []
 
@@ -481,14 +473,38 @@ def test_connection_unknown_service_exits_2(smtp_server, write_config):
     """`--service nosuch` exits 2 naming the service and contacts no server."""
     server = smtp_server("plain")
     config = write_config(smtp=[server.smtp_section()])
-    result = mailworker("test-connection", "--service", "nosuch", "--to", "ops@example.org",
-                        config=config)  # fmt: skip
+    args = ("test-connection", "--service", "nosuch", "--to", "ops@example.org")
+    result = mailworker(*args, config=config)
     assert result.returncode == 2
     assert result.stdout == ""
     cause = one_line_cause(result)
     assert "nosuch" in cause
     assert "primary" in cause  # the services that do exist
     assert server.recorder.ehlos == 0
+
+
+def test_connection_invalid_recipient_exits_2(smtp_server, write_config):
+    """`--to` that is not an address exits 2 naming --to and contacts no server."""
+    server = smtp_server("plain")
+    config = write_config(smtp=[server.smtp_section()])
+    result = mailworker("test-connection", "--to", "not-an-address", config=config)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "--to" in one_line_cause(result)
+    assert server.recorder.ehlos == 0
+
+
+def test_connection_missing_password_file_exits_2(smtp_server, write_config, tmp_path):
+    """A password_file that cannot be read is a configuration error (2), not a verdict."""
+    server = smtp_server("plain", auth=True)
+    section = server.smtp_section(password_file=str(tmp_path / "secrets" / "nope"))
+    del section["password"]
+    config = write_config(smtp=[section])
+    result = mailworker("test-connection", "--to", "ops@example.org", config=config)
+    assert result.returncode == 2
+    assert "smtp[primary].password_file" in one_line_cause(result)
+    assert server.recorder.ehlos == 0
+    assert server.recorder.messages == []
 
 
 def test_connection_tests_every_enabled_service_in_order(smtp_server, write_config):
@@ -520,9 +536,9 @@ def test_connection_tests_every_enabled_service_in_order(smtp_server, write_conf
 def test_connection_failing_service_does_not_stop_the_next(smtp_server, write_config):
     """When the first service fails the second is still tested, and the exit code is 1."""
     second = smtp_server("plain")
-    dead = {"name": "first", "from_address": "noreply@example.com", "server": HOST,
-            "port": free_port(), "security": "none", "timeout": "5s"}  # fmt: skip
-    config = write_config(smtp=[dead, second.smtp_section("second")])
+    config = write_config(
+        smtp=[unreachable_section("first"), second.smtp_section("second")]
+    )
     result = mailworker("test-connection", "--to", "ops@example.org", config=config)
     assert result.returncode == 1
     found = reports(result.stdout)

@@ -16,7 +16,9 @@ NS_QUEUE = "mail"
 def _enqueue(redis_client, settings, **fields) -> str:
     fields.setdefault("subject", "Approval needed")
     fields.setdefault("text", "Please approve.")
-    producer = Producer(redis_client, namespace=settings.namespace, limits=settings.limits)
+    producer = Producer(
+        redis_client, namespace=settings.namespace, limits=settings.limits
+    )
     return producer.enqueue(Notification(**fields))
 
 
@@ -37,13 +39,18 @@ def test_partial_refusal_sends_to_the_rest_and_records_the_refused(
     server.recorder.pipelining = pipelining
     server.recorder.rcpt_replies["gone@example.org"] = "550 5.1.1 User unknown"
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
-    job_id = _enqueue(redis_client, app.settings, to=["ok@example.org", "gone@example.org"])
+    job_id = _enqueue(
+        redis_client, app.settings, to=["ok@example.org", "gone@example.org"]
+    )
     app.broker.join(NS_QUEUE, timeout=10_000)
     [received] = server.recorder.messages
     assert received.rcpt_tos == ["ok@example.org"]
     record = app.status.get(job_id)
     assert record["state"] == "sent"
-    assert _states(record) == {"ok@example.org": "accepted", "gone@example.org": "refused"}
+    assert _states(record) == {
+        "ok@example.org": "accepted",
+        "gone@example.org": "refused",
+    }
     refused = next(r for r in record["recipients"] if r["state"] == "refused")
     assert refused["code"] == 550 and "User unknown" in refused["message"]
 
@@ -86,11 +93,16 @@ def test_deferred_recipient_is_retried_alone_and_accepted_ones_never_again(
     assert record["state"] == "dead"
     assert record["reason"] == "retries_exhausted"
     assert record["attempts"] == 2
-    assert _states(record) == {"ok@example.org": "accepted", "busy@example.org": "deferred"}
+    assert _states(record) == {
+        "ok@example.org": "accepted",
+        "busy@example.org": "deferred",
+    }
     assert [h["event"] for h in record["history"]] == ["retrying", "dead"]
 
 
-def test_transient_reply_is_retried_in_process(smtp_server, make_settings, run_worker, redis_client):
+def test_transient_reply_is_retried_in_process(
+    smtp_server, make_settings, run_worker, redis_client
+):
     """A 451 after DATA is retried at once in the same attempt and then delivered."""
     server = smtp_server()
     server.recorder.data_replies.append("451 4.3.0 Try again")
@@ -108,7 +120,9 @@ def test_message_refused_fails_over_to_the_next_connection(
     """A 552 from the first connection hands the same message to the second one."""
     first, second = smtp_server(), smtp_server()
     first.recorder.data_replies.append("552 5.3.4 Message too big")
-    settings = make_settings(smtp=[first.smtp_section("first"), second.smtp_section("second")])
+    settings = make_settings(
+        smtp=[first.smtp_section("first"), second.smtp_section("second")]
+    )
     app = run_worker(settings)
     job_id = _enqueue(redis_client, settings, to=["ok@example.org"])
     app.broker.join(NS_QUEUE, timeout=10_000)
@@ -119,14 +133,23 @@ def test_message_refused_fails_over_to_the_next_connection(
     )
     record = app.status.get(job_id)
     assert record["state"] == "sent" and record["service"] == "second"
-    assert [(s["service"], s["reason"]) for s in record["skipped"]] == [("first", "message_refused")]
+    assert [(s["service"], s["reason"]) for s in record["skipped"]] == [
+        ("first", "message_refused")
+    ]
 
 
-def test_unreachable_connection_fails_over_at_once(smtp_server, make_settings, run_worker, redis_client):
+def test_unreachable_connection_fails_over_at_once(
+    smtp_server, make_settings, run_worker, redis_client
+):
     """A connection that refuses TCP is skipped as unavailable and the next one delivers."""
     server = smtp_server()
-    dead = {"name": "down", "from_address": "a@example.com", "server": "127.0.0.1",
-            "port": free_port(), "timeout": "2s"}
+    dead = {
+        "name": "down",
+        "from_address": "a@example.com",
+        "server": "127.0.0.1",
+        "port": free_port(),
+        "timeout": "2s",
+    }
     settings = make_settings(smtp=[dead, server.smtp_section("up")])
     app = run_worker(settings)
     job_id = _enqueue(redis_client, settings, to=["ok@example.org"])
@@ -138,12 +161,20 @@ def test_unreachable_connection_fails_over_at_once(smtp_server, make_settings, r
     assert "cannot connect" in record["skipped"][0]["message"]
 
 
-def test_all_services_down_retries_then_dead_letters(make_settings, run_worker, redis_client, namespace):
+def test_all_services_down_retries_then_dead_letters(
+    make_settings, run_worker, redis_client, namespace
+):
     """With every service unavailable the broker retries up to max_attempts, then dead-letters."""
-    down = {"name": "down", "from_address": "a@example.com", "server": "127.0.0.1",
-            "port": free_port(), "timeout": "2s"}
+    down = {
+        "name": "down",
+        "from_address": "a@example.com",
+        "server": "127.0.0.1",
+        "port": free_port(),
+        "timeout": "2s",
+    }
     settings = make_settings(
-        smtp=[down], retry={"max_attempts": 2, "min_backoff": "0.2s", "max_backoff": "0.5s"}
+        smtp=[down],
+        retry={"max_attempts": 2, "min_backoff": "0.2s", "max_backoff": "0.5s"},
     )
     app = run_worker(settings)
     job_id = _enqueue(redis_client, settings, to=["ok@example.org"])
@@ -158,7 +189,9 @@ def test_all_services_down_retries_then_dead_letters(make_settings, run_worker, 
     assert _dead_letters(redis_client, namespace) == 1
 
 
-def test_starttls_required_never_sends_in_plaintext(smtp_server, make_settings, run_worker, redis_client):
+def test_starttls_required_never_sends_in_plaintext(
+    smtp_server, make_settings, run_worker, redis_client
+):
     """security = starttls against a server without STARTTLS fails closed: no MAIL is sent."""
     server = smtp_server("plain")
     section = server.smtp_section(security="starttls")
@@ -172,7 +205,9 @@ def test_starttls_required_never_sends_in_plaintext(smtp_server, make_settings, 
     assert "STARTTLS" in record["error"]["message"]
 
 
-def test_untrusted_certificate_is_refused(smtp_server, make_settings, run_worker, redis_client):
+def test_untrusted_certificate_is_refused(
+    smtp_server, make_settings, run_worker, redis_client
+):
     """Certificates are verified by default: a server signed by an unknown CA is unavailable."""
     server = smtp_server("tls")
     settings = make_settings(smtp=[server.smtp_section()], retry={"max_attempts": 1})
@@ -185,7 +220,9 @@ def test_untrusted_certificate_is_refused(smtp_server, make_settings, run_worker
     assert "certificate" in record["error"]["message"]
 
 
-def test_verification_opt_out_is_per_connection(smtp_server, make_settings, run_worker, redis_client):
+def test_verification_opt_out_is_per_connection(
+    smtp_server, make_settings, run_worker, redis_client
+):
     """verify_certificates = false on a connection lets it use a self-signed server."""
     server = smtp_server("tls")
     settings = make_settings(smtp=[server.smtp_section(verify_certificates=False)])
@@ -195,7 +232,9 @@ def test_verification_opt_out_is_per_connection(smtp_server, make_settings, run_
     assert len(server.recorder.messages) == 1
 
 
-def test_wrong_password_is_unavailable(smtp_server, make_settings, run_worker, redis_client, ca_file):
+def test_wrong_password_is_unavailable(
+    smtp_server, make_settings, run_worker, redis_client, ca_file
+):
     """AUTH 535 marks the connection unavailable; the password never reaches the record."""
     server = smtp_server("starttls", auth=True)
     section = server.smtp_section(ca_bundle=str(ca_file), password="wrong-password-123")
@@ -209,14 +248,17 @@ def test_wrong_password_is_unavailable(smtp_server, make_settings, run_worker, r
     assert "wrong-password-123" not in str(record)
 
 
-def test_sessions_are_reused_across_messages(smtp_server, make_settings, run_worker, redis_client):
+def test_sessions_are_reused_across_messages(
+    smtp_server, make_settings, run_worker, redis_client
+):
     """Many jobs travel over at most one SMTP session per worker thread."""
     server = smtp_server()
     settings = make_settings(smtp=[server.smtp_section()])
     app = run_worker(settings, threads=2)
     producer = Producer(redis_client, namespace=settings.namespace)
     producer.enqueue_many(
-        Notification(to=[f"user{i}@example.org"], subject=f"n{i}", text="x") for i in range(30)
+        Notification(to=[f"user{i}@example.org"], subject=f"n{i}", text="x")
+        for i in range(30)
     )
     app.broker.join(NS_QUEUE, timeout=20_000)
     assert len(server.recorder.messages) == 30
@@ -229,9 +271,13 @@ def test_malformed_job_on_the_queue_is_dead_lettered_and_the_worker_goes_on(
     """A wire-format job with a bad address is dead as `validation`; the next job is delivered."""
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
-    bad = wire_enqueue(redis_client, namespace, {"to": ["not-an-address"], "subject": "s", "text": "t"})
+    bad = wire_enqueue(
+        redis_client, namespace, {"to": ["not-an-address"], "subject": "s", "text": "t"}
+    )
     odd = wire_enqueue(redis_client, namespace, None, kwargs={"job": {}, "surprise": 1})
-    good = wire_enqueue(redis_client, namespace, {"to": ["ok@example.org"], "subject": "s", "text": "t"})
+    good = wire_enqueue(
+        redis_client, namespace, {"to": ["ok@example.org"], "subject": "s", "text": "t"}
+    )
     app.broker.join(NS_QUEUE, timeout=10_000)
     bad_record, odd_record = app.status.get(bad), app.status.get(odd)
     assert bad_record["state"] == "dead" and bad_record["reason"] == "validation"
@@ -241,11 +287,18 @@ def test_malformed_job_on_the_queue_is_dead_lettered_and_the_worker_goes_on(
     assert len(server.recorder.messages) == 1
 
 
-def test_expired_job_is_not_sent(smtp_server, make_settings, run_worker, redis_client, namespace):
+def test_expired_job_is_not_sent(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
     """A job whose not_after has passed is dead-lettered as `expired` and never sent."""
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
-    job = {"to": ["ok@example.org"], "subject": "s", "text": "t", "not_after": "2020-01-01T00:00:00Z"}
+    job = {
+        "to": ["ok@example.org"],
+        "subject": "s",
+        "text": "t",
+        "not_after": "2020-01-01T00:00:00Z",
+    }
     job_id = wire_enqueue(redis_client, namespace, job)
     app.broker.join(NS_QUEUE, timeout=10_000)
     assert app.status.get(job_id)["reason"] == "expired"
@@ -258,7 +311,9 @@ def test_pinned_sender_naming_no_service_is_a_validation_error(
     """A `sender` that names no enabled service is dead as `validation`, naming `sender`."""
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
-    job_id = _enqueue(redis_client, app.settings, to=["ok@example.org"], sender="nosuch")
+    job_id = _enqueue(
+        redis_client, app.settings, to=["ok@example.org"], sender="nosuch"
+    )
     app.broker.join(NS_QUEUE, timeout=10_000)
     record = app.status.get(job_id)
     assert record["reason"] == "validation" and record["error"]["field"] == "sender"
@@ -269,7 +324,9 @@ def test_redirect_all_to_sends_only_to_the_staging_address(
 ):
     """With redirect_all_to set, every message goes only there and names the original recipients."""
     server = smtp_server()
-    settings = make_settings(smtp=[server.smtp_section()], redirect_all_to="staging@example.net")
+    settings = make_settings(
+        smtp=[server.smtp_section()], redirect_all_to="staging@example.net"
+    )
     app = run_worker(settings)
     _enqueue(redis_client, settings, to=["ann@example.org"], bcc=["boss@example.org"])
     app.broker.join(NS_QUEUE, timeout=10_000)
@@ -279,15 +336,21 @@ def test_redirect_all_to_sends_only_to_the_staging_address(
     assert msg["X-Mailworker-Redirected-From"] == "ann@example.org, boss@example.org"
 
 
-def test_priorities_have_their_own_queues(smtp_server, make_settings, run_worker, redis_client):
+def test_priorities_have_their_own_queues(
+    smtp_server, make_settings, run_worker, redis_client
+):
     """high, normal and bulk notifications are each taken from their own queue and delivered."""
     server = smtp_server()
     settings = make_settings(smtp=[server.smtp_section()])
     app = run_worker(settings)
     for priority in ("high", "normal", "bulk"):
-        _enqueue(redis_client, settings, to=[f"{priority}@example.org"], priority=priority)
+        _enqueue(
+            redis_client, settings, to=[f"{priority}@example.org"], priority=priority
+        )
     for queue in ("mail-high", "mail", "mail-bulk"):
         app.broker.join(queue, timeout=10_000)
     assert sorted(m.rcpt_tos[0] for m in server.recorder.messages) == [
-        "bulk@example.org", "high@example.org", "normal@example.org"
+        "bulk@example.org",
+        "high@example.org",
+        "normal@example.org",
     ]

@@ -13,7 +13,9 @@ def _producer(redis_client, settings) -> Producer:
     return Producer(redis_client, namespace=settings.namespace, limits=settings.limits)
 
 
-@pytest.mark.parametrize(("mode", "auth"), [("plain", False), ("starttls", True), ("tls", True)])
+@pytest.mark.parametrize(
+    ("mode", "auth"), [("plain", False), ("starttls", True), ("tls", True)]
+)
 def test_enqueued_job_arrives_with_headers_and_bodies(
     mode, auth, smtp_server, make_settings, ca_file, run_worker, redis_client
 ):
@@ -32,8 +34,13 @@ def test_enqueued_job_arrives_with_headers_and_bodies(
             subject="Task 42 is waiting for your approval – Grüße",
             text="Please approve task 42.",
             html="<p>Please approve <b>task 42</b>.</p>",
-            attachments=[{"filename": "task.pdf", "content_type": "application/pdf",
-                          "content": b"%PDF-1.4 test"}],
+            attachments=[
+                {
+                    "filename": "task.pdf",
+                    "content_type": "application/pdf",
+                    "content": b"%PDF-1.4 test",
+                }
+            ],
             metadata={"workflow": "wf-7", "task": 42},
         )
     )
@@ -41,7 +48,11 @@ def test_enqueued_job_arrives_with_headers_and_bodies(
     # Then the server received it once, for every recipient, and it parses back
     [received] = server.recorder.messages
     assert received.mail_from == "noreply@example.com"
-    assert sorted(received.rcpt_tos) == ["ann@example.org", "cc@example.org", "hidden@example.org"]
+    assert sorted(received.rcpt_tos) == [
+        "ann@example.org",
+        "cc@example.org",
+        "hidden@example.org",
+    ]
     msg = message_from_bytes(received.data, policy=policy.default)
     assert msg["Message-ID"] == f"<{job_id}@example.com>"
     assert msg["Auto-Submitted"] == "auto-generated"
@@ -64,5 +75,7 @@ def test_enqueued_job_arrives_with_headers_and_bodies(
     assert record["message_id"] == f"<{job_id}@example.com>"
     assert record["metadata"] == {"workflow": "wf-7", "task": 42}
     assert {r["address"]: r["state"] for r in record["recipients"]} == {
-        "ann@example.org": "accepted", "cc@example.org": "accepted", "hidden@example.org": "accepted"
+        "ann@example.org": "accepted",
+        "cc@example.org": "accepted",
+        "hidden@example.org": "accepted",
     }

@@ -38,23 +38,45 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
 def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
     smtp_server, redis_url, namespace, tmp_path
 ):
-    """`mailworker worker` delivers a job sent with `mailworker send`, logs JSON, exits 0 on SIGTERM."""
+    """`mailworker worker` delivers a `mailworker send` job, logs JSON, exits 0 on SIGTERM."""
     # Given a config for a real SMTP server and a worker process
     server = smtp_server("plain", auth=True)
-    config = write_toml(tmp_path / "mailworker.toml", {
-        "broker_url": redis_url, "namespace": namespace,
-        "smtp": [server.smtp_section()],
-    })
+    config = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "broker_url": redis_url,
+            "namespace": namespace,
+            "smtp": [server.smtp_section()],
+        },
+    )
     env = _env(MAILWORKER_CONFIG=str(config))
     stderr = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen([MAILWORKER, "worker", "-p", "1", "-t", "2"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=stderr)
+    worker = subprocess.Popen(
+        [MAILWORKER, "worker", "-p", "1", "-t", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
     try:
         # When a notification is sent from the shell
         sent = subprocess.run(
-            [MAILWORKER, "send", "--to", "ops@example.org", "--subject", "Escalation",
-             "--text", "Task 7 is overdue.", "--metadata", "workflow=wf-9"],
-            env=env, capture_output=True, text=True, timeout=30, check=True,
+            [
+                MAILWORKER,
+                "send",
+                "--to",
+                "ops@example.org",
+                "--subject",
+                "Escalation",
+                "--text",
+                "Task 7 is overdue.",
+                "--metadata",
+                "workflow=wf-9",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
         job_id = sent.stdout.strip().splitlines()[-1]
         # Then the server receives it and the status says sent
@@ -62,17 +84,28 @@ def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
         assert server.recorder.messages[0].rcpt_tos == ["ops@example.org"]
 
         def record():
-            out = subprocess.run([MAILWORKER, "status", job_id, "--json"], env=env,
-                                 capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                [MAILWORKER, "status", job_id, "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             return json.loads(out.stdout) if out.returncode == 0 else None
 
-        assert wait_for(lambda: (r := record()) and r["state"] == "sent" and r)["service"] == "primary"
+        assert (
+            wait_for(lambda: (r := record()) and r["state"] == "sent" and r)["service"]
+            == "primary"
+        )
     finally:
         code = _stop(worker)
         stderr.close()
     assert code == 0
-    lines = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()
-             if line.startswith("{")]
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "worker.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
     succeeded = [e for e in lines if e.get("event") == "delivery_succeeded"]
     assert succeeded and succeeded[0]["job_id"] == job_id
     assert succeeded[0]["metadata"] == {"workflow": "wf-9"}
@@ -83,9 +116,16 @@ def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
 def test_worker_refuses_a_bad_configuration_with_exit_2(tmp_path):
     """A worker with an invalid configuration exits 2 naming the key, before starting Dramatiq."""
     config = tmp_path / "mailworker.toml"
-    config.write_text('[[smtp]]\nname = "x"\nfrom_address = "a@example.com"\nserver = "h"\nprot = 25\n')
-    out = subprocess.run([MAILWORKER, "worker"], env=_env(MAILWORKER_CONFIG=str(config)),
-                         capture_output=True, text=True, timeout=30)
+    config.write_text(
+        '[[smtp]]\nname = "x"\nfrom_address = "a@example.com"\nserver = "h"\nprot = 25\n'
+    )
+    out = subprocess.run(
+        [MAILWORKER, "worker"],
+        env=_env(MAILWORKER_CONFIG=str(config)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 2
     assert "smtp[x].prot" in out.stderr and "unknown key" in out.stderr
 
@@ -93,16 +133,27 @@ def test_worker_refuses_a_bad_configuration_with_exit_2(tmp_path):
 @pytest.mark.slow
 def test_dev_prints_the_two_lines_that_put_a_message_in_the_outbox(tmp_path):
     """`mailworker dev` prints an export line and a send line; running them writes an .eml file."""
-    dev = subprocess.Popen([MAILWORKER, "dev"], cwd=tmp_path, env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    dev = subprocess.Popen(
+        [MAILWORKER, "dev"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert dev.stdout is not None
         export = dev.stdout.readline().decode().strip()
         sample = dev.stdout.readline().decode().strip()
         assert export.startswith("export MAILWORKER_BROKER_URL=redis://127.0.0.1:")
         assert " send " in sample
-        subprocess.run(["bash", "-c", f"{export}\n{sample}"], cwd=tmp_path, env=_env(),
-                       check=True, timeout=30, capture_output=True)
+        subprocess.run(
+            ["bash", "-c", f"{export}\n{sample}"],
+            cwd=tmp_path,
+            env=_env(),
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
         [eml] = wait_for(lambda: list((tmp_path / "outbox").glob("*.eml")), timeout=30)
     finally:
         code = _stop(dev, signal.SIGINT)

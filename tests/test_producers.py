@@ -22,7 +22,9 @@ def test_importing_producers_imports_no_transport_and_no_worker():
         " if m in sys.modules]\n"
         "print(','.join(bad))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == ""
 
 
@@ -33,7 +35,9 @@ def _notification(**fields) -> Notification:
     return Notification(**fields)
 
 
-def test_enqueue_writes_the_queued_record_and_the_documented_message(redis_client, namespace):
+def test_enqueue_writes_the_queued_record_and_the_documented_message(
+    redis_client, namespace
+):
     """enqueue() leaves a `queued` status record and a Dramatiq message on the `mail` queue."""
     producer = Producer(redis_client, namespace=namespace)
     job_id = producer.enqueue(_notification(metadata={"task": "t-1"}))
@@ -50,17 +54,28 @@ def test_enqueue_writes_the_queued_record_and_the_documented_message(redis_clien
     assert message["actor_name"] == "deliver"
     assert message["queue_name"] == "mail"
     assert message["kwargs"]["job"]["schema_version"] == 1
-    assert message["options"]["redis_message_id"] == redis_client.lindex(f"{namespace}:mail", 0).decode()
+    assert (
+        message["options"]["redis_message_id"]
+        == redis_client.lindex(f"{namespace}:mail", 0).decode()
+    )
     assert redis_client.ttl(f"{namespace}:job:{job_id}") > 0
 
 
-def test_wire_format_job_is_delivered(smtp_server, make_settings, run_worker, redis_client, namespace):
+def test_wire_format_job_is_delivered(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
     """A job written with plain Redis commands, as the README documents, is delivered."""
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
-    job = {"schema_version": 1, "to": ["ops@example.org"], "subject": "From a shell script",
-           "text": "hi", "attachments": [{"filename": "a.txt", "content_type": "text/plain",
-                                          "content": "aGVsbG8="}]}
+    job = {
+        "schema_version": 1,
+        "to": ["ops@example.org"],
+        "subject": "From a shell script",
+        "text": "hi",
+        "attachments": [
+            {"filename": "a.txt", "content_type": "text/plain", "content": "aGVsbG8="}
+        ],
+    }
     job_id = wire_enqueue(redis_client, namespace, job)
     app.broker.join("mail", timeout=10_000)
     [received] = server.recorder.messages
@@ -71,10 +86,14 @@ def test_wire_format_job_is_delivered(smtp_server, make_settings, run_worker, re
 
 def test_job_on_the_queue_without_a_record_is_reported_queued(redis_client, namespace):
     """A wire-format job not yet processed has no record but its status is `queued`."""
-    job_id = wire_enqueue(redis_client, namespace, {"to": ["a@example.org"], "subject": "s", "text": "t"})
+    job_id = wire_enqueue(
+        redis_client, namespace, {"to": ["a@example.org"], "subject": "s", "text": "t"}
+    )
     record = StatusStore(redis_client, namespace=namespace, ttl=60).get(job_id)
     assert record["state"] == "queued" and record["id"] == job_id
-    assert StatusStore(redis_client, namespace=namespace, ttl=60).get("no-such-id") is None
+    assert (
+        StatusStore(redis_client, namespace=namespace, ttl=60).get("no-such-id") is None
+    )
 
 
 def test_same_idempotency_key_and_payload_is_one_job(
@@ -101,7 +120,9 @@ def test_same_idempotency_key_with_another_payload_is_refused(redis_client, name
     assert redis_client.llen(f"{namespace}:mail") == 1
 
 
-def test_enqueue_many_returns_ids_in_order_and_validates_all_first(redis_client, namespace):
+def test_enqueue_many_returns_ids_in_order_and_validates_all_first(
+    redis_client, namespace
+):
     """enqueue_many enqueues in order; one job over the limits stops all, naming its index."""
     producer = Producer(redis_client, namespace=namespace)
     ids = producer.enqueue_many(_notification(subject=f"n{i}") for i in range(1200))
@@ -109,9 +130,13 @@ def test_enqueue_many_returns_ids_in_order_and_validates_all_first(redis_client,
     assert redis_client.llen(f"{namespace}:mail") == 1200
     from settings import Limits
 
-    strict = Producer(redis_client, namespace=namespace, limits=Limits(max_recipients=1))
+    strict = Producer(
+        redis_client, namespace=namespace, limits=Limits(max_recipients=1)
+    )
     with pytest.raises(JobValidationError) as caught:
-        strict.enqueue_many([_notification(), _notification(to=["a@example.org", "b@example.org"])])
+        strict.enqueue_many(
+            [_notification(), _notification(to=["a@example.org", "b@example.org"])]
+        )
     assert caught.value.field == "[1].to"
     assert redis_client.llen(f"{namespace}:mail") == 1200
 

@@ -17,12 +17,12 @@ from worker.delivery import Deliverer, Outcome
 from worker.logging import show_address
 from worker.status import JobStart, StatusStore
 
-__all__ = ["DeadLetter", "JobHandler"]
+__all__ = ["DeadLetterError", "JobHandler"]
 
 log = structlog.get_logger("mailworker.job")
 
 
-class DeadLetter(MailworkerError):
+class DeadLetterError(MailworkerError):
     """Raised to end a job in the dead-letter queue; ``reason`` is DESIGN §6's."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -39,7 +39,9 @@ class JobHandler:
         deliverer: the services in delivery order.
     """
 
-    def __init__(self, settings: Settings, *, status: StatusStore, deliverer: Deliverer) -> None:
+    def __init__(
+        self, settings: Settings, *, status: StatusStore, deliverer: Deliverer
+    ) -> None:
         self._settings = settings
         self._status = status
         self._deliverer = deliverer
@@ -48,7 +50,7 @@ class JobHandler:
         """The actor: every outcome is a status record; failures raise for the broker.
 
         Raises:
-            DeadLetter: the job ends in the dead-letter queue.
+            DeadLetterError: the job ends in the dead-letter queue.
             dramatiq.Retry: the job is tried again later, with the delay it carries.
         """
         message = CurrentMessage.get_current_message()
@@ -59,14 +61,30 @@ class JobHandler:
         try:
             notification = self._validate(args, kwargs)
         except JobValidationError as exc:
-            self._dead(job_id, attempt, "validation", {"type": "validation", "field": exc.field,
-                                                       "message": str(exc), "code": None,
-                                                       "service": None})
+            self._dead(
+                job_id,
+                attempt,
+                "validation",
+                {
+                    "type": "validation",
+                    "field": exc.field,
+                    "message": str(exc),
+                    "code": None,
+                    "service": None,
+                },
+            )
         age = time.time() - message.message_timestamp / 1000
-        if notification.not_after is not None and notification.not_after <= datetime.now(UTC):
-            self._dead(job_id, attempt, "expired", _error("expired", "not_after has passed"))
+        if (
+            notification.not_after is not None
+            and notification.not_after <= datetime.now(UTC)
+        ):
+            self._dead(
+                job_id, attempt, "expired", _error("expired", "not_after has passed")
+            )
         if age > self._settings.retry.max_age:
-            self._dead(job_id, attempt, "max_age", _error("max_age", f"job is {age:.0f}s old"))
+            self._dead(
+                job_id, attempt, "max_age", _error("max_age", f"job is {age:.0f}s old")
+            )
         start = self._status.begin(
             job_id, attempt=attempt, queue=queue, metadata=notification.metadata
         )
@@ -74,26 +92,47 @@ class JobHandler:
 
     def _validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Notification:
         if args or set(kwargs) != {"job"}:
-            raise JobValidationError("kwargs", "expected exactly one keyword argument, 'job'")
+            raise JobValidationError(
+                "kwargs", "expected exactly one keyword argument, 'job'"
+            )
         notification = parse_job(kwargs["job"])
         limits = self._settings.limits
         count = len(notification.to) + len(notification.cc) + len(notification.bcc)
         if count > limits.max_recipients:
-            raise JobValidationError("to", f"{count} recipients; at most {limits.max_recipients}")
+            raise JobValidationError(
+                "to", f"{count} recipients; at most {limits.max_recipients}"
+            )
         if notification.estimated_size() > limits.max_message_bytes:
-            raise JobValidationError("attachments", "larger than limits.max_message_bytes")
+            raise JobValidationError(
+                "attachments", "larger than limits.max_message_bytes"
+            )
         self._deliverer.order(notification)  # a `sender` naming no service is invalid
         return notification
 
     def _attempt(
-        self, job_id: str, attempt: int, age: float, notification: Notification, start: JobStart
+        self,
+        job_id: str,
+        attempt: int,
+        age: float,
+        notification: Notification,
+        start: JobStart,
     ) -> None:
         redirect = self._settings.redirect_all_to
         wanted = [redirect] if redirect else notification.recipients
-        pending = [r for r in wanted if r not in start.accepted and r not in start.refused]
-        headers = {"X-Mailworker-Redirected-From": ", ".join(notification.recipients)} if redirect else None
-        outcome = Outcome() if not pending else self._deliverer.deliver(
-            job_id, notification, pending, extra_headers=headers
+        pending = [
+            r for r in wanted if r not in start.accepted and r not in start.refused
+        ]
+        headers = (
+            {"X-Mailworker-Redirected-From": ", ".join(notification.recipients)}
+            if redirect
+            else None
+        )
+        outcome = (
+            Outcome()
+            if not pending
+            else self._deliverer.deliver(
+                job_id, notification, pending, extra_headers=headers
+            )
         )
         recipients = _merge(start, wanted, outcome)
         fields: dict[str, Any] = {"recipients": recipients, "skipped": outcome.skipped}
@@ -112,9 +151,16 @@ class JobHandler:
         if outcome.finished:
             if any(r["state"] == "accepted" for r in recipients):
                 fields.update(state="sent", reason="", error=None, next_attempt_at="")
-                self._status.write(job_id, fields, accepted=accepted, event=_event(attempt, "sent", outcome))
+                self._status.write(
+                    job_id,
+                    fields,
+                    accepted=accepted,
+                    event=_event(attempt, "sent", outcome),
+                )
                 return
-            fields["error"] = error or _error("permanent", "every recipient was refused")
+            fields["error"] = error or _error(
+                "permanent", "every recipient was refused"
+            )
             self._status.write(job_id, fields, accepted=accepted)
             self._dead(job_id, attempt, "permanent", fields["error"])
         fields["error"] = error or _error("deferred", "some recipients were deferred")
@@ -134,25 +180,57 @@ class JobHandler:
             self._status.write(job_id, fields, accepted=accepted)
             self._dead(job_id, attempt, "retries_exhausted", fields["error"])
         base = min(policy.max_backoff, policy.min_backoff * 2 ** (attempt - 1))
-        delay = max(policy.min_backoff, random.uniform(base / 2, base), outcome.retry_after or 0.0)
+        delay = max(
+            policy.min_backoff,
+            random.uniform(base / 2, base),
+            outcome.retry_after or 0.0,
+        )
         if age + delay > policy.max_age:
             self._status.write(job_id, fields, accepted=accepted)
             self._dead(job_id, attempt, "max_age", fields["error"])
-        next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(timespec="seconds")
-        fields.update(state="retrying", reason="retry_scheduled", next_attempt_at=next_at)
-        self._status.write(job_id, fields, accepted=accepted, event=_event(attempt, "retrying", outcome))
-        log.warning("job_retry_scheduled", delay_s=round(delay, 1), error=fields["error"]["message"])
-        raise dramatiq.Retry(message=fields["error"]["message"], delay=int(delay * 1000))
-
-    def _dead(self, job_id: str, attempt: int, reason: str, error: dict[str, Any]) -> NoReturn:
+        next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
+            timespec="seconds"
+        )
+        fields.update(
+            state="retrying", reason="retry_scheduled", next_attempt_at=next_at
+        )
         self._status.write(
             job_id,
-            {"state": "dead", "reason": reason, "error": error, "attempts": attempt,
-             "next_attempt_at": "", "dead_at": datetime.now(UTC).isoformat(timespec="milliseconds")},
-            event={"attempt": attempt, "event": "dead", "reason": reason, "error": error},
+            fields,
+            accepted=accepted,
+            event=_event(attempt, "retrying", outcome),
+        )
+        log.warning(
+            "job_retry_scheduled",
+            delay_s=round(delay, 1),
+            error=fields["error"]["message"],
+        )
+        raise dramatiq.Retry(
+            message=fields["error"]["message"], delay=int(delay * 1000)
+        )
+
+    def _dead(
+        self, job_id: str, attempt: int, reason: str, error: dict[str, Any]
+    ) -> NoReturn:
+        self._status.write(
+            job_id,
+            {
+                "state": "dead",
+                "reason": reason,
+                "error": error,
+                "attempts": attempt,
+                "next_attempt_at": "",
+                "dead_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            },
+            event={
+                "attempt": attempt,
+                "event": "dead",
+                "reason": reason,
+                "error": error,
+            },
         )
         log.error("job_dead_lettered", reason=reason, error=error.get("message"))
-        raise DeadLetter(reason, str(error.get("message")))
+        raise DeadLetterError(reason, str(error.get("message")))
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
@@ -160,13 +238,19 @@ def _error(kind: str, message: str) -> dict[str, Any]:
 
 
 def _event(attempt: int, event: str, outcome: Outcome) -> dict[str, Any]:
-    entry: dict[str, Any] = {"attempt": attempt, "event": event, "service": outcome.service}
+    entry: dict[str, Any] = {
+        "attempt": attempt,
+        "event": event,
+        "service": outcome.service,
+    }
     if outcome.skipped:
         entry["skipped"] = outcome.skipped
     return entry
 
 
-def _merge(start: JobStart, wanted: list[str], outcome: Outcome) -> list[dict[str, Any]]:
+def _merge(
+    start: JobStart, wanted: list[str], outcome: Outcome
+) -> list[dict[str, Any]]:
     """Per-recipient outcomes so far: earlier ones, then this attempt's."""
     previous = {r["address"]: r for r in start.recipients}
     receipt = outcome.receipt
@@ -174,14 +258,25 @@ def _merge(start: JobStart, wanted: list[str], outcome: Outcome) -> list[dict[st
     for address in wanted:
         if address in start.accepted or address in receipt.accepted:
             entry = previous.get(address) if address in start.accepted else None
-            merged.append(entry or {"address": address, "state": "accepted", "code": 250,
-                                    "message": receipt.response})
+            merged.append(
+                entry
+                or {
+                    "address": address,
+                    "state": "accepted",
+                    "code": 250,
+                    "message": receipt.response,
+                }
+            )
         elif address in receipt.refused or address in receipt.deferred:
             state = "refused" if address in receipt.refused else "deferred"
-            code, text = (receipt.refused.get(address) or receipt.deferred[address])
-            merged.append({"address": address, "state": state, "code": code, "message": text})
+            code, text = receipt.refused.get(address) or receipt.deferred[address]
+            merged.append(
+                {"address": address, "state": state, "code": code, "message": text}
+            )
         elif address in previous:
             merged.append(previous[address])
         else:
-            merged.append({"address": address, "state": "deferred", "code": None, "message": ""})
+            merged.append(
+                {"address": address, "state": "deferred", "code": None, "message": ""}
+            )
     return merged

@@ -9,13 +9,19 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import click
 import orjson
 import redis
 
-from producers.cli import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail, send
+from producers.cli import (
+    EXIT_BROKER,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    fail,
+    send,
+)
 from producers.enqueue import connect
 from producers.keys import QUEUES
 from settings import ConfigError, Settings, config_path, load_settings, public_url
@@ -46,11 +52,20 @@ main.add_command(send)
 
 
 @main.command()
-@click.option("--outbox", type=click.Path(file_okay=False, path_type=Path), default=Path("outbox"),
-              show_default=True, help="Where captured messages are written as .eml files.")
+@click.option(
+    "--outbox",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("outbox"),
+    show_default=True,
+    help="Where captured messages are written as .eml files.",
+)
 @click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=0,
-              help="Port of the embedded broker (default: a free one).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the embedded broker (default: a free one).",
+)
 def dev(outbox: Path, threads: int, port: int) -> None:
     """Run everything on loopback: an embedded broker, the worker, a capture mailbox.
 
@@ -69,22 +84,35 @@ def dev(outbox: Path, threads: int, port: int) -> None:
     import structlog
 
     log = structlog.get_logger("mailworker.dev")
-    mailbox = CaptureMailbox(outbox, on_message=lambda p: log.info("message_captured", file=str(p)))
+    mailbox = CaptureMailbox(
+        outbox, on_message=lambda p: log.info("message_captured", file=str(p))
+    )
     mailbox.start()
     settings = dev_settings(base, broker_url=broker.url, smtp_port=mailbox.port)
-    configure(log_format=settings.log_format, log_recipients=settings.log_recipients, dev=True)
+    configure(
+        log_format=settings.log_format, log_recipients=settings.log_recipients, dev=True
+    )
     app = build(settings)
     app.broker.emit_after("process_boot")
     # Poll an idle queue every 50 ms so a message arrives well within a second.
     worker = Worker(app.broker, worker_threads=threads, worker_timeout=50)
     worker.start()
-    me = sys.argv[0] if shutil.which("mailworker") != os.path.abspath(sys.argv[0]) else "mailworker"
-    click.echo(f"mailworker dev: broker {broker.url} (embedded), capture mailbox "
-               f"127.0.0.1:{mailbox.port} -> {outbox.resolve()}/", err=True)
+    me = (
+        sys.argv[0]
+        if shutil.which("mailworker") != os.path.abspath(sys.argv[0])
+        else "mailworker"
+    )
+    click.echo(
+        f"mailworker dev: broker {broker.url} (embedded), capture mailbox "
+        f"127.0.0.1:{mailbox.port} -> {outbox.resolve()}/",
+        err=True,
+    )
     click.echo("In another terminal, paste:", err=True)
     click.echo(f"export MAILWORKER_BROKER_URL={broker.url}")
-    click.echo(f"{shlex.quote(me)} send --to someone@example.com --subject 'Hello from mailworker' "
-               "--text 'It works.'")
+    click.echo(
+        f"{shlex.quote(me)} send --to someone@example.com --subject 'Hello from mailworker' "
+        "--text 'It works.'"
+    )
     sys.stdout.flush()
     _wait_for_signal()
     click.echo("mailworker dev: stopping", err=True)
@@ -115,15 +143,38 @@ def _queue_names(queues: tuple[str, ...]) -> list[str]:
 
 
 @main.command()
-@click.option("-p", "--processes", type=click.IntRange(1, 256), default=os.cpu_count() or 1,
-              show_default="CPU count", help="Worker processes.")
-@click.option("-t", "--threads", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Threads per process (each holds at most one SMTP session per connection).")
-@click.option("-Q", "--queues", multiple=True,
-              help="Priorities to consume: high, normal, bulk (comma list; default all).")
-@click.option("--shutdown-timeout", type=click.IntRange(1, 3600), default=20, show_default=True,
-              help="Seconds in-flight jobs get to finish on SIGTERM; the rest stay queued.")
-def worker(processes: int, threads: int, queues: tuple[str, ...], shutdown_timeout: int) -> None:
+@click.option(
+    "-p",
+    "--processes",
+    type=click.IntRange(1, 256),
+    default=os.cpu_count() or 1,
+    show_default="CPU count",
+    help="Worker processes.",
+)
+@click.option(
+    "-t",
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Threads per process (each holds at most one SMTP session per connection).",
+)
+@click.option(
+    "-Q",
+    "--queues",
+    multiple=True,
+    help="Priorities to consume: high, normal, bulk (comma list; default all).",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.IntRange(1, 3600),
+    default=20,
+    show_default=True,
+    help="Seconds in-flight jobs get to finish on SIGTERM; the rest stay queued.",
+)
+def worker(
+    processes: int, threads: int, queues: tuple[str, ...], shutdown_timeout: int
+) -> None:
     """Run worker processes on the configured broker (Dramatiq's CLI underneath)."""
     from worker.app import build_services
 
@@ -136,35 +187,60 @@ def worker(processes: int, threads: int, queues: tuple[str, ...], shutdown_timeo
     try:
         connect(url, ca_bundle=settings.broker_ca_bundle).ping()
     except redis.RedisError as exc:
-        fail(EXIT_BROKER, f"broker {public_url(url)} unreachable: {exc.__class__.__name__}")
-    args = [sys.executable, "-m", "dramatiq", "worker.entrypoint:broker", "--skip-logging",
-            "-p", str(processes), "-t", str(threads),
-            "--worker-shutdown-timeout", str(shutdown_timeout * 1000)]
+        fail(
+            EXIT_BROKER,
+            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
+        )
+    args = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "worker.entrypoint:broker",
+        "--skip-logging",
+        "-p",
+        str(processes),
+        "-t",
+        str(threads),
+        "--worker-shutdown-timeout",
+        str(shutdown_timeout * 1000),
+    ]
     names = _queue_names(queues)
     if names:
         args += ["-Q", *names]
     env = dict(os.environ)
-    env.setdefault("dramatiq_worker_timeout", "250")  # idle poll: latency against Redis load
+    env.setdefault(
+        "dramatiq_worker_timeout", "250"
+    )  # idle poll: latency against Redis load
     sys.stdout.flush()
-    os.execve(sys.executable, args, env)
+    os.execve(sys.executable, args, env)  # noqa: S606 - replaces this process, no shell
 
 
 @main.command()
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="Print the record as one JSON object.")
-@click.option("--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the record as one JSON object."
+)
+@click.option(
+    "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
+)
 def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
     """Show the status record of one job (exit 3 when unknown or expired)."""
     from worker.status import StatusStore
 
     settings = _settings()
     url = broker_url or settings.broker_url.get_secret_value()
-    store = StatusStore(connect(url, ca_bundle=settings.broker_ca_bundle),
-                        namespace=settings.namespace, ttl=settings.status.ttl)
+    store = StatusStore(
+        connect(url, ca_bundle=settings.broker_ca_bundle),
+        namespace=settings.namespace,
+        ttl=settings.status.ttl,
+    )
     try:
         record = store.get(job_id)
     except redis.RedisError as exc:
-        fail(EXIT_BROKER, f"broker {public_url(url)} unreachable: {exc.__class__.__name__}")
+        fail(
+            EXIT_BROKER,
+            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
+        )
     if record is None:
         fail(EXIT_NOT_FOUND, f"no job {job_id} (unknown, or expired after status.ttl)")
     if as_json:
@@ -174,12 +250,14 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
 
 
 @main.command("test-connection")
-@click.option("--service", help="The service to test (default: every enabled one, in order).")
+@click.option(
+    "--service", help="The service to test (default: every enabled one, in order)."
+)
 @click.option("--to", "to", required=True, help="Recipient of the test message.")
-def test_connection(service: str | None, to: str) -> None:
+def test_connection_command(service: str | None, to: str) -> None:
     """Send a real test message through a service, reporting each step; never fails over."""
     from producers.job import parse_mailbox
-    from worker.testconn import services_to_test, test_smtp
+    from worker.testconn import probe_smtp, services_to_test
 
     settings = _settings()
     box = parse_mailbox(to)
@@ -188,14 +266,20 @@ def test_connection(service: str | None, to: str) -> None:
     conns = services_to_test(settings, service)
     if not conns:
         known = ", ".join(settings.service_names) or "none configured"
-        fail(EXIT_USAGE, f"--service: no SMTP service {service!r} (services: {known})"
-             if service else "no enabled SMTP service to test")
+        fail(
+            EXIT_USAGE,
+            f"--service: no SMTP service {service!r} (services: {known})"
+            if service
+            else "no enabled SMTP service to test",
+        )
     failed = 0
     for conn in conns:
-        click.echo(f"smtp {conn.name} ({conn.server}:{conn.effective_port}, "
-                   f"security {conn.effective_security})")
+        click.echo(
+            f"smtp {conn.name} ({conn.server}:{conn.effective_port}, "
+            f"security {conn.effective_security})"
+        )
         try:
-            report = test_smtp(conn, str(box["address"]), echo=click.echo)
+            report = probe_smtp(conn, str(box["address"]), echo=click.echo)
         except ConfigError as exc:
             fail(EXIT_USAGE, f"configuration: {exc}")
         click.echo(report.lines()[-1])
@@ -222,5 +306,3 @@ def config_check() -> None:
     path = config_path()
     click.echo(f"# configuration: {path if path else '(no file: defaults)'}")
     click.echo("\n".join(render_config(settings)))
-
-

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_any,
+)
+from tenacity.stop import stop_base
 
 from producers.job import Mailbox, Notification
 from settings import JobValidationError, Retry
@@ -57,6 +64,18 @@ class Outcome:
         return not self.receipt.deferred and not self.retryable
 
 
+class _RetryAfterTooLong(stop_base):
+    """Stop in-process retries when the far end asks for a longer wait than we may sleep."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        wait = getattr(error, "retry_after", None)
+        return wait is not None and wait > self.limit
+
+
 class Deliverer:
     """Tries services in order until one takes the message (DESIGN §5).
 
@@ -90,7 +109,9 @@ class Deliverer:
             return self.services
         pinned = [s for s in self.services if s.name == notification.sender]
         if not pinned:
-            raise JobValidationError("sender", f"no enabled service named {notification.sender!r}")
+            raise JobValidationError(
+                "sender", f"no enabled service named {notification.sender!r}"
+            )
         return pinned
 
     def deliver(
@@ -130,7 +151,9 @@ class Deliverer:
                 receipt = self._send_with_retries(service, message)
             except RecipientRefusedError as exc:
                 outcome.last_error = exc
-                outcome.receipt.refused = {r: (exc.code or 550, str(exc)) for r in recipients}
+                outcome.receipt.refused = {
+                    r: (exc.code or 550, str(exc)) for r in recipients
+                }
                 outcome.retryable = False
                 return outcome
             except DeliveryError as exc:
@@ -143,9 +166,13 @@ class Deliverer:
             return outcome
         return outcome
 
-    def _skip(self, outcome: Outcome, service: Service, exc: DeliveryError, *, last: bool) -> None:
+    def _skip(
+        self, outcome: Outcome, service: Service, exc: DeliveryError, *, last: bool
+    ) -> None:
         outcome.last_error = exc
-        outcome.skipped.append({"service": service.name, "reason": exc.kind, "message": str(exc)})
+        outcome.skipped.append(
+            {"service": service.name, "reason": exc.kind, "message": str(exc)}
+        )
         if not isinstance(exc, MessageRefusedError):
             outcome.retryable = True
         if isinstance(exc, TransientDeliveryError) and exc.retry_after is not None:
@@ -161,18 +188,16 @@ class Deliverer:
     def _send_with_retries(self, service: Service, message: OutgoingMessage) -> Receipt:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientDeliveryError),
-            stop=stop_after_attempt(self._retry.transport_retries + 1) | self._retry_after_too_long,
+            stop=stop_any(
+                stop_after_attempt(self._retry.transport_retries + 1),
+                _RetryAfterTooLong(self._retry.max_in_process_wait),
+            ),
             wait=self._wait,
             sleep=self._sleep,
             reraise=True,
         )
         receipt: Receipt = retrying(service.transport.send, message)
         return receipt
-
-    def _retry_after_too_long(self, state: RetryCallState) -> bool:
-        error = state.outcome.exception() if state.outcome else None
-        wait = getattr(error, "retry_after", None)
-        return wait is not None and wait > self._retry.max_in_process_wait
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None

@@ -35,7 +35,9 @@ class EmbeddedBroker:
         self._server = TcpFakeServer((HOST, port), server_type="redis")
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fakeredis", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fakeredis", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -60,7 +62,9 @@ class _Writer:
         self.count = 0
         self._on_message = on_message
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any
+    ) -> str:
         self.count += 1
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self.count:05d}.eml"
         path = self.outbox / name
@@ -76,7 +80,9 @@ class _Writer:
 class CaptureMailbox:
     """A loopback SMTP server that writes every message it receives into ``outbox``."""
 
-    def __init__(self, outbox: Path, *, on_message: Callable[[Path], None] = lambda p: None) -> None:
+    def __init__(
+        self, outbox: Path, *, on_message: Callable[[Path], None] = lambda p: None
+    ) -> None:
         outbox.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.writer = _Writer(outbox, on_message)
@@ -95,16 +101,20 @@ class CaptureMailbox:
 def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings:
     """The configuration ``dev`` runs with: the user's limits and retry policy, but only the
     capture mailbox as a service and the embedded broker (configured services are ignored)."""
-    data = base.model_dump(exclude={"smtp", "openauth", "integrated_services", "broker_url"})
+    data = base.model_dump(
+        exclude={"smtp", "openauth", "integrated_services", "broker_url"}
+    )
     data["broker_url"] = broker_url
     data["redirect_all_to"] = ""
-    data["smtp"] = [{
-        "name": "capture",
-        "from_address": DEV_FROM,
-        "from_display_name": "mailworker dev",
-        "server": HOST,
-        "port": smtp_port,
-        "security": "none",
-        "timeout": "5s",
-    }]
+    data["smtp"] = [
+        {
+            "name": "capture",
+            "from_address": DEV_FROM,
+            "from_display_name": "mailworker dev",
+            "server": HOST,
+            "port": smtp_port,
+            "security": "none",
+            "timeout": "5s",
+        }
+    ]
     return Settings(**data)

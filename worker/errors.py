@@ -50,7 +50,12 @@ class DeliveryError(MailworkerError):
 
     def as_record(self) -> dict[str, object]:
         """The ``error`` object of a status record (DESIGN §6)."""
-        return {"type": self.kind, "code": self.code, "service": self.service, "message": str(self)}
+        return {
+            "type": self.kind,
+            "code": self.code,
+            "service": self.service,
+            "message": str(self),
+        }
 
 
 class RecipientRefusedError(DeliveryError):

@@ -16,7 +16,9 @@ from structlog.tracebacks import ExceptionDictTransformer
 
 __all__ = ["DramatiqArgsFilter", "configure", "show_address"]
 
-_SECRET_KEYS = frozenset({"password", "secret", "client_secret", "token", "access_token", "authorization"})
+_SECRET_KEYS = frozenset(
+    {"password", "secret", "client_secret", "token", "access_token", "authorization"}
+)
 _secrets: set[str] = set()
 _recipients_mode = "full"
 
@@ -25,7 +27,7 @@ def show_address(address: str) -> str:
     """An address as logs may show it, per ``log_recipients`` (full | domain | hash)."""
     if _recipients_mode == "full":
         return address
-    local, _, domain = address.rpartition("@")
+    domain = address.rpartition("@")[2]
     if _recipients_mode == "domain":
         return f"***@{domain}"
     return "sha256:" + hashlib.sha256(address.lower().encode()).hexdigest()[:16]
@@ -38,13 +40,18 @@ def _scrub(value: Any) -> Any:
                 value = value.replace(secret, "***")
         return value
     if isinstance(value, dict):
-        return {k: "***" if str(k).lower() in _SECRET_KEYS else _scrub(v) for k, v in value.items()}
+        return {
+            k: "***" if str(k).lower() in _SECRET_KEYS else _scrub(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value
 
 
-def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _redact(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Last line of defence: no configured secret and no secret-named key reaches output."""
     for key, value in list(event.items()):
         event[key] = "***" if key.lower() in _SECRET_KEYS else _scrub(value)
@@ -57,7 +64,8 @@ class DramatiqArgsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                getattr(a, "message_id", a) if hasattr(a, "message_id") else a for a in record.args
+                getattr(a, "message_id", a) if hasattr(a, "message_id") else a
+                for a in record.args
             )
         return True
 
@@ -114,7 +122,10 @@ def configure(
 def _route_stdlib(shared: list[Any], renderer: Any, console: bool, level: int) -> None:
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _to_text(renderer)],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _to_text(renderer),
+        ],
     )
     handler = logging.StreamHandler(sys.stderr if console else _TextStream(_stream()))
     handler.setFormatter(formatter)

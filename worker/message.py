@@ -83,7 +83,10 @@ def _multipart(subtype: str, parts: list[bytes]) -> bytes:
     boundary = f"=_{uuid.uuid4().hex}"
     sep = f"--{boundary}\r\n".encode()
     body = b"".join(sep + part for part in parts) + f"--{boundary}--\r\n".encode()
-    return f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode() + body
+    return (
+        f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode()
+        + body
+    )
 
 
 def render_body(notification: Notification) -> bytes:
@@ -95,7 +98,9 @@ def render_body(notification: Notification) -> bytes:
         parts.append(_text_part("html", notification.html))
     body = parts[0] if len(parts) == 1 else _multipart("alternative", parts)
     if notification.attachments:
-        body = _multipart("mixed", [body, *map(_attachment_part, notification.attachments)])
+        body = _multipart(
+            "mixed", [body, *map(_attachment_part, notification.attachments)]
+        )
     return body
 
 
@@ -123,7 +128,9 @@ def render(
         _address_header("From", [from_box]),
         _address_header("To", notification.to) if notification.to else b"",
         _address_header("Cc", notification.cc) if notification.cc else b"",
-        _address_header("Reply-To", notification.reply_to) if notification.reply_to else b"",
+        _address_header("Reply-To", notification.reply_to)
+        if notification.reply_to
+        else b"",
         _header("Subject", notification.subject),
         f"Date: {formatdate(usegmt=True)}\r\n".encode(),
         f"Message-ID: {message_id(job_id, from_box.address)}\r\n".encode(),

@@ -6,7 +6,7 @@ from typing import Any
 
 import structlog
 from dramatiq import Broker, Middleware
-from dramatiq.message import Message
+from dramatiq.broker import MessageProxy
 
 __all__ = ["LogContext"]
 
@@ -14,7 +14,7 @@ __all__ = ["LogContext"]
 class LogContext(Middleware):
     """Binds ``job_id``, ``actor``, ``attempt`` and the job's ``metadata`` to every log line."""
 
-    def before_process_message(self, broker: Broker, message: Message[Any]) -> None:
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
         metadata = job.get("metadata") if isinstance(job, dict) else None
         structlog.contextvars.clear_contextvars()
@@ -28,12 +28,12 @@ class LogContext(Middleware):
     def after_process_message(
         self,
         broker: Broker,
-        message: Message[Any],
+        message: MessageProxy,
         *,
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
         structlog.contextvars.clear_contextvars()
 
-    def after_skip_message(self, broker: Broker, message: Message[Any]) -> None:
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
         structlog.contextvars.clear_contextvars()

@@ -16,8 +16,16 @@ _MASK = "***"
 def render_status(record: dict[str, Any]) -> list[str]:
     """A status record (DESIGN §6) as aligned lines."""
     lines = [f"{'job':<16}{record['id']}", f"{'state':<16}{record['state']}"]
-    for key in ("reason", "service", "attempts", "message_id", "queue", "created_at",
-                "updated_at", "next_attempt_at"):
+    for key in (
+        "reason",
+        "service",
+        "attempts",
+        "message_id",
+        "queue",
+        "created_at",
+        "updated_at",
+        "next_attempt_at",
+    ):
         if record.get(key) not in (None, ""):
             lines.append(f"{key:<16}{record[key]}")
     if record.get("error"):
@@ -30,13 +38,19 @@ def render_status(record: dict[str, Any]) -> list[str]:
         lines.append("recipients")
         for r in record["recipients"]:
             code = f" {r['code']}" if r.get("code") else ""
-            lines.append(f"  {r['address']:<40} {r['state']}{code} {r.get('message') or ''}".rstrip())
+            lines.append(
+                f"  {r['address']:<40} {r['state']}{code} {r.get('message') or ''}".rstrip()
+            )
     for skip in record.get("skipped") or []:
-        lines.append(f"{'skipped':<16}{skip['service']}: {skip['reason']} ({skip.get('message', '')})")
+        lines.append(
+            f"{'skipped':<16}{skip['service']}: {skip['reason']} ({skip.get('message', '')})"
+        )
     for entry in record.get("history") or []:
         extra = entry.get("reason") or entry.get("service") or ""
-        lines.append(f"{'history':<16}{entry.get('at')} attempt {entry.get('attempt')} "
-                     f"{entry.get('event')} {extra}".rstrip())
+        lines.append(
+            f"{'history':<16}{entry.get('at')} attempt {entry.get('attempt')} "
+            f"{entry.get('event')} {extra}".rstrip()
+        )
     return lines
 
 
@@ -51,7 +65,9 @@ def _toml(value: Any) -> str:
 
 
 def _table(data: dict[str, Any]) -> list[str]:
-    return [f"{key} = {_toml(value)}" for key, value in data.items() if value is not None]
+    return [
+        f"{key} = {_toml(value)}" for key, value in data.items() if value is not None
+    ]
 
 
 def _masked(model: Any) -> dict[str, Any]:
@@ -74,7 +90,9 @@ def render_config(settings: Settings) -> list[str]:
             lines += ["", f"[[{kind}]]", *_table(_masked(entry))]
     for name, svc in settings.integrated_services.items():
         lines += ["", f"[integrated_services.{name}]", *_table(_masked(svc))]
-    kinds = {s.name: "openauth" for s in settings.openauth} | {s.name: "smtp" for s in settings.smtp}
+    kinds = {s.name: "openauth" for s in settings.openauth} | {
+        s.name: "smtp" for s in settings.smtp
+    }
     order = " -> ".join(f"{name} ({kinds[name]})" for name in settings.delivery_order)
     lines += ["", f"# delivery order: {order or 'no enabled service'}"]
     return lines

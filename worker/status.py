@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.typing import EncodableT, FieldT
 
 from producers.keys import (
     QUEUES,
@@ -57,11 +58,13 @@ class StatusStore:
         self._ns = namespace
         self._ttl = int(ttl)
 
-    def begin(self, job_id: str, *, attempt: int, queue: str, metadata: Mapping[str, Any]) -> JobStart:
+    def begin(
+        self, job_id: str, *, attempt: int, queue: str, metadata: Mapping[str, Any]
+    ) -> JobStart:
         """Mark the job ``sending`` and read its marker and earlier outcomes (one round trip)."""
         key = status_key(self._ns, job_id)
         now = now_iso()
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "id": job_id,
             "state": "sending",
             "attempts": attempt,
@@ -91,7 +94,7 @@ class StatusStore:
     ) -> None:
         """Update the record, add to the marker and append a history entry: one round trip."""
         key = status_key(self._ns, job_id)
-        values = {"updated_at": now_iso()}
+        values: dict[FieldT, EncodableT] = {"updated_at": now_iso()}
         for name, value in fields.items():
             if name in _JSON_FIELDS:
                 values[name] = orjson.dumps(value).decode()
@@ -131,10 +134,16 @@ class StatusStore:
         needle = job_id.encode()
         for queue in QUEUES.values():
             for name in (queue, f"{queue}.DQ"):
-                for _, payload in self._client.hscan_iter(queue_messages_key(self._ns, name)):
+                for _, payload in self._client.hscan_iter(
+                    queue_messages_key(self._ns, name)
+                ):
                     if needle in payload and _message_id(payload) == job_id:
                         return _decode(
-                            {b"id": needle, b"state": b"queued", b"queue": queue.encode()}
+                            {
+                                b"id": needle,
+                                b"state": b"queued",
+                                b"queue": queue.encode(),
+                            }
                         )
         return None
 

@@ -12,7 +12,7 @@ from worker.errors import DeliveryError
 from worker.message import render
 from worker.transports.smtp_client import SmtpClient
 
-__all__ = ["ConnectionReport", "test_smtp"]
+__all__ = ["ConnectionReport", "probe_smtp"]
 
 _STEPS = ("connect", "tls", "auth", "send")
 
@@ -34,12 +34,19 @@ class ConnectionReport:
     def lines(self) -> list[str]:
         """The report as printed by the CLI."""
         out = [f"{self.service} ({self.target})"]
-        out += [f"  {step:<8} {'ok' if ok else 'FAILED':<7} {detail}" for step, ok, detail in self.steps]
-        out.append(f"  verdict  {'ok: test message accepted' if self.ok else 'FAILED: ' + str(self.cause)}")
+        out += [
+            f"  {step:<8} {'ok' if ok else 'FAILED':<7} {detail}"
+            for step, ok, detail in self.steps
+        ]
+        out.append(
+            f"  verdict  {'ok: test message accepted' if self.ok else 'FAILED: ' + str(self.cause)}"
+        )
         return out
 
 
-def test_smtp(conn: SmtpConnection, to: str, *, echo: Callable[[str], None] | None = None) -> ConnectionReport:
+def probe_smtp(
+    conn: SmtpConnection, to: str, *, echo: Callable[[str], None] | None = None
+) -> ConnectionReport:
     """Connect, secure, authenticate and send one test message to ``to``.
 
     Args:
@@ -64,27 +71,39 @@ def test_smtp(conn: SmtpConnection, to: str, *, echo: Callable[[str], None] | No
             echo(f"  {step:<8} {'ok':<7} {detail}")
 
     # A secret file that cannot be read is a configuration error (exit 2), not a verdict.
-    password = read_secret(conn.password, conn.password_file, f"smtp[{conn.name}].password_file")
+    password = read_secret(
+        conn.password, conn.password_file, f"smtp[{conn.name}].password_file"
+    )
     client = None
     try:
         client = SmtpClient(conn, password.get_secret_value() if password else None)
         client.open(note)
         job_id = f"test-{uuid.uuid4()}"
         notification = Notification(
-            to=[to], subject=f"mailworker test message ({conn.name})",
-            text=f"This is a test message from mailworker through the SMTP connection '{conn.name}'.\n",
+            to=[to],
+            subject=f"mailworker test message ({conn.name})",
+            text=f"A test message from mailworker through SMTP connection '{conn.name}'.\n",
         )
-        data = render(notification, job_id=job_id,
-                      from_box=Mailbox(address=conn.from_address, name=conn.from_display_name))
+        data = render(
+            notification,
+            job_id=job_id,
+            from_box=Mailbox(address=conn.from_address, name=conn.from_display_name),
+        )
         receipt = client.send(conn.from_address, (notification.recipients[0],), data)
         if not receipt.accepted:
             code, text = next(iter({**receipt.refused, **receipt.deferred}.values()))
-            raise DeliveryError(f"recipient {to} refused: {text}", service=conn.name, code=code)
+            raise DeliveryError(
+                f"recipient {to} refused: {text}", service=conn.name, code=code
+            )
         note("send", f"MAIL/RCPT/DATA: {receipt.response}")
-    except Exception as exc:  # noqa: BLE001 - every failure becomes the verdict's cause
+    except Exception as exc:
         done = {step for step, _, _ in report.steps}
         failed = next((s for s in _STEPS if s not in done), "send")
-        cause = str(exc) if isinstance(exc, DeliveryError) else f"{exc.__class__.__name__}: {exc}"
+        cause = (
+            str(exc)
+            if isinstance(exc, DeliveryError)
+            else f"{exc.__class__.__name__}: {exc}"
+        )
         report.steps.append((failed, False, cause))
         report.cause = cause
         if echo:

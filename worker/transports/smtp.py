@@ -26,7 +26,9 @@ class SmtpTransport:
         password: a callable returning the current password (re-read after an AUTH failure).
     """
 
-    def __init__(self, conn: SmtpConnection, *, password: Callable[[], str | None]) -> None:
+    def __init__(
+        self, conn: SmtpConnection, *, password: Callable[[], str | None]
+    ) -> None:
         self.name = conn.name
         self.conn = conn
         self._password = password

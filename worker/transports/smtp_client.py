@@ -8,6 +8,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from settings import SmtpConnection
 from worker.errors import (
@@ -22,7 +23,10 @@ __all__ = ["SmtpClient", "StepReporter", "map_errors", "tls_context"]
 
 StepReporter = Callable[[str, str], None]  # (step, detail) after each step succeeded
 _LOCAL_HOSTNAME = socket.gethostname() or "localhost"
-_QUOTA = ("5.2.0", "5.2.2")  # Exchange daily quota / mailbox full: the service, not the message
+_QUOTA = (
+    "5.2.0",
+    "5.2.2",
+)  # Exchange daily quota / mailbox full: the service, not the message
 
 
 def tls_context(conn: SmtpConnection) -> ssl.SSLContext:
@@ -69,11 +73,13 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ) from exc
     except ssl.SSLCertVerificationError as exc:
         raise TransportUnavailableError(
-            f"TLS failed at {where}: certificate not trusted ({exc.verify_message})", service=name
+            f"TLS failed at {where}: certificate not trusted ({exc.verify_message})",
+            service=name,
         ) from exc
     except ssl.SSLError as exc:
         raise TransportUnavailableError(
-            f"TLS failed at {where}: {exc.reason or exc.__class__.__name__}", service=name
+            f"TLS failed at {where}: {exc.reason or exc.__class__.__name__}",
+            service=name,
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
         raise TransientDeliveryError(
@@ -81,21 +87,44 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ) from exc
     except smtplib.SMTPResponseException as exc:
         code = exc.smtp_code
-        error: DeliveryError = _classify(code, _reply(code, exc.smtp_error), name, f"{step} at {where}")
-        if step in ("connect", "ehlo", "auth") and not isinstance(error, TransientDeliveryError):
+        error: DeliveryError = _classify(
+            code, _reply(code, exc.smtp_error), name, f"{step} at {where}"
+        )
+        if step in ("connect", "ehlo", "auth") and not isinstance(
+            error, TransientDeliveryError
+        ):
             error = TransportUnavailableError(str(error), service=name, code=code)
         raise error from exc
-    except (TimeoutError, socket.timeout) as exc:
-        raise TransientDeliveryError(f"{where} timed out during {step}", service=name) from exc
+    except TimeoutError as exc:
+        raise TransientDeliveryError(
+            f"{where} timed out during {step}", service=name
+        ) from exc
     except (ConnectionError, OSError) as exc:
         reason = exc.strerror or exc.__class__.__name__
         if step == "connect":
             raise TransportUnavailableError(
                 f"cannot connect to {where}: {reason}", service=name
             ) from exc
-        raise TransientDeliveryError(f"{where} failed during {step}: {reason}", service=name) from exc
+        raise TransientDeliveryError(
+            f"{where} failed during {step}: {reason}", service=name
+        ) from exc
     except smtplib.SMTPException as exc:
-        raise TransportUnavailableError(f"{step} at {where}: {exc}", service=name) from exc
+        raise TransportUnavailableError(
+            f"{step} at {where}: {exc}", service=name
+        ) from exc
+
+
+class _ImplicitTls(smtplib.SMTP_SSL):
+    """SMTP_SSL that reports the TCP connection before the TLS handshake."""
+
+    def __init__(self, *, on_connected: Callable[[], None], **kwargs: Any) -> None:
+        self._on_connected = on_connected
+        super().__init__(**kwargs)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        self._on_connected()
+        return self.context.wrap_socket(sock, server_hostname=self._host)  # type: ignore[attr-defined]
 
 
 class SmtpClient:
@@ -122,17 +151,24 @@ class SmtpClient:
         security = conn.effective_security
         with map_errors(conn, "connect"):
             if security == "tls":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    local_hostname=_LOCAL_HOSTNAME, timeout=conn.timeout, context=tls_context(conn)
+                where = f"TCP connected to {conn.server}:{conn.effective_port}"
+                smtp: smtplib.SMTP = _ImplicitTls(
+                    on_connected=lambda: note("connect", where),
+                    local_hostname=_LOCAL_HOSTNAME,
+                    timeout=conn.timeout,
+                    context=tls_context(conn),
                 )
             else:
-                smtp = smtplib.SMTP(local_hostname=_LOCAL_HOSTNAME, timeout=conn.timeout)
+                smtp = smtplib.SMTP(
+                    local_hostname=_LOCAL_HOSTNAME, timeout=conn.timeout
+                )
             self._smtp = smtp
             smtp._host = conn.server  # type: ignore[attr-defined]  # TLS server_hostname
             code, banner = smtp.connect(conn.server, conn.effective_port)
-        note("connect", _reply(code, banner))
         if security == "tls":
-            note("tls", f"implicit TLS, {self._tls_detail()}")
+            note("tls", f"implicit TLS, {self._tls_detail()}; {_reply(code, banner)}")
+        else:
+            note("connect", _reply(code, banner))
         with map_errors(conn, "ehlo"):
             smtp.ehlo()
         if security == "starttls":
@@ -148,7 +184,9 @@ class SmtpClient:
     def _tls_detail(self) -> str:
         sock = self._smtp.sock if self._smtp else None
         version = sock.version() if isinstance(sock, ssl.SSLSocket) else None
-        verified = "verified" if self.conn.verify_certificates else "NOT verified (opt-out)"
+        verified = (
+            "verified" if self.conn.verify_certificates else "NOT verified (opt-out)"
+        )
         return f"{version or 'TLS'}, certificate {verified}"
 
     def _starttls(self, smtp: smtplib.SMTP, note: StepReporter) -> None:
@@ -211,13 +249,19 @@ class SmtpClient:
         return replies
 
     def _finish(
-        self, smtp: smtplib.SMTP, recipients: tuple[str, ...], replies: list[tuple[int, bytes]], data: bytes
+        self,
+        smtp: smtplib.SMTP,
+        recipients: tuple[str, ...],
+        replies: list[tuple[int, bytes]],
+        data: bytes,
     ) -> Receipt:
         name = self.conn.name
         mail_code, mail_text = replies[0]
         data_code = replies[-1][0] if len(replies) == len(recipients) + 2 else 0
         receipt = Receipt()
-        for rcpt, (code, text) in zip(recipients, replies[1 : 1 + len(recipients)], strict=False):
+        for rcpt, (code, text) in zip(
+            recipients, replies[1 : 1 + len(recipients)], strict=False
+        ):
             if code in (250, 251):
                 receipt.accepted.append(rcpt)
             elif 400 <= code < 500:
@@ -231,7 +275,9 @@ class SmtpClient:
                 smtp.getreply()
             self._quiet_rset(smtp)
             if mail_code != 250:
-                raise _classify(mail_code, _reply(mail_code, mail_text), name, "MAIL FROM refused")
+                raise _classify(
+                    mail_code, _reply(mail_code, mail_text), name, "MAIL FROM refused"
+                )
             if receipt.accepted:
                 code, text = replies[-1]
                 raise _classify(code, _reply(code, text), name, "DATA refused")
@@ -241,7 +287,9 @@ class SmtpClient:
         code, text = smtp.getreply()
         if code != 250:
             self._quiet_rset(smtp)
-            raise _classify(code, _reply(code, text), name, "message refused after DATA")
+            raise _classify(
+                code, _reply(code, text), name, "message refused after DATA"
+            )
         receipt.response = _reply(code, text)
         return receipt
 
