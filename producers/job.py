@@ -247,7 +247,9 @@ class Notification(BaseModel):
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON-ready job as it travels on the queue (attachments base64)."""
-        data = self.model_dump(mode="json", exclude_defaults=True)
+        data = self.model_dump(
+            mode="json", exclude_defaults=True, exclude={"attachments"}
+        )
         data["schema_version"] = SCHEMA_VERSION
         if self.attachments:
             data["attachments"] = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -28,6 +29,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '30s', '5m', '1h' or '7d'")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)

@@ -100,6 +100,13 @@ def read_secret(
 def public_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***`` (safe to print or log)."""
     parts = urlsplit(url)
+    if parts.query:
+        query = "&".join(
+            f"{k}=***" if k.lower() == "password" else f"{k}{sep}{v}"
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+        )
+        parts = parts._replace(query=query)
+        url = urlunsplit(parts)
     if parts.password is None:
         return url
     user = parts.username or ""

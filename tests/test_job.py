@@ -516,11 +516,6 @@ def test_attachment_content_is_bytes_in_python():
     assert parse_job(job.to_wire()) == job
 
 
-@pytest.mark.xfail(
-    reason="BUG: Notification.to_wire raises UnicodeDecodeError for attachment bytes "
-    "that are not UTF-8 (model_dump(mode='json') runs before the base64 step)",
-    strict=True,
-)
 def test_to_wire_carries_binary_attachments():
     """Attachments with arbitrary (non-UTF-8) bytes travel as base64 and come back equal."""
     job = parse_job(

@@ -283,7 +283,9 @@ def test_connection_command(service: str | None, to: str) -> None:
         except ConfigError as exc:
             fail(EXIT_USAGE, f"configuration: {exc}")
         click.echo(report.lines()[-1])
-        failed += not report.ok
+        if not report.ok:
+            failed += 1
+            click.echo(f"mailworker: {conn.name}: {report.cause}", err=True)
     if failed:
         sys.exit(EXIT_FAILED)
 

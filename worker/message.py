@@ -20,6 +20,7 @@ __all__ = ["format_mailbox", "message_id", "render", "render_body"]
 _ATEXT_PHRASE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
 _CRLF = b"\r\n"
 _FOLD = ",\r\n "
+_MAX_LINE = 998
 
 
 def message_id(job_id: str, from_address: str) -> str:
@@ -42,10 +43,11 @@ def format_mailbox(box: Mailbox) -> str:
 
 
 def _header(name: str, value: str) -> bytes:
-    if not value.isascii():
+    # ASCII that fits one line (RFC 5322: 998) is written as is, never folded: folding at
+    # the wrong place changes the value. Anything else becomes RFC 2047 encoded-words,
+    # which fold anywhere.
+    if not value.isascii() or len(name) + 2 + len(value) > _MAX_LINE:
         value = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
-    elif len(name) + len(value) > 76:
-        value = Header(value, "us-ascii", header_name=name).encode(linesep="\r\n")
     return f"{name}: {value}\r\n".encode("ascii")
 
 
@@ -70,13 +72,30 @@ def _attachment_part(attachment: Attachment) -> bytes:
     if name.isascii():
         params = f'; name="{name}"', f'; filename="{name}"'
     else:
-        encoded = quote(name, safe="")
-        params = f"; name*=utf-8''{encoded}", f"; filename*=utf-8''{encoded}"
+        params = _rfc2231("name", name), _rfc2231("filename", name)
     return (
         f"Content-Type: {attachment.content_type}{params[0]}\r\n"
         f"Content-Disposition: attachment{params[1]}\r\n"
         "Content-Transfer-Encoding: base64\r\n\r\n"
     ).encode() + _b64(attachment.content)
+
+
+def _rfc2231(param: str, value: str) -> str:
+    """A non-ASCII parameter, split into RFC 2231 continuations of short lines."""
+    encoded = quote(value, safe="")
+    if len(encoded) <= 60:
+        return f";\r\n {param}*=utf-8''{encoded}"
+    chunks, rest = [], encoded
+    while rest:
+        cut = 60
+        while cut < len(rest) and "%" in rest[cut - 2 : cut]:
+            cut -= 1  # never split a %XX escape
+        chunks.append(rest[:cut])
+        rest = rest[cut:]
+    first = f";\r\n {param}*0*=utf-8''{chunks[0]}"
+    return first + "".join(
+        f";\r\n {param}*{i}*={c}" for i, c in enumerate(chunks[1:], 1)
+    )
 
 
 def _multipart(subtype: str, parts: list[bytes]) -> bytes:

@@ -1,0 +1,403 @@
+"""The MIME writer (worker.message): every shape parses back with the stdlib parser."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import re
+import uuid
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from producers import Mailbox, Notification, parse_job
+from worker.message import render, render_body
+
+FROM = Mailbox(address="noreply@notify.example.org", name="Example Notifications")
+PDF = b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n"
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+NAMES = [
+    "Doe, Jane",
+    'Jane "JD" Doe',
+    "O'Brien",
+    "Ann (Finance)",
+    "back\\slash",
+    "Team: Ops",
+    "Müller, Jörg",
+    "Zoë Ünal",
+    "日本 太郎",
+]
+
+
+def _job(**fields: Any) -> Notification:
+    job: dict[str, Any] = {
+        "to": ["ann@example.com"],
+        "subject": "Approval needed",
+        "text": "Please approve.",
+    }
+    job.update(fields)
+    return parse_job(job)
+
+
+def _render(job: Notification, job_id: str = "job-1", **kwargs: Any) -> bytes:
+    return render(job, job_id=job_id, from_box=kwargs.pop("from_box", FROM), **kwargs)
+
+
+def _parse(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def _head(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+def _assert_wire_form(data: bytes) -> None:
+    assert data.endswith(b"\r\n")
+    lines = data.split(b"\r\n")[:-1]
+    for number, line in enumerate(lines):
+        assert b"\r" not in line, f"bare CR on line {number}"
+        assert b"\n" not in line, f"bare LF on line {number}"
+        assert len(line) <= 998, f"line {number} has {len(line)} bytes"
+        assert not line.startswith(b"."), f"line {number} starts with '.'"
+
+
+def _body(message: EmailMessage, subtype: str) -> str:
+    part = message.get_body((subtype,))
+    assert part is not None, f"no text/{subtype} body"
+    return str(part.get_content())
+
+
+def _boxes(message: EmailMessage, name: str) -> list[tuple[str, str]]:
+    return [(a.display_name, a.addr_spec) for a in message[name].addresses]
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def test_text_only_is_a_single_text_plain_part():
+    """A text-only job is one text/plain entity with the same text."""
+    job = _job(text="Hello Ann,\nplease approve.\n")
+    message = _parse(_render(job))
+    assert message.get_content_type() == "text/plain"
+    assert not message.is_multipart()
+    assert message.get_content() == job.text
+
+
+def test_html_only_is_a_single_text_html_part():
+    """An html-only job is one text/html entity with the same html."""
+    job = _job(text=None, html="<p>Hello <b>Ann</b></p>\n")
+    message = _parse(_render(job))
+    assert message.get_content_type() == "text/html"
+    assert message.get_content() == job.html
+
+
+def test_text_and_html_are_multipart_alternative():
+    """text + html become multipart/alternative: text/plain first, then text/html."""
+    job = _job(text="Hello Ann", html="<p>Hello Ann</p>")
+    message = _parse(_render(job))
+    assert message.get_content_type() == "multipart/alternative"
+    plain, html = message.iter_parts()
+    assert (plain.get_content_type(), plain.get_content()) == ("text/plain", job.text)
+    assert (html.get_content_type(), html.get_content()) == ("text/html", job.html)
+    assert _body(message, "plain") == job.text
+    assert _body(message, "html") == job.html
+
+
+def test_attachments_make_multipart_mixed():
+    """With attachments the message is multipart/mixed: the text, then each file."""
+    job = _job(
+        attachments=[
+            {"filename": "q3.pdf", "content_type": "application/pdf", "content": PDF},
+            {"filename": "logo.png", "content_type": "image/png", "content": PNG},
+        ]
+    )
+    message = _parse(_render(job))
+    assert message.get_content_type() == "multipart/mixed"
+    first, *files = message.iter_parts()
+    assert (first.get_content_type(), first.get_content()) == ("text/plain", job.text)
+    assert [(f.get_filename(), f.get_content_type()) for f in files] == [
+        ("q3.pdf", "application/pdf"),
+        ("logo.png", "image/png"),
+    ]
+    assert [f.get_content() for f in files] == [PDF, PNG]
+    assert all(f.get_content_disposition() == "attachment" for f in files)
+
+
+def test_text_html_and_attachments_nest_alternative_in_mixed():
+    """text + html + attachments give mixed[alternative[plain, html], files...]."""
+    job = _job(
+        text="Hello",
+        html="<p>Hello</p>",
+        attachments=[{"filename": "q3.pdf", "content": PDF}],
+    )
+    message = _parse(_render(job))
+    assert message.get_content_type() == "multipart/mixed"
+    alternative, attachment = message.iter_parts()
+    assert alternative.get_content_type() == "multipart/alternative"
+    assert [p.get_content() for p in alternative.iter_parts()] == [job.text, job.html]
+    assert attachment.get_content() == PDF
+    assert attachment.get_content_type() == "application/octet-stream"
+    assert _body(message, "html") == job.html
+
+
+def test_non_ascii_subject_and_bodies_round_trip_in_an_ascii_message():
+    """A non-ASCII subject and bodies come back equal from a 7-bit message."""
+    job = _job(
+        subject="Genehmigung nötig: Straße 5 – 日本語 ✓",
+        text="Grüße aus Köln – ✓\n",
+        html="<p>Grüße aus Köln – ✓</p>",
+    )
+    data = _render(job)
+    assert data.isascii()
+    message = _parse(data)
+    assert message["Subject"] == job.subject
+    assert _body(message, "plain") == job.text
+    assert _body(message, "html") == job.html
+
+
+def test_display_names_round_trip():
+    """Display names with commas, quotes, specials and non-ASCII come back equal."""
+    to = [{"address": f"user{i}@example.com", "name": n} for i, n in enumerate(NAMES)]
+    job = _job(
+        to=to,
+        cc=['"Doe, John" <john@example.com>', "plain@example.com"],
+        reply_to=["Help Desk <help@example.com>"],
+    )
+    from_box = Mailbox(
+        address="noreply@notify.example.org", name="Benachrichtigung Müller"
+    )
+    data = _render(job, from_box=from_box)
+    assert data.isascii()
+    message = _parse(data)
+    assert _boxes(message, "To") == [(m.name, m.address) for m in job.to]
+    assert _boxes(message, "Cc") == [
+        ("Doe, John", "john@example.com"),
+        ("", "plain@example.com"),
+    ]
+    assert _boxes(message, "Reply-To") == [("Help Desk", "help@example.com")]
+    assert _boxes(message, "From") == [
+        ("Benachrichtigung Müller", "noreply@notify.example.org")
+    ]
+
+
+def test_idn_recipient_is_written_in_punycode():
+    """A recipient with an IDN domain appears in punycode in an ASCII header."""
+    data = _render(_job(to=["Jörg <joerg@münchen.de>"]))
+    assert _boxes(_parse(data), "To") == [("Jörg", "joerg@xn--mnchen-3ya.de")]
+    assert data.isascii()
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "q3.pdf",
+        "Q3 report; final (v2).pdf",
+        "a=b, c.txt",
+        "it's.txt",
+        "Übersicht 2024.xlsx",
+        "日本語.txt",
+        "r" * 250 + ".pdf",
+    ],
+)
+def test_attachment_file_names_round_trip(filename):
+    """Attachment file names, ASCII or not, come back equal with their bytes."""
+    job = _job(attachments=[{"filename": filename, "content": PNG}])
+    data = _render(job)
+    assert data.isascii()
+    [attachment] = _parse(data).iter_attachments()
+    assert attachment.get_filename() == filename
+    assert attachment.get_content() == PNG
+
+
+def test_empty_and_large_attachments_round_trip():
+    """An empty file and a 300 KiB binary file come back byte for byte."""
+    big = bytes(range(256)) * 1200
+    job = _job(
+        attachments=[
+            {"filename": "empty.txt", "content": b""},
+            {"filename": "big.bin", "content": big},
+        ]
+    )
+    data = _render(job)
+    _assert_wire_form(data)
+    empty, large = _parse(data).iter_attachments()
+    assert empty.get_content() == b""
+    assert large.get_content() == big
+
+
+# ---------------------------------------------------------------- wire form
+
+
+def _shapes() -> dict[str, Notification]:
+    recipients = [
+        {"address": f"user{i}@example.com", "name": f"User Number {i}"}
+        for i in range(300)
+    ]
+    return {
+        "text": _job(),
+        "html": _job(text=None, html="<p>x</p>"),
+        "alternative": _job(html="<p>x</p>"),
+        "mixed": _job(
+            html="<p>x</p>", attachments=[{"filename": "a.bin", "content": PNG}]
+        ),
+        "long-words-subject": _job(subject=("approval " * 250)[:2000]),
+        "long-non-ascii-subject": _job(subject=("Grüße aus Köln " * 150)[:2000]),
+        "300-recipients": _job(to=recipients[:100], cc=recipients[100:200]),
+        "300-to": _job(to=recipients),
+        "long-header": _job(headers={"X-Note": ("note " * 170).strip()}),
+        "dots": _job(
+            subject=". leading dot",
+            text=".\n..\n.hidden\n" * 50,
+            html="<p>\n.</p>\n",
+            headers={"X-Dot": ". dot"},
+        ),
+    }
+
+
+@pytest.mark.parametrize("shape", list(_shapes()))
+def test_every_line_ends_with_crlf_and_fits_998_bytes(shape):
+    """Every line ends with CRLF, has at most 998 bytes and none starts with '.'."""
+    job = _shapes()[shape]
+    data = _render(job)
+    _assert_wire_form(data)
+    message = _parse(data)
+    assert message["Subject"] == job.subject
+    assert [a.addr_spec for a in message["To"].addresses] == [m.address for m in job.to]
+
+
+def test_three_hundred_recipients_are_all_in_the_headers():
+    """300 recipients in To and Cc all come back, in order."""
+    job = _shapes()["300-recipients"]
+    message = _parse(_render(job))
+    assert _boxes(message, "To") == [(m.name, m.address) for m in job.to]
+    assert _boxes(message, "Cc") == [(m.name, m.address) for m in job.cc]
+
+
+def test_two_thousand_character_subject_without_spaces_fits_998_bytes():
+    """A 2,000-character subject with no space is folded into lines of 998 bytes or less."""
+    job = _job(subject="x" * 2000)
+    data = _render(job)
+    _assert_wire_form(data)
+    assert _parse(data)["Subject"] == job.subject
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Subject", "INV-" + "0" * 70 + " is due"),
+        (
+            "List-Unsubscribe",
+            "<https://lists.example.com/unsubscribe?t=" + "a" * 60 + ">",
+        ),
+    ],
+)
+def test_header_starting_with_a_long_word_round_trips(name, value):
+    """A subject or extra header whose first word is long parses back unchanged."""
+    fields = {"subject": value} if name == "Subject" else {"headers": {name: value}}
+    data = _render(_job(**fields))
+    _assert_wire_form(data)
+    assert _parse(data)[name] == value
+
+
+def test_long_non_ascii_file_name_fits_998_bytes():
+    """A 255-character non-ASCII file name still gives lines of 998 bytes or less."""
+    filename = "é" * 251 + ".pdf"
+    data = _render(_job(attachments=[{"filename": filename, "content": PDF}]))
+    _assert_wire_form(data)
+    [attachment] = _parse(data).iter_attachments()
+    assert attachment.get_filename() == filename
+
+
+# ---------------------------------------------------------------- headers
+
+
+def test_message_id_is_job_id_at_the_from_domain():
+    """Message-ID is <job_id@domain of the from address>, the same on every render."""
+    job_id = str(uuid.uuid4())
+    job = _job()
+    first = _parse(_render(job, job_id))
+    again = _parse(_render(job, job_id))
+    assert first["Message-ID"] == f"<{job_id}@notify.example.org>"
+    assert again["Message-ID"] == first["Message-ID"]
+    other = Mailbox(address="relay@mail.example.net")
+    assert _parse(_render(job, job_id, from_box=other))["Message-ID"] == (
+        f"<{job_id}@mail.example.net>"
+    )
+
+
+def test_auto_submitted_and_date_are_present():
+    """Every message is Auto-Submitted: auto-generated, with one Date and MIME-Version."""
+    message = _parse(_render(_job()))
+    assert message.get_all("Auto-Submitted") == ["auto-generated"]
+    assert message["Date"].datetime is not None
+    assert message["MIME-Version"] == "1.0"
+
+
+def test_bcc_never_appears():
+    """Bcc recipients appear nowhere in the message, header or body."""
+    job = _job(
+        to=["ann@example.com"],
+        bcc=["Secret Boss <hidden.boss@example.com>", "audit@example.net"],
+    )
+    data = _render(job)
+    assert b"hidden.boss" not in data
+    assert b"audit@example.net" not in data
+    assert b"Secret Boss" not in data
+    assert re.search(rb"^bcc:", data, re.IGNORECASE | re.MULTILINE) is None
+    assert "Bcc" not in _parse(data)
+
+
+def test_bcc_only_job_has_no_to_header():
+    """A job with bcc only has neither To nor Bcc in the message."""
+    data = _render(_job(to=[], bcc=["hidden@example.com"]))
+    message = _parse(data)
+    assert "To" not in message
+    assert "Bcc" not in message
+    assert b"hidden@example.com" not in data
+
+
+def test_extra_headers_appear():
+    """Extra headers of the job and of mailworker appear with their values."""
+    job = _job(headers={"X-Workflow": "wf-1", "List-Id": "<approvals.example.com>"})
+    message = _parse(_render(job, extra_headers={"X-Original-To": "ann@example.com"}))
+    assert message["X-Workflow"] == "wf-1"
+    assert message["List-Id"] == "<approvals.example.com>"
+    assert message["X-Original-To"] == "ann@example.com"
+
+
+def test_non_ascii_extra_header_is_rfc2047_encoded():
+    """A non-ASCII extra header value is written as RFC 2047 words and reads back equal."""
+    job = _job(headers={"X-Workflow-Title": "Genehmigung für Jörg ✓"})
+    data = _render(job)
+    assert data.isascii()
+    [line] = [
+        line
+        for line in _head(data).split(b"\r\n")
+        if line.startswith(b"X-Workflow-Title:")
+    ]
+    assert b"=?utf-8?" in line.lower()
+    assert _parse(data)["X-Workflow-Title"] == "Genehmigung für Jörg ✓"
+
+
+def test_given_body_is_used_verbatim():
+    """render(body=render_body(job)) ends with exactly that body, for every sender."""
+    job = _job(html="<p>x</p>", attachments=[{"filename": "a.pdf", "content": PDF}])
+    body = render_body(job)
+    first = _render(job, body=body)
+    second = _render(job, body=body, from_box=Mailbox(address="relay@mail.example.net"))
+    assert first.endswith(body)
+    assert second.endswith(body)
+    assert _body(_parse(first), "html") == "<p>x</p>"
+
+
+def test_render_body_starts_with_its_content_headers():
+    """render_body gives the content entity only: its Content-* headers, then the body."""
+    body = render_body(_job(text="Hello"))
+    head, _, payload = body.partition(b"\r\n\r\n")
+    names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")]
+    assert names == [b"content-type", b"content-transfer-encoding"]
+    assert base64.b64decode(payload) == b"Hello"
