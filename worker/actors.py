@@ -37,11 +37,18 @@ class JobHandler:
         settings: the configuration.
         status: the status store.
         deliverer: the services in delivery order.
+        broker: where a job waiting for a budget is put back.
     """
 
     def __init__(
-        self, settings: Settings, *, status: StatusStore, deliverer: Deliverer
+        self,
+        settings: Settings,
+        *,
+        status: StatusStore,
+        deliverer: Deliverer,
+        broker: dramatiq.Broker,
     ) -> None:
+        self._broker = broker
         self._settings = settings
         self._status = status
         self._deliverer = deliverer
@@ -163,8 +170,45 @@ class JobHandler:
             )
             self._status.write(job_id, fields, accepted=accepted)
             self._dead(job_id, attempt, "permanent", fields["error"])
+        if outcome.only_waiting:
+            self._wait(job_id, attempt, age, outcome, fields)
+            return
         fields["error"] = error or _error("deferred", "some recipients were deferred")
         self._retry(job_id, attempt, age, outcome, fields, accepted)
+
+    def _wait(
+        self,
+        job_id: str,
+        attempt: int,
+        age: float,
+        outcome: Outcome,
+        fields: dict[str, Any],
+    ) -> None:
+        """Every service is spent or cooling down: come back later; not an attempt."""
+        delay = max(1.0, outcome.wait or 0.0)
+        reason = outcome.skipped[-1]["reason"] if outcome.skipped else "budget"
+        if age + delay > self._settings.retry.max_age:
+            self._status.write(job_id, fields)
+            self._dead(
+                job_id, attempt, "max_age", _error(reason, "waited past retry.max_age")
+            )
+        message = CurrentMessage.get_current_message()
+        assert message is not None
+        next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
+            timespec="seconds"
+        )
+        # Re-enqueue ourselves with the same options, so the retry count stays as it is;
+        # if that fails the actor raises and the broker retries: nothing is lost.
+        self._broker.enqueue(message.copy(), delay=int(delay * 1000))
+        fields.update(
+            state="retrying", reason=reason, next_attempt_at=next_at, error=None
+        )
+        self._status.write(
+            job_id,
+            fields,
+            event={"attempt": attempt, "event": "waiting", "reason": reason},
+        )
+        log.info("job_waiting", reason=reason, delay_s=round(delay, 1))
 
     def _retry(
         self,

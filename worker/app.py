@@ -16,17 +16,22 @@ from dramatiq.middleware import CurrentMessage, Retries, TimeLimit
 from pydantic import SecretStr
 
 from producers.enqueue import connect
-from producers.job import Mailbox
 from producers.keys import ACTOR_NAME, QUEUES
-from settings import ConfigError, Settings, SmtpConnection, read_secret
+from settings import Settings, read_secret
 from worker.actors import DeadLetterError, JobHandler
-from worker.delivery import Deliverer, Service
+from worker.delivery import Deliverer
+from worker.limits import Breaker
 from worker.middleware import LogContext
+from worker.services import build_services
 from worker.status import StatusStore
 from worker.transports.base import Transport
-from worker.transports.smtp import SmtpTransport
 
-__all__ = ["WorkerApp", "build", "build_services", "secrets_of"]
+__all__ = [
+    "WorkerApp",
+    "build",
+    "build_services",
+    "secrets_of",
+]  # build_services: re-export
 
 TIME_LIMIT_MS = 10 * 60 * 1000
 
@@ -48,49 +53,6 @@ class WorkerApp:
         for transport in self.transports:
             transport.close()
         self.broker.close()
-
-
-def _password_reader(conn: SmtpConnection) -> Callable[[], str | None]:
-    field_name = f"smtp[{conn.name}].password_file"
-    first = read_secret(conn.password, conn.password_file, field_name)  # fail at start
-
-    def current() -> str | None:
-        if conn.password_file is None:
-            return first.get_secret_value() if first is not None else None
-        secret = read_secret(
-            None, conn.password_file, field_name
-        )  # re-read: may be rotated
-        return secret.get_secret_value() if secret is not None else None
-
-    return current
-
-
-def build_services(settings: Settings) -> list[Service]:
-    """Enabled services in delivery order (DESIGN §5), secrets read now.
-
-    Raises:
-        ConfigError: a secret file is unreadable, or no service is enabled.
-    """
-    if any(oa.enabled for oa in settings.openauth):
-        raise ConfigError(
-            "openauth", "OpenAuth delivery is not available in this version"
-        )
-    services = []
-    for conn in settings.smtp:
-        if not conn.enabled:
-            continue
-        transport = SmtpTransport(conn, password=_password_reader(conn))
-        services.append(
-            Service(
-                transport,
-                Mailbox(address=conn.from_address, name=conn.from_display_name),
-            )
-        )
-    if not services:
-        raise ConfigError(
-            "smtp", "no enabled service: configure an [[smtp]] connection"
-        )
-    return services
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -145,10 +107,10 @@ def build(
     Raises:
         ConfigError: the configuration cannot run a worker.
     """
-    services = build_services(settings)
     client = client or connect(
         settings.broker_url.get_secret_value(), ca_bundle=settings.broker_ca_bundle
     )
+    services = build_services(settings, client)
     policy = settings.retry
     broker = RedisBroker(  # type: ignore[no-untyped-call]  # dramatiq leaves it unannotated
         client=client,
@@ -164,8 +126,16 @@ def build(
         ],
     )
     status = StatusStore(client, namespace=settings.namespace, ttl=settings.status.ttl)
-    deliverer = Deliverer(services, retry=policy, backoff=backoff, sleep=sleep)
-    handler = JobHandler(settings, status=status, deliverer=deliverer)
+    breaker = Breaker(
+        client,
+        settings.namespace,
+        failures=settings.breaker.failures,
+        cooldown=settings.breaker.cooldown,
+    )
+    deliverer = Deliverer(
+        services, retry=policy, backoff=backoff, sleep=sleep, breaker=breaker
+    )
+    handler = JobHandler(settings, status=status, deliverer=deliverer, broker=broker)
 
     def deliver(*args: object, **kwargs: object) -> None:
         handler(*args, **kwargs)

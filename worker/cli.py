@@ -179,13 +179,14 @@ def worker(
     from worker.app import build_services
 
     settings = _settings()
+    url = settings.broker_url.get_secret_value()
+    client = connect(url, ca_bundle=settings.broker_ca_bundle)
     try:
-        build_services(settings)
+        build_services(settings, client)
     except ConfigError as exc:
         fail(EXIT_USAGE, f"configuration: {exc}")
-    url = settings.broker_url.get_secret_value()
     try:
-        connect(url, ca_bundle=settings.broker_ca_bundle).ping()
+        client.ping()
     except redis.RedisError as exc:
         fail(
             EXIT_BROKER,

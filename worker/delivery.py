@@ -20,11 +20,13 @@ from tenacity.stop import stop_base
 from producers.job import Mailbox, Notification
 from settings import JobValidationError, Retry
 from worker.errors import (
+    BudgetExhaustedError,
     DeliveryError,
     MessageRefusedError,
     RecipientRefusedError,
     TransientDeliveryError,
 )
+from worker.limits import Breaker
 from worker.message import message_id, render, render_body
 from worker.transports.base import OutgoingMessage, Receipt, Transport
 
@@ -57,11 +59,17 @@ class Outcome:
     last_error: DeliveryError | None = None
     retry_after: float | None = None
     retryable: bool = False
+    wait: float | None = None  # a budget or breaker to wait for: not an attempt
+
+    @property
+    def only_waiting(self) -> bool:
+        """True when no service was tried for real: each was spent or cooling down."""
+        return self.service is None and not self.retryable and self.wait is not None
 
     @property
     def finished(self) -> bool:
         """True when no recipient is left to try again."""
-        return not self.receipt.deferred and not self.retryable
+        return not self.receipt.deferred and not self.retryable and self.wait is None
 
 
 class _RetryAfterTooLong(stop_base):
@@ -84,6 +92,7 @@ class Deliverer:
         retry: the ``[retry]`` settings (``transport_retries``, ``max_in_process_wait``).
         backoff: first in-process wait in seconds; doubles per retry.
         sleep: how to wait (injectable so tests need not wait).
+        breaker: the shared circuit breaker; None turns it off.
     """
 
     def __init__(
@@ -93,11 +102,13 @@ class Deliverer:
         retry: Retry,
         backoff: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
+        breaker: Breaker | None = None,
     ) -> None:
         self.services = list(services)
         self._retry = retry
         self._backoff = backoff
         self._sleep = sleep
+        self._breaker = breaker
 
     def order(self, notification: Notification) -> list[Service]:
         """The services to try: all in order, or only the pinned ``sender``.
@@ -133,19 +144,18 @@ class Deliverer:
         outcome = Outcome()
         services = self.order(notification)
         body = render_body(notification)
-        for service in services:
-            message = OutgoingMessage(
-                job_id=job_id,
-                sender=service.from_box.address,
-                recipients=tuple(recipients),
-                data=render(
-                    notification,
-                    job_id=job_id,
-                    from_box=service.from_box,
-                    body=body,
-                    extra_headers=extra_headers,
-                ),
-                notification=notification,
+        for index, service in enumerate(services):
+            last = index == len(services) - 1
+            if self._breaker is not None and not self._breaker.allow(service.name):
+                self._note_skip(
+                    outcome, service.name, "breaker_open", "circuit breaker open"
+                )
+                outcome.wait = min(
+                    outcome.wait or self._breaker.cooldown, self._breaker.cooldown
+                )
+                continue
+            message = self._message(
+                service, job_id, notification, recipients, body, extra_headers
             )
             try:
                 receipt = self._send_with_retries(service, message)
@@ -156,15 +166,57 @@ class Deliverer:
                 }
                 outcome.retryable = False
                 return outcome
-            except DeliveryError as exc:
-                self._skip(outcome, service, exc, last=service is services[-1])
+            except BudgetExhaustedError as exc:
+                self._note_skip(outcome, service.name, "budget", str(exc))
+                outcome.wait = min(outcome.wait or exc.wait, exc.wait)
+                if exc.overflow == "wait":
+                    return outcome
                 continue
+            except DeliveryError as exc:
+                self._skip(outcome, service, exc, last=last)
+                continue
+            if self._breaker is not None:
+                self._breaker.success(service.name)
             outcome.service = service.name
             outcome.message_id = message_id(job_id, service.from_box.address)
             outcome.receipt = receipt
             outcome.retryable = False
+            outcome.wait = None
             return outcome
         return outcome
+
+    @staticmethod
+    def _message(
+        service: Service,
+        job_id: str,
+        notification: Notification,
+        recipients: Sequence[str],
+        body: bytes,
+        extra_headers: dict[str, str] | None,
+    ) -> OutgoingMessage:
+        data = b""
+        if getattr(service.transport, "needs_mime", True):
+            data = render(
+                notification,
+                job_id=job_id,
+                from_box=service.from_box,
+                body=body,
+                extra_headers=extra_headers,
+            )
+        return OutgoingMessage(
+            job_id=job_id,
+            sender=service.from_box.address,
+            recipients=tuple(recipients),
+            data=data,
+            notification=notification,
+        )
+
+    @staticmethod
+    def _note_skip(outcome: Outcome, service: str, reason: str, message: str) -> None:
+        outcome.skipped.append(
+            {"service": service, "reason": reason, "message": message}
+        )
+        log.info("transport_skipped", service=service, reason=reason)
 
     def _skip(
         self, outcome: Outcome, service: Service, exc: DeliveryError, *, last: bool
@@ -175,6 +227,8 @@ class Deliverer:
         )
         if not isinstance(exc, MessageRefusedError):
             outcome.retryable = True
+            if self._breaker is not None:
+                self._breaker.failure(service.name, hold=_quota_hold(exc))
         if isinstance(exc, TransientDeliveryError) and exc.retry_after is not None:
             outcome.retry_after = max(outcome.retry_after or 0.0, exc.retry_after)
         log.warning(
@@ -205,3 +259,15 @@ class Deliverer:
         if wait is not None:
             return float(wait)
         return float(self._backoff * 2 ** (state.attempt_number - 1))
+
+
+# A quota error holds the breaker open this long (Exchange's daily quota is a sliding 24 h;
+# a probe every hour finds out when it has cleared).
+QUOTA_HOLD = 3600.0
+
+
+def _quota_hold(exc: DeliveryError) -> float | None:
+    text = str(exc)
+    if exc.code == 554 and ("5.2.0" in text or "Quota" in text):
+        return QUOTA_HOLD
+    return None

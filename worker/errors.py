@@ -8,7 +8,8 @@
         ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
         ├── MessageRefusedError        this service can't carry this message: next service
         ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now
-        └── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after
+        ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after
+        └── BudgetExhaustedError       a sending budget is spent; .wait, .overflow
 
 The transport that raises decides the class; nothing outside ``worker.transports``
 catches a library's own exceptions.
@@ -21,6 +22,7 @@ from settings.errors import ConfigError, JobValidationError, MailworkerError
 
 __all__ = [
     "BrokerUnavailableError",
+    "BudgetExhaustedError",
     "ConfigError",
     "DeliveryError",
     "JobValidationError",
@@ -91,3 +93,20 @@ class TransientDeliveryError(DeliveryError):
     ) -> None:
         super().__init__(message, service=service, code=code)
         self.retry_after = retry_after
+
+
+class BudgetExhaustedError(DeliveryError):
+    """A sending budget of the service is spent; it has room again in ``wait`` seconds.
+
+    Not a failure of the service: it never counts toward the circuit breaker, and waiting
+    for it is not an attempt. ``overflow`` is the service's ``failover`` or ``wait``.
+    """
+
+    kind = "budget"
+
+    def __init__(
+        self, message: str, *, service: str, wait: float, overflow: str
+    ) -> None:
+        super().__init__(message, service=service)
+        self.wait = wait
+        self.overflow = overflow

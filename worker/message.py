@@ -130,6 +130,7 @@ def render(
     from_box: Mailbox,
     body: bytes | None = None,
     extra_headers: dict[str, str] | None = None,
+    bcc: bool = False,
 ) -> bytes:
     """The whole message: headers for ``from_box`` followed by the body.
 
@@ -139,6 +140,8 @@ def render(
         from_box: the service's From address and display name.
         body: ``render_body(notification)`` when already made (it is per job, not per service).
         extra_headers: headers added by mailworker itself (e.g. for redirected staging mail).
+        bcc: write a Bcc header, for a service that takes recipients from the headers
+            and strips Bcc itself (Graph's MIME form); SMTP never gets one.
 
     Returns:
         The message, CRLF line ends, every line at most 998 bytes.
@@ -147,6 +150,7 @@ def render(
         _address_header("From", [from_box]),
         _address_header("To", notification.to) if notification.to else b"",
         _address_header("Cc", notification.cc) if notification.cc else b"",
+        _address_header("Bcc", notification.bcc) if bcc and notification.bcc else b"",
         _address_header("Reply-To", notification.reply_to)
         if notification.reply_to
         else b"",

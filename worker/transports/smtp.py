@@ -7,11 +7,26 @@ import time
 from collections.abc import Callable
 
 from settings import SmtpConnection
-from worker.errors import DeliveryError, TransientDeliveryError
+from worker.errors import (
+    DeliveryError,
+    TransientDeliveryError,
+    TransportUnavailableError,
+)
+from worker.limits import Slots
 from worker.transports.base import OutgoingMessage, Receipt
+from worker.transports.oauth import TokenProvider
 from worker.transports.smtp_client import SmtpClient
 
-__all__ = ["SmtpTransport"]
+__all__ = ["OUTLOOK_SCOPE", "SmtpTransport", "lease_seconds"]
+
+# SMTP AUTH XOAUTH2 with client credentials needs this resource's scope (Office 365).
+OUTLOOK_SCOPE = "https://outlook.office365.com/.default"
+
+
+def lease_seconds(conn: SmtpConnection) -> float:
+    """How long a session's ``max_connections_total`` lease lives without renewal."""
+    return max(120.0, 4 * conn.timeout)
+
 
 # A pooled session idle longer than this is checked with RSET before reuse: servers
 # drop idle clients (Postfix after 300 s, Exchange after 10 min).
@@ -23,15 +38,25 @@ class SmtpTransport:
 
     Args:
         conn: the connection's settings.
+        tokens: the integrated service account, for ``auth = "xoauth2"``.
+        total: ``max_connections_total`` leases shared by every worker, when capped.
         password: a callable returning the current password (re-read after an AUTH failure).
     """
 
     def __init__(
-        self, conn: SmtpConnection, *, password: Callable[[], str | None]
+        self,
+        conn: SmtpConnection,
+        *,
+        password: Callable[[], str | None],
+        tokens: TokenProvider | None = None,
+        total: Slots | None = None,
     ) -> None:
         self.name = conn.name
         self.conn = conn
         self._password = password
+        self._tokens = tokens
+        self._total = total
+        self._lease_seconds = lease_seconds(conn)
         self._slots = threading.BoundedSemaphore(conn.max_connections)
         self._idle: list[tuple[float, SmtpClient]] = []
         self._lock = threading.Lock()
@@ -92,6 +117,9 @@ class SmtpTransport:
         if entry is None:
             return self._connect(), False
         since, client = entry
+        if self._total is not None and now - since > self._lease_seconds / 2:
+            client.close()  # its lease may be close to expiry: renew by reconnecting
+            return self._connect(), False
         if now - since > _CHECK_AFTER_IDLE:
             try:
                 client.reset()
@@ -101,13 +129,39 @@ class SmtpTransport:
         return client, True
 
     def _connect(self) -> SmtpClient:
-        client = SmtpClient(self.conn, self._password())
+        lease = self._lease()
+        client = SmtpClient(self.conn, self._password(), oauth_token=self._token)
+        if lease is not None and self._total is not None:
+            total = self._total
+            client.on_close = lambda: total.release(lease)
         try:
             client.open()
+        except TransportUnavailableError as exc:
+            client.close()
+            if exc.code == 535 and self._tokens is not None:
+                self._tokens.invalidate()  # the next session asks for a new token
+            raise
         except BaseException:
             client.close()
             raise
         return client
+
+    def _lease(self) -> str | None:
+        """A lease of ``max_connections_total`` (sessions across all workers), if capped."""
+        if self._total is None:
+            return None
+        lease = self._total.acquire(self.conn.timeout)
+        if lease is None:
+            raise TransientDeliveryError(
+                f"all {self._total.limit} sessions across workers are in use "
+                "(max_connections_total)",
+                service=self.name,
+            )
+        return lease
+
+    def _token(self) -> str:
+        assert self._tokens is not None, "auth = 'xoauth2' needs an integrated service"
+        return self._tokens.acquire([OUTLOOK_SCOPE], service=self.name).access_token
 
     def _checkin(self, client: SmtpClient) -> None:
         if client.broken or self._closed:

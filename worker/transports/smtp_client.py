@@ -3,6 +3,7 @@ pipelined send (RFC 2920). Every library error is mapped here, in ``map_errors``
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import socket
 import ssl
@@ -130,12 +131,20 @@ class _ImplicitTls(smtplib.SMTP_SSL):
 class SmtpClient:
     """A connected, secured and authenticated SMTP session for one connection."""
 
-    def __init__(self, conn: SmtpConnection, password: str | None) -> None:
+    def __init__(
+        self,
+        conn: SmtpConnection,
+        password: str | None,
+        *,
+        oauth_token: Callable[[], str] | None = None,
+    ) -> None:
         self.conn = conn
         self._password = password
+        self._oauth_token = oauth_token
         self._smtp: smtplib.SMTP | None = None
         self.pipelining = False
         self.broken = False  # set when the session can no longer be trusted for reuse
+        self.on_close: Callable[[], None] | None = None  # e.g. release a lease
 
     def __repr__(self) -> str:
         return f"SmtpClient({self.conn.name!r}, {self.conn.server}:{self.conn.effective_port})"
@@ -177,6 +186,8 @@ class SmtpClient:
             note("tls", "none (security = none)")
         if conn.effective_auth == "password":
             self._login(smtp, note)
+        elif conn.effective_auth == "xoauth2":
+            self._xoauth2(smtp, note)
         else:
             note("auth", "none")
         self.pipelining = smtp.has_extn("pipelining")
@@ -211,6 +222,28 @@ class SmtpClient:
         with map_errors(self.conn, "auth"):
             code, text = smtp.login(self.conn.username, self._password or "")
         note("auth", f"{_reply(code, text)} as {self.conn.username}")
+
+    def _xoauth2(self, smtp: smtplib.SMTP, note: StepReporter) -> None:
+        conn = self.conn
+        if "xoauth2" not in smtp.esmtp_features.get("auth", "").lower().split():
+            raise TransportUnavailableError(
+                f"{conn.server}:{conn.effective_port} does not offer AUTH XOAUTH2",
+                service=conn.name,
+            )
+        assert self._oauth_token is not None, "xoauth2 needs a token source"
+        token = self._oauth_token()
+        sasl = f"user={conn.username}\x01auth=Bearer {token}\x01\x01"
+        with map_errors(conn, "auth"):
+            code, text = smtp.docmd(
+                "AUTH", "XOAUTH2 " + base64.b64encode(sasl.encode()).decode()
+            )
+            if (
+                code == 334
+            ):  # an error challenge (JSON); an empty line gets the final reply
+                code, text = smtp.docmd("")
+            if code != 235:
+                raise smtplib.SMTPAuthenticationError(code, text)
+        note("auth", f"{_reply(code, text)} XOAUTH2 as {conn.username}")
 
     def send(self, sender: str, recipients: tuple[str, ...], data: bytes) -> Receipt:
         """One transaction: MAIL, RCPT for each recipient, DATA; pipelined when offered.
@@ -307,6 +340,9 @@ class SmtpClient:
 
     def close(self) -> None:
         """QUIT politely; never raises."""
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
