@@ -258,35 +258,32 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
 def test_connection_command(service: str | None, to: str) -> None:
     """Send a real test message through a service, reporting each step; never fails over."""
     from producers.job import parse_mailbox
-    from worker.testconn import probe_smtp, services_to_test
+    from worker.testconn import describe, probe, services_to_test
 
     settings = _settings()
     box = parse_mailbox(to)
     if not isinstance(box, dict) or "@" not in str(box.get("address", "")):
         fail(EXIT_USAGE, f"--to: {to!r} is not an e-mail address")
-    conns = services_to_test(settings, service)
-    if not conns:
+    services = services_to_test(settings, service)
+    if not services:
         known = ", ".join(settings.service_names) or "none configured"
         fail(
             EXIT_USAGE,
-            f"--service: no SMTP service {service!r} (services: {known})"
+            f"--service: no service {service!r} (services: {known})"
             if service
-            else "no enabled SMTP service to test",
+            else "no enabled service to test",
         )
     failed = 0
-    for conn in conns:
-        click.echo(
-            f"smtp {conn.name} ({conn.server}:{conn.effective_port}, "
-            f"security {conn.effective_security})"
-        )
+    for item in services:
+        click.echo(describe(item))
         try:
-            report = probe_smtp(conn, str(box["address"]), echo=click.echo)
+            report = probe(settings, item, str(box["address"]), echo=click.echo)
         except ConfigError as exc:
             fail(EXIT_USAGE, f"configuration: {exc}")
-        click.echo(report.lines()[-1])
+        click.echo(report.verdict)
         if not report.ok:
             failed += 1
-            click.echo(f"mailworker: {conn.name}: {report.cause}", err=True)
+            click.echo(f"mailworker: {item.name}: {report.cause}", err=True)
     if failed:
         sys.exit(EXIT_FAILED)
 

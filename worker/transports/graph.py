@@ -59,9 +59,12 @@ class GraphTransport:
         graph_endpoint: ``https://graph.microsoft.com`` or a stand-in.
         tokens: the service account's token provider.
         http: the HTTP client (TLS trust of the integrated service).
-        slots: ``max_concurrent_requests`` across all workers.
+        slots: ``max_concurrent_requests`` across all workers (None: no limit, as for
+            ``test-connection``).
         budget: ``messages_per_minute`` and ``recipients_per_day`` of the mailbox.
     """
+
+    needs_mime = False  # JSON by default; the MIME form is written here when needed
 
     def __init__(
         self,
@@ -70,8 +73,8 @@ class GraphTransport:
         graph_endpoint: str,
         tokens: TokenProvider,
         http: HttpClient,
-        slots: Slots,
-        budget: Budget,
+        slots: Slots | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.name = service.name
         self.service = service
@@ -103,13 +106,17 @@ class GraphTransport:
                 service=self.name,
                 code=413,
             )
-        wait = self._budget.spend(len(message.recipients))
+        wait = self._budget.spend(len(message.recipients)) if self._budget else 0.0
         if wait:
             raise BudgetExhaustedError(
                 f"sending budget of {self.service.service_identity} spent; room in {wait:.0f}s",
                 service=self.name,
                 wait=wait,
                 overflow=self.service.overflow,
+            )
+        if self._slots is None:
+            return self._receipt(
+                self._post_once_more_on_401(body, content_type), message
             )
         with self._slots.held(self.service.timeout) as got:
             if not got:
@@ -118,12 +125,18 @@ class GraphTransport:
                     f"{self.service.timeout:g}s",
                     service=self.name,
                 )
-            response = self._post(body, content_type)
-            if response.status_code == 401:
-                # An expired or revoked token: drop it and try once more with a new one.
-                self._tokens.invalidate()
-                response = self._post(body, content_type)
+            response = self._post_once_more_on_401(body, content_type)
         return self._receipt(response, message)
+
+    def _post_once_more_on_401(
+        self, body: bytes, content_type: str
+    ) -> requests.Response:
+        response = self._post(body, content_type)
+        if response.status_code == 401:
+            # An expired or revoked token: drop it and try once more with a new one.
+            self._tokens.invalidate()
+            response = self._post(body, content_type)
+        return response
 
     def _post(self, body: bytes, content_type: str) -> requests.Response:
         token = self._tokens.acquire(self.scopes, service=self.name)
