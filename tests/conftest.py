@@ -251,6 +251,21 @@ def smtp_server(server_tls: ssl.SSLContext) -> Iterator[Callable[..., SmtpServer
         controller.stop()
 
 
+# ---------------------------------------------------------------- Microsoft stand-in
+
+
+@pytest.fixture
+def fake_microsoft(server_tls: ssl.SSLContext) -> Iterator[Any]:
+    """A stand-in Entra ID token endpoint and Graph sendMail over HTTPS on loopback."""
+    from tests.fake_microsoft import FakeMicrosoft
+
+    fake = FakeMicrosoft(server_tls)
+    fake.start()
+    yield fake
+    fake.stop()
+    assert not fake.errors  # exceptions the server swallowed
+
+
 # ---------------------------------------------------------------- settings and workers
 
 

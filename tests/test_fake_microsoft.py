@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import ssl
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,15 +29,6 @@ MESSAGE: dict[str, Any] = {
     },
     "saveToSentItems": False,
 }
-
-
-@pytest.fixture
-def fake_microsoft(server_tls: ssl.SSLContext) -> Iterator[FakeMicrosoft]:
-    fake = FakeMicrosoft(server_tls)
-    fake.start()
-    yield fake
-    fake.stop()
-    assert not fake.errors  # exceptions the server swallowed
 
 
 @pytest.fixture
