@@ -518,7 +518,7 @@ def test_slots_never_overflow_and_a_dead_holder_expires(redis_client, namespace)
 def test_two_processes_never_exceed_max_concurrent_requests(
     fake_microsoft, ca_file, redis_url, namespace, tmp_path
 ):
-    """2 worker processes × 8 threads never have more Graph requests in flight than allowed,
+    """2 worker processes x 8 threads never have more Graph requests in flight than allowed,
     and no log line holds the token or the client secret."""
     import os
     import signal
