@@ -8,6 +8,8 @@ __all__ = [
     "ACTOR_NAME",
     "QUEUES",
     "accepted_key",
+    "dead_index_key",
+    "dead_payload_key",
     "history_key",
     "idempotency_key",
     "queue_key",
@@ -49,3 +51,13 @@ def idempotency_key(namespace: str, key: str) -> str:
     """The claim of one idempotency key (hashed: keys are free text)."""
     digest = hashlib.sha256(key.encode()).hexdigest()
     return f"{namespace}:idem:{digest}"
+
+
+def dead_index_key(namespace: str) -> str:
+    """The dead letters: a sorted set of job id → time of death (ms)."""
+    return f"{namespace}:dead"
+
+
+def dead_payload_key(namespace: str, job_id: str) -> str:
+    """The full message of one dead letter (what requeue sends again)."""
+    return f"{namespace}:dead:{job_id}"

@@ -23,7 +23,7 @@ def _enqueue(redis_client, settings, **fields) -> str:
 
 
 def _dead_letters(redis_client, namespace) -> int:
-    return int(redis_client.zcard(f"{namespace}:{NS_QUEUE}.XQ"))
+    return int(redis_client.zcard(f"{namespace}:dead"))
 
 
 def _states(record) -> dict[str, str]:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import dramatiq
+import orjson
 import structlog
 from dramatiq.middleware import CurrentMessage
 
@@ -56,10 +57,17 @@ class JobHandler:
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         """The actor: every outcome is a status record; failures raise for the broker.
 
+        A job that dies is kept in our dead letters (with its record) and then acknowledged.
+
         Raises:
-            DeadLetterError: the job ends in the dead-letter queue.
             dramatiq.Retry: the job is tried again later, with the delay it carries.
         """
+        try:
+            self._handle(args, kwargs)
+        except DeadLetterError:
+            return
+
+    def _handle(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         message = CurrentMessage.get_current_message()
         assert message is not None, "the CurrentMessage middleware is required"
         job_id = message.message_id
@@ -143,7 +151,7 @@ class JobHandler:
         )
         recipients = _merge(start, wanted, outcome)
         fields: dict[str, Any] = {"recipients": recipients, "skipped": outcome.skipped}
-        if outcome.service:
+        if outcome.service and outcome.receipt.accepted:
             fields.update(service=outcome.service, message_id=outcome.message_id)
             log.info(
                 "delivery_succeeded",
@@ -173,7 +181,7 @@ class JobHandler:
         if outcome.only_waiting:
             self._wait(job_id, attempt, age, outcome, fields)
             return
-        fields["error"] = error or _error("deferred", "some recipients were deferred")
+        fields["error"] = error or _deferred_error(outcome)
         self._retry(job_id, attempt, age, outcome, fields, accepted)
 
     def _wait(
@@ -242,7 +250,7 @@ class JobHandler:
             job_id,
             fields,
             accepted=accepted,
-            event=_event(attempt, "retrying", outcome),
+            event={**_event(attempt, "retrying", outcome), "error": fields["error"]},
         )
         log.warning(
             "job_retry_scheduled",
@@ -272,9 +280,33 @@ class JobHandler:
                 "reason": reason,
                 "error": error,
             },
+            dead_payload=_current_payload(),
         )
         log.error("job_dead_lettered", reason=reason, error=error.get("message"))
         raise DeadLetterError(reason, str(error.get("message")))
+
+
+def _current_payload() -> bytes:
+    """The message being processed, as requeue needs it (without Dramatiq's traceback)."""
+    message = CurrentMessage.get_current_message()
+    assert message is not None
+    data = message.asdict()
+    data["options"] = {k: v for k, v in data["options"].items() if k != "traceback"}
+    return orjson.dumps(data)
+
+
+def _deferred_error(outcome: Outcome) -> dict[str, Any]:
+    """The error of an attempt whose server deferred some recipients (4xx to RCPT)."""
+    deferred = outcome.receipt.deferred
+    if not deferred:
+        return _error("transient", "no service took the message")
+    code, text = next(iter(deferred.values()))
+    return {
+        "type": "transient",
+        "code": code,
+        "service": outcome.service,
+        "message": f"{len(deferred)} recipient(s) deferred: {text}",
+    }
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 import dramatiq
 import redis
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage, Retries, TimeLimit
 from pydantic import SecretStr
 
@@ -19,6 +18,8 @@ from producers.enqueue import connect
 from producers.keys import ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
 from worker.actors import DeadLetterError, JobHandler
+from worker.broker import DeadLetterCapture, MailBroker
+from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
 from worker.limits import Breaker
 from worker.middleware import LogContext
@@ -42,7 +43,7 @@ class WorkerApp:
 
     settings: Settings
     client: redis.Redis
-    broker: RedisBroker
+    broker: MailBroker
     status: StatusStore
     deliverer: Deliverer
     actor: dramatiq.Actor[..., None]
@@ -112,7 +113,11 @@ def build(
     )
     services = build_services(settings, client)
     policy = settings.retry
-    broker = RedisBroker(  # type: ignore[no-untyped-call]  # dramatiq leaves it unannotated
+    dead_letters = DeadLetters(
+        client, namespace=settings.namespace, ttl=settings.status.ttl
+    )
+    broker = MailBroker(
+        dead_letters=dead_letters,
         client=client,
         namespace=settings.namespace,
         middleware=[
@@ -123,9 +128,10 @@ def build(
                 max_retries=policy.max_attempts,
                 min_backoff=int(policy.min_backoff * 1000),
             ),
+            DeadLetterCapture(),
         ],
     )
-    status = StatusStore(client, namespace=settings.namespace, ttl=settings.status.ttl)
+    status = dead_letters.status
     breaker = Breaker(
         client,
         settings.namespace,

@@ -25,6 +25,7 @@ from producers.cli import (
 from producers.enqueue import connect
 from producers.keys import QUEUES
 from settings import ConfigError, Settings, config_path, load_settings, public_url
+from worker.cli_dead import dead
 from worker.render import render_config, render_status
 
 __all__ = ["main"]
@@ -49,6 +50,7 @@ def main() -> None:
 
 
 main.add_command(send)
+main.add_command(dead)
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, BinaryIO, Literal
@@ -33,8 +34,16 @@ def show_address(address: str) -> str:
     return "sha256:" + hashlib.sha256(address.lower().encode()).hexdigest()[:16]
 
 
+_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
+)
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
+        if _recipients_mode != "full" and "@" in value:
+            # Server replies and errors quote addresses too ("550 <a@b>: unknown").
+            value = _ADDRESS.sub(lambda m: show_address(m.group(0)), value)
         for secret in _secrets:
             if secret in value:
                 value = value.replace(secret, "***")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,8 @@ from redis.typing import EncodableT, FieldT
 from producers.keys import (
     QUEUES,
     accepted_key,
+    dead_index_key,
+    dead_payload_key,
     history_key,
     queue_messages_key,
     status_key,
@@ -91,8 +94,10 @@ class StatusStore:
         *,
         accepted: list[str] | None = None,
         event: Mapping[str, Any] | None = None,
+        dead_payload: bytes | None = None,
     ) -> None:
-        """Update the record, add to the marker and append a history entry: one round trip."""
+        """Update the record, add to the marker, append a history entry and, for a job that
+        died, keep its message as a dead letter: one round trip."""
         key = status_key(self._ns, job_id)
         values: dict[FieldT, EncodableT] = {"updated_at": now_iso()}
         for name, value in fields.items():
@@ -111,6 +116,13 @@ class StatusStore:
                 history = history_key(self._ns, job_id)
                 pipe.rpush(history, orjson.dumps({"at": values["updated_at"], **event}))
                 pipe.expire(history, self._ttl)
+            if dead_payload is not None:
+                now_ms = int(time.time() * 1000)
+                pipe.set(dead_payload_key(self._ns, job_id), dead_payload, ex=self._ttl)
+                pipe.zadd(dead_index_key(self._ns), {job_id: now_ms})
+                pipe.zremrangebyscore(
+                    dead_index_key(self._ns), "-inf", now_ms - self._ttl * 1000
+                )
             pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -172,6 +184,7 @@ def _decode(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
         "created_at": data.get("created_at") or None,
         "updated_at": data.get("updated_at") or None,
         "next_attempt_at": data.get("next_attempt_at") or None,
+        "dead_at": data.get("dead_at") or None,
         "metadata": {},
     }
     for name in _JSON_FIELDS:

@@ -1,0 +1,162 @@
+"""Our Redis broker: Dramatiq's, with a consumer that never lets one bad message stop the
+others, and every message Dramatiq itself gives up on kept as one of our dead letters.
+
+These subclasses use Dramatiq internals (``_RedisConsumer``), which is why the Dramatiq
+minor version is pinned; ``tests/test_hostile_input.py`` fails if an upgrade breaks them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import orjson
+import structlog
+from dramatiq import Broker, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.errors import ActorNotFound, DecodeError
+
+from worker.deadletter import DeadLetters
+
+__all__ = ["DeadLetterCapture", "MailBroker"]
+
+log = structlog.get_logger("mailworker.broker")
+
+
+class SafeConsumer(_RedisConsumer):
+    """Takes out of the stream, as `poison` dead letters, messages that cannot be decoded,
+    that name another queue than the one they were pushed to, or have no redis message id
+    (Dramatiq could never acknowledge them); the messages fetched with them go on."""
+
+    broker: MailBroker
+
+    def __next__(self) -> MessageProxy | None:
+        while True:
+            try:
+                message = cast(
+                    "MessageProxy | None",
+                    super().__next__(),  # type: ignore[no-untyped-call]  # Dramatiq's
+                )
+            except DecodeError as exc:
+                self._quarantine(
+                    exc.data, f"cannot decode the message: {exc.error}", None
+                )
+                continue
+            if message is None:
+                return None
+            problem = self._problem(message)
+            if problem is None:
+                return message
+            self.queued_message_ids.discard(message.message_id)
+            self._quarantine(
+                message.encode(),
+                problem,
+                message.options.get("redis_message_id"),
+                message_id=message.message_id,
+            )
+
+    def _problem(self, message: MessageProxy) -> str | None:
+        if "redis_message_id" not in message.options:
+            return "options.redis_message_id is missing"
+        if message.queue_name != self.queue_name:
+            return (
+                f"queue_name {message.queue_name!r} does not match the queue "
+                f"{self.queue_name!r} it was pushed to"
+            )
+        return None
+
+    def _quarantine(
+        self,
+        raw: bytes,
+        error: str,
+        redis_id: str | None,
+        *,
+        message_id: str | None = None,
+    ) -> None:
+        if redis_id is None:
+            found = self._find(raw, message_id)
+            redis_id, raw = found if found else (None, raw)
+        if redis_id is None:
+            log.error("poison_message_not_found", queue=self.queue_name, error=error)
+            return
+        self.broker.dead_letters.add_poison(redis_id, raw, error, self.queue_name)
+        self.broker.do_ack(self.queue_name, redis_id)
+        log.error("job_dead_lettered", reason="poison", job_id=redis_id, error=error)
+
+    def _find(self, raw: bytes, message_id: str | None) -> tuple[str, bytes] | None:
+        """Redis id and stored bytes of a message we cannot acknowledge the usual way:
+        search our own ack set for the payload (or for its message id)."""
+        client = self.broker.client
+        ns = self.broker.namespace
+        acks = f"{ns}:__acks__.{self.broker.broker_id}.{self.queue_name}"
+        ids = list(client.smembers(acks))
+        if not ids:
+            return None
+        payloads = client.hmget(f"{ns}:{self.queue_name}.msgs", ids)
+        for redis_id, payload in zip(ids, payloads, strict=True):
+            if payload == raw or (
+                payload is not None
+                and message_id
+                and _message_id(payload) == message_id
+            ):
+                return str(redis_id.decode()), bytes(payload)
+        return None
+
+
+def _message_id(payload: bytes) -> str | None:
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return str(data.get("message_id")) if isinstance(data, dict) else None
+
+
+class MailBroker(RedisBroker):
+    """``RedisBroker`` with the safe consumer and a handle on our dead letters."""
+
+    def __init__(self, *, dead_letters: DeadLetters, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        self.dead_letters = dead_letters
+
+    @property
+    def consumer_class(self) -> type[SafeConsumer]:
+        return SafeConsumer
+
+
+class DeadLetterCapture(Middleware):
+    """Keeps every message Dramatiq itself dead-letters (an unknown actor, an unexpected
+    exception after every retry) as one of our dead letters, with a status record."""
+
+    def after_nack(self, broker: Broker, message: MessageProxy) -> None:
+        mail = cast(MailBroker, broker)
+        exc = getattr(message, "_exception", None)
+        reason = "unknown_actor" if isinstance(exc, ActorNotFound) else "unhandled"
+        error = {
+            "type": reason,
+            "code": None,
+            "service": None,
+            "message": f"{type(exc).__name__}: {exc}"
+            if exc
+            else "dead-lettered by Dramatiq",
+        }
+        data = message.asdict()
+        data["options"] = {k: v for k, v in data["options"].items() if k != "traceback"}
+        status = mail.dead_letters.status
+        status.write(
+            message.message_id,
+            {
+                "id": message.message_id,
+                "state": "dead",
+                "reason": reason,
+                "error": error,
+                "queue": message.queue_name.removesuffix(".DQ"),
+            },
+            event={"event": "dead", "reason": reason, "error": error},
+            dead_payload=orjson.dumps(data),
+        )
+        log.error(
+            "job_dead_lettered",
+            reason=reason,
+            job_id=message.message_id,
+            error=error["message"],
+        )

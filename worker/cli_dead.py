@@ -1,0 +1,222 @@
+"""``mailworker dead``: list, show, requeue and purge dead letters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+import orjson
+import redis
+
+from producers.cli import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
+from producers.enqueue import connect
+from settings import ConfigError, Settings, load_settings, public_url
+from settings.durations import parse_duration
+from worker.deadletter import DeadLetters, Filters, RequeueRefusedError
+
+__all__ = ["dead"]
+
+
+def _store(broker_url: str | None) -> tuple[Settings, DeadLetters, str]:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        fail(EXIT_USAGE, f"configuration: {exc}")
+    url = broker_url or settings.broker_url.get_secret_value()
+    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    store = DeadLetters(client, namespace=settings.namespace, ttl=settings.status.ttl)
+    return settings, store, public_url(url)
+
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return datetime.now(UTC).timestamp() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        fail(
+            EXIT_USAGE,
+            f"--since: {value!r} is neither a duration (2h, 7d) nor an ISO time",
+        )
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _filters(since: str | None, reason: str | None, service: str | None) -> Filters:
+    return Filters(since=_since(since), reason=reason, service=service)
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+broker_option = click.option(
+    "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
+)
+filter_options = [
+    click.option(
+        "--since", help="Only those that died within a duration (2h) or after a time."
+    ),
+    click.option(
+        "--reason", help="Only this reason (validation, permanent, poison, ...)."
+    ),
+    click.option(
+        "--service", help="Only those whose error or skips name this service."
+    ),
+]
+
+
+def _with_filters(fn: Any) -> Any:
+    for option in reversed(filter_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+def dead() -> None:
+    """Dead letters: jobs that ended undelivered, with the reason."""
+
+
+@dead.command("list")
+@_with_filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@broker_option
+def list_command(
+    since: str | None,
+    reason: str | None,
+    service: str | None,
+    as_json: bool,
+    broker_url: str | None,
+) -> None:
+    """List dead letters, oldest first."""
+    _, store, label = _store(broker_url)
+    try:
+        entries = store.entries(_filters(since, reason, service))
+    except redis.RedisError as exc:
+        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+    for job_id, dead_at, record in entries:
+        error = record.get("error") or {}
+        if as_json:
+            line = {
+                "id": job_id,
+                "dead_at": _when(dead_at),
+                "reason": record.get("reason"),
+                "service": error.get("service"),
+                "attempts": record.get("attempts"),
+                "error": error,
+            }
+            click.echo(orjson.dumps(line).decode())
+        else:
+            message = str(error.get("message") or "")[:80]
+            click.echo(
+                f"{job_id}  {_when(dead_at)}  {record.get('reason') or '-':<17} "
+                f"{error.get('service') or '-':<12} {message}"
+            )
+    if not as_json:
+        click.echo(f"{len(entries)} dead letter(s)", err=True)
+
+
+@dead.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@broker_option
+def show_command(job_id: str, as_json: bool, broker_url: str | None) -> None:
+    """Show one dead letter: record, attempts, errors, recipients, the message (elided)."""
+    _, store, label = _store(broker_url)
+    try:
+        record = store.show(job_id)
+    except redis.RedisError as exc:
+        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+    if record is None:
+        fail(EXIT_NOT_FOUND, f"no dead letter {job_id}")
+    if as_json:
+        click.echo(orjson.dumps(record).decode())
+        return
+    from worker.render import render_status
+
+    click.echo("\n".join(render_status(record)))
+    click.echo("message")
+    click.echo(orjson.dumps(record["message"], option=orjson.OPT_INDENT_2).decode())
+
+
+@dead.command("requeue")
+@click.argument("job_id", required=False)
+@click.option(
+    "--all", "all_", is_flag=True, help="Every dead letter the filters select."
+)
+@_with_filters
+@broker_option
+def requeue_command(
+    job_id: str | None,
+    all_: bool,
+    since: str | None,
+    reason: str | None,
+    service: str | None,
+    broker_url: str | None,
+) -> None:
+    """Validate again and enqueue under the same job id (exit 1 if any is refused)."""
+    settings, store, label = _store(broker_url)
+    if bool(job_id) == all_:
+        fail(EXIT_USAGE, "give a JOB_ID or --all")
+    try:
+        ids = (
+            [job_id]
+            if job_id
+            else [e[0] for e in store.entries(_filters(since, reason, service))]
+        )
+        refused = 0
+        for item in ids:
+            assert item is not None
+            try:
+                store.requeue(item, settings.limits)
+                click.echo(f"requeued {item}")
+            except RequeueRefusedError as exc:
+                refused += 1
+                click.echo(f"mailworker: requeue refused: {exc}", err=True)
+    except redis.RedisError as exc:
+        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+    if job_id and refused and store.show(job_id) is None:
+        raise SystemExit(EXIT_NOT_FOUND)
+    if refused:
+        raise SystemExit(EXIT_FAILED)
+
+
+@dead.command("purge")
+@click.argument("job_id", required=False)
+@click.option(
+    "--all", "all_", is_flag=True, help="Every dead letter the filters select."
+)
+@click.option("--yes", is_flag=True, help="Confirm purging with --all.")
+@_with_filters
+@broker_option
+def purge_command(
+    job_id: str | None,
+    all_: bool,
+    yes: bool,
+    since: str | None,
+    reason: str | None,
+    service: str | None,
+    broker_url: str | None,
+) -> None:
+    """Delete dead letters for good (their status records expire on their own)."""
+    _, store, label = _store(broker_url)
+    if bool(job_id) == all_:
+        fail(EXIT_USAGE, "give a JOB_ID or --all")
+    if all_ and not yes:
+        fail(EXIT_USAGE, "--all needs --yes")
+    try:
+        ids = (
+            [job_id]
+            if job_id
+            else [e[0] for e in store.entries(_filters(since, reason, service))]
+        )
+        purged = sum(store.purge(i) for i in ids if i)
+    except redis.RedisError as exc:
+        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+    if job_id and not purged:
+        fail(EXIT_NOT_FOUND, f"no dead letter {job_id}")
+    click.echo(f"purged {purged} dead letter(s)")

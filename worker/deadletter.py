@@ -1,0 +1,256 @@
+"""Dead letters an operator can work with: list, show, requeue, purge (DESIGN §6).
+
+A dead letter is an entry in ``{ns}:dead`` (job id → time of death), the full message in
+``{ns}:dead:{id}`` and the job's status record (reason, last error, attempts, recipients).
+All three live ``status.ttl``; ``sweep`` drops index entries whose time has passed, so
+nothing depends on Dramatiq's random maintenance passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+import redis
+from redis.typing import EncodableT
+
+from producers.job import parse_job
+from producers.keys import (
+    dead_index_key,
+    dead_payload_key,
+    queue_key,
+    queue_messages_key,
+    status_key,
+)
+from settings import JobValidationError, Limits
+from worker.status import StatusStore, now_iso
+
+__all__ = ["DeadLetters", "RequeueRefusedError", "elide"]
+
+RAW_LIMIT = 64 * 1024  # undecodable messages are kept raw up to this many bytes
+
+# KEYS: queue list, queue hash, dead index, dead payload, status hash
+# ARGV: redis message id, payload, job id, status fields (JSON)
+_REQUEUE = """
+if redis.call('ZSCORE', KEYS[3], ARGV[3]) == false then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[4])
+local fields = cjson.decode(ARGV[4])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[5], k, v) end
+return 1
+"""
+
+
+class RequeueRefusedError(Exception):
+    """The dead letter cannot be sent again as it is; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """What ``dead list`` and ``--all`` select."""
+
+    since: float | None = None  # epoch seconds
+    reason: str | None = None
+    service: str | None = None
+
+    def match(self, record: dict[str, Any], dead_at: float) -> bool:
+        """True when the dead letter passes every filter given."""
+        if self.since is not None and dead_at < self.since:
+            return False
+        if self.reason is not None and record.get("reason") != self.reason:
+            return False
+        if self.service is not None:
+            error = record.get("error") or {}
+            services = {error.get("service")} | {
+                s.get("service") for s in record["skipped"]
+            }
+            if self.service not in services:
+                return False
+        return True
+
+
+def elide(payload: bytes) -> dict[str, Any]:
+    """The stored message for display: attachments as name, type, size and sha256."""
+    try:
+        message = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return {"undecodable": True}
+    if "raw_base64" in message:
+        return {k: v for k, v in message.items() if k != "raw_base64"} | {
+            "raw_bytes": len(base64.b64decode(message["raw_base64"]))
+        }
+    job = dict((message.get("kwargs") or {}).get("job") or {})
+    attachments = []
+    for item in job.get("attachments") or []:
+        try:
+            content = base64.b64decode(item.get("content", ""))
+        except (ValueError, TypeError):
+            content = b""
+        attachments.append(
+            {
+                "filename": item.get("filename"),
+                "content_type": item.get("content_type"),
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+            }
+        )
+    if attachments:
+        job["attachments"] = attachments
+    return {
+        "queue": message.get("queue_name"),
+        "actor": message.get("actor_name"),
+        "job": job,
+    }
+
+
+class DeadLetters:
+    """Reads and changes the dead letters of one namespace."""
+
+    def __init__(self, client: redis.Redis, *, namespace: str, ttl: float) -> None:
+        self._client = client
+        self._ns = namespace
+        self._ttl = int(ttl)
+        self.status = StatusStore(client, namespace=namespace, ttl=ttl)
+        self._requeue = client.register_script(_REQUEUE)
+
+    def sweep(self) -> int:
+        """Drop index entries older than ``status.ttl``; return how many."""
+        cutoff = int((time.time() - self._ttl) * 1000)
+        return int(
+            self._client.zremrangebyscore(dead_index_key(self._ns), "-inf", cutoff)
+        )
+
+    def add_poison(self, redis_id: str, raw: bytes, error: str, queue: str) -> None:
+        """Keep a message that cannot be decoded (or names the wrong queue): raw, base64."""
+        payload = orjson.dumps(
+            {
+                "raw_base64": base64.b64encode(raw[:RAW_LIMIT]).decode(),
+                "truncated": len(raw) > RAW_LIMIT,
+                "queue": queue,
+                "error": error,
+            }
+        )
+        record = {"type": "poison", "code": None, "service": None, "message": error}
+        now = now_iso()
+        fields = {
+            "id": redis_id,
+            "state": "dead",
+            "reason": "poison",
+            "queue": queue,
+            "created_at": now,
+            "dead_at": now,
+            "error": record,
+        }
+        self.status.write(
+            redis_id,
+            fields,
+            event={"event": "dead", "reason": "poison", "error": record},
+            dead_payload=payload,
+        )
+
+    def entries(self, filters: Filters) -> list[tuple[str, float, dict[str, Any]]]:
+        """Dead letters matching ``filters``, oldest first: (job id, dead at, record)."""
+        self.sweep()
+        index = cast(
+            "list[tuple[bytes, float]]",
+            self._client.zrange(dead_index_key(self._ns), 0, -1, withscores=True),
+        )
+        out = []
+        for raw_id, score in index:
+            job_id = raw_id.decode()
+            record = self.status.get(job_id)
+            if record is None:
+                continue  # the record expired: the dead letter goes with it
+            if filters.match(record, score / 1000):
+                out.append((job_id, score / 1000, record))
+        return out
+
+    def show(self, job_id: str) -> dict[str, Any] | None:
+        """The record and the elided message of one dead letter, or None."""
+        score = self._client.zscore(dead_index_key(self._ns), job_id)
+        payload = cast(
+            "bytes | None", self._client.get(dead_payload_key(self._ns, job_id))
+        )
+        record = self.status.get(job_id)
+        if score is None or record is None:
+            return None
+        record["dead_at"] = record.get("dead_at") or score
+        record["message"] = elide(payload) if payload is not None else None
+        return record
+
+    def requeue(self, job_id: str, limits: Limits) -> None:
+        """Send a dead letter again under the same job id, after validating it again.
+
+        Refused and deferred recipients are reset; the delivery marker still stops a
+        resend to anyone a server already accepted.
+
+        Raises:
+            RequeueRefusedError: no such dead letter, undecodable, or no longer valid.
+        """
+        payload = cast(
+            "bytes | None", self._client.get(dead_payload_key(self._ns, job_id))
+        )
+        record = self.status.get(job_id)
+        if payload is None or record is None:
+            raise RequeueRefusedError(f"no dead letter {job_id}")
+        message = orjson.loads(payload)
+        if "raw_base64" in message:
+            raise RequeueRefusedError(
+                f"{job_id} could not be decoded; it can only be purged"
+            )
+        try:
+            notification = parse_job((message.get("kwargs") or {}).get("job"))
+            notification.check_limits(limits)
+        except JobValidationError as exc:
+            raise RequeueRefusedError(f"{job_id} is invalid: {exc}") from None
+        queue = str(message["queue_name"]).removesuffix(".DQ")
+        redis_id = str(uuid.uuid4())
+        message.update(
+            queue_name=queue,
+            options={"redis_message_id": redis_id},
+            message_timestamp=int(
+                time.time() * 1000
+            ),  # max_age counts from the requeue
+        )
+        accepted = [r for r in record["recipients"] if r.get("state") == "accepted"]
+        fields = {
+            "state": "queued",
+            "reason": "",
+            "error": "",
+            "next_attempt_at": "",
+            "dead_at": "",
+            "attempts": 0,
+            "recipients": orjson.dumps(accepted).decode(),
+            "updated_at": now_iso(),
+        }
+        keys = [
+            queue_key(self._ns, queue),
+            queue_messages_key(self._ns, queue),
+            dead_index_key(self._ns),
+            dead_payload_key(self._ns, job_id),
+            status_key(self._ns, job_id),
+        ]
+        args: list[EncodableT] = [
+            redis_id,
+            orjson.dumps(message),
+            job_id,
+            orjson.dumps(fields),
+        ]
+        if not self._requeue(keys=keys, args=args):
+            raise RequeueRefusedError(f"no dead letter {job_id}")
+        self.status.write(job_id, {}, event={"event": "requeued"})
+
+    def purge(self, job_id: str) -> bool:
+        """Delete one dead letter; its status record stays until it expires."""
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.zrem(dead_index_key(self._ns), job_id)
+            pipe.delete(dead_payload_key(self._ns, job_id))
+            removed, _ = pipe.execute()
+        return bool(removed)
