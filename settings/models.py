@@ -87,6 +87,13 @@ class Retry(_Section):
     transport_retries: int = Field(2, ge=0, le=10)
     max_in_process_wait: Duration = 5.0
     redelivery_limit: int = Field(5, ge=1)
+    redelivery_timeout: Duration = 15.0
+
+    @model_validator(mode="after")
+    def _redelivery(self) -> Retry:
+        if self.redelivery_timeout < 1:
+            raise ValueError("redelivery_timeout must be at least 1s")
+        return self
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Retry:

@@ -101,8 +101,25 @@ class JobHandler:
                 job_id, attempt, "max_age", _error("max_age", f"job is {age:.0f}s old")
             )
         start = self._status.begin(
-            job_id, attempt=attempt, queue=queue, metadata=notification.metadata
+            job_id,
+            attempt=attempt,
+            queue=queue,
+            metadata=notification.metadata,
+            redis_id=str(message.options.get("redis_message_id", "")),
         )
+        limit = self._settings.retry.redelivery_limit
+        if start.redeliveries >= limit:
+            self._dead(
+                job_id,
+                attempt,
+                "redelivery_limit",
+                _error(
+                    "redelivery_limit", f"its worker died {start.redeliveries} times"
+                ),
+            )
+        if start.in_doubt(attempt):
+            # The last process died between sending and recording: a server may have it.
+            log.warning("delivery_in_doubt", redeliveries=start.redeliveries)
         self._attempt(job_id, attempt, age, notification, start)
 
     def _validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Notification:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import dramatiq
 import redis
-from dramatiq.middleware import CurrentMessage, Retries, TimeLimit
+from dramatiq.middleware import CurrentMessage, TimeLimit
 from pydantic import SecretStr
 
 from producers.enqueue import connect
@@ -23,6 +23,7 @@ from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
 from worker.limits import Breaker
 from worker.middleware import LogContext
+from worker.reliability import Heartbeat, ReliableRetries
 from worker.services import build_services
 from worker.status import StatusStore
 from worker.transports.base import Transport
@@ -120,15 +121,19 @@ def build(
         dead_letters=dead_letters,
         client=client,
         namespace=settings.namespace,
+        # Dramatiq's own maintenance uses the same timeout; ours reaps first and surely.
+        heartbeat_timeout=int(policy.redelivery_timeout * 1000),
         middleware=[
             TimeLimit(time_limit=TIME_LIMIT_MS),
             CurrentMessage(),
             LogContext(),
-            Retries(
+            ReliableRetries(
                 max_retries=policy.max_attempts,
                 min_backoff=int(policy.min_backoff * 1000),
+                max_backoff=int(policy.max_backoff * 1000),
             ),
             DeadLetterCapture(),
+            Heartbeat(timeout=policy.redelivery_timeout, ttl=settings.status.ttl),
         ],
     )
     status = dead_letters.status

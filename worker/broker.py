@@ -10,13 +10,15 @@ from __future__ import annotations
 from typing import Any, cast
 
 import orjson
+import redis
 import structlog
 from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.errors import ActorNotFound, DecodeError
+from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 
 from worker.deadletter import DeadLetters
+from worker.reliability import pending_retry, set_pending_retry
 
 __all__ = ["DeadLetterCapture", "MailBroker"]
 
@@ -29,6 +31,23 @@ class SafeConsumer(_RedisConsumer):
     (Dramatiq could never acknowledge them); the messages fetched with them go on."""
 
     broker: MailBroker
+
+    def ack(self, message: MessageProxy) -> None:
+        """Enqueue the message's pending retry (if any), then acknowledge it.
+
+        A connection error in either step is raised as Dramatiq's ``ConnectionClosed``, so
+        Dramatiq tries the whole ack again every few seconds until Redis is back: the
+        message is never acknowledged without its retry on the queue.
+        """
+        pending = pending_retry(message)
+        if pending is not None:
+            copy, delay = pending
+            try:
+                self.broker.enqueue(copy, delay=delay)
+            except redis.RedisError as exc:
+                raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+            set_pending_retry(message, None)
+        super().ack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
 
     def __next__(self) -> MessageProxy | None:
         while True:

@@ -35,11 +35,33 @@ def now_iso() -> str:
 class JobStart:
     """What an attempt needs to know before it sends: the marker and earlier outcomes."""
 
-    __slots__ = ("accepted", "recipients")
+    __slots__ = (
+        "accepted",
+        "previous_attempts",
+        "previous_state",
+        "recipients",
+        "redeliveries",
+    )
 
-    def __init__(self, accepted: set[str], recipients: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        accepted: set[str],
+        recipients: list[dict[str, Any]],
+        *,
+        previous_state: str = "",
+        previous_attempts: int = 0,
+        redeliveries: int = 0,
+    ) -> None:
         self.accepted = accepted
         self.recipients = recipients
+        self.previous_state = previous_state
+        self.previous_attempts = previous_attempts
+        self.redeliveries = redeliveries
+
+    def in_doubt(self, attempt: int) -> bool:
+        """True when this attempt already ran and its process died while sending: a server
+        may have accepted the message without the marker saying so (DESIGN §5)."""
+        return self.previous_state == "sending" and self.previous_attempts == attempt
 
     @property
     def refused(self) -> set[str]:
@@ -62,7 +84,13 @@ class StatusStore:
         self._ttl = int(ttl)
 
     def begin(
-        self, job_id: str, *, attempt: int, queue: str, metadata: Mapping[str, Any]
+        self,
+        job_id: str,
+        *,
+        attempt: int,
+        queue: str,
+        metadata: Mapping[str, Any],
+        redis_id: str = "",
     ) -> JobStart:
         """Mark the job ``sending`` and read its marker and earlier outcomes (one round trip)."""
         key = status_key(self._ns, job_id)
@@ -77,15 +105,20 @@ class StatusStore:
             "reason": "",
         }
         with self._client.pipeline(transaction=False) as pipe:
+            pipe.hmget(key, "state", "attempts", "recipients")
+            pipe.hget(f"{self._ns}:redeliveries", redis_id or "-")
+            pipe.smembers(accepted_key(self._ns, job_id))
             pipe.hsetnx(key, "created_at", now)
             pipe.hset(key, mapping=fields)
             pipe.expire(key, self._ttl)
-            pipe.smembers(accepted_key(self._ns, job_id))
-            pipe.hget(key, "recipients")
-            replies = pipe.execute()
-        accepted = {a.decode() for a in replies[3]}
-        recipients = orjson.loads(replies[4]) if replies[4] else []
-        return JobStart(accepted, recipients)
+            (state, attempts, recipients), redeliveries, accepted = pipe.execute()[:3]
+        return JobStart(
+            {a.decode() for a in accepted},
+            orjson.loads(recipients) if recipients else [],
+            previous_state=state.decode() if state else "",
+            previous_attempts=int(attempts or 0),
+            redeliveries=int(redeliveries or 0),
+        )
 
     def write(
         self,

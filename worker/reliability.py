@@ -1,0 +1,184 @@
+"""Crash safety on top of Dramatiq's Redis broker.
+
+- ``Heartbeat``: a thread per worker process, independent of the worker threads, that
+  marks the process alive and re-queues the unacknowledged messages of processes whose
+  heartbeat stopped (``retry.redelivery_timeout``), counting each redelivery. Dramatiq
+  alone does this only after 60 s plus a random maintenance pass (minutes to half an hour).
+- ``ReliableRetries``: Dramatiq's retry, but the delayed copy is enqueued when the message
+  is acknowledged, inside Dramatiq's ack loop: if Redis is unreachable the original is
+  not acknowledged and the operation is tried again until it succeeds (Dramatiq's own
+  ``Retries`` acknowledges and loses the message when that enqueue fails).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import structlog
+from dramatiq import Broker, Middleware, Retry, Worker
+from dramatiq.broker import MessageProxy
+from dramatiq.common import compute_backoff, dq_name
+
+__all__ = [
+    "Heartbeat",
+    "ReliableRetries",
+    "pending_retry",
+    "redeliveries_key",
+    "set_pending_retry",
+]
+
+_PENDING = "mailworker_retry"
+
+log = structlog.get_logger("mailworker.reliability")
+
+# KEYS: none (the names are derived from the namespace, as Dramatiq's own script does).
+# ARGV: namespace, now (ms), timeout (ms), own broker id, ttl (s), queue names...
+_REAP = """
+local ns, now, timeout, me, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local beats = ns .. ':__heartbeats__'
+local counts = ns .. ':redeliveries'
+local moved = 0
+for _, worker in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now - timeout)) do
+  if worker ~= me then
+    for i = 6, #ARGV do
+      local queue = ARGV[i]
+      local acks = ns .. ':__acks__.' .. worker .. '.' .. queue
+      for _, id in ipairs(redis.call('SMEMBERS', acks)) do
+        if redis.call('HEXISTS', ns .. ':' .. queue .. '.msgs', id) == 1 then
+          redis.call('RPUSH', ns .. ':' .. queue, id)
+          redis.call('HINCRBY', counts, id, 1)
+          moved = moved + 1
+        end
+      end
+      redis.call('DEL', acks)
+    end
+    redis.call('ZREM', beats, worker)
+  end
+end
+if moved > 0 then redis.call('EXPIRE', counts, ttl) end
+return moved
+"""
+
+
+def redeliveries_key(namespace: str) -> str:
+    """The hash of redis message id → times it was taken back from a dead worker."""
+    return f"{namespace}:redeliveries"
+
+
+class Heartbeat(Middleware):
+    """Marks this worker process alive and takes back the messages of dead ones.
+
+    Args:
+        timeout: seconds without a heartbeat after which a process counts as dead.
+        ttl: how long redelivery counts are kept (``status.ttl``).
+    """
+
+    def __init__(self, *, timeout: float, ttl: float) -> None:
+        self.timeout = timeout
+        self.interval = max(0.2, timeout / 5)
+        self._ttl = int(ttl)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, args=(broker,), name="mailworker-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def beat(self, broker: Any) -> int:
+        """One heartbeat and one reaping pass; return how many messages were taken back."""
+        now = int(time.time() * 1000)
+        client = broker.client
+        client.zadd(f"{broker.namespace}:__heartbeats__", {broker.broker_id: now})
+        queues = sorted({*broker.queues, *(dq_name(q) for q in broker.queues)})
+        moved = int(
+            client.eval(
+                _REAP,
+                0,
+                broker.namespace,
+                now,
+                int(self.timeout * 1000),
+                broker.broker_id,
+                self._ttl,
+                *queues,
+            )
+        )
+        if moved:
+            log.warning("messages_redelivered", count=moved, reason="worker_died")
+        return moved
+
+    def _run(self, broker: Broker) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat(broker)
+            except Exception as exc:  # Redis away: try again next beat
+                log.warning("heartbeat_failed", error_type=type(exc).__name__)
+            self._stop.wait(self.interval)
+
+
+class ReliableRetries(Middleware):
+    """Retries a failed message with backoff, up to ``max_retries``, never losing it.
+
+    The actor raises ``dramatiq.Retry`` with its own delay for every retry it wants; any
+    other exception (a bug, Redis gone mid-job) is retried with exponential backoff. The
+    delayed copy is enqueued by ``SafeConsumer.ack`` (see ``worker.broker``).
+    """
+
+    def __init__(self, *, max_retries: int, min_backoff: int, max_backoff: int) -> None:
+        self.max_retries = max_retries
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+
+    @property
+    def actor_options(self) -> set[str]:
+        """``throws``: exceptions that fail the message at once."""
+        return {"throws"}
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None:
+            return
+        actor = broker.get_actor(message.actor_name)
+        throws = actor.options.get("throws")
+        if throws and isinstance(exception, throws):
+            message.fail()
+            return
+        retries = int(message.options.get("retries", 0))
+        message.options["retries"] = retries + 1
+        message.options["last_error"] = f"{type(exception).__name__}: {exception}"[:500]
+        if retries >= self.max_retries:
+            message.fail()
+            return
+        if isinstance(exception, Retry) and exception.delay is not None:
+            delay = int(exception.delay)
+        else:
+            _, delay = compute_backoff(
+                retries, factor=self.min_backoff, max_backoff=self.max_backoff
+            )
+        set_pending_retry(message, (message.copy(), delay))
+
+
+def pending_retry(message: MessageProxy) -> tuple[Any, int] | None:
+    """The retry ``ReliableRetries`` left for the ack to enqueue, if any."""
+    value: tuple[Any, int] | None = vars(message).get(_PENDING)
+    return value
+
+
+def set_pending_retry(message: MessageProxy, value: tuple[Any, int] | None) -> None:
+    """Attach (or clear) the retry the ack must enqueue before acknowledging."""
+    vars(message)[_PENDING] = value
