@@ -83,6 +83,18 @@ def namespace(redis_client: redis.Redis) -> Iterator[str]:
         redis_client.delete(*keys)
 
 
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    """A redis-server of this test's own (AOF on), for tests that stop or restart Redis:
+    the machine's shared server on 6379 is never touched."""
+    from tests.processes import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
 # ---------------------------------------------------------------- TLS
 
 

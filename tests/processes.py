@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -46,10 +47,8 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """kill -9 the master and every worker process."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=10)
         self._out.close()
 
@@ -138,19 +137,10 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=5)
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 __all__ = [
     "MAILWORKER",
     "RedisServer",
     "WorkerProcess",
     "clean_env",
     "free_port",
-    "private_redis",
 ]

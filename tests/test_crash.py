@@ -17,7 +17,7 @@ import pytest
 from producers import Notification, Producer
 from tests.conftest import Recorder, write_toml
 from tests.helpers import wait_for
-from tests.processes import MAILWORKER, WorkerProcess, clean_env, private_redis  # noqa: F401
+from tests.processes import MAILWORKER, WorkerProcess, clean_env
 from worker.status import StatusStore
 
 MESSAGE_ID = re.compile(rb"Message-ID: <([^@>]+)@")
@@ -205,7 +205,7 @@ def test_job_that_kills_its_worker_every_time_ends_as_redelivery_limit(
 def test_sigterm_finishes_in_flight_jobs_and_leaves_the_rest_queued(
     smtp_server, redis_url, redis_client, namespace, tmp_path
 ):
-    """SIGTERM: jobs in flight finish, the process exits 0 within the bound, the rest stay queued."""
+    """SIGTERM: jobs in flight finish, the process exits 0 in time, the rest stay queued."""
     server = smtp_server(recorder=SlowRecorder(delay=2.0))
     config = _config(tmp_path, redis_url, namespace, server)
     ids = _enqueue(redis_url, namespace, 10)
