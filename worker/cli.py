@@ -291,6 +291,47 @@ def test_connection_command(service: str | None, to: str) -> None:
 
 
 @main.group()
+def queue() -> None:
+    """Inspect the queues."""
+
+
+@queue.command("stats")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object (for autoscalers)."
+)
+@click.option(
+    "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
+)
+def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
+    """Jobs ready, in flight and delayed per priority, and dead letters."""
+    from worker.queues import queue_stats
+
+    settings = _settings()
+    url = broker_url or settings.broker_url.get_secret_value()
+    try:
+        stats = queue_stats(
+            connect(url, ca_bundle=settings.broker_ca_bundle), settings.namespace
+        )
+    except redis.RedisError as exc:
+        fail(
+            EXIT_BROKER,
+            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
+        )
+    if as_json:
+        click.echo(orjson.dumps(stats).decode())
+        return
+    click.echo(
+        f"{'priority':<10}{'queue':<12}{'ready':>8}{'in flight':>11}{'delayed':>9}"
+    )
+    for priority, row in stats["queues"].items():
+        click.echo(
+            f"{priority:<10}{row['queue']:<12}{row['ready']:>8}{row['in_flight']:>11}"
+            f"{row['delayed']:>9}"
+        )
+    click.echo(f"dead letters: {stats['dead']}")
+
+
+@main.group()
 def config() -> None:
     """Inspect the configuration."""
 
