@@ -121,8 +121,9 @@ def build(
         dead_letters=dead_letters,
         client=client,
         namespace=settings.namespace,
-        # Dramatiq's own maintenance uses the same timeout; ours reaps first and surely.
-        heartbeat_timeout=int(policy.redelivery_timeout * 1000),
+        # Dramatiq's own, random maintenance waits longer, so our reaper (which counts
+        # redeliveries for redelivery_limit) always takes a dead worker's jobs back first.
+        heartbeat_timeout=int(policy.redelivery_timeout * 4000),
         middleware=[
             TimeLimit(time_limit=TIME_LIMIT_MS),
             CurrentMessage(),
