@@ -19,6 +19,7 @@ from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 
 from worker.deadletter import DeadLetters
 from worker.reliability import pending_retry, set_pending_retry
+from worker.status import message_id_of
 
 __all__ = ["DeadLetterCapture", "MailBroker"]
 
@@ -116,18 +117,10 @@ class SafeConsumer(_RedisConsumer):
             if payload == raw or (
                 payload is not None
                 and message_id
-                and _message_id(payload) == message_id
+                and message_id_of(payload) == message_id
             ):
                 return str(redis_id.decode()), bytes(payload)
         return None
-
-
-def _message_id(payload: bytes) -> str | None:
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    return str(data.get("message_id")) if isinstance(data, dict) else None
 
 
 class MailBroker(RedisBroker):

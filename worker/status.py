@@ -21,7 +21,7 @@ from producers.keys import (
     status_key,
 )
 
-__all__ = ["JobStart", "StatusStore", "now_iso"]
+__all__ = ["JobStart", "StatusStore", "message_id_of", "now_iso"]
 
 _JSON_FIELDS = ("error", "recipients", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
@@ -182,7 +182,7 @@ class StatusStore:
                 for _, payload in self._client.hscan_iter(
                     queue_messages_key(self._ns, name)
                 ):
-                    if needle in payload and _message_id(payload) == job_id:
+                    if needle in payload and message_id_of(payload) == job_id:
                         return _decode(
                             {
                                 b"id": needle,
@@ -193,7 +193,8 @@ class StatusStore:
         return None
 
 
-def _message_id(payload: bytes) -> str | None:
+def message_id_of(payload: bytes) -> str | None:
+    """The ``message_id`` of an encoded Dramatiq message, or None if it cannot be read."""
     try:
         message = orjson.loads(payload)
     except orjson.JSONDecodeError:
