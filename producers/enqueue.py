@@ -14,9 +14,11 @@ from typing import Any
 import orjson
 import redis
 
+from producers.batch import BATCH_SCRIPT, batch_call
 from producers.job import Notification
 from producers.keys import (
     ACTOR_NAME,
+    BATCH_SIZE,
     QUEUES,
     idempotency_key,
     queue_key,
@@ -108,6 +110,7 @@ class Producer:
         self._idempotency_ttl = max(1, int(idempotency_ttl))
         self._label = broker_label
         self._script = client.register_script(_ENQUEUE)
+        self._batch = client.register_script(BATCH_SCRIPT)
 
     @classmethod
     def from_settings(
@@ -140,8 +143,16 @@ class Producer:
         """
         return self.enqueue_many([notification])[0]
 
-    def enqueue_many(self, notifications: Iterable[Notification]) -> list[str]:
+    def enqueue_many(
+        self, notifications: Iterable[Notification], *, bulk: bool = True
+    ) -> list[str]:
         """Validate every notification, then enqueue them in few round trips.
+
+        Args:
+            notifications: the jobs.
+            bulk: carry up to ``BATCH_SIZE`` jobs per broker message (the fast path; each
+                job still has its own id, status record, marker, retries and dead letter);
+                False enqueues one broker message per job, as ``enqueue`` does.
 
         Returns:
             The job ids, in order.
@@ -159,10 +170,58 @@ class Producer:
                 if len(jobs) == 1:
                     raise
                 raise JobValidationError(f"[{index}].{exc.field}", str(exc)) from None
+        if bulk and len(jobs) > 1:
+            return self._enqueue_bulk(jobs)
         ids: list[str] = []
         for start in range(0, len(jobs), _CHUNK):
             ids.extend(self._enqueue_chunk(jobs[start : start + _CHUNK], start))
         return ids
+
+    def _enqueue_bulk(self, jobs: list[Notification]) -> list[str]:
+        ids: list[str | None] = [None] * len(jobs)
+        by_priority: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_priority.setdefault(job.priority, []).append(index)
+        batches = [
+            indexes[start : start + BATCH_SIZE]
+            for indexes in by_priority.values()
+            for start in range(0, len(indexes), BATCH_SIZE)
+        ]
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        per_trip = max(1, _CHUNK // BATCH_SIZE)
+        for start in range(0, len(batches), per_trip):
+            group = batches[start : start + per_trip]
+            replies = self._run_batches(
+                [[jobs[i] for i in batch] for batch in group], now
+            )
+            for batch, reply in zip(group, replies, strict=True):
+                if reply[0] == b"conflict":
+                    index = batch[int(reply[1]) - 1]
+                    raise JobValidationError(
+                        f"[{index}].idempotency_key",
+                        f"already used for job {reply[2].decode()} with another payload",
+                    )
+                for position, index in enumerate(batch):
+                    ids[index] = reply[2 * position + 1].decode()
+        return [i for i in ids if i is not None]
+
+    def _run_batches(self, groups: list[list[Notification]], now: str) -> list[Any]:
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for group in groups:
+                    keys, args = batch_call(
+                        self._namespace,
+                        group,
+                        status_ttl=self._status_ttl,
+                        idempotency_ttl=self._idempotency_ttl,
+                        now=now,
+                    )
+                    self._batch(keys=keys, args=args, client=pipe)
+                return list(pipe.execute())
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(
+                f"broker {self._label} unreachable: {exc.__class__.__name__}"
+            ) from None
 
     def _enqueue_chunk(self, jobs: Sequence[Notification], offset: int) -> list[str]:
         now = datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -6,6 +6,8 @@ import hashlib
 
 __all__ = [
     "ACTOR_NAME",
+    "BATCH_ACTOR_NAME",
+    "BATCH_SIZE",
     "QUEUES",
     "accepted_key",
     "dead_index_key",
@@ -18,6 +20,8 @@ __all__ = [
 ]
 
 ACTOR_NAME = "deliver"
+BATCH_ACTOR_NAME = "deliver_batch"  # many jobs in one broker message (enqueue_many)
+BATCH_SIZE = 50
 # priority → Dramatiq queue; each its own queue so a bulk send never delays `high`.
 QUEUES = {"high": "mail-high", "normal": "mail", "bulk": "mail-bulk"}
 

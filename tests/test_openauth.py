@@ -67,7 +67,8 @@ def _send(redis_client, settings, count=1, **fields):
     producer = Producer(
         redis_client, namespace=settings.namespace, limits=settings.limits
     )
-    return producer.enqueue_many(Notification(**fields) for _ in range(count))
+    # One broker message per job: these tests are about concurrency across jobs.
+    return producer.enqueue_many((Notification(**fields) for _ in range(count)), bulk=False)
 
 
 def test_one_token_serves_many_messages_sent_as_json(
@@ -556,8 +557,11 @@ def test_two_processes_never_exceed_max_concurrent_requests(
             client = redis_lib.Redis.from_url(redis_url)
             producer = Producer(client, namespace=namespace)
             producer.enqueue_many(
-                Notification(to=[f"u{i}@example.org"], subject="s", text="t")
-                for i in range(24)
+                (
+                    Notification(to=[f"u{i}@example.org"], subject="s", text="t")
+                    for i in range(24)
+                ),
+                bulk=False,  # one broker message per job: concurrency across jobs
             )
             wait_for(lambda: len(fake_microsoft.sent) == 24, timeout=60)
         finally:

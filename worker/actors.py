@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -13,12 +16,14 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from producers.job import Notification, parse_job
+from producers.keys import ACTOR_NAME
 from settings import JobValidationError, MailworkerError, Settings
+from worker import records
 from worker.delivery import Deliverer, Outcome
 from worker.logging import show_address
 from worker.status import JobStart, StatusStore
 
-__all__ = ["DeadLetterError", "JobHandler"]
+__all__ = ["DeadLetterError", "Job", "JobHandler", "single_message"]
 
 log = structlog.get_logger("mailworker.job")
 
@@ -31,6 +36,44 @@ class DeadLetterError(MailworkerError):
         self.reason = reason
 
 
+@dataclass(slots=True)
+class Job:
+    """One job being attempted: who it is and how to put it back on the queue.
+
+    Attributes:
+        id: the job id (Dramatiq's message id of a single job).
+        attempt: this attempt's number (1 for the first).
+        queue: the priority queue it came from.
+        timestamp_ms: when it was first enqueued (``max_age`` counts from here).
+        redis_id: the broker message it came in (for the redelivery count).
+        message: the job as a single-job Dramatiq message (dead letters, reschedules).
+        single: the broker message carries this job alone (not a bulk message).
+    """
+
+    id: str
+    attempt: int
+    queue: str
+    timestamp_ms: int
+    redis_id: str
+    message: dict[str, Any]
+    single: bool = True
+
+    @property
+    def age(self) -> float:
+        """Seconds since it was enqueued."""
+        return time.time() - self.timestamp_ms / 1000
+
+    def payload(self) -> bytes:
+        """The single-job message as stored in a dead letter (requeue sends it again)."""
+        data = dict(self.message)
+        data["options"] = {
+            k: v
+            for k, v in data.get("options", {}).items()
+            if k not in ("traceback", "eta")
+        }
+        return orjson.dumps(data)
+
+
 class JobHandler:
     """Runs one attempt of one job.
 
@@ -39,6 +82,7 @@ class JobHandler:
         status: the status store.
         deliverer: the services in delivery order.
         broker: where a job waiting for a budget is put back.
+        draining: set when the worker stops: a bulk message hands its rest back.
     """
 
     def __init__(
@@ -48,86 +92,145 @@ class JobHandler:
         status: StatusStore,
         deliverer: Deliverer,
         broker: dramatiq.Broker,
+        draining: threading.Event | None = None,
     ) -> None:
         self._broker = broker
+        self._draining = draining or threading.Event()
         self._settings = settings
         self._status = status
         self._deliverer = deliverer
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        """The actor: every outcome is a status record; failures raise for the broker.
+        """The ``deliver`` actor: one job. Every outcome is a status record.
 
         A job that dies is kept in our dead letters (with its record) and then acknowledged.
 
         Raises:
             dramatiq.Retry: the job is tried again later, with the delay it carries.
         """
-        try:
-            self._handle(args, kwargs)
-        except DeadLetterError:
-            return
-
-    def _handle(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         message = CurrentMessage.get_current_message()
         assert message is not None, "the CurrentMessage middleware is required"
-        job_id = message.message_id
-        attempt = int(message.options.get("retries", 0)) + 1
+        job = Job(
+            id=message.message_id,
+            attempt=int(message.options.get("retries", 0)) + 1,
+            queue=message.queue_name.removesuffix(".DQ"),
+            timestamp_ms=message.message_timestamp,
+            redis_id=str(message.options.get("redis_message_id", "")),
+            message=message.asdict(),
+        )
+        with contextlib.suppress(DeadLetterError):
+            if args or set(kwargs) != {"job"}:
+                self._invalid(
+                    job,
+                    JobValidationError(
+                        "kwargs", "expected one keyword argument, 'job'"
+                    ),
+                )
+            self._run(job, kwargs["job"])
+
+    def batch(self, *args: Any, **kwargs: Any) -> None:
+        """The ``deliver_batch`` actor: many jobs in one broker message (``enqueue_many``).
+
+        Each job keeps its own id, status record, marker, retries and dead letter: a job
+        to be retried later is put back on the queue as a single job.
+        """
+        message = CurrentMessage.get_current_message()
+        assert message is not None, "the CurrentMessage middleware is required"
         queue = message.queue_name.removesuffix(".DQ")
-        try:
-            notification = self._validate(args, kwargs)
-        except JobValidationError as exc:
-            self._dead(
-                job_id,
-                attempt,
-                "validation",
-                {
-                    "type": "validation",
-                    "field": exc.field,
-                    "message": str(exc),
-                    "code": None,
-                    "service": None,
-                },
+        items = kwargs.get("jobs")
+        whole = Job(
+            message.message_id,
+            1,
+            queue,
+            message.message_timestamp,
+            str(message.options.get("redis_message_id", "")),
+            message.asdict(),
+        )
+        with contextlib.suppress(DeadLetterError):
+            if args or set(kwargs) != {"jobs"} or not isinstance(items, list):
+                self._invalid(
+                    whole, JobValidationError("jobs", "expected a list of jobs")
+                )
+            for item in items:
+                if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                    self._invalid(
+                        whole, JobValidationError("jobs", "each needs an 'id'")
+                    )
+        jobs: list[Any] = items if isinstance(items, list) else []
+        for position, item in enumerate(jobs):
+            if self._draining.is_set():
+                self._hand_back(jobs[position:], whole)
+                return
+            job = Job(
+                id=item["id"],
+                attempt=int(message.options.get("retries", 0)) + 1,
+                queue=queue,
+                timestamp_ms=message.message_timestamp,
+                redis_id=whole.redis_id,
+                message=single_message(
+                    item["id"], queue, item.get("job"), message.message_timestamp
+                ),
+                single=False,
             )
-        age = time.time() - message.message_timestamp / 1000
+            with contextlib.suppress(DeadLetterError):
+                self._run(job, item.get("job"))
+
+    def _hand_back(self, items: list[Any], whole: Job) -> None:
+        """The worker is stopping: put the jobs not yet started back as single jobs."""
+        for item in items:
+            job = Job(
+                item["id"],
+                whole.attempt,
+                whole.queue,
+                whole.timestamp_ms,
+                whole.redis_id,
+                single_message(
+                    item["id"], whole.queue, item.get("job"), whole.timestamp_ms
+                ),
+            )
+            self._reschedule(job, 0, count=False)
+        log.info("bulk_handed_back", jobs=len(items))
+
+    def _run(self, job: Job, data: Any) -> None:
+        try:
+            notification = self._validate(data)
+        except JobValidationError as exc:
+            self._invalid(job, exc)
         if (
             notification.not_after is not None
             and notification.not_after <= datetime.now(UTC)
         ):
+            self._dead(job, "expired", records.error("expired", "not_after has passed"))
+        if job.age > self._settings.retry.max_age:
             self._dead(
-                job_id, attempt, "expired", _error("expired", "not_after has passed")
-            )
-        if age > self._settings.retry.max_age:
-            self._dead(
-                job_id, attempt, "max_age", _error("max_age", f"job is {age:.0f}s old")
+                job, "max_age", records.error("max_age", f"job is {job.age:.0f}s old")
             )
         start = self._status.begin(
-            job_id,
-            attempt=attempt,
-            queue=queue,
+            job.id,
+            attempt=job.attempt,
+            queue=job.queue,
             metadata=notification.metadata,
-            redis_id=str(message.options.get("redis_message_id", "")),
+            redis_id=job.redis_id,
         )
-        limit = self._settings.retry.redelivery_limit
-        if start.redeliveries >= limit:
+        if start.redeliveries >= self._settings.retry.redelivery_limit:
+            message = f"its worker died {start.redeliveries} times"
             self._dead(
-                job_id,
-                attempt,
-                "redelivery_limit",
-                _error(
-                    "redelivery_limit", f"its worker died {start.redeliveries} times"
-                ),
+                job, "redelivery_limit", records.error("redelivery_limit", message)
             )
-        if start.in_doubt(attempt):
+        if start.in_doubt(job.attempt):
             # The last process died between sending and recording: a server may have it.
-            log.warning("delivery_in_doubt", redeliveries=start.redeliveries)
-        self._attempt(job_id, attempt, age, notification, start)
-
-    def _validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Notification:
-        if args or set(kwargs) != {"job"}:
-            raise JobValidationError(
-                "kwargs", "expected exactly one keyword argument, 'job'"
+            log.warning(
+                "delivery_in_doubt", job_id=job.id, redeliveries=start.redeliveries
             )
-        notification = parse_job(kwargs["job"])
+        self._attempt(job, notification, start)
+
+    def _invalid(self, job: Job, exc: JobValidationError) -> NoReturn:
+        self._dead(
+            job, "validation", records.error("validation", str(exc), field=exc.field)
+        )
+
+    def _validate(self, data: Any) -> Notification:
+        notification = parse_job(data)
         limits = self._settings.limits
         count = len(notification.to) + len(notification.cc) + len(notification.bcc)
         if count > limits.max_recipients:
@@ -141,14 +244,7 @@ class JobHandler:
         self._deliverer.order(notification)  # a `sender` naming no service is invalid
         return notification
 
-    def _attempt(
-        self,
-        job_id: str,
-        attempt: int,
-        age: float,
-        notification: Notification,
-        start: JobStart,
-    ) -> None:
+    def _attempt(self, job: Job, notification: Notification, start: JobStart) -> None:
         redirect = self._settings.redirect_all_to
         wanted = [redirect] if redirect else notification.recipients
         pending = [
@@ -163,10 +259,10 @@ class JobHandler:
             Outcome()
             if not pending
             else self._deliverer.deliver(
-                job_id, notification, pending, extra_headers=headers
+                job.id, notification, pending, extra_headers=headers
             )
         )
-        recipients = _merge(start, wanted, outcome)
+        recipients = records.merge_recipients(start, wanted, outcome)
         fields: dict[str, Any] = {"recipients": recipients, "skipped": outcome.skipped}
         if outcome.service and outcome.receipt.accepted:
             fields.update(service=outcome.service, message_id=outcome.message_id)
@@ -184,79 +280,64 @@ class JobHandler:
             if any(r["state"] == "accepted" for r in recipients):
                 fields.update(state="sent", reason="", error=None, next_attempt_at="")
                 self._status.write(
-                    job_id,
+                    job.id,
                     fields,
                     accepted=accepted,
-                    event=_event(attempt, "sent", outcome),
+                    event=records.event(job.attempt, "sent", outcome),
                 )
                 return
-            fields["error"] = error or _error(
+            fields["error"] = error or records.error(
                 "permanent", "every recipient was refused"
             )
-            self._status.write(job_id, fields, accepted=accepted)
-            self._dead(job_id, attempt, "permanent", fields["error"])
+            self._status.write(job.id, fields, accepted=accepted)
+            self._dead(job, "permanent", fields["error"])
         if outcome.only_waiting:
-            self._wait(job_id, attempt, age, outcome, fields)
+            self._wait(job, outcome, fields)
             return
-        fields["error"] = error or _deferred_error(outcome)
-        self._retry(job_id, attempt, age, outcome, fields, accepted)
+        fields["error"] = error or records.deferred_error(outcome)
+        self._retry(job, outcome, fields, accepted)
 
-    def _wait(
-        self,
-        job_id: str,
-        attempt: int,
-        age: float,
-        outcome: Outcome,
-        fields: dict[str, Any],
-    ) -> None:
+    def _wait(self, job: Job, outcome: Outcome, fields: dict[str, Any]) -> None:
         """Every service is spent or cooling down: come back later; not an attempt."""
         delay = max(1.0, outcome.wait or 0.0)
         reason = outcome.skipped[-1]["reason"] if outcome.skipped else "budget"
-        if age + delay > self._settings.retry.max_age:
-            self._status.write(job_id, fields)
+        if job.age + delay > self._settings.retry.max_age:
+            self._status.write(job.id, fields)
             self._dead(
-                job_id, attempt, "max_age", _error(reason, "waited past retry.max_age")
+                job, "max_age", records.error(reason, "waited past retry.max_age")
             )
-        message = CurrentMessage.get_current_message()
-        assert message is not None
         next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
             timespec="seconds"
         )
-        # Re-enqueue ourselves with the same options, so the retry count stays as it is;
-        # if that fails the actor raises and the broker retries: nothing is lost.
-        self._broker.enqueue(message.copy(), delay=int(delay * 1000))
+        # Put it back with the same retry count; if that fails the actor raises and the
+        # broker retries the message: nothing is lost.
+        self._reschedule(job, delay, count=False)
         fields.update(
             state="retrying", reason=reason, next_attempt_at=next_at, error=None
         )
         self._status.write(
-            job_id,
+            job.id,
             fields,
-            event={"attempt": attempt, "event": "waiting", "reason": reason},
+            event={"attempt": job.attempt, "event": "waiting", "reason": reason},
         )
         log.info("job_waiting", reason=reason, delay_s=round(delay, 1))
 
     def _retry(
-        self,
-        job_id: str,
-        attempt: int,
-        age: float,
-        outcome: Outcome,
-        fields: dict[str, Any],
-        accepted: list[str],
+        self, job: Job, outcome: Outcome, fields: dict[str, Any], accepted: list[str]
     ) -> None:
         policy = self._settings.retry
-        if attempt >= policy.max_attempts:
-            self._status.write(job_id, fields, accepted=accepted)
-            self._dead(job_id, attempt, "retries_exhausted", fields["error"])
-        base = min(policy.max_backoff, policy.min_backoff * 2 ** (attempt - 1))
+        if job.attempt >= policy.max_attempts:
+            self._status.write(job.id, fields, accepted=accepted)
+            self._dead(job, "retries_exhausted", fields["error"])
+        base = min(policy.max_backoff, policy.min_backoff * 2 ** (job.attempt - 1))
         delay = max(
             policy.min_backoff,
             random.uniform(base / 2, base),
             outcome.retry_after or 0.0,
         )
-        if age + delay > policy.max_age:
-            self._status.write(job_id, fields, accepted=accepted)
-            self._dead(job_id, attempt, "max_age", fields["error"])
+        if job.age + delay > policy.max_age:
+            self._status.write(job.id, fields, accepted=accepted)
+            self._dead(job, "max_age", fields["error"])
         next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
             timespec="seconds"
         )
@@ -264,112 +345,85 @@ class JobHandler:
             state="retrying", reason="retry_scheduled", next_attempt_at=next_at
         )
         self._status.write(
-            job_id,
+            job.id,
             fields,
             accepted=accepted,
-            event={**_event(attempt, "retrying", outcome), "error": fields["error"]},
+            event={
+                **records.event(job.attempt, "retrying", outcome),
+                "error": fields["error"],
+            },
         )
         log.warning(
             "job_retry_scheduled",
+            job_id=job.id,
             delay_s=round(delay, 1),
             error=fields["error"]["message"],
         )
-        raise dramatiq.Retry(
-            message=fields["error"]["message"], delay=int(delay * 1000)
-        )
+        if job.single:
+            raise dramatiq.Retry(
+                message=fields["error"]["message"], delay=int(delay * 1000)
+            )
+        self._reschedule(job, delay, count=True)
 
-    def _dead(
-        self, job_id: str, attempt: int, reason: str, error: dict[str, Any]
-    ) -> NoReturn:
+    def _reschedule(self, job: Job, delay: float, *, count: bool) -> None:
+        """Put the job back as a single job after ``delay`` seconds; ``count`` says whether
+        the attempt just made counts toward ``max_attempts``."""
+        options = {
+            k: v
+            for k, v in job.message.get("options", {}).items()
+            if k not in ("eta", "redis_message_id", "traceback")
+        }
+        options["retries"] = job.attempt if count else job.attempt - 1
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=job.queue,
+            actor_name=ACTOR_NAME,
+            args=(),
+            kwargs=job.message["kwargs"],
+            options=options,
+            message_id=job.id,
+            message_timestamp=job.timestamp_ms,
+        )
+        self._broker.enqueue(message, delay=int(delay * 1000))
+
+    def _dead(self, job: Job, reason: str, error: dict[str, Any]) -> NoReturn:
         self._status.write(
-            job_id,
+            job.id,
             {
+                "id": job.id,
                 "state": "dead",
                 "reason": reason,
                 "error": error,
-                "attempts": attempt,
+                "attempts": job.attempt,
                 "next_attempt_at": "",
                 "dead_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             },
             event={
-                "attempt": attempt,
+                "attempt": job.attempt,
                 "event": "dead",
                 "reason": reason,
                 "error": error,
             },
-            dead_payload=_current_payload(),
+            dead_payload=job.payload(),
         )
-        log.error("job_dead_lettered", reason=reason, error=error.get("message"))
+        log.error(
+            "job_dead_lettered",
+            job_id=job.id,
+            reason=reason,
+            error=error.get("message"),
+        )
         raise DeadLetterError(reason, str(error.get("message")))
 
 
-def _current_payload() -> bytes:
-    """The message being processed, as requeue needs it (without Dramatiq's traceback)."""
-    message = CurrentMessage.get_current_message()
-    assert message is not None
-    data = message.asdict()
-    data["options"] = {k: v for k, v in data["options"].items() if k != "traceback"}
-    return orjson.dumps(data)
-
-
-def _deferred_error(outcome: Outcome) -> dict[str, Any]:
-    """The error of an attempt whose server deferred some recipients (4xx to RCPT)."""
-    deferred = outcome.receipt.deferred
-    if not deferred:
-        return _error("transient", "no service took the message")
-    code, text = next(iter(deferred.values()))
+def single_message(
+    job_id: str, queue: str, job: Any, timestamp_ms: int
+) -> dict[str, Any]:
+    """A job of a bulk message as the single-job message it would have been."""
     return {
-        "type": "transient",
-        "code": code,
-        "service": outcome.service,
-        "message": f"{len(deferred)} recipient(s) deferred: {text}",
+        "queue_name": queue,
+        "actor_name": ACTOR_NAME,
+        "args": [],
+        "kwargs": {"job": job},
+        "options": {},
+        "message_id": job_id,
+        "message_timestamp": timestamp_ms,
     }
-
-
-def _error(kind: str, message: str) -> dict[str, Any]:
-    return {"type": kind, "code": None, "service": None, "message": message}
-
-
-def _event(attempt: int, event: str, outcome: Outcome) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "attempt": attempt,
-        "event": event,
-        "service": outcome.service,
-    }
-    if outcome.skipped:
-        entry["skipped"] = outcome.skipped
-    return entry
-
-
-def _merge(
-    start: JobStart, wanted: list[str], outcome: Outcome
-) -> list[dict[str, Any]]:
-    """Per-recipient outcomes so far: earlier ones, then this attempt's."""
-    previous = {r["address"]: r for r in start.recipients}
-    receipt = outcome.receipt
-    merged = []
-    for address in wanted:
-        if address in start.accepted or address in receipt.accepted:
-            entry = previous.get(address) if address in start.accepted else None
-            merged.append(
-                entry
-                or {
-                    "address": address,
-                    "state": "accepted",
-                    "code": 250,
-                    "message": receipt.response,
-                }
-            )
-        elif address in receipt.refused or address in receipt.deferred:
-            state = "refused" if address in receipt.refused else "deferred"
-            code, text = receipt.refused.get(address) or receipt.deferred[address]
-            merged.append(
-                {"address": address, "state": state, "code": code, "message": text}
-            )
-        elif address in previous:
-            merged.append(previous[address])
-        else:
-            merged.append(
-                {"address": address, "state": "deferred", "code": None, "message": ""}
-            )
-    return merged

@@ -15,14 +15,14 @@ from dramatiq.middleware import CurrentMessage, TimeLimit
 from pydantic import SecretStr
 
 from producers.enqueue import connect
-from producers.keys import ACTOR_NAME, QUEUES
+from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
 from worker.actors import DeadLetterError, JobHandler
 from worker.broker import DeadLetterCapture, MailBroker
 from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
 from worker.limits import Breaker
-from worker.middleware import LogContext
+from worker.middleware import Draining, LogContext
 from worker.reliability import Heartbeat, ReliableRetries
 from worker.services import build_services
 from worker.status import StatusStore
@@ -114,6 +114,7 @@ def build(
     )
     services = build_services(settings, client)
     policy = settings.retry
+    draining = Draining()
     dead_letters = DeadLetters(
         client, namespace=settings.namespace, ttl=settings.status.ttl
     )
@@ -135,6 +136,7 @@ def build(
             ),
             DeadLetterCapture(),
             Heartbeat(timeout=policy.redelivery_timeout, ttl=settings.status.ttl),
+            draining,
         ],
     )
     status = dead_letters.status
@@ -147,7 +149,13 @@ def build(
     deliverer = Deliverer(
         services, retry=policy, backoff=backoff, sleep=sleep, breaker=breaker
     )
-    handler = JobHandler(settings, status=status, deliverer=deliverer, broker=broker)
+    handler = JobHandler(
+        settings,
+        status=status,
+        deliverer=deliverer,
+        broker=broker,
+        draining=draining.event,
+    )
 
     def deliver(*args: object, **kwargs: object) -> None:
         handler(*args, **kwargs)
@@ -158,6 +166,16 @@ def build(
         queue_name=QUEUES["normal"],
         throws=(DeadLetterError,),
     )(deliver)
+
+    def deliver_batch(*args: object, **kwargs: object) -> None:
+        handler.batch(*args, **kwargs)
+
+    dramatiq.actor(
+        broker=broker,
+        actor_name=BATCH_ACTOR_NAME,
+        queue_name=QUEUES["bulk"],
+        throws=(DeadLetterError,),
+    )(deliver_batch)
     for queue in QUEUES.values():
         broker.declare_queue(queue)
     return WorkerApp(

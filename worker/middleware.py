@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import structlog
-from dramatiq import Broker, Middleware
+from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 
-__all__ = ["LogContext"]
+__all__ = ["Draining", "LogContext"]
 
 
 class LogContext(Middleware):
@@ -37,3 +38,17 @@ class LogContext(Middleware):
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
         structlog.contextvars.clear_contextvars()
+
+
+class Draining(Middleware):
+    """Sets ``event`` when the worker begins to shut down, so a bulk message in progress
+    can hand its remaining jobs back to the queue instead of outliving the stop timeout."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self.event.clear()
+
+    def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self.event.set()

@@ -1,0 +1,161 @@
+"""The bulk path: many jobs per broker message, each keeping its own id, status record,
+delivery marker, retries and dead letter."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from email import message_from_bytes, policy
+
+import pytest
+
+from producers import JobValidationError, Notification, Producer
+from worker.deadletter import DeadLetters
+
+
+def _jobs(count, **fields):
+    fields.setdefault("subject", "Digest")
+    fields.setdefault("text", "Your daily digest.")
+    return [Notification(to=[f"user{i}@example.org"], **fields) for i in range(count)]
+
+
+def test_bulk_jobs_each_get_their_own_message_and_record(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """120 notifications travel in 3 broker messages; each arrives with its own Message-ID
+    and has its own `sent` record."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    ids = Producer(redis_client, namespace=namespace).enqueue_many(_jobs(120))
+    assert redis_client.llen(f"{namespace}:mail") == 3
+    app.broker.join("mail", timeout=30_000)
+    received = {
+        message_from_bytes(m.data, policy=policy.default)["Message-ID"]: m.rcpt_tos
+        for m in server.recorder.messages
+    }
+    assert set(received) == {f"<{i}@example.com>" for i in ids}
+    assert received[f"<{ids[7]}@example.com>"] == ["user7@example.org"]
+    assert all(app.status.get(i)["state"] == "sent" for i in ids)
+
+
+def test_a_deferred_job_in_a_bulk_message_is_retried_alone(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """A job whose recipient is deferred is put back as a single job; the others are sent
+    once; its retries and dead letter are its own, and requeue sends it alone."""
+    server = smtp_server()
+    server.recorder.rcpt_replies["user3@example.org"] = "451 4.3.0 Mailbox busy"
+    settings = make_settings(
+        smtp=[server.smtp_section()],
+        retry={"max_attempts": 2, "min_backoff": "0.2s", "max_backoff": "0.5s"},
+    )
+    app = run_worker(settings)
+    ids = Producer(redis_client, namespace=namespace).enqueue_many(_jobs(10))
+    app.broker.join("mail", timeout=20_000)
+    assert sorted(m.rcpt_tos[0] for m in server.recorder.messages) == sorted(
+        f"user{i}@example.org" for i in range(10) if i != 3
+    )
+    assert server.recorder.commands.count("RCPT user3@example.org") == 2
+    record = app.status.get(ids[3])
+    assert record["state"] == "dead" and record["reason"] == "retries_exhausted"
+    assert record["attempts"] == 2
+    assert [h["event"] for h in record["history"]] == ["retrying", "dead"]
+    # The operator fixes the mailbox and requeues the one job
+    server.recorder.rcpt_replies.clear()
+    DeadLetters(redis_client, namespace=namespace, ttl=60).requeue(
+        ids[3], settings.limits
+    )
+    app.broker.join("mail", timeout=20_000)
+    assert app.status.get(ids[3])["state"] == "sent"
+    assert len(server.recorder.messages) == 10
+
+
+def test_an_invalid_job_in_a_bulk_message_dies_alone(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """A wire-format bulk message with one invalid job: that job is dead as `validation`,
+    the others are delivered."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    good, bad = str(uuid.uuid4()), str(uuid.uuid4())
+    payload = {
+        "queue_name": "mail",
+        "actor_name": "deliver_batch",
+        "args": [],
+        "kwargs": {
+            "jobs": [
+                {
+                    "id": good,
+                    "job": {"to": ["ok@example.org"], "subject": "s", "text": "t"},
+                },
+                {
+                    "id": bad,
+                    "job": {"to": ["ok@example.org"], "subject": "s\r\nBcc: x@y.z"},
+                },
+            ]
+        },
+        "options": {"redis_message_id": "r-1"},
+        "message_id": str(uuid.uuid4()),
+        "message_timestamp": int(time.time() * 1000),
+    }
+    with redis_client.pipeline(transaction=True) as pipe:
+        pipe.hset(f"{namespace}:mail.msgs", "r-1", json.dumps(payload))
+        pipe.rpush(f"{namespace}:mail", "r-1")
+        pipe.execute()
+    app.broker.join("mail", timeout=10_000)
+    assert app.status.get(good)["state"] == "sent"
+    bad_record = app.status.get(bad)
+    assert (
+        bad_record["reason"] == "validation"
+        and bad_record["error"]["field"] == "subject"
+    )
+    assert len(server.recorder.messages) == 1
+
+
+def test_a_malformed_bulk_message_is_dead_letters_as_a_whole(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """A bulk message whose `jobs` is not a list is dead as `validation` naming `jobs`."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    message_id = str(uuid.uuid4())
+    payload = {
+        "queue_name": "mail",
+        "actor_name": "deliver_batch",
+        "args": [],
+        "kwargs": {"jobs": "everyone"},
+        "options": {"redis_message_id": "r-2"},
+        "message_id": message_id,
+        "message_timestamp": int(time.time() * 1000),
+    }
+    redis_client.hset(f"{namespace}:mail.msgs", "r-2", json.dumps(payload))
+    redis_client.rpush(f"{namespace}:mail", "r-2")
+    app.broker.join("mail", timeout=10_000)
+    record = app.status.get(message_id)
+    assert record["reason"] == "validation" and record["error"]["field"] == "jobs"
+    assert server.recorder.messages == []
+
+
+def test_idempotency_keys_hold_inside_and_across_bulk_messages(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """A key repeated with the same payload is one job; reused with another payload it is
+    an error naming the index, and nothing of that bulk message is enqueued."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    producer = Producer(redis_client, namespace=namespace)
+    twice = _jobs(1, idempotency_key="k-1") * 2
+    first = producer.enqueue_many([*twice, *_jobs(2)])
+    assert first[0] == first[1] and len(set(first)) == 3
+    app.broker.join("mail", timeout=10_000)
+    assert len(server.recorder.messages) == 3
+    again = producer.enqueue_many(_jobs(1, idempotency_key="k-1") + _jobs(1))
+    assert again[0] == first[0]
+    with pytest.raises(JobValidationError) as caught:
+        producer.enqueue_many(
+            [*_jobs(1), *_jobs(1, idempotency_key="k-1", subject="Other")]
+        )
+    assert caught.value.field == "[1].idempotency_key"
+    app.broker.join("mail", timeout=10_000)
+    assert len(server.recorder.messages) == 4

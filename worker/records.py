@@ -1,0 +1,75 @@
+"""Pure helpers that turn an attempt's outcome into status-record fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.delivery import Outcome
+from worker.status import JobStart
+
+__all__ = ["deferred_error", "error", "event", "merge_recipients"]
+
+
+def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    """An ``error`` object of a status record (DESIGN §6)."""
+    return {"type": kind, "code": None, "service": None, "message": message, **extra}
+
+
+def deferred_error(outcome: Outcome) -> dict[str, Any]:
+    """The error of an attempt whose server deferred some recipients (4xx to RCPT)."""
+    deferred = outcome.receipt.deferred
+    if not deferred:
+        return error("transient", "no service took the message")
+    code, text = next(iter(deferred.values()))
+    return {
+        "type": "transient",
+        "code": code,
+        "service": outcome.service,
+        "message": f"{len(deferred)} recipient(s) deferred: {text}",
+    }
+
+
+def event(attempt: int, name: str, outcome: Outcome) -> dict[str, Any]:
+    """A history entry for this attempt."""
+    entry: dict[str, Any] = {
+        "attempt": attempt,
+        "event": name,
+        "service": outcome.service,
+    }
+    if outcome.skipped:
+        entry["skipped"] = outcome.skipped
+    return entry
+
+
+def merge_recipients(
+    start: JobStart, wanted: list[str], outcome: Outcome
+) -> list[dict[str, Any]]:
+    """Per-recipient outcomes so far: earlier ones, then this attempt's."""
+    previous = {r["address"]: r for r in start.recipients}
+    receipt = outcome.receipt
+    merged = []
+    for address in wanted:
+        if address in start.accepted or address in receipt.accepted:
+            entry = previous.get(address) if address in start.accepted else None
+            merged.append(
+                entry
+                or {
+                    "address": address,
+                    "state": "accepted",
+                    "code": 250,
+                    "message": receipt.response,
+                }
+            )
+        elif address in receipt.refused or address in receipt.deferred:
+            state = "refused" if address in receipt.refused else "deferred"
+            code, text = receipt.refused.get(address) or receipt.deferred[address]
+            merged.append(
+                {"address": address, "state": state, "code": code, "message": text}
+            )
+        elif address in previous:
+            merged.append(previous[address])
+        else:
+            merged.append(
+                {"address": address, "state": "deferred", "code": None, "message": ""}
+            )
+    return merged
