@@ -17,13 +17,12 @@ def test_stats_count_ready_delayed_and_dead_per_priority(
 ):
     """Ready jobs per priority, delayed ones and dead letters are counted, also by the CLI."""
     producer = Producer(redis_client, namespace=namespace)
-    producer.enqueue_many(
-        Notification(to=["a@example.org"], subject="s", text="t") for _ in range(3)
-    )
-    producer.enqueue_many(
-        Notification(to=["a@example.org"], subject="s", text="t", priority="high")
-        for _ in range(2)
-    )
+    for _ in range(3):
+        producer.enqueue(Notification(to=["a@example.org"], subject="s", text="t"))
+    for _ in range(2):
+        producer.enqueue(
+            Notification(to=["a@example.org"], subject="s", text="t", priority="high")
+        )
     wire_enqueue(
         redis_client, namespace, {"to": ["a@example.org"]}, queue="mail-bulk.DQ"
     )
