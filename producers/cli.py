@@ -131,11 +131,32 @@ def _from_json(source: str) -> dict[str, Any]:
 @click.option(
     "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
 )
-def send(json_source: str | None, broker_url: str | None, **options: Any) -> None:
+@click.option(
+    "--bulk", metavar="FILE.jsonl|-", help="Many jobs, one JSON object per line."
+)
+@click.option(
+    "--ids-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --bulk: write the job ids here (default: FILE.jsonl.ids).",
+)
+def send(
+    json_source: str | None,
+    broker_url: str | None,
+    bulk: str | None,
+    ids_out: Path | None,
+    **options: Any,
+) -> None:
     """Enqueue one notification; print its job id alone on the last line.
 
-    Exit codes: 0 enqueued, 2 invalid job (the field is named), 4 broker unreachable.
+    With --bulk FILE.jsonl (one job per line, as --json takes it; - for stdin) every valid
+    line is enqueued and a summary printed; a refused line never stops the rest.
+
+    Exit codes: 0 enqueued (with --bulk: every line), 1 some --bulk lines refused,
+    2 invalid job (the field is named), 4 broker unreachable.
     """
+    if bulk is not None:
+        _send_bulk(bulk, broker_url, ids_out)
+        return
     try:
         data = _from_json(json_source) if json_source else _from_flags(options)
         notification: Notification = parse_job(data)
@@ -151,3 +172,20 @@ def send(json_source: str | None, broker_url: str | None, **options: Any) -> Non
     except BrokerUnavailableError as exc:
         fail(EXIT_BROKER, str(exc))
     click.echo(job_id)
+
+
+def _send_bulk(source: str, broker_url: str | None, ids_out: Path | None) -> None:
+    from producers.bulk_cli import report, send_bulk
+
+    if ids_out is None and source != "-":
+        ids_out = Path(f"{source}.ids")
+    producer = make_producer(broker_url)
+    try:
+        summary = send_bulk(producer, source, ids_out)
+    except OSError as exc:
+        fail(EXIT_USAGE, f"--bulk: cannot read {source}: {exc.strerror}")
+    except BrokerUnavailableError as exc:
+        fail(EXIT_BROKER, str(exc))
+    click.echo("\n".join(report(summary, ids_out)))
+    if summary.refused:
+        sys.exit(EXIT_FAILED)

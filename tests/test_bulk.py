@@ -26,9 +26,10 @@ def test_bulk_jobs_each_get_their_own_message_and_record(
     """120 notifications travel in 3 broker messages; each arrives with its own Message-ID
     and has its own `sent` record."""
     server = smtp_server()
-    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    settings = make_settings(smtp=[server.smtp_section()])
     ids = Producer(redis_client, namespace=namespace).enqueue_many(_jobs(120))
     assert redis_client.llen(f"{namespace}:mail") == 3
+    app = run_worker(settings)
     app.broker.join("mail", timeout=30_000)
     received = {
         message_from_bytes(m.data, policy=policy.default)["Message-ID"]: m.rcpt_tos
@@ -159,3 +160,44 @@ def test_idempotency_keys_hold_inside_and_across_bulk_messages(
     assert caught.value.field == "[1].idempotency_key"
     app.broker.join("mail", timeout=10_000)
     assert len(server.recorder.messages) == 4
+
+
+def test_send_bulk_enqueues_every_valid_line_and_summarises(
+    smtp_server, make_settings, run_worker, redis_client, namespace, tmp_path, redis_url
+):
+    """`send --bulk FILE.jsonl` enqueues the valid lines, refuses the rest with their line
+    numbers and reasons, writes the job ids to a file, and exits 1 when any was refused."""
+    import subprocess
+
+    from tests.conftest import write_toml
+    from tests.processes import MAILWORKER, clean_env
+
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    lines = [
+        json.dumps({"to": [f"u{i}@example.org"], "subject": f"n{i}", "text": "t"})
+        for i in range(120)
+    ]
+    lines[10] = "{broken"
+    lines[20] = json.dumps({"to": ["nobody"], "subject": "s", "text": "t"})
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(lines) + "\n")
+    config = write_toml(
+        tmp_path / "c.toml", {"broker_url": redis_url, "namespace": namespace}
+    )
+    out = subprocess.run(
+        [MAILWORKER, "send", "--bulk", str(jobs)],
+        capture_output=True,
+        text=True,
+        env=clean_env(MAILWORKER_CONFIG=str(config)),
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "enqueued 118" in out.stdout and "refused 2" in out.stdout
+    assert "line 11: not valid JSON" in out.stdout
+    assert "line 21: to[0].address" in out.stdout
+    ids = (tmp_path / "jobs.jsonl.ids").read_text().split()
+    assert len(ids) == 118
+    app.broker.join("mail", timeout=30_000)
+    assert len(server.recorder.messages) == 118
+    assert all(app.status.get(i)["state"] == "sent" for i in ids)
