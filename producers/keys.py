@@ -21,7 +21,7 @@ __all__ = [
 
 ACTOR_NAME = "deliver"
 BATCH_ACTOR_NAME = "deliver_batch"  # many jobs in one broker message (enqueue_many)
-BATCH_SIZE = 50
+BATCH_SIZE = 20  # small enough that a thread is soon free for a high-priority job
 # priority → Dramatiq queue; each its own queue so a bulk send never delays `high`.
 QUEUES = {"high": "mail-high", "normal": "mail", "bulk": "mail-bulk"}
 

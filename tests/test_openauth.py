@@ -68,7 +68,9 @@ def _send(redis_client, settings, count=1, **fields):
         redis_client, namespace=settings.namespace, limits=settings.limits
     )
     # One broker message per job: these tests are about concurrency across jobs.
-    return producer.enqueue_many((Notification(**fields) for _ in range(count)), bulk=False)
+    return producer.enqueue_many(
+        (Notification(**fields) for _ in range(count)), bulk=False
+    )
 
 
 def test_one_token_serves_many_messages_sent_as_json(

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from producers import BrokerUnavailableError, JobValidationError, Notification, Producer
+from producers.keys import BATCH_SIZE
 from tests.conftest import free_port
 from tests.helpers import wire_enqueue
 from worker.status import StatusStore
@@ -127,7 +128,7 @@ def test_enqueue_many_returns_ids_in_order_and_validates_all_first(
     producer = Producer(redis_client, namespace=namespace)
     ids = producer.enqueue_many(_notification(subject=f"n{i}") for i in range(1200))
     assert len(ids) == len(set(ids)) == 1200
-    assert redis_client.llen(f"{namespace}:mail") == 1200 // 50  # bulk messages of 50
+    assert redis_client.llen(f"{namespace}:mail") == 1200 // BATCH_SIZE  # bulk messages
     status = StatusStore(redis_client, namespace=namespace, ttl=60)
     assert all(status.get(i)["state"] == "queued" for i in ids[::97])
     from settings import Limits
@@ -140,7 +141,7 @@ def test_enqueue_many_returns_ids_in_order_and_validates_all_first(
             [_notification(), _notification(to=["a@example.org", "b@example.org"])]
         )
     assert caught.value.field == "[1].to"
-    assert redis_client.llen(f"{namespace}:mail") == 1200 // 50
+    assert redis_client.llen(f"{namespace}:mail") == 1200 // BATCH_SIZE
 
 
 def test_broker_down_is_a_clear_error_not_a_silent_drop():

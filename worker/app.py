@@ -174,6 +174,8 @@ def build(
         broker=broker,
         actor_name=BATCH_ACTOR_NAME,
         queue_name=QUEUES["bulk"],
+        # Within a process, single jobs (high priority ones too) go before bulk messages.
+        priority=10,
         throws=(DeadLetterError,),
     )(deliver_batch)
     for queue in QUEUES.values():
