@@ -174,6 +174,9 @@ class SmtpClient:
             self._smtp = smtp
             smtp._host = conn.server  # type: ignore[attr-defined]  # TLS server_hostname
             code, banner = smtp.connect(conn.server, conn.effective_port)
+            # We always write whole commands or whole messages: never wait to coalesce.
+            if smtp.sock is not None:
+                smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if security == "tls":
             note("tls", f"implicit TLS, {self._tls_detail()}; {_reply(code, banner)}")
         else:
@@ -315,8 +318,9 @@ class SmtpClient:
                 code, text = replies[-1]
                 raise _classify(code, _reply(code, text), name, "DATA refused")
             return receipt  # nothing accepted: the per-recipient replies say why
-        smtp.send(data if data.endswith(b"\r\n") else data + b"\r\n")
-        smtp.send(b".\r\n")
+        # One write for the message and its final dot: two small writes in a row meet
+        # Nagle's algorithm and the peer's delayed ACK, a stall of up to 40 ms per message.
+        smtp.send((data if data.endswith(b"\r\n") else data + b"\r\n") + b".\r\n")
         code, text = smtp.getreply()
         if code != 250:
             self._quiet_rset(smtp)
