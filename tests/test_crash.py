@@ -227,7 +227,7 @@ def test_sigterm_finishes_in_flight_jobs_and_leaves_the_rest_queued(
     status = StatusStore(redis_client, namespace=namespace, ttl=60)
     states = collections.Counter(status.get(i)["state"] for i in ids)
     assert states["sent"] == len(server.recorder.messages) >= 1
-    assert states["sent"] + states["queued"] == 10
+    assert states["sent"] + states["queued"] == 10, states
     queued = redis_client.hlen(f"{namespace}:mail.msgs") + redis_client.hlen(
         f"{namespace}:mail.DQ.msgs"
     )

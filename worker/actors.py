@@ -178,17 +178,21 @@ class JobHandler:
     def _hand_back(self, items: list[Any], whole: Job) -> None:
         """The worker is stopping: put the jobs not yet started back as single jobs."""
         for item in items:
+            message = single_message(
+                item["id"], whole.queue, item.get("job"), whole.timestamp_ms
+            )
             job = Job(
                 item["id"],
                 whole.attempt,
                 whole.queue,
                 whole.timestamp_ms,
                 whole.redis_id,
-                single_message(
-                    item["id"], whole.queue, item.get("job"), whole.timestamp_ms
-                ),
+                message,
             )
             self._reschedule(job, 0, count=False)
+        self._status.unbegin(
+            [(i["id"], whole.attempt, whole.queue, whole.redis_id) for i in items]
+        )
         log.info("bulk_handed_back", jobs=len(items))
 
     def _run(self, job: Job, data: Any) -> None:
@@ -206,11 +210,7 @@ class JobHandler:
                 job, "max_age", records.error("max_age", f"job is {job.age:.0f}s old")
             )
         start = self._status.begin(
-            job.id,
-            attempt=job.attempt,
-            queue=job.queue,
-            metadata=notification.metadata,
-            redis_id=job.redis_id,
+            job.id, attempt=job.attempt, queue=job.queue, redis_id=job.redis_id
         )
         if start.redeliveries >= self._settings.retry.redelivery_limit:
             message = f"its worker died {start.redeliveries} times"
@@ -263,7 +263,12 @@ class JobHandler:
             )
         )
         recipients = records.merge_recipients(start, wanted, outcome)
-        fields: dict[str, Any] = {"recipients": recipients, "skipped": outcome.skipped}
+        fields: dict[str, Any] = {
+            "recipients": recipients,
+            "skipped": outcome.skipped,
+            "attempts": job.attempt,
+            "metadata": notification.metadata,
+        }
         if outcome.service and outcome.receipt.accepted:
             fields.update(service=outcome.service, message_id=outcome.message_id)
             log.info(

@@ -17,6 +17,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 
+from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
 from worker.deadletter import DeadLetters
 from worker.reliability import pending_retry, set_pending_retry
 from worker.status import message_id_of
@@ -66,6 +67,7 @@ class SafeConsumer(_RedisConsumer):
                 return None
             problem = self._problem(message)
             if problem is None:
+                self._prefetch(message)
                 return message
             self.queued_message_ids.discard(message.message_id)
             self._quarantine(
@@ -74,6 +76,37 @@ class SafeConsumer(_RedisConsumer):
                 message.options.get("redis_message_id"),
                 message_id=message.message_id,
             )
+
+    def requeue(self, messages: Any) -> None:
+        """Put unstarted messages back (graceful shutdown) and their jobs back to `queued`."""
+        messages = list(messages)
+        super().requeue(messages)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        jobs = [job for m in messages for job in _jobs_of(m.asdict())]
+        if jobs:
+            self.broker.dead_letters.status.unbegin(jobs)
+
+    def _prefetch(self, message: MessageProxy) -> None:
+        """With the first message of a fetched batch, begin every job of the batch in one
+        round trip (status ``sending``, delivery marker, earlier outcomes), so that no
+        job pays a round trip of its own before it is sent."""
+        if self.queue_name.endswith(".DQ"):
+            return  # delayed messages are begun when they come back on their queue
+        status = self.broker.dead_letters.status
+        first = _jobs_of(message.asdict())
+        if not first or status.prefetched(first[0][0], first[0][3]):
+            return
+        jobs = list(first)
+        for raw in self.message_cache:
+            try:
+                jobs += _jobs_of(orjson.loads(raw)) if raw else []
+            except orjson.JSONDecodeError:
+                continue  # the consumer quarantines it when its turn comes
+        try:
+            status.prefetch(jobs)
+        except redis.RedisError:
+            log.warning(
+                "status_prefetch_failed", queue=self.queue_name
+            )  # begin() will do
 
     def _problem(self, message: MessageProxy) -> str | None:
         if "redis_message_id" not in message.options:
@@ -121,6 +154,30 @@ class SafeConsumer(_RedisConsumer):
             ):
                 return str(redis_id.decode()), bytes(payload)
         return None
+
+
+def _jobs_of(message: Any) -> list[tuple[str, int, str, str]]:
+    """(job id, attempt, queue, redis message id) of each job a broker message carries."""
+    if not isinstance(message, dict):
+        return []
+    options = message.get("options") or {}
+    redis_id = str(options.get("redis_message_id", ""))
+    attempt = int(options.get("retries", 0) or 0) + 1
+    queue = str(message.get("queue_name", "")).removesuffix(".DQ")
+    if message.get("actor_name") == BATCH_ACTOR_NAME:
+        jobs = (message.get("kwargs") or {}).get("jobs")
+        if not isinstance(jobs, list):
+            return []
+        return [
+            (job["id"], attempt, queue, redis_id)
+            for job in jobs
+            if isinstance(job, dict) and isinstance(job.get("id"), str)
+        ]
+    if message.get("actor_name") == ACTOR_NAME and isinstance(
+        message.get("message_id"), str
+    ):
+        return [(message["message_id"], attempt, queue, redis_id)]
+    return []
 
 
 class MailBroker(RedisBroker):

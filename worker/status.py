@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -82,43 +83,87 @@ class StatusStore:
         self._client = client
         self._ns = namespace
         self._ttl = int(ttl)
+        self._lock = threading.Lock()
+        self._prefetched: dict[tuple[str, str], tuple[float, JobStart]] = {}
 
     def begin(
-        self,
-        job_id: str,
-        *,
-        attempt: int,
-        queue: str,
-        metadata: Mapping[str, Any],
-        redis_id: str = "",
+        self, job_id: str, *, attempt: int, queue: str, redis_id: str = ""
     ) -> JobStart:
-        """Mark the job ``sending`` and read its marker and earlier outcomes (one round trip)."""
-        key = status_key(self._ns, job_id)
+        """Mark the job ``sending`` and read its marker and earlier outcomes.
+
+        Costs nothing when the consumer already did it for the whole fetched batch
+        (``begin_many``); otherwise one round trip.
+        """
+        with self._lock:
+            ready = self._prefetched.pop((job_id, redis_id), None)
+        if ready is not None:
+            return ready[1]
+        return self.begin_many([(job_id, attempt, queue, redis_id)])[(job_id, redis_id)]
+
+    def begin_many(
+        self, jobs: list[tuple[str, int, str, str]]
+    ) -> dict[tuple[str, str], JobStart]:
+        """``begin`` for many jobs (id, attempt, queue, redis message id): one round trip."""
         now = now_iso()
-        fields: dict[FieldT, EncodableT] = {
-            "id": job_id,
-            "state": "sending",
-            "attempts": attempt,
-            "queue": queue,
-            "updated_at": now,
-            "metadata": orjson.dumps(dict(metadata)),
-            "reason": "",
-        }
         with self._client.pipeline(transaction=False) as pipe:
-            pipe.hmget(key, "state", "attempts", "recipients")
-            pipe.hget(f"{self._ns}:redeliveries", redis_id or "-")
-            pipe.smembers(accepted_key(self._ns, job_id))
-            pipe.hsetnx(key, "created_at", now)
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self._ttl)
-            (state, attempts, recipients), redeliveries, accepted = pipe.execute()[:3]
-        return JobStart(
-            {a.decode() for a in accepted},
-            orjson.loads(recipients) if recipients else [],
-            previous_state=state.decode() if state else "",
-            previous_attempts=int(attempts or 0),
-            redeliveries=int(redeliveries or 0),
-        )
+            for job_id, attempt, queue, redis_id in jobs:
+                key = status_key(self._ns, job_id)
+                pipe.hmget(key, "state", "attempts", "recipients")
+                pipe.hget(f"{self._ns}:redeliveries", redis_id or "-")
+                pipe.smembers(accepted_key(self._ns, job_id))
+                pipe.hsetnx(key, "created_at", now)
+                fields: dict[FieldT, EncodableT] = {
+                    "id": job_id,
+                    "state": "sending",
+                    "attempts": attempt,
+                    "queue": queue,
+                    "updated_at": now,
+                    "reason": "",
+                }
+                pipe.hset(key, mapping=fields)
+                pipe.expire(key, self._ttl)
+            replies = pipe.execute()
+        out = {}
+        for index, (job_id, _, _, redis_id) in enumerate(jobs):
+            (state, attempts, recipients), redeliveries, accepted = replies[
+                6 * index : 6 * index + 3
+            ]
+            out[(job_id, redis_id)] = JobStart(
+                {a.decode() for a in accepted},
+                orjson.loads(recipients) if recipients else [],
+                previous_state=state.decode() if state else "",
+                previous_attempts=int(attempts or 0),
+                redeliveries=int(redeliveries or 0),
+            )
+        return out
+
+    def prefetch(self, jobs: list[tuple[str, int, str, str]]) -> None:
+        """``begin`` now, in one round trip, for jobs a consumer has just fetched; their
+        ``begin`` calls then cost nothing. Entries not used within 5 minutes are dropped."""
+        now = time.monotonic()
+        started = self.begin_many(jobs)
+        with self._lock:
+            stale = [k for k, (at, _) in self._prefetched.items() if now - at > 300]
+            for key in stale:
+                del self._prefetched[key]
+            for key, start in started.items():
+                self._prefetched[key] = (now, start)
+
+    def unbegin(self, jobs: list[tuple[str, int, str, str]]) -> None:
+        """Jobs begun by a prefetch but handed back unstarted are `queued` again."""
+        with self._lock:
+            for job_id, _, _, redis_id in jobs:
+                self._prefetched.pop((job_id, redis_id), None)
+        with self._client.pipeline(transaction=False) as pipe:
+            for job_id, attempt, _, _ in jobs:
+                key = status_key(self._ns, job_id)
+                pipe.hset(key, mapping={"state": "queued", "attempts": attempt - 1})
+            pipe.execute()
+
+    def prefetched(self, job_id: str, redis_id: str) -> bool:
+        """Whether ``begin`` for this job and broker message is already done."""
+        with self._lock:
+            return (job_id, redis_id) in self._prefetched
 
     def write(
         self,
