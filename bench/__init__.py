@@ -1,0 +1,1 @@
+"""The mailworker benchmark: ``python -m bench.run`` (see docs/benchmarks.md)."""
