@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import redis
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 
 from producers.keys import (
     QUEUES,
@@ -26,6 +26,49 @@ __all__ = ["JobStart", "StatusStore", "message_id_of", "now_iso"]
 
 _JSON_FIELDS = ("error", "recipients", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
+
+# KEYS: status, marker, history, dead index, dead payload
+# ARGV: ttl, history entry ("" none), dead payload ("" none), now (ms), job id,
+#       n, n field/value arguments, then the accepted recipients to add to the marker
+_WRITE = """
+local ttl, event, dead, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + n))
+redis.call('EXPIRE', KEYS[1], ttl)
+if #ARGV > 6 + n then
+  redis.call('SADD', KEYS[2], unpack(ARGV, 7 + n, #ARGV))
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+if event ~= '' then
+  redis.call('RPUSH', KEYS[3], event)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+if dead ~= '' then
+  redis.call('SET', KEYS[5], dead, 'EX', ttl)
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[4]) - tonumber(ttl) * 1000)
+end
+return 1
+"""
+
+# ARGV: namespace, ttl, now, then per job: job id, attempt, queue, redis message id.
+# Reads each job's earlier state and marker, then marks it `sending`.
+_BEGIN = """
+local ns, ttl, now = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV, 4 do
+  local id, attempt, queue, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = ns .. ':job:' .. id
+  local old = redis.call('HMGET', key, 'state', 'attempts', 'recipients')
+  local redelivered = redis.call('HGET', ns .. ':redeliveries', rid ~= '' and rid or '-')
+  local accepted = redis.call('SMEMBERS', key .. ':accepted')
+  redis.call('HSETNX', key, 'created_at', now)
+  redis.call('HSET', key, 'id', id, 'state', 'sending', 'attempts', attempt, 'queue', queue,
+             'updated_at', now, 'reason', '')
+  redis.call('EXPIRE', key, ttl)
+  out[#out + 1] = {old[1], old[2], old[3], redelivered, accepted}
+end
+return out
+"""
 
 
 def now_iso() -> str:
@@ -85,6 +128,8 @@ class StatusStore:
         self._ttl = int(ttl)
         self._lock = threading.Lock()
         self._prefetched: dict[tuple[str, str], tuple[float, JobStart]] = {}
+        self._write = client.register_script(_WRITE)
+        self._begin = client.register_script(_BEGIN)
 
     def begin(
         self, job_id: str, *, attempt: int, queue: str, redis_id: str = ""
@@ -104,30 +149,13 @@ class StatusStore:
         self, jobs: list[tuple[str, int, str, str]]
     ) -> dict[tuple[str, str], JobStart]:
         """``begin`` for many jobs (id, attempt, queue, redis message id): one round trip."""
-        now = now_iso()
-        with self._client.pipeline(transaction=False) as pipe:
-            for job_id, attempt, queue, redis_id in jobs:
-                key = status_key(self._ns, job_id)
-                pipe.hmget(key, "state", "attempts", "recipients")
-                pipe.hget(f"{self._ns}:redeliveries", redis_id or "-")
-                pipe.smembers(accepted_key(self._ns, job_id))
-                pipe.hsetnx(key, "created_at", now)
-                fields: dict[FieldT, EncodableT] = {
-                    "id": job_id,
-                    "state": "sending",
-                    "attempts": attempt,
-                    "queue": queue,
-                    "updated_at": now,
-                    "reason": "",
-                }
-                pipe.hset(key, mapping=fields)
-                pipe.expire(key, self._ttl)
-            replies = pipe.execute()
+        args: list[EncodableT] = [self._ns, self._ttl, now_iso()]
+        for job in jobs:
+            args.extend(job)
+        replies = self._begin(keys=[], args=args)
         out = {}
-        for index, (job_id, _, _, redis_id) in enumerate(jobs):
-            (state, attempts, recipients), redeliveries, accepted = replies[
-                6 * index : 6 * index + 3
-            ]
+        for (job_id, _, _, redis_id), reply in zip(jobs, replies, strict=True):
+            state, attempts, recipients, redeliveries, accepted = reply
             out[(job_id, redis_id)] = JobStart(
                 {a.decode() for a in accepted},
                 orjson.loads(recipients) if recipients else [],
@@ -176,32 +204,33 @@ class StatusStore:
     ) -> None:
         """Update the record, add to the marker, append a history entry and, for a job that
         died, keep its message as a dead letter: one round trip."""
-        key = status_key(self._ns, job_id)
-        values: dict[FieldT, EncodableT] = {"updated_at": now_iso()}
+        now = now_iso()
+        pairs: list[EncodableT] = ["updated_at", now]
         for name, value in fields.items():
+            pairs.append(name)
             if name in _JSON_FIELDS:
-                values[name] = orjson.dumps(value).decode()
+                pairs.append(orjson.dumps(value))
             else:
-                values[name] = "" if value is None else str(value)
-        with self._client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=values)
-            pipe.expire(key, self._ttl)
-            if accepted:
-                marker = accepted_key(self._ns, job_id)
-                pipe.sadd(marker, *accepted)
-                pipe.expire(marker, self._ttl)
-            if event is not None:
-                history = history_key(self._ns, job_id)
-                pipe.rpush(history, orjson.dumps({"at": values["updated_at"], **event}))
-                pipe.expire(history, self._ttl)
-            if dead_payload is not None:
-                now_ms = int(time.time() * 1000)
-                pipe.set(dead_payload_key(self._ns, job_id), dead_payload, ex=self._ttl)
-                pipe.zadd(dead_index_key(self._ns), {job_id: now_ms})
-                pipe.zremrangebyscore(
-                    dead_index_key(self._ns), "-inf", now_ms - self._ttl * 1000
-                )
-            pipe.execute()
+                pairs.append("" if value is None else str(value))
+        keys = [
+            status_key(self._ns, job_id),
+            accepted_key(self._ns, job_id),
+            history_key(self._ns, job_id),
+            dead_index_key(self._ns),
+            dead_payload_key(self._ns, job_id),
+        ]
+        args: list[EncodableT] = [
+            self._ttl,
+            orjson.dumps({"at": now, **event}) if event is not None else "",
+            dead_payload if dead_payload is not None else "",
+            int(time.time() * 1000),
+            job_id,
+            len(pairs),
+            *pairs,
+            *(accepted or ()),
+        ]
+        # One command instead of up to ten: the client's CPU per job is what this saves.
+        self._write(keys=keys, args=args)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record of DESIGN §6, or None when the id is unknown or expired.
