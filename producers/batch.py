@@ -21,7 +21,7 @@ from producers.keys import (
     status_key,
 )
 
-__all__ = ["BATCH_SCRIPT", "batch_call"]
+__all__ = ["BATCH_SCRIPT", "batch_call", "claim_key", "payload_digest", "queued_record"]
 
 # KEYS: queue list, queue hash, then per job: status hash, idempotency key ("" for none)
 # ARGV: redis message id, payload prefix, payload suffix, status ttl, idem ttl,
@@ -72,6 +72,33 @@ return out
 """
 
 
+def queued_record(
+    job_id: str, queue: str, now: str, job: Notification
+) -> dict[str, Any]:
+    """The status record a producer writes for a job it enqueues."""
+    return {
+        "id": job_id,
+        "state": "queued",
+        "attempts": 0,
+        "queue": queue,
+        "created_at": now,
+        "updated_at": now,
+        "metadata": orjson.dumps(job.metadata).decode(),
+    }
+
+
+def claim_key(namespace: str, job: Notification) -> str:
+    """The job's idempotency claim key, or "" when it has no ``idempotency_key``."""
+    return (
+        idempotency_key(namespace, job.idempotency_key) if job.idempotency_key else ""
+    )
+
+
+def payload_digest(wire: dict[str, Any]) -> str:
+    """What an idempotency claim compares: the job's canonical JSON, hashed."""
+    return hashlib.sha256(orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def batch_call(
     namespace: str,
     jobs: Sequence[Notification],
@@ -96,25 +123,13 @@ def batch_call(
     for job in jobs:
         job_id = str(uuid.uuid4())
         wire = job.to_wire()
-        fields = {
-            "id": job_id,
-            "state": "queued",
-            "attempts": 0,
-            "queue": queue,
-            "created_at": now,
-            "updated_at": now,
-            "metadata": orjson.dumps(job.metadata).decode(),
-        }
-        idem = (
-            idempotency_key(namespace, job.idempotency_key)
-            if job.idempotency_key
-            else ""
-        )
+        fields = queued_record(job_id, queue, now, job)
+        idem = claim_key(namespace, job)
         keys += [status_key(namespace, job_id), idem]
         args += [
             job_id,
             orjson.dumps({"id": job_id, "job": wire}),
-            hashlib.sha256(orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)).hexdigest(),
+            payload_digest(wire),
             orjson.dumps(fields),
         ]
     return keys, args

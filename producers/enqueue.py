@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -14,13 +13,18 @@ from typing import Any
 import orjson
 import redis
 
-from producers.batch import BATCH_SCRIPT, batch_call
+from producers.batch import (
+    BATCH_SCRIPT,
+    batch_call,
+    claim_key,
+    payload_digest,
+    queued_record,
+)
 from producers.job import Notification
 from producers.keys import (
     ACTOR_NAME,
     BATCH_SIZE,
     QUEUES,
-    idempotency_key,
     queue_key,
     queue_messages_key,
     status_key,
@@ -251,23 +255,9 @@ class Producer:
         job_id = str(uuid.uuid4())
         queue = QUEUES[job.priority]
         redis_message_id, payload = wire_message(job_id, queue, wire)
-        digest = hashlib.sha256(
-            orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)
-        ).hexdigest()
-        fields = {
-            "id": job_id,
-            "state": "queued",
-            "attempts": 0,
-            "queue": queue,
-            "created_at": now,
-            "updated_at": now,
-            "metadata": orjson.dumps(job.metadata).decode(),
-        }
-        idem = (
-            idempotency_key(self._namespace, job.idempotency_key)
-            if job.idempotency_key
-            else ""
-        )
+        digest = payload_digest(wire)
+        fields = queued_record(job_id, queue, now, job)
+        idem = claim_key(self._namespace, job)
         keys = [
             queue_key(self._namespace, queue),
             queue_messages_key(self._namespace, queue),
