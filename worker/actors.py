@@ -5,73 +5,25 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import dramatiq
-import orjson
 import structlog
 from dramatiq.middleware import CurrentMessage
 
 from producers.job import Notification, parse_job
 from producers.keys import ACTOR_NAME
-from settings import JobValidationError, MailworkerError, Settings
+from settings import JobValidationError, Settings
 from worker import records
 from worker.delivery import Deliverer, Outcome
+from worker.jobs import DeadLetterError, Job, single_message
 from worker.logging import show_address
 from worker.status import JobStart, StatusStore
 
-__all__ = ["DeadLetterError", "Job", "JobHandler", "single_message"]
+__all__ = ["JobHandler"]
 
 log = structlog.get_logger("mailworker.job")
-
-
-class DeadLetterError(MailworkerError):
-    """Raised to end a job in the dead-letter queue; ``reason`` is DESIGN §6's."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-
-
-@dataclass(slots=True)
-class Job:
-    """One job being attempted: who it is and how to put it back on the queue.
-
-    Attributes:
-        id: the job id (Dramatiq's message id of a single job).
-        attempt: this attempt's number (1 for the first).
-        queue: the priority queue it came from.
-        timestamp_ms: when it was first enqueued (``max_age`` counts from here).
-        redis_id: the broker message it came in (for the redelivery count).
-        message: the job as a single-job Dramatiq message (dead letters, reschedules).
-        single: the broker message carries this job alone (not a bulk message).
-    """
-
-    id: str
-    attempt: int
-    queue: str
-    timestamp_ms: int
-    redis_id: str
-    message: dict[str, Any]
-    single: bool = True
-
-    @property
-    def age(self) -> float:
-        """Seconds since it was enqueued."""
-        return time.time() - self.timestamp_ms / 1000
-
-    def payload(self) -> bytes:
-        """The single-job message as stored in a dead letter (requeue sends it again)."""
-        data = dict(self.message)
-        data["options"] = {
-            k: v
-            for k, v in data.get("options", {}).items()
-            if k not in ("traceback", "eta")
-        }
-        return orjson.dumps(data)
 
 
 class JobHandler:
@@ -417,18 +369,3 @@ class JobHandler:
             error=error.get("message"),
         )
         raise DeadLetterError(reason, str(error.get("message")))
-
-
-def single_message(
-    job_id: str, queue: str, job: Any, timestamp_ms: int
-) -> dict[str, Any]:
-    """A job of a bulk message as the single-job message it would have been."""
-    return {
-        "queue_name": queue,
-        "actor_name": ACTOR_NAME,
-        "args": [],
-        "kwargs": {"job": job},
-        "options": {},
-        "message_id": job_id,
-        "message_timestamp": timestamp_ms,
-    }

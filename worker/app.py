@@ -17,10 +17,11 @@ from pydantic import SecretStr
 from producers.enqueue import connect
 from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
-from worker.actors import DeadLetterError, JobHandler
+from worker.actors import JobHandler
 from worker.broker import DeadLetterCapture, MailBroker
 from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
+from worker.jobs import DeadLetterError
 from worker.limits import Breaker
 from worker.middleware import Draining, LogContext
 from worker.reliability import Heartbeat, ReliableRetries

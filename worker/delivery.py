@@ -72,21 +72,16 @@ class Outcome:
         return not self.receipt.deferred and not self.retryable and self.wait is None
 
 
-class _FirstFailure:
-    """What tenacity's stop and wait look at, for the try made before tenacity."""
-
-    attempt_number = 1
-
-    def __init__(self, exc: TransientDeliveryError) -> None:
-        self._exc = exc
-        self.outcome = self
-
-    def exception(self) -> TransientDeliveryError:
-        return self._exc
+def _too_long(error: BaseException | None, limit: float) -> bool:
+    """The far end asked for a longer wait than we may sleep in-process."""
+    wait = getattr(error, "retry_after", None)
+    return wait is not None and wait > limit
 
 
-def _first_failure(exc: TransientDeliveryError) -> RetryCallState:
-    return _FirstFailure(exc)  # type: ignore[return-value]  # duck-typed for stop and wait
+def _backoff(error: BaseException | None, attempt: int, base: float) -> float:
+    """The wait before the next try: the far end's Retry-After, else doubling from ``base``."""
+    wait = getattr(error, "retry_after", None)
+    return float(wait) if wait is not None else float(base * 2 ** (attempt - 1))
 
 
 class _RetryAfterTooLong(stop_base):
@@ -97,8 +92,7 @@ class _RetryAfterTooLong(stop_base):
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         error = retry_state.outcome.exception() if retry_state.outcome else None
-        wait = getattr(error, "retry_after", None)
-        return wait is not None and wait > self.limit
+        return _too_long(error, self.limit)
 
 
 class Deliverer:
@@ -273,18 +267,18 @@ class Deliverer:
         try:
             return service.transport.send(message)
         except TransientDeliveryError as exc:
-            if self._retrying.stop(_first_failure(exc)):
+            policy = self._retry
+            if policy.transport_retries == 0 or _too_long(
+                exc, policy.max_in_process_wait
+            ):
                 raise
-            self._sleep(self._wait(_first_failure(exc)))
+            self._sleep(_backoff(exc, 1, self._backoff))
         receipt: Receipt = self._retrying(service.transport.send, message)
         return receipt
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
-        wait = getattr(error, "retry_after", None)
-        if wait is not None:
-            return float(wait)
-        return float(self._backoff * 2 ** (state.attempt_number - 1))
+        return _backoff(error, state.attempt_number, self._backoff)
 
 
 # A quota error holds the breaker open this long (Exchange's daily quota is a sliding 24 h;
