@@ -19,6 +19,7 @@ from worker import records
 from worker.delivery import Deliverer, Outcome
 from worker.jobs import DeadLetterError, Job, single_message
 from worker.logging import show_address
+from worker.reliability import attach_write
 from worker.status import JobStart, StatusStore
 
 __all__ = ["JobHandler"]
@@ -236,12 +237,18 @@ class JobHandler:
         if outcome.finished:
             if any(r["state"] == "accepted" for r in recipients):
                 fields.update(state="sent", reason="", error=None, next_attempt_at="")
-                self._status.write(
+                packed = self._status.pack(
                     job.id,
                     fields,
                     accepted=accepted,
                     event=records.event(job.attempt, "sent", outcome),
                 )
+                # Written with the ack of the broker message, in its round trip.
+                message = CurrentMessage.get_current_message()
+                if message is None:
+                    self._status.write_many([packed])
+                else:
+                    attach_write(message, packed)
                 return
             fields["error"] = error or records.error(
                 "permanent", "every recipient was refused"

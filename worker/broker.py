@@ -19,7 +19,12 @@ from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 
 from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
 from worker.deadletter import DeadLetters
-from worker.reliability import pending_retry, set_pending_retry
+from worker.reliability import (
+    attached_writes,
+    clear_writes,
+    pending_retry,
+    set_pending_retry,
+)
 from worker.status import message_id_of
 
 __all__ = ["DeadLetterCapture", "MailBroker"]
@@ -35,21 +40,49 @@ class SafeConsumer(_RedisConsumer):
     broker: MailBroker
 
     def ack(self, message: MessageProxy) -> None:
-        """Enqueue the message's pending retry (if any), then acknowledge it.
+        """Apply the status writes the job left (see ``attach_write``) and acknowledge the
+        message in one round trip; or, when a retry is pending, write, enqueue the retry,
+        then acknowledge.
 
-        A connection error in either step is raised as Dramatiq's ``ConnectionClosed``, so
+        A connection error in any step is raised as Dramatiq's ``ConnectionClosed``, so
         Dramatiq tries the whole ack again every few seconds until Redis is back: the
-        message is never acknowledged without its retry on the queue.
+        message is never acknowledged without its records and its retry.
         """
+        writes = attached_writes(message)
         pending = pending_retry(message)
-        if pending is not None:
-            copy, delay = pending
-            try:
+        status = self.broker.dead_letters.status
+        try:
+            if pending is None and writes:
+                redis_id = message.options["redis_message_id"]
+                try:
+                    ack = (self.queue_name, self.broker.broker_id, redis_id)
+                    status.write_many(writes, ack=ack)
+                finally:
+                    self.queued_message_ids.discard(message.message_id)
+                clear_writes(message)
+                return
+            if writes:
+                status.write_many(writes)
+                clear_writes(message)
+            if pending is not None:
+                copy, delay = pending
                 self.broker.enqueue(copy, delay=delay)
+                set_pending_retry(message, None)
+        except redis.RedisError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        super().ack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+
+    def nack(self, message: MessageProxy) -> None:
+        """Apply the status writes the message left (jobs of a bulk message that were
+        sent before it failed), then let Dramatiq dead-letter it."""
+        writes = attached_writes(message)
+        if writes:
+            try:
+                self.broker.dead_letters.status.write_many(writes)
             except redis.RedisError as exc:
                 raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
-            set_pending_retry(message, None)
-        super().ack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+            clear_writes(message)
+        super().nack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
 
     def __next__(self) -> MessageProxy | None:
         while True:

@@ -24,12 +24,16 @@ from dramatiq.common import compute_backoff, dq_name
 __all__ = [
     "Heartbeat",
     "ReliableRetries",
+    "attach_write",
+    "attached_writes",
+    "clear_writes",
     "pending_retry",
     "redeliveries_key",
     "set_pending_retry",
 ]
 
 _PENDING = "mailworker_retry"
+_WRITES = "mailworker_writes"
 
 log = structlog.get_logger("mailworker.reliability")
 
@@ -182,3 +186,20 @@ def pending_retry(message: MessageProxy) -> tuple[Any, int] | None:
 def set_pending_retry(message: MessageProxy, value: tuple[Any, int] | None) -> None:
     """Attach (or clear) the retry the ack must enqueue before acknowledging."""
     vars(message)[_PENDING] = value
+
+
+def attach_write(message: object, packed: list[Any]) -> None:
+    """Leave a status write (``StatusStore.pack``) for the ack of ``message``: it is
+    applied in the same round trip as the ack, or before a nack or a retry."""
+    vars(message).setdefault(_WRITES, []).append(packed)
+
+
+def attached_writes(message: MessageProxy) -> list[list[Any]]:
+    """The status writes still to be applied with this message's ack."""
+    writes: list[list[Any]] = vars(message).get(_WRITES) or []
+    return writes
+
+
+def clear_writes(message: MessageProxy) -> None:
+    """The attached writes were applied."""
+    vars(message).pop(_WRITES, None)

@@ -14,38 +14,58 @@ from redis.typing import EncodableT
 
 from producers.keys import (
     QUEUES,
-    accepted_key,
-    dead_index_key,
-    dead_payload_key,
     history_key,
     queue_messages_key,
     status_key,
 )
 
-__all__ = ["JobStart", "StatusStore", "message_id_of", "now_iso"]
+__all__ = ["JobStart", "PackedWrite", "StatusStore", "message_id_of", "now_iso"]
+
+# One status write as ``StatusStore.pack`` prepares it.
+PackedWrite = list[EncodableT]
 
 _JSON_FIELDS = ("error", "recipients", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
 
-# KEYS: status, marker, history, dead index, dead payload
-# ARGV: ttl, history entry ("" none), dead payload ("" none), now (ms), job id,
-#       n, n field/value arguments, then the accepted recipients to add to the marker
+# Writes many records and, optionally, acknowledges the broker message they came in.
+# Key names are derived from the namespace as in producers/keys.py (status_key & co.).
+# ARGV: namespace, ttl, now (ms), record count, then per record: job id, history entry
+#       ("" none), dead payload ("" none), n, n field/value arguments, m, m accepted
+#       recipients to add to the marker; then, for an ack: queue, broker id, message id.
+# The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
 _WRITE = """
-local ttl, event, dead, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + n))
-redis.call('EXPIRE', KEYS[1], ttl)
-if #ARGV > 6 + n then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 7 + n, #ARGV))
-  redis.call('EXPIRE', KEYS[2], ttl)
+local ns, ttl, now, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local i = 5
+for _ = 1, count do
+  local id, event, dead, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local key = ns .. ':job:' .. id
+  i = i + 4
+  redis.call('HSET', key, unpack(ARGV, i, i + n - 1))
+  redis.call('EXPIRE', key, ttl)
+  i = i + n
+  local m = tonumber(ARGV[i])
+  i = i + 1
+  if m > 0 then
+    redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
+    redis.call('EXPIRE', key .. ':accepted', ttl)
+    i = i + m
+  end
+  if event ~= '' then
+    redis.call('RPUSH', key .. ':history', event)
+    redis.call('EXPIRE', key .. ':history', ttl)
+  end
+  if dead ~= '' then
+    redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
+    redis.call('ZADD', ns .. ':dead', now, id)
+    redis.call('ZREMRANGEBYSCORE', ns .. ':dead', '-inf', now - tonumber(ttl) * 1000)
+  end
 end
-if event ~= '' then
-  redis.call('RPUSH', KEYS[3], event)
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
-if dead ~= '' then
-  redis.call('SET', KEYS[5], dead, 'EX', ttl)
-  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[4]) - tonumber(ttl) * 1000)
+if ARGV[i] then
+  local queue, broker, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  redis.call('ZADD', ns .. ':__heartbeats__', now, broker)
+  if redis.call('SREM', ns .. ':__acks__.' .. broker .. '.' .. queue, rid) > 0 then
+    redis.call('HDEL', ns .. ':' .. queue .. '.msgs', rid)
+  end
 end
 return 1
 """
@@ -204,6 +224,28 @@ class StatusStore:
     ) -> None:
         """Update the record, add to the marker, append a history entry and, for a job that
         died, keep its message as a dead letter: one round trip."""
+        self.write_many(
+            [
+                self.pack(
+                    job_id,
+                    fields,
+                    accepted=accepted,
+                    event=event,
+                    dead_payload=dead_payload,
+                )
+            ]
+        )
+
+    def pack(
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        *,
+        accepted: list[str] | None = None,
+        event: Mapping[str, Any] | None = None,
+        dead_payload: bytes | None = None,
+    ) -> PackedWrite:
+        """``write``'s arguments, ready for ``write_many`` (or to ride along with an ack)."""
         now = now_iso()
         pairs: list[EncodableT] = ["updated_at", now]
         for name, value in fields.items():
@@ -212,25 +254,33 @@ class StatusStore:
                 pairs.append(orjson.dumps(value))
             else:
                 pairs.append("" if value is None else str(value))
-        keys = [
-            status_key(self._ns, job_id),
-            accepted_key(self._ns, job_id),
-            history_key(self._ns, job_id),
-            dead_index_key(self._ns),
-            dead_payload_key(self._ns, job_id),
-        ]
-        args: list[EncodableT] = [
-            self._ttl,
+        marker = accepted or ()
+        return [
+            job_id,
             orjson.dumps({"at": now, **event}) if event is not None else "",
             dead_payload if dead_payload is not None else "",
-            int(time.time() * 1000),
-            job_id,
             len(pairs),
             *pairs,
-            *(accepted or ()),
+            len(marker),
+            *marker,
         ]
-        # One command instead of up to ten: the client's CPU per job is what this saves.
-        self._write(keys=keys, args=args)
+
+    def write_many(
+        self, writes: list[PackedWrite], *, ack: tuple[str, str, str] | None = None
+    ) -> None:
+        """Apply packed writes and, with ``ack`` (queue, broker id, redis message id),
+        acknowledge that broker message: all in one script, one round trip."""
+        args: list[EncodableT] = [
+            self._ns,
+            self._ttl,
+            int(time.time() * 1000),
+            len(writes),
+        ]
+        for packed in writes:
+            args.extend(packed)
+        if ack is not None:
+            args.extend(ack)
+        self._write(keys=[], args=args)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record of DESIGN §6, or None when the id is unknown or expired.
