@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -16,7 +17,7 @@ from producers.job import Notification, parse_job
 from producers.keys import ACTOR_NAME
 from settings import JobValidationError, Settings
 from worker import records
-from worker.delivery import Deliverer, Outcome
+from worker.delivery import Deliverer, Outcome, Parcel
 from worker.jobs import DeadLetterError, Job, single_message
 from worker.logging import show_address
 from worker.reliability import attach_write
@@ -25,6 +26,15 @@ from worker.status import JobStart, StatusStore
 __all__ = ["JobHandler"]
 
 log = structlog.get_logger("mailworker.job")
+
+
+@dataclass(slots=True)
+class _Ready:
+    """A job validated and begun: its earlier outcomes, whom it is for, what to send."""
+
+    start: JobStart
+    wanted: list[str]
+    parcel: Parcel
 
 
 class JobHandler:
@@ -93,7 +103,7 @@ class JobHandler:
         items = kwargs.get("jobs")
         whole = Job(
             message.message_id,
-            1,
+            int(message.options.get("retries", 0)) + 1,
             queue,
             message.message_timestamp,
             str(message.options.get("redis_message_id", "")),
@@ -110,13 +120,14 @@ class JobHandler:
                         whole, JobValidationError("jobs", "each needs an 'id'")
                     )
         jobs: list[Any] = items if isinstance(items, list) else []
-        for position, item in enumerate(jobs):
-            if self._draining.is_set():
-                self._hand_back(jobs[position:], whole)
-                return
+        if self._draining.is_set():
+            self._hand_back(jobs, whole)
+            return
+        ready: list[tuple[Any, Job, _Ready]] = []
+        for item in jobs:
             job = Job(
                 id=item["id"],
-                attempt=int(message.options.get("retries", 0)) + 1,
+                attempt=whole.attempt,
                 queue=queue,
                 timestamp_ms=message.message_timestamp,
                 redis_id=whole.redis_id,
@@ -126,7 +137,29 @@ class JobHandler:
                 single=False,
             )
             with contextlib.suppress(DeadLetterError):
-                self._run(job, item.get("job"))
+                ready.append((item, job, self._prepare(job, item.get("job"))))
+        # First tries go out as one pipelined run, which stops early when the worker
+        # stops; what follows (retries, failover, records) is job by job.
+        sending = [i for i, (_, _, r) in enumerate(ready) if r.parcel.recipients]
+        parcels = [ready[i][2].parcel for i in sending]
+        outcomes = dict(
+            zip(
+                sending,
+                self._deliverer.deliver_many(parcels, stop=self._draining.is_set),
+                strict=True,
+            )
+        )
+        unsent = []
+        for index, (item, job, r) in enumerate(ready):
+            outcome = outcomes.get(index, Outcome())
+            if outcome is None:
+                unsent.append(item)
+                continue
+            structlog.contextvars.bind_contextvars(job_id=job.id)
+            with contextlib.suppress(DeadLetterError):
+                self._finish(job, r, outcome)
+        if unsent:
+            self._hand_back(unsent, whole)
 
     def _hand_back(self, items: list[Any], whole: Job) -> None:
         """The worker is stopping: put the jobs not yet started back as single jobs."""
@@ -149,6 +182,26 @@ class JobHandler:
         log.info("bulk_handed_back", jobs=len(items))
 
     def _run(self, job: Job, data: Any) -> None:
+        ready = self._prepare(job, data)
+        parcel = ready.parcel
+        outcome = (
+            self._deliverer.deliver(
+                job.id,
+                parcel.notification,
+                parcel.recipients,
+                extra_headers=parcel.extra_headers,
+            )
+            if parcel.recipients
+            else Outcome()
+        )
+        self._finish(job, ready, outcome)
+
+    def _prepare(self, job: Job, data: Any) -> _Ready:
+        """Validate, begin, and work out whom this attempt still sends to.
+
+        Raises:
+            DeadLetterError: the job is invalid, expired, too old or redelivered too often.
+        """
         try:
             notification = self._validate(data)
         except JobValidationError as exc:
@@ -175,7 +228,17 @@ class JobHandler:
             log.warning(
                 "delivery_in_doubt", job_id=job.id, redeliveries=start.redeliveries
             )
-        self._attempt(job, notification, start)
+        redirect = self._settings.redirect_all_to
+        wanted = [redirect] if redirect else notification.recipients
+        pending = tuple(
+            r for r in wanted if r not in start.accepted and r not in start.refused
+        )
+        headers = (
+            {"X-Mailworker-Redirected-From": ", ".join(notification.recipients)}
+            if redirect
+            else None
+        )
+        return _Ready(start, wanted, Parcel(job.id, notification, pending, headers))
 
     def _invalid(self, job: Job, exc: JobValidationError) -> NoReturn:
         self._dead(
@@ -197,23 +260,12 @@ class JobHandler:
         self._deliverer.order(notification)  # a `sender` naming no service is invalid
         return notification
 
-    def _attempt(self, job: Job, notification: Notification, start: JobStart) -> None:
-        redirect = self._settings.redirect_all_to
-        wanted = [redirect] if redirect else notification.recipients
-        pending = [
-            r for r in wanted if r not in start.accepted and r not in start.refused
-        ]
-        headers = (
-            {"X-Mailworker-Redirected-From": ", ".join(notification.recipients)}
-            if redirect
-            else None
-        )
-        outcome = (
-            Outcome()
-            if not pending
-            else self._deliverer.deliver(
-                job.id, notification, pending, extra_headers=headers
-            )
+    def _finish(self, job: Job, ready: _Ready, outcome: Outcome) -> None:
+        """Record what the attempt achieved and map it to sent, dead, wait or retry."""
+        start, wanted, notification = (
+            ready.start,
+            ready.wanted,
+            ready.parcel.notification,
         )
         recipients = records.merge_recipients(start, wanted, outcome)
         fields: dict[str, Any] = {

@@ -28,11 +28,29 @@ from worker.errors import (
 )
 from worker.limits import Breaker
 from worker.message import message_id, render, render_body
-from worker.transports.base import OutgoingMessage, Receipt, Transport
+from worker.transports.base import OutgoingMessage, Receipt, Sent, Transport
 
-__all__ = ["Deliverer", "Outcome", "Service"]
+__all__ = ["Deliverer", "Outcome", "Parcel", "Service"]
 
 log = structlog.get_logger("mailworker.delivery")
+
+
+@dataclass(slots=True)
+class Parcel:
+    """One job to deliver: its id, the notification, the recipients still to send to,
+    and headers to add (``redirect_all_to``)."""
+
+    job_id: str
+    notification: Notification
+    recipients: tuple[str, ...]
+    extra_headers: dict[str, str] | None = None
+    _body: bytes | None = None
+
+    def body(self) -> bytes:
+        """The MIME body, written once for every service that needs it."""
+        if self._body is None:
+            self._body = render_body(self.notification)
+        return self._body
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +165,44 @@ class Deliverer:
             )
         return pinned
 
+    def deliver_many(
+        self, parcels: Sequence[Parcel], *, stop: Callable[[], bool] | None = None
+    ) -> list[Outcome | None]:
+        """``deliver`` for many jobs. The first try of every job whose first service can
+        send many at once (SMTP) is one pipelined run on one session per service; what
+        follows (in-process retries, failover) is ``deliver``'s, job by job.
+
+        Args:
+            parcels: the jobs.
+            stop: checked between messages; once true, nothing more is sent.
+
+        Returns:
+            Per job its outcome, or None when it was not tried because of ``stop``.
+
+        Raises:
+            JobValidationError: a ``sender`` names no enabled service.
+        """
+        firsts: list[Sent] = [None] * len(parcels)
+        groups: dict[int, list[int]] = {}
+        for index, parcel in enumerate(parcels):
+            service = self.order(parcel.notification)[0]
+            if not hasattr(service.transport, "send_many"):
+                continue
+            if self._breaker is not None and not self._breaker.allow(service.name):
+                continue
+            groups.setdefault(self.services.index(service), []).append(index)
+        for position, indexes in groups.items():
+            service = self.services[position]
+            messages = [self._message(service, parcels[i]) for i in indexes]
+            sent = service.transport.send_many(messages, stop=stop)  # type: ignore[attr-defined]
+            for index, result in zip(indexes, sent, strict=True):
+                firsts[index] = result
+        stopping = stop or (lambda: False)
+        return [
+            None if first is None and stopping() else self._deliver(parcel, first=first)
+            for parcel, first in zip(parcels, firsts, strict=True)
+        ]
+
     def deliver(
         self,
         job_id: str,
@@ -163,12 +219,23 @@ class Deliverer:
         Raises:
             JobValidationError: ``sender`` names no enabled service.
         """
+        return self._deliver(
+            Parcel(job_id, notification, tuple(recipients), extra_headers)
+        )
+
+    def _deliver(self, parcel: Parcel, *, first: Sent = None) -> Outcome:
+        """``deliver``; ``first``: the result of the first service's first try when
+        ``deliver_many`` already made it."""
         outcome = Outcome()
-        services = self.order(notification)
-        body = render_body(notification)
+        services = self.order(parcel.notification)
         for index, service in enumerate(services):
             last = index == len(services) - 1
-            if self._breaker is not None and not self._breaker.allow(service.name):
+            tried = first if index == 0 else None
+            if (
+                tried is None
+                and self._breaker is not None
+                and not self._breaker.allow(service.name)
+            ):
                 self._note_skip(
                     outcome, service.name, "breaker_open", "circuit breaker open"
                 )
@@ -176,15 +243,12 @@ class Deliverer:
                     outcome.wait or self._breaker.cooldown, self._breaker.cooldown
                 )
                 continue
-            message = self._message(
-                service, job_id, notification, recipients, body, extra_headers
-            )
             try:
-                receipt = self._send_with_retries(service, message)
+                receipt = self._send_with_retries(service, parcel, tried)
             except RecipientRefusedError as exc:
                 outcome.last_error = exc
                 outcome.receipt.refused = {
-                    r: (exc.code or 550, str(exc)) for r in recipients
+                    r: (exc.code or 550, str(exc)) for r in parcel.recipients
                 }
                 outcome.retryable = False
                 return outcome
@@ -200,7 +264,7 @@ class Deliverer:
             if self._breaker is not None:
                 self._breaker.success(service.name)
             outcome.service = service.name
-            outcome.message_id = message_id(job_id, service.from_box.address)
+            outcome.message_id = message_id(parcel.job_id, service.from_box.address)
             outcome.receipt = receipt
             outcome.retryable = False
             outcome.wait = None
@@ -208,29 +272,22 @@ class Deliverer:
         return outcome
 
     @staticmethod
-    def _message(
-        service: Service,
-        job_id: str,
-        notification: Notification,
-        recipients: Sequence[str],
-        body: bytes,
-        extra_headers: dict[str, str] | None,
-    ) -> OutgoingMessage:
+    def _message(service: Service, parcel: Parcel) -> OutgoingMessage:
         data = b""
         if getattr(service.transport, "needs_mime", True):
             data = render(
-                notification,
-                job_id=job_id,
+                parcel.notification,
+                job_id=parcel.job_id,
                 from_box=service.from_box,
-                body=body,
-                extra_headers=extra_headers,
+                body=parcel.body(),
+                extra_headers=parcel.extra_headers,
             )
         return OutgoingMessage(
-            job_id=job_id,
+            job_id=parcel.job_id,
             sender=service.from_box.address,
-            recipients=tuple(recipients),
+            recipients=parcel.recipients,
             data=data,
-            notification=notification,
+            notification=parcel.notification,
         )
 
     @staticmethod
@@ -261,11 +318,17 @@ class Deliverer:
             error=str(exc),
         )
 
-    def _send_with_retries(self, service: Service, message: OutgoingMessage) -> Receipt:
-        # The first try goes straight through: tenacity costs ~5 % of a job's CPU and is
-        # only needed once a transient failure happened.
+    def _send_with_retries(
+        self, service: Service, parcel: Parcel, first: Sent = None
+    ) -> Receipt:
+        # The first try goes straight through (or was made by deliver_many): tenacity
+        # costs ~5 % of a job's CPU and is only needed once a transient failure happened.
         try:
-            return service.transport.send(message)
+            if first is None:
+                return service.transport.send(self._message(service, parcel))
+            if isinstance(first, DeliveryError):
+                raise first
+            return first
         except TransientDeliveryError as exc:
             policy = self._retry
             if policy.transport_retries == 0 or _too_long(
@@ -273,6 +336,7 @@ class Deliverer:
             ):
                 raise
             self._sleep(_backoff(exc, 1, self._backoff))
+        message = self._message(service, parcel)
         receipt: Receipt = self._retrying(service.transport.send, message)
         return receipt
 

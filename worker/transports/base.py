@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from producers.job import Notification
+from worker.errors import DeliveryError
 
-__all__ = ["OutgoingMessage", "Receipt", "Transport"]
+__all__ = ["OutgoingMessage", "Receipt", "Sent", "Transport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +60,8 @@ class Transport(Protocol):
     def close(self) -> None:
         """Close pooled connections."""
         ...
+
+
+# What became of one message sent among many: its Receipt, its own error, or None when
+# it was not sent at all.
+Sent = Receipt | DeliveryError | None

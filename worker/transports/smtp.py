@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from settings import SmtpConnection
 from worker.errors import (
@@ -13,7 +13,7 @@ from worker.errors import (
     TransportUnavailableError,
 )
 from worker.limits import Slots
-from worker.transports.base import OutgoingMessage, Receipt
+from worker.transports.base import OutgoingMessage, Receipt, Sent
 from worker.transports.oauth import TokenProvider
 from worker.transports.smtp_client import SmtpClient
 
@@ -82,6 +82,44 @@ class SmtpTransport:
             return self._send(message)
         finally:
             self._slots.release()
+
+    def send_many(
+        self,
+        messages: Sequence[OutgoingMessage],
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[Sent]:
+        """Send many messages on one pooled session, pipelined across messages
+        (``SmtpClient.send_many``); those the session could not take are sent one by one
+        as ``send`` does.
+
+        Returns:
+            Per message, its Receipt, the DeliveryError ``send`` would have raised, or
+            None when ``stop`` became true before it was sent.
+        """
+        results: list[Sent] = [None] * len(messages)
+        if self._slots.acquire(timeout=self.conn.timeout):
+            try:
+                client, _ = self._checkout()
+                try:
+                    results = client.send_many(
+                        [(m.sender, m.recipients, m.data) for m in messages], stop=stop
+                    )
+                finally:
+                    self._checkin(client)
+            except DeliveryError:
+                pass  # connecting failed: each message finds out on its own below
+            finally:
+                self._slots.release()
+        out: list[Sent] = []
+        for message, result in zip(messages, results, strict=True):
+            if result is None and not (stop and stop()):
+                try:
+                    result = self.send(message)
+                except DeliveryError as exc:
+                    result = exc
+            out.append(result)
+        return out
 
     def _send(self, message: OutgoingMessage) -> Receipt:
         client, reused = self._checkout()
