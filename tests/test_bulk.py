@@ -201,3 +201,23 @@ def test_send_bulk_enqueues_every_valid_line_and_summarises(
     app.broker.join("mail", timeout=30_000)
     assert len(server.recorder.messages) == 118
     assert all(app.status.get(i)["state"] == "sent" for i in ids)
+
+
+def test_a_worker_holds_few_delayed_messages_in_memory(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """Retries waiting for their time stay in Redis: a worker process prefetches at most
+    25 delayed messages per thread (Dramatiq's default is 1,000 per thread)."""
+    from tests.helpers import wait_for
+    from worker.middleware import DELAY_PREFETCH
+
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]), threads=1)
+    job = {"to": ["user@example.org"], "subject": "Later", "text": "Not yet."}
+    for _ in range(200):
+        app.actor.send_with_options(kwargs={"job": job}, delay=600_000)
+    held = f"{namespace}:__acks__.{app.broker.broker_id}.mail.DQ"
+    wait_for(lambda: redis_client.scard(held) >= DELAY_PREFETCH, timeout=10)
+    time.sleep(0.5)  # time for the consumer to fetch more, were it allowed to
+    assert redis_client.scard(held) == DELAY_PREFETCH
+    assert redis_client.hlen(f"{namespace}:mail.DQ.msgs") == 200

@@ -23,7 +23,7 @@ from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
 from worker.jobs import DeadLetterError
 from worker.limits import Breaker
-from worker.middleware import Draining, LogContext
+from worker.middleware import Draining, LogContext, WorkerTuning
 from worker.reliability import Heartbeat, ReliableRetries
 from worker.services import build_services
 from worker.status import StatusStore
@@ -138,6 +138,7 @@ def build(
             DeadLetterCapture(),
             Heartbeat(timeout=policy.redelivery_timeout, ttl=settings.status.ttl),
             draining,
+            WorkerTuning(),
         ],
     )
     status = dead_letters.status

@@ -26,6 +26,7 @@ from producers.enqueue import connect
 from producers.keys import QUEUES
 from settings import ConfigError, Settings, config_path, load_settings, public_url
 from worker.cli_dead import dead
+from worker.middleware import POLL_ENV
 from worker.render import render_config, render_status
 
 __all__ = ["main"]
@@ -205,10 +206,8 @@ def worker(
             EXIT_BROKER,
             f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
         )
+    client.close()
     args = [
-        sys.executable,
-        "-m",
-        "dramatiq",
         "worker.entrypoint:broker",
         "--skip-logging",
         "-p",
@@ -221,12 +220,17 @@ def worker(
     names = _queue_names(queues)
     if names:
         args += ["-Q", *names]
-    env = dict(os.environ)
     # An idle consumer polls Redis at most this often (ms): pickup latency against Redis
     # load. Each idle process issues about 6 * 1000/poll small scripts a second.
-    env["dramatiq_worker_timeout"] = str(poll_interval)
+    # (worker.middleware.WorkerTuning applies it in each worker process.)
+    os.environ[POLL_ENV] = str(poll_interval)
     sys.stdout.flush()
-    os.execve(sys.executable, args, env)  # noqa: S606 - replaces this process, no shell
+    # Dramatiq's CLI runs in this process and forks the worker processes, which inherit
+    # the modules imported here: each starts without importing them again.
+    import dramatiq.cli
+
+    parser = dramatiq.cli.make_argument_parser()  # type: ignore[no-untyped-call]
+    sys.exit(dramatiq.cli.main(parser.parse_args(args)))  # type: ignore[no-untyped-call]
 
 
 @main.command()
