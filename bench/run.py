@@ -607,7 +607,7 @@ def run(args: argparse.Namespace, data: dict[str, Any], workdir: Path) -> None:
         tp_names = [n for n in THROUGHPUT if n in args.only]
         throughput_sink: Sink | None = None
         latency_sink: AioSink | None = None
-        if tp_names:
+        if tp_names or "priority" in args.only:  # priority: the bulk jobs' sink
             use_postfix = args.sink == "postfix" or (
                 args.sink == "auto" and Path(SMTP_SINK).exists()
             )
