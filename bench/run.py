@@ -101,6 +101,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--priority-rate", type=float, default=20)
     parser.add_argument("--priority-seconds", type=float)
     parser.add_argument(
+        "--high-workers",
+        type=int,
+        default=0,
+        metavar="P",
+        help="priority phase: also run `mailworker worker -p P -t 2 -Q high` (0: none)",
+    )
+    parser.add_argument(
         "--poll-interval",
         type=int,
         metavar="MS",
@@ -659,7 +666,8 @@ def run(args: argparse.Namespace, data: dict[str, Any], workdir: Path) -> None:
                 phases["priority"] = _skipped("priority", None)
                 return
             row = priority_run(ctx, args.priority_bulk, args.priority_rate,
-                               args.priority_seconds, bound)  # fmt: skip
+                               args.priority_seconds, bound,
+                               high_workers=args.high_workers)  # fmt: skip
             phases["priority"] = row
             _progress(row)
 

@@ -838,7 +838,13 @@ def latency_run(
 
 
 def priority_run(
-    ctx: Context, bulk_n: int, rate: float, seconds: float, bound: float
+    ctx: Context,
+    bulk_n: int,
+    rate: float,
+    seconds: float,
+    bound: float,
+    *,
+    high_workers: int = 0,
 ) -> dict[str, Any]:
     """``bulk_n`` bulk-priority jobs pre-enqueued (the bulk path when there is one); from
     the first accepted bulk message, high-priority single jobs at ``rate`` for ``seconds``
@@ -876,6 +882,14 @@ def priority_run(
             since = len(sink.arrivals.refs)
             t0 = time.time()
             running.procs = MAILWORKER.start(ctx, ns, sink, log)
+            if high_workers:
+                argv = [ctx.mailworker, "worker", "-p", str(high_workers), "-t", "2"]
+                argv += ["-Q", "high", "--poll-interval", str(ctx.poll_ms)]
+                env = ctx.worker_env(MAILWORKER_CONFIG=str(ctx.workdir / f"{ns}.toml"))
+                if ctx.pythonpath:
+                    env["PYTHONPATH"] = ctx.pythonpath
+                running.procs.append(spawn(argv, env=env, stdout=log, cwd=ctx.workdir))
+                result["high_workers"] = " ".join(["mailworker", *argv[1:]])
             running.sampler = sampler = TreeSampler([p.pid for p in running.procs])
             sampler.start()
             while bulk_arrivals.count == bulk_since:
