@@ -403,12 +403,18 @@ class Mailworker(Contender):
         jobs = [notification() for _ in range(n)]
         (enqueue_bulk if self.bulk else enqueue_single)(producer(ctx, ns), jobs)
 
-    def start(self, ctx: Context, ns: str, sink: Sink, log: IO[bytes]) -> list[Any]:
+    @staticmethod
+    def env(ctx: Context, ns: str) -> dict[str, str]:
+        """The environment of a `mailworker worker` on the run's configuration."""
         env = ctx.worker_env(MAILWORKER_CONFIG=str(ctx.workdir / f"{ns}.toml"))
         if ctx.pythonpath:
             env["PYTHONPATH"] = ctx.pythonpath
         if not ctx.poll_flag:
             env["dramatiq_worker_timeout"] = str(ctx.poll_ms)
+        return env
+
+    def start(self, ctx: Context, ns: str, sink: Sink, log: IO[bytes]) -> list[Any]:
+        env = self.env(ctx, ns)
         return [spawn(self.argv(ctx), env=env, stdout=log, cwd=ctx.workdir)]
 
     def verify(self, ctx: Context, ns: str, n: int) -> dict[str, Any]:
@@ -885,9 +891,7 @@ def priority_run(
             if high_workers:
                 argv = [ctx.mailworker, "worker", "-p", str(high_workers), "-t", "2"]
                 argv += ["-Q", "high", "--poll-interval", str(ctx.poll_ms)]
-                env = ctx.worker_env(MAILWORKER_CONFIG=str(ctx.workdir / f"{ns}.toml"))
-                if ctx.pythonpath:
-                    env["PYTHONPATH"] = ctx.pythonpath
+                env = Mailworker.env(ctx, ns)
                 running.procs.append(spawn(argv, env=env, stdout=log, cwd=ctx.workdir))
                 result["high_workers"] = " ".join(["mailworker", *argv[1:]])
             running.sampler = sampler = TreeSampler([p.pid for p in running.procs])
