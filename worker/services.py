@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -16,9 +17,10 @@ from settings import (
 )
 from worker.delivery import Service
 from worker.limits import Budget, Slots
-from worker.transports.graph import GraphTransport
-from worker.transports.oauth import HttpClient, TokenProvider
 from worker.transports.smtp import SmtpTransport, lease_seconds
+
+if TYPE_CHECKING:
+    from worker.transports.oauth import TokenProvider
 
 __all__ = ["build_services"]
 
@@ -49,6 +51,10 @@ class _Accounts:
 
     def get(self, name: str) -> TokenProvider:
         if name not in self._providers:
+            # msal, requests and cryptography (~70 ms of imports and ~10 MB per
+            # process) load only when a configuration uses OpenAuth.
+            from worker.transports.oauth import HttpClient, TokenProvider
+
             svc: IntegratedService = self._settings.integrated_services[name]
             http = HttpClient(
                 verify=str(svc.ca_bundle) if svc.ca_bundle else True,
@@ -76,6 +82,9 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
     for oa in settings.openauth:
         if not oa.enabled:
             continue
+        from worker.transports.graph import GraphTransport
+        from worker.transports.oauth import HttpClient
+
         svc = settings.integrated_services[oa.service]
         scope = (
             svc.client_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from settings import SmtpConnection
 from worker.errors import (
@@ -14,8 +15,10 @@ from worker.errors import (
 )
 from worker.limits import Slots
 from worker.transports.base import OutgoingMessage, Receipt, Sent
-from worker.transports.oauth import TokenProvider
 from worker.transports.smtp_client import SmtpClient
+
+if TYPE_CHECKING:  # msal and requests load only where OpenAuth is configured
+    from worker.transports.oauth import TokenProvider
 
 __all__ = ["OUTLOOK_SCOPE", "SmtpTransport", "lease_seconds"]
 
