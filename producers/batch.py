@@ -15,24 +15,31 @@ from producers.job import Notification
 from producers.keys import (
     BATCH_ACTOR_NAME,
     QUEUES,
+    WAKE_LUA,
     idempotency_key,
     queue_key,
     queue_messages_key,
     status_key,
+    wake_channel,
+    wake_gate_key,
 )
 
 __all__ = ["BATCH_SCRIPT", "batch_call", "claim_key", "payload_digest", "queued_record"]
 
-# KEYS: queue list, queue hash, then per job: status hash, idempotency key ("" for none)
-# ARGV: redis message id, payload prefix, payload suffix, status ttl, idem ttl,
-#       then per job: job id, payload fragment, payload digest, status fields (JSON)
+# KEYS: queue list, queue hash, wake gate, then per job: status hash, idempotency key
+#       ("" for none)
+# ARGV: redis message id, payload prefix, payload suffix, status ttl, idem ttl, wake
+#       channel, queue name, then per job: job id, payload fragment, payload digest,
+#       status fields (JSON)
 # Returns {state, id, state, id, ...} (state enqueued | existing), or {"conflict", index, id}
 # with nothing written when a key is reused with another payload.
-BATCH_SCRIPT = """
-local n = (#KEYS - 2) / 2
+BATCH_SCRIPT = (
+    WAKE_LUA
+    + """
+local n = (#KEYS - 3) / 2
 local states, ids, parts, seen = {}, {}, {}, {}
 for i = 1, n do
-  local idem, base = KEYS[2 + 2 * i], 5 + (i - 1) * 4
+  local idem, base = KEYS[3 + 2 * i], 7 + (i - 1) * 4
   local id, digest = ARGV[base + 1], ARGV[base + 3]
   if idem ~= '' then
     local held = seen[idem] or redis.call('GET', idem)
@@ -53,8 +60,8 @@ end
 local out = {}
 for i = 1, n do
   if states[i] == 'enqueued' then
-    local base = 5 + (i - 1) * 4
-    local idem, status = KEYS[2 + 2 * i], KEYS[1 + 2 * i]
+    local base = 7 + (i - 1) * 4
+    local idem, status = KEYS[3 + 2 * i], KEYS[2 + 2 * i]
     if idem ~= '' then
       redis.call('SET', idem, ARGV[base + 1] .. ' ' .. ARGV[base + 3], 'EX', ARGV[5])
     end
@@ -67,9 +74,11 @@ end
 if #parts > 0 then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. table.concat(parts, ',') .. ARGV[3])
   redis.call('RPUSH', KEYS[1], ARGV[1])
+  wake(KEYS[3], ARGV[6], ARGV[7])
 end
 return out
 """
+)
 
 
 def queued_record(
@@ -118,8 +127,20 @@ def batch_call(
         f']}},"options":{{"redis_message_id":"{redis_id}"}},"message_id":"{message_id}",'
         f'"message_timestamp":{int(time.time() * 1000)}}}'
     )
-    keys = [queue_key(namespace, queue), queue_messages_key(namespace, queue)]
-    args: list[Any] = [redis_id, prefix, suffix, status_ttl, idempotency_ttl]
+    keys = [
+        queue_key(namespace, queue),
+        queue_messages_key(namespace, queue),
+        wake_gate_key(namespace, queue),
+    ]
+    args: list[Any] = [
+        redis_id,
+        prefix,
+        suffix,
+        status_ttl,
+        idempotency_ttl,
+        wake_channel(namespace),
+        queue,
+    ]
     for job in jobs:
         job_id = str(uuid.uuid4())
         wire = job.to_wire()

@@ -25,9 +25,12 @@ from producers.keys import (
     ACTOR_NAME,
     BATCH_SIZE,
     QUEUES,
+    WAKE_LUA,
     queue_key,
     queue_messages_key,
     status_key,
+    wake_channel,
+    wake_gate_key,
 )
 from settings import JobValidationError, Limits, MailworkerError, Settings, public_url
 
@@ -35,7 +38,9 @@ __all__ = ["BrokerUnavailableError", "Producer", "connect", "wire_message"]
 
 # KEYS: queue list, queue hash, status hash, idempotency key ("" for none)
 # ARGV: redis message id, payload, job id, status fields (JSON), status ttl, idem ttl, payload hash
-_ENQUEUE = """
+_ENQUEUE = (
+    WAKE_LUA
+    + """
 if KEYS[4] ~= '' then
   local claim = ARGV[3] .. ' ' .. ARGV[7]
   if redis.call('SET', KEYS[4], claim, 'NX', 'EX', ARGV[6]) == false then
@@ -54,8 +59,10 @@ redis.call('RPUSH', KEYS[1], ARGV[1])
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[3], k, v) end
 redis.call('EXPIRE', KEYS[3], ARGV[5])
+wake(KEYS[5], ARGV[8], ARGV[9])
 return {'enqueued', ARGV[3]}
 """
+)
 _CHUNK = 500
 
 
@@ -263,6 +270,7 @@ class Producer:
             queue_messages_key(self._namespace, queue),
             status_key(self._namespace, job_id),
             idem,
+            wake_gate_key(self._namespace, queue),
         ]
         args: list[str | bytes | int] = [
             redis_message_id,
@@ -272,5 +280,7 @@ class Producer:
             self._status_ttl,
             self._idempotency_ttl,
             digest,
+            wake_channel(self._namespace),
+            queue,
         ]
         self._script(keys=keys, args=args, client=pipe)

@@ -9,6 +9,7 @@ __all__ = [
     "BATCH_ACTOR_NAME",
     "BATCH_SIZE",
     "QUEUES",
+    "WAKE_LUA",
     "accepted_key",
     "dead_index_key",
     "dead_payload_key",
@@ -17,6 +18,8 @@ __all__ = [
     "queue_key",
     "queue_messages_key",
     "status_key",
+    "wake_channel",
+    "wake_gate_key",
 ]
 
 ACTOR_NAME = "deliver"
@@ -65,3 +68,26 @@ def dead_index_key(namespace: str) -> str:
 def dead_payload_key(namespace: str, job_id: str) -> str:
     """The full message of one dead letter (what requeue sends again)."""
     return f"{namespace}:dead:{job_id}"
+
+
+def wake_channel(namespace: str) -> str:
+    """The pub/sub channel on which producers tell idle workers that a queue has work."""
+    return f"{namespace}:wake"
+
+
+def wake_gate_key(namespace: str, queue: str) -> str:
+    """Set for ``WAKE_GATE_MS`` after a wake-up of ``queue``: at most one per interval."""
+    return f"{namespace}:wake:{queue}"
+
+
+# At most one wake-up per queue every 5 ms: a worker that is woken fetches everything
+# enqueued by then, and one busy enough to miss a later job polls again within ms.
+WAKE_GATE_MS = 5
+# Lua: wake(gate key, channel, queue name), for the scripts that enqueue.
+WAKE_LUA = f"""
+local function wake(gate, channel, queue)
+  if redis.call('SET', gate, '1', 'PX', {WAKE_GATE_MS}, 'NX') then
+    redis.call('PUBLISH', channel, queue)
+  end
+end
+"""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from producers import Notification, Producer
+from producers.keys import wake_channel
 from tests.conftest import free_port, write_toml
 from tests.helpers import wire_enqueue
 
@@ -139,8 +140,16 @@ def test_requeue_sends_only_to_those_not_yet_accepted(
     job_id, _ = _dead_job(app, redis_client, namespace)
     assert [m.rcpt_tos for m in server.recorder.messages] == [["ok@example.org"]]
     server.recorder.rcpt_replies.clear()  # the busy mailbox is back
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(wake_channel(namespace))
     out = _cli(config, "dead", "requeue", job_id)
     assert out.returncode == 0, out.stderr
+    woken, deadline = [], time.monotonic() + 2
+    while time.monotonic() < deadline:
+        got = pubsub.get_message(timeout=0.1)
+        woken += [got["data"]] if got else []
+    pubsub.close()
+    assert b"mail" in woken  # idle workers are woken
     app.broker.join("mail", timeout=10_000)
     assert [m.rcpt_tos for m in server.recorder.messages] == [
         ["ok@example.org"],

@@ -28,6 +28,7 @@ from worker.reliability import Heartbeat, ReliableRetries
 from worker.services import build_services
 from worker.status import StatusStore
 from worker.transports.base import Transport
+from worker.wake import Waker
 
 __all__ = [
     "WorkerApp",
@@ -119,8 +120,10 @@ def build(
     dead_letters = DeadLetters(
         client, namespace=settings.namespace, ttl=settings.status.ttl
     )
+    waker = Waker(client, settings.namespace)
     broker = MailBroker(
         dead_letters=dead_letters,
+        waker=waker,
         client=client,
         namespace=settings.namespace,
         # Dramatiq's own, random maintenance waits longer, so our reaper (which counts
@@ -139,6 +142,7 @@ def build(
             Heartbeat(timeout=policy.redelivery_timeout, ttl=settings.status.ttl),
             draining,
             WorkerTuning(),
+            waker,
         ],
     )
     status = dead_letters.status

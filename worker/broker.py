@@ -7,6 +7,7 @@ minor version is pinned; ``tests/test_hostile_input.py`` fails if an upgrade bre
 
 from __future__ import annotations
 
+import time
 from typing import Any, cast
 
 import orjson
@@ -15,7 +16,14 @@ import structlog
 from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
+from dramatiq.common import compute_backoff
+from dramatiq.errors import (
+    ActorNotFound,
+    ConnectionClosed,
+    DecodeError,
+)
+from dramatiq.message import Message
+from dramatiq.middleware import MiddlewareError
 
 from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
 from worker.deadletter import DeadLetters
@@ -26,6 +34,7 @@ from worker.reliability import (
     set_pending_retry,
 )
 from worker.status import message_id_of
+from worker.wake import Waker
 
 __all__ = ["DeadLetterCapture", "MailBroker"]
 
@@ -87,10 +96,7 @@ class SafeConsumer(_RedisConsumer):
     def __next__(self) -> MessageProxy | None:
         while True:
             try:
-                message = cast(
-                    "MessageProxy | None",
-                    super().__next__(),  # type: ignore[no-untyped-call]  # Dramatiq's
-                )
+                message = self._take()
             except DecodeError as exc:
                 self._quarantine(
                     exc.data, f"cannot decode the message: {exc.error}", None
@@ -117,6 +123,45 @@ class SafeConsumer(_RedisConsumer):
         jobs = [job for m in messages for job in _jobs_of(m.asdict())]
         if jobs:
             self.broker.dead_letters.status.unbegin(jobs)
+
+    def _take(self) -> MessageProxy | None:
+        """Dramatiq's ``_RedisConsumer.__next__``, but an empty queue is waited for on
+        its wake-up event (``worker.wake``) rather than slept on: a job enqueued while
+        the consumer idles is fetched at once, not at its next poll."""
+        waker = self.broker.waker
+        wake = None
+        if waker is not None and not self.queue_name.endswith(".DQ"):
+            wake = waker.event(self.queue_name)
+        try:
+            while True:
+                if self.message_cache:
+                    data = self.message_cache.pop(0)
+                    if data is None:
+                        continue
+                    self.misses = 0
+                    message = Message.decode(data)
+                    self.queued_message_ids.add(message.message_id)
+                    return MessageProxy(message)
+                if wake is not None:
+                    wake.clear()  # a wake-up from now on interrupts the wait below
+                messages: list[bytes] = []
+                if self.outstanding_message_count < self.prefetch:
+                    self.message_cache = messages = self.broker.do_fetch(
+                        self.queue_name,
+                        self.prefetch - self.outstanding_message_count,
+                    )
+                if messages:
+                    continue
+                self.misses, backoff_ms = compute_backoff(
+                    self.misses, max_backoff=self.timeout
+                )
+                if wake is None:
+                    time.sleep(backoff_ms / 1000)
+                elif wake.wait(backoff_ms / 1000):
+                    self.misses = 0
+                return None
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
     def _prefetch(self, message: MessageProxy) -> None:
         """With the first message of a fetched batch, begin every job of the batch in one
@@ -216,13 +261,65 @@ def _jobs_of(message: Any) -> list[tuple[str, int, str, str]]:
 class MailBroker(RedisBroker):
     """``RedisBroker`` with the safe consumer and a handle on our dead letters."""
 
-    def __init__(self, *, dead_letters: DeadLetters, **kwargs: Any) -> None:
+    def __init__(
+        self, *, dead_letters: DeadLetters, waker: Waker | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
         self.dead_letters = dead_letters
+        self.waker = waker  # also in the middleware list: it runs the listener thread
 
     @property
     def consumer_class(self) -> type[SafeConsumer]:
         return SafeConsumer
+
+    def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
+        super().add_middleware(middleware, **kwargs)
+        self._hooks: dict[str, list[Any]] = {}
+
+    def _hooks_for(self, name: str) -> list[Any]:
+        """The middleware methods that implement hook ``name``, in middleware order.
+
+        Dramatiq calls every middleware's method for every signal, the base class's
+        no-ops included (about ten per message per signal here); this skips those.
+        """
+        hooks = self._hooks.get(name)
+        if hooks is None:
+            base = getattr(Middleware, name, None)
+            hooks = [
+                getattr(m, name)
+                for m in self.middleware
+                if getattr(type(m), name, None) is not base
+            ]
+            self._hooks[name] = hooks
+        return hooks
+
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        name = "before_" + signal
+        for hook in self._hooks_for(name):
+            try:
+                hook(self, *args, **kwargs)
+            except MiddlewareError:
+                raise
+            except Exception:
+                self.logger.critical(
+                    "Unexpected failure in %s of %r.",
+                    name,
+                    hook.__self__,
+                    exc_info=True,
+                )
+
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        name = "after_" + signal
+        for hook in reversed(self._hooks_for(name)):
+            try:
+                hook(self, *args, **kwargs)
+            except Exception:
+                self.logger.critical(
+                    "Unexpected failure in %s of %r.",
+                    name,
+                    hook.__self__,
+                    exc_info=True,
+                )
 
 
 class DeadLetterCapture(Middleware):

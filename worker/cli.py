@@ -180,7 +180,10 @@ def _queue_names(queues: tuple[str, ...]) -> list[str]:
     type=click.IntRange(10, 10_000),
     default=50,
     show_default=True,
-    help="Longest pause (ms) between polls of an idle queue: pickup latency vs Redis load.",
+    help=(
+        "Longest pause (ms) between polls of an idle queue (an enqueue wakes idle "
+        "workers at once; the poll catches retries coming due): latency vs Redis load."
+    ),
 )
 def worker(
     processes: int,

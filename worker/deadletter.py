@@ -21,11 +21,14 @@ from redis.typing import EncodableT
 
 from producers.job import parse_job
 from producers.keys import (
+    WAKE_LUA,
     dead_index_key,
     dead_payload_key,
     queue_key,
     queue_messages_key,
     status_key,
+    wake_channel,
+    wake_gate_key,
 )
 from settings import JobValidationError, Limits
 from worker.status import StatusStore, now_iso
@@ -34,9 +37,11 @@ __all__ = ["DeadLetters", "RequeueRefusedError", "elide"]
 
 RAW_LIMIT = 64 * 1024  # undecodable messages are kept raw up to this many bytes
 
-# KEYS: queue list, queue hash, dead index, dead payload, status hash
-# ARGV: redis message id, payload, job id, status fields (JSON)
-_REQUEUE = """
+# KEYS: queue list, queue hash, dead index, dead payload, status hash, wake gate
+# ARGV: redis message id, payload, job id, status fields (JSON), wake channel, queue
+_REQUEUE = (
+    WAKE_LUA
+    + """
 if redis.call('ZSCORE', KEYS[3], ARGV[3]) == false then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[1], ARGV[1])
@@ -44,8 +49,10 @@ redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[4])
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[5], k, v) end
+wake(KEYS[6], ARGV[5], ARGV[6])
 return 1
 """
+)
 
 
 class RequeueRefusedError(Exception):
@@ -236,12 +243,15 @@ class DeadLetters:
             dead_index_key(self._ns),
             dead_payload_key(self._ns, job_id),
             status_key(self._ns, job_id),
+            wake_gate_key(self._ns, queue),
         ]
         args: list[EncodableT] = [
             redis_id,
             orjson.dumps(message),
             job_id,
             orjson.dumps(fields),
+            wake_channel(self._ns),
+            queue,
         ]
         if not self._requeue(keys=keys, args=args):
             raise RequeueRefusedError(f"no dead letter {job_id}")
