@@ -156,6 +156,43 @@ def test_a_process_stopped_for_10s_keeps_its_jobs(
 
 
 @pytest.mark.slow
+def test_a_stopping_process_keeps_its_jobs_until_it_exits(
+    smtp_server, redis_url, namespace, tmp_path
+):
+    """With a 1 s redelivery timeout, a process that got SIGTERM while its job's DATA
+    takes 6 s stays alive for the others (it fetches nothing more, its heartbeat goes
+    on): the job is sent once, and the other worker takes nothing back."""
+    recorder = SlowRecorder(delay=6)
+    in_data = threading.Event()
+    recorder.on_data = lambda envelope: in_data.set()
+    server = smtp_server(recorder=recorder)
+    config = _config(tmp_path, redis_url, namespace, server, redelivery_timeout="1s")
+    busy = WorkerProcess(
+        config, tmp_path / "busy.log", "-p", "1", "-t", "1", "--shutdown-timeout", "15"
+    )
+    rescuer = None
+    try:
+        wait_for(lambda: busy.events("Worker process is ready for action."), timeout=30)
+        [job] = _enqueue(redis_url, namespace, 1)
+        assert in_data.wait(30)
+        started = time.monotonic()
+        rescuer = WorkerProcess(config, tmp_path / "rescuer.log", "-p", "1", "-t", "1")
+        wait_for(
+            lambda: rescuer.events("Worker process is ready for action."), timeout=30
+        )
+        assert time.monotonic() - started < 4, "too slow a start for this test"
+        assert busy.stop(timeout=30) == 0  # waits for the DATA to finish
+        time.sleep(2)  # the other worker's reaper runs every 0.2 s
+    finally:
+        if rescuer is not None:
+            assert rescuer.stop() == 0
+        assert busy.stop() == 0
+    assert server.recorder.ids() == [job.encode()]
+    assert not busy.events("messages_redelivered")
+    assert not rescuer.events("messages_redelivered")
+
+
+@pytest.mark.slow
 def test_job_that_kills_its_worker_every_time_ends_as_redelivery_limit(
     smtp_server, redis_url, redis_client, namespace, tmp_path
 ):

@@ -124,6 +124,7 @@ def build(
     broker = MailBroker(
         dead_letters=dead_letters,
         waker=waker,
+        stopping=draining.event,
         client=client,
         namespace=settings.namespace,
         # Dramatiq's own, random maintenance waits longer, so our reaper (which counts

@@ -7,6 +7,7 @@ minor version is pinned; ``tests/test_hostile_input.py`` fails if an upgrade bre
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, cast
 
@@ -47,6 +48,8 @@ class SafeConsumer(_RedisConsumer):
     (Dramatiq could never acknowledge them); the messages fetched with them go on."""
 
     broker: MailBroker
+    _event: threading.Event | None = None
+    _wanting = False  # the consumer waits for room in its prefetch
 
     def ack(self, message: MessageProxy) -> None:
         """Apply the status writes the job left (see ``attach_write``) and acknowledge the
@@ -69,6 +72,7 @@ class SafeConsumer(_RedisConsumer):
                 finally:
                     self.queued_message_ids.discard(message.message_id)
                 clear_writes(message)
+                self._done()
                 return
             if writes:
                 status.write_many(writes)
@@ -80,6 +84,7 @@ class SafeConsumer(_RedisConsumer):
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         super().ack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        self._done()
 
     def nack(self, message: MessageProxy) -> None:
         """Apply the status writes the message left (jobs of a bulk message that were
@@ -92,6 +97,7 @@ class SafeConsumer(_RedisConsumer):
                 raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
             clear_writes(message)
         super().nack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        self._done()
 
     def __next__(self) -> MessageProxy | None:
         while True:
@@ -124,14 +130,43 @@ class SafeConsumer(_RedisConsumer):
         if jobs:
             self.broker.dead_letters.status.unbegin(jobs)
 
+    def close(self) -> None:
+        """The consumer stops: messages fetched but not yet handed to the worker go back
+        on the queue now (Dramatiq would leave them to be recovered after its heartbeat
+        timeout), and their jobs back to ``queued``."""
+        leftovers, self.message_cache = [d for d in self.message_cache if d], []
+        messages = []
+        for data in leftovers:
+            try:
+                messages.append(MessageProxy(Message.decode(data)))
+            except DecodeError:
+                continue  # stays unacknowledged: recovered and quarantined later
+        if messages:
+            try:
+                self.requeue(messages)
+            except redis.RedisError:
+                log.warning("requeue_on_close_failed", queue=self.queue_name)
+        super().close()
+
     def _take(self) -> MessageProxy | None:
-        """Dramatiq's ``_RedisConsumer.__next__``, but an empty queue is waited for on
-        its wake-up event (``worker.wake``) rather than slept on: a job enqueued while
-        the consumer idles is fetched at once, not at its next poll."""
-        waker = self.broker.waker
-        wake = None
-        if waker is not None and not self.queue_name.endswith(".DQ"):
-            wake = waker.event(self.queue_name)
+        """Dramatiq's ``_RedisConsumer.__next__``, with two changes.
+
+        - An empty queue is waited for on the queue's event (``worker.wake``) rather
+          than slept on: a job enqueued while the consumer idles is fetched at once.
+        - Messages are fetched in batches: once ``prefetch`` are outstanding, the next
+          fetch waits until half of them are done (an ack sets the event), instead of
+          fetching one message per ack. Each fetch is a round trip, and so is the
+          status prefetch of what it brought.
+        """
+        event = self._event
+        if event is None:
+            waker = self.broker.waker
+            event = self._event = (
+                waker.event(self.queue_name)
+                if waker is not None and not self.queue_name.endswith(".DQ")
+                else threading.Event()
+            )
+        delayed = self.queue_name.endswith(".DQ")
         try:
             while True:
                 if self.message_cache:
@@ -142,26 +177,39 @@ class SafeConsumer(_RedisConsumer):
                     message = Message.decode(data)
                     self.queued_message_ids.add(message.message_id)
                     return MessageProxy(message)
-                if wake is not None:
-                    wake.clear()  # a wake-up from now on interrupts the wait below
-                messages: list[bytes] = []
-                if self.outstanding_message_count < self.prefetch:
-                    self.message_cache = messages = self.broker.do_fetch(
-                        self.queue_name,
-                        self.prefetch - self.outstanding_message_count,
-                    )
-                if messages:
+                event.clear()  # a wake-up or an ack from now on ends the wait below
+                outstanding = self.outstanding_message_count
+                if self.broker.stopping.is_set():
+                    event.wait(self.timeout / 1000)  # what is fetched now is put back
+                    return None
+                if outstanding > (self.prefetch - 1 if delayed else self.prefetch // 2):
+                    self._wanting = True
+                    event.wait(self.timeout / 1000)
+                    return None
+                self._wanting = False
+                self.message_cache = self.broker.do_fetch(
+                    self.queue_name, self.prefetch - outstanding
+                )
+                if self.message_cache:
                     continue
                 self.misses, backoff_ms = compute_backoff(
                     self.misses, max_backoff=self.timeout
                 )
-                if wake is None:
+                if delayed:
                     time.sleep(backoff_ms / 1000)
-                elif wake.wait(backoff_ms / 1000):
+                elif event.wait(backoff_ms / 1000):
                     self.misses = 0
                 return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def _done(self) -> None:
+        """A message was acknowledged: if the consumer waits for room, and half of its
+        prefetch is free, let it fetch."""
+        if self._wanting and self.outstanding_message_count <= self.prefetch // 2:
+            self._wanting = False
+            if self._event is not None:
+                self._event.set()
 
     def _prefetch(self, message: MessageProxy) -> None:
         """With the first message of a fetched batch, begin every job of the batch in one
@@ -262,11 +310,17 @@ class MailBroker(RedisBroker):
     """``RedisBroker`` with the safe consumer and a handle on our dead letters."""
 
     def __init__(
-        self, *, dead_letters: DeadLetters, waker: Waker | None = None, **kwargs: Any
+        self,
+        *,
+        dead_letters: DeadLetters,
+        waker: Waker | None = None,
+        stopping: threading.Event | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
         self.dead_letters = dead_letters
         self.waker = waker  # also in the middleware list: it runs the listener thread
+        self.stopping = stopping or threading.Event()  # set: consumers fetch no more
 
     @property
     def consumer_class(self) -> type[SafeConsumer]:

@@ -93,7 +93,9 @@ class Heartbeat(Middleware):
         )
         self._thread.start()
 
-    def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        # Not before: while in-flight jobs finish, this process still holds messages
+        # (and its consumers, stopping, no longer fetch, which beats too).
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
