@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import shutil
@@ -232,6 +233,9 @@ def worker(
     # the modules imported here: each starts without importing them again.
     import dramatiq.cli
 
+    # What is allocated by now lives as long as the process: keep the collector of each
+    # forked worker from scanning it again and again (and from copying its pages).
+    gc.freeze()
     parser = dramatiq.cli.make_argument_parser()  # type: ignore[no-untyped-call]
     sys.exit(dramatiq.cli.main(parser.parse_args(args)))  # type: ignore[no-untyped-call]
 
