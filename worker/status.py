@@ -18,6 +18,7 @@ from producers.keys import (
     queue_messages_key,
     status_key,
 )
+from worker.direct import DirectScript
 
 __all__ = ["JobStart", "PackedWrite", "StatusStore", "message_id_of", "now_iso"]
 
@@ -148,7 +149,7 @@ class StatusStore:
         self._ttl = int(ttl)
         self._lock = threading.Lock()
         self._prefetched: dict[tuple[str, str], tuple[float, JobStart]] = {}
-        self._write = client.register_script(_WRITE)
+        self._write = DirectScript(client, _WRITE)
         self._begin = client.register_script(_BEGIN)
 
     def begin(
@@ -280,7 +281,7 @@ class StatusStore:
             args.extend(packed)
         if ack is not None:
             args.extend(ack)
-        self._write(keys=[], args=args)
+        self._write(*args)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record of DESIGN §6, or None when the id is unknown or expired.

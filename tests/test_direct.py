@@ -1,0 +1,48 @@
+"""The status write's own connections: EVAL when the server lacks the script, and a new
+connection when Redis restarted under them."""
+
+from __future__ import annotations
+
+import redis
+
+from worker.direct import DirectScript
+
+BODY = "redis.call('INCR', ARGV[1]) return redis.call('GET', ARGV[1])"
+
+
+def test_a_server_without_the_script_gets_it_with_eval(private_redis):
+    client = redis.Redis.from_url(private_redis.url)
+    client.script_flush()
+    count = DirectScript(client, BODY)
+    assert count("n") == b"1"  # EVALSHA said NOSCRIPT; EVAL ran it
+    assert client.script_exists(count._sha) == [True]
+    assert count("n") == b"2"
+
+
+def test_each_thread_has_its_own_connection_and_a_dead_one_is_replaced(
+    private_redis,
+):
+    client = redis.Redis.from_url(private_redis.url)
+    count = DirectScript(client, BODY)
+    assert count("n") == b"1"
+    ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
+    assert len(ours) == 1
+    client.client_kill_filter(_id=ours[0]["id"])
+    assert count("n") == b"2"  # the killed connection is dropped, the call made anew
+    assert client.get("n") == b"2"  # once
+
+
+def test_errors_of_the_script_itself_are_raised_and_the_connection_kept(
+    private_redis,
+):
+    client = redis.Redis.from_url(private_redis.url)
+    client.set("s", "text")
+    incr = DirectScript(client, "return redis.call('INCR', ARGV[1])")
+    try:
+        incr("s")
+    except redis.ResponseError as exc:
+        assert "not an integer" in str(exc)
+    else:
+        raise AssertionError("no ResponseError")
+    assert incr("t") == 1
+    assert len([c for c in client.client_list() if c["cmd"] == "evalsha"]) == 1
