@@ -243,6 +243,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "peak_rss_mb": max(col("peak_rss_mb"), default=None),
             "other_cpu_s": _median(col("other_cpu_s")),
             "other_load_runs": col("other_load_cores"),
+            "redis_scripts_per_msg": _median(col("redis_scripts_per_msg")),
             "sent_records": col("sent_records"),
             "actors": _merge_counts(r.get("delivered_by_actor") or {} for r in ok),
         }
@@ -408,6 +409,16 @@ def _throughput_lines(data: dict[str, Any]) -> list[str]:
             f"{', '.join(_fmt(v, 2) for v in row['other_load_runs'])} | {row['failed']} |"
         )
     lines.append("")
+    scripts = [
+        f"{name} {row['redis_scripts_per_msg']:.2f}"
+        for name, row in summary.items()
+        if row.get("redis_scripts_per_msg") is not None
+    ]
+    if scripts:
+        lines.append(
+            "- Redis scripts run per message (EVAL/EVALSHA calls, median; Dramatiq's "
+            f"fetch and ack are scripts too): {', '.join(scripts)}."
+        )
     for name, row in summary.items():
         if row["sent_records"]:
             sent = ", ".join(str(v) for v in row["sent_records"])

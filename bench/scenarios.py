@@ -527,6 +527,8 @@ class _Infra:
         self.ours = _ours(ctx)
         self.start = {name: pid_cpu(pid) for name, pid in self.pids.items()}
         self.all_start = cpu_by_pid()
+        self.client = redis.Redis.from_url(ctx.redis.url)
+        self.scripts_start = _scripts_run(self.client)
 
     def delta(self, tree: TreeSampler) -> dict[str, float]:
         out = {
@@ -535,7 +537,19 @@ class _Infra:
         }
         exclude = self.ours | set(tree.cpu)
         out["other_cpu_s"] = round(cpu_delta(self.all_start, cpu_by_pid(), exclude), 3)
+        out["redis_scripts"] = _scripts_run(self.client) - self.scripts_start
+        self.client.close()
         return out
+
+
+def _scripts_run(client: redis.Redis) -> int:
+    """Lua scripts (EVAL, EVALSHA) the server has run: Dramatiq's fetch and ack, and
+    mailworker's status scripts are all scripts, so this counts their round trips."""
+    stats = client.info("commandstats")
+    return sum(
+        int(stats.get(name, {}).get("calls", 0))
+        for name in ("cmdstat_eval", "cmdstat_evalsha")
+    )
 
 
 def _wait_done(
@@ -632,6 +646,7 @@ def throughput_run(
                 **infra.delta(sampler),
             )
             result["other_load_cores"] = round(result["other_cpu_s"] / (t_end - t0), 2)
+            result["redis_scripts_per_msg"] = round(result["redis_scripts"] / n, 2)
             result.update(contender.verify(ctx, ns, n))
         except Exception as exc:  # one failed run is reported, the others go on
             result["error"] = f"{type(exc).__name__}: {exc}"
