@@ -18,11 +18,7 @@ from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff
-from dramatiq.errors import (
-    ActorNotFound,
-    ConnectionClosed,
-    DecodeError,
-)
+from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 from dramatiq.message import Message
 from dramatiq.middleware import MiddlewareError
 
@@ -178,12 +174,13 @@ class SafeConsumer(_RedisConsumer):
                     self.queued_message_ids.add(message.message_id)
                     return MessageProxy(message)
                 event.clear()  # a wake-up or an ack from now on ends the wait below
-                outstanding = self.outstanding_message_count
                 if self.broker.stopping.is_set():
                     event.wait(self.timeout / 1000)  # what is fetched now is put back
                     return None
+                # Set before counting: an ack that frees room after the count wakes us.
+                self._wanting = True
+                outstanding = self.outstanding_message_count
                 if outstanding > (self.prefetch - 1 if delayed else self.prefetch // 2):
-                    self._wanting = True
                     event.wait(self.timeout / 1000)
                     return None
                 self._wanting = False
