@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, cast
 
 import orjson
@@ -314,6 +315,9 @@ class MailBroker(RedisBroker):
         stopping: threading.Event | None = None,
         **kwargs: Any,
     ) -> None:
+        self._hooks: dict[
+            str, list[Any]
+        ] = {}  # add_middleware (from __init__) resets it
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
         self.dead_letters = dead_letters
         self.waker = waker  # also in the middleware list: it runs the listener thread
@@ -325,7 +329,7 @@ class MailBroker(RedisBroker):
 
     def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
         super().add_middleware(middleware, **kwargs)
-        self._hooks: dict[str, list[Any]] = {}
+        self._hooks = {}
 
     def _hooks_for(self, name: str) -> list[Any]:
         """The middleware methods that implement hook ``name``, in middleware order.
@@ -346,31 +350,37 @@ class MailBroker(RedisBroker):
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         name = "before_" + signal
-        for hook in self._hooks_for(name):
-            try:
-                hook(self, *args, **kwargs)
-            except MiddlewareError:
-                raise
-            except Exception:
-                self.logger.critical(
-                    "Unexpected failure in %s of %r.",
-                    name,
-                    hook.__self__,
-                    exc_info=True,
-                )
+        self._emit(name, self._hooks_for(name), args, kwargs, reraise=True)
 
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
         name = "after_" + signal
-        for hook in reversed(self._hooks_for(name)):
+        self._emit(name, reversed(self._hooks_for(name)), args, kwargs, reraise=False)
+
+    def _emit(
+        self,
+        name: str,
+        hooks: Iterable[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        reraise: bool,
+    ) -> None:
+        """Dramatiq's semantics: a failing hook is logged and the others still run; only
+        a ``MiddlewareError`` from a ``before_`` hook stops the signal."""
+        for hook in hooks:
             try:
                 hook(self, *args, **kwargs)
+            except MiddlewareError:
+                if reraise:
+                    raise
+                self._hook_failed(name, hook)
             except Exception:
-                self.logger.critical(
-                    "Unexpected failure in %s of %r.",
-                    name,
-                    hook.__self__,
-                    exc_info=True,
-                )
+                self._hook_failed(name, hook)
+
+    def _hook_failed(self, name: str, hook: Any) -> None:
+        self.logger.critical(
+            "Unexpected failure in %s of %r.", name, hook.__self__, exc_info=True
+        )
 
 
 class DeadLetterCapture(Middleware):

@@ -67,9 +67,10 @@ class Waker(Middleware):
     def wake(self, queue: str | None = None) -> None:
         """Wake the consumers of ``queue``, or of every queue."""
         with self._lock:
-            events = list(self._events.values()) if queue is None else []
-            if queue is not None and queue in self._events:
-                events = [self._events[queue]]
+            if queue is None:
+                events = list(self._events.values())
+            else:
+                events = [e] if (e := self._events.get(queue)) is not None else []
         for event in events:
             event.set()
 
