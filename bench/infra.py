@@ -326,6 +326,24 @@ def _cpu(proc: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def _switches(pid: int) -> int:
+    """Context switches of all threads of a process so far (Linux; 0 elsewhere)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as fh:
+                for line in fh:
+                    if line.endswith(b"ctxt_switches:", 0, line.index(b":") + 1):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 class TreeSampler:
     """Samples CPU seconds and RSS of every process of some process trees (psutil).
 
@@ -337,6 +355,8 @@ class TreeSampler:
         self.roots = list(roots)
         self.interval = interval
         self.cpu: dict[int, float] = {}
+        self.sys: dict[int, float] = {}  # of which system time
+        self.switches: dict[int, int] = {}  # context switches, voluntary + involuntary
         self.rss: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.history: list[tuple[float, float]] = []  # (time, total CPU seconds)
@@ -370,7 +390,10 @@ class TreeSampler:
             for pid, proc in list(self._procs.items()):
                 try:
                     with proc.oneshot():
-                        self.cpu[pid] = _cpu(proc)
+                        times = proc.cpu_times()
+                        self.cpu[pid] = float(times.user + times.system)
+                        self.sys[pid] = float(times.system)
+                        self.switches[pid] = _switches(pid)
                         rss = proc.memory_info().rss
                 except psutil.Error:
                     self._procs.pop(pid, None)

@@ -643,6 +643,8 @@ def throughput_run(
                 peak_rss_mb=round(rss / 2**20, 1),
                 peak_rss_process=rss_proc,
                 processes=len(sampler.rss),
+                sys_us_per_msg=round(sum(sampler.sys.values()) / n * 1e6),
+                switches_per_msg=round(sum(sampler.switches.values()) / n, 1),
                 **infra.delta(sampler),
             )
             result["other_load_cores"] = round(result["other_cpu_s"] / (t_end - t0), 2)
