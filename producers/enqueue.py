@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import redis
 
+from producers import sockets
 from producers.batch import (
     BATCH_SCRIPT,
     batch_call,
@@ -83,6 +84,10 @@ def connect(url: str, *, ca_bundle: Path | None = None) -> redis.Redis:
     options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 10}
     if ca_bundle is not None and url.startswith("rediss://"):
         options["ssl_ca_certs"] = str(ca_bundle)
+    if url.startswith("redis://") and sockets.supported():
+        # The same 10 s bound, kept by the kernel: no poll before each send and read.
+        del options["socket_timeout"]
+        options.update(connection_class=sockets.KernelTimeoutConnection, io_timeout=10)
     return redis.Redis.from_url(url, **options)
 
 

@@ -40,7 +40,9 @@ def free_port() -> int:
 
 
 def _real_redis() -> redis.Redis | None:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    from producers.enqueue import connect
+
+    client = connect(REDIS_URL)  # as the worker and producers connect
     try:
         client.ping()
     except redis.RedisError:

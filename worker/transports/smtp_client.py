@@ -4,6 +4,7 @@ pipelined send (RFC 2920). Every library error is mapped here, in ``map_errors``
 from __future__ import annotations
 
 import base64
+import io
 import smtplib
 import socket
 import ssl
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from producers.sockets import kernel_timeouts
 from settings import SmtpConnection
 from worker.errors import (
     DeliveryError,
@@ -91,8 +93,12 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
             service=name,
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
+        # smtplib reports a read that timed out as a disconnection ("...: timed out")
+        what = (
+            "timed out" if str(exc).endswith("timed out") else "closed the connection"
+        )
         raise TransientDeliveryError(
-            f"{where} closed the connection during {step}", service=name
+            f"{where} {what} during {step}", service=name
         ) from exc
     except smtplib.SMTPResponseException as exc:
         code = exc.smtp_code
@@ -104,7 +110,7 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ):
             error = TransportUnavailableError(str(error), service=name, code=code)
         raise error from exc
-    except TimeoutError as exc:
+    except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_SNDTIMEO
         raise TransientDeliveryError(
             f"{where} timed out during {step}", service=name
         ) from exc
@@ -153,6 +159,21 @@ def _receipt(recipients: tuple[str, ...], replies: list[tuple[int, bytes]]) -> R
         else:
             receipt.refused[rcpt] = (code, _reply(code, text))
     return receipt
+
+
+class _KernelTimeoutReader(socket.SocketIO):
+    """smtplib's reply reader for a socket whose receive timeout the kernel keeps
+    (``producers.sockets``): a read that ends in ``EAGAIN`` timed out. ``SocketIO``
+    would report it as "no data yet", which smtplib takes for a closed connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, "rb")
+
+    def readinto(self, b: Any) -> int:
+        count = super().readinto(b)
+        if count is None:
+            raise TimeoutError("timed out")
+        return count
 
 
 class _ImplicitTls(smtplib.SMTP_SSL):
@@ -217,6 +238,8 @@ class SmtpClient:
             # We always write whole commands or whole messages: never wait to coalesce.
             if smtp.sock is not None:
                 smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if security == "none" and kernel_timeouts(smtp.sock, conn.timeout):
+                    smtp.file = io.BufferedReader(_KernelTimeoutReader(smtp.sock))
         if security == "tls":
             note("tls", f"implicit TLS, {self._tls_detail()}; {_reply(code, banner)}")
         else:
