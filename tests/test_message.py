@@ -7,6 +7,7 @@ import email
 import email.policy
 import re
 import uuid
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from producers import Mailbox, Notification, parse_job
 from worker.message import render, render_body
+from worker.status import now_iso
 
 FROM = Mailbox(address="noreply@notify.example.org", name="Example Notifications")
 PDF = b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n"
@@ -335,6 +337,31 @@ def test_auto_submitted_and_date_are_present():
     assert message.get_all("Auto-Submitted") == ["auto-generated"]
     assert message["Date"].datetime is not None
     assert message["MIME-Version"] == "1.0"
+
+
+def test_date_is_now_and_boundaries_differ_between_messages():
+    """The Date header (formatted once a second) is the current time, in GMT; two
+    multipart messages never share a boundary."""
+    before = datetime.now(UTC).replace(microsecond=0)
+    job = _job(text="plain", html="<p>html</p>")
+    raw = _render(job)
+    first, second = _parse(raw), _parse(_render(job))
+    after = datetime.now(UTC)
+    assert before <= first["Date"].datetime <= after
+    assert re.search(rb"^Date: [A-Z][a-z]{2}, .* GMT\r$", raw, re.MULTILINE)
+    assert first.get_boundary() != second.get_boundary()
+    assert first.get_boundary().startswith("=_")
+
+
+def test_now_iso_writes_what_isoformat_writes():
+    before = datetime.now(UTC)
+    stamp = now_iso()
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", stamp)
+    parsed = datetime.fromisoformat(stamp)
+    assert (
+        before.replace(microsecond=before.microsecond // 1000 * 1000) <= parsed <= after
+    )
 
 
 def test_bcc_never_appears():

@@ -7,7 +7,9 @@ directly costs ~0.1 ms. Tests parse every shape back with ``email.parser`` as th
 from __future__ import annotations
 
 import base64
+import itertools
 import re
+import time
 import uuid
 from email.header import Header
 from email.utils import formatdate
@@ -98,8 +100,25 @@ def _rfc2231(param: str, value: str) -> str:
     )
 
 
+# Boundaries: "=_" never occurs in base64, so the parts' content cannot contain one; a
+# random prefix per start and a counter make each boundary unique.
+_BOUNDARY_PREFIX = f"=_{uuid.uuid4().hex[:16]}."
+_boundaries = itertools.count()
+_DATE: tuple[int, bytes] = (0, b"")  # the Date header of the last whole second
+
+
+def _date_header() -> bytes:
+    global _DATE
+    second, header = _DATE
+    now = int(time.time())
+    if now != second:
+        header = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        _DATE = (now, header)
+    return header
+
+
 def _multipart(subtype: str, parts: list[bytes]) -> bytes:
-    boundary = f"=_{uuid.uuid4().hex}"
+    boundary = f"{_BOUNDARY_PREFIX}{next(_boundaries):x}"
     sep = f"--{boundary}\r\n".encode()
     body = b"".join(sep + part for part in parts) + f"--{boundary}--\r\n".encode()
     return (
@@ -155,7 +174,7 @@ def render(
         if notification.reply_to
         else b"",
         _header("Subject", notification.subject),
-        f"Date: {formatdate(usegmt=True)}\r\n".encode(),
+        _date_header(),
         f"Message-ID: {message_id(job_id, from_box.address)}\r\n".encode(),
         b"MIME-Version: 1.0\r\n",
         b"Auto-Submitted: auto-generated\r\n",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -92,9 +91,20 @@ return out
 """
 
 
+_SECOND: tuple[int, str] = (0, "")  # the last whole second now_iso formatted
+
+
 def now_iso() -> str:
-    """The current time as ISO 8601 UTC with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    """The current time as ISO 8601 UTC with milliseconds (``...T12:00:00.123+00:00``,
+    as ``datetime.isoformat`` writes it; the whole second is formatted once)."""
+    global _SECOND
+    now = time.time()
+    second, text = _SECOND
+    if int(now) != second:
+        second = int(now)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SECOND = (second, text)
+    return f"{text}.{int((now - second) * 1000):03d}+00:00"
 
 
 class JobStart:
