@@ -69,8 +69,14 @@ def worker_and_server(smtp_server, make_settings, run_worker):
             ).encode(),
             "cannot decode",
         ),
+        (  # JSON that Python's json module reads but orjson (our decoder) refuses
+            b'{"queue_name":"mail","actor_name":"deliver","args":[],'
+            b'"kwargs":{"job":{"to":["a@example.org"],"subject":"x","text":"y"}},'
+            b'"options":{"n":NaN},"message_id":"m","message_timestamp":1}',
+            "cannot decode",
+        ),
     ],
-    ids=["malformed-json", "invalid-utf8", "wrong-shape"],
+    ids=["malformed-json", "invalid-utf8", "wrong-shape", "nan"],
 )
 def test_undecodable_message_is_poison_and_its_batch_goes_on(
     payload, error, worker_and_server, redis_client, namespace

@@ -39,6 +39,19 @@ __all__ = ["DeadLetterCapture", "MailBroker"]
 log = structlog.get_logger("mailworker.broker")
 
 
+def _decode(data: bytes) -> Message[Any]:
+    """``Message.decode`` with orjson, which also wrote the message (producers): about a
+    third of the stdlib's time (76 against 27 µs for a 20-job bulk message). What orjson
+    refuses and ``json`` would take (NaN, lone surrogates, integers past 64 bits) no
+    producer of ours writes; such a message is quarantined like any undecodable one."""
+    try:
+        fields = orjson.loads(data)
+        fields["args"] = tuple(fields["args"])
+        return Message(**fields)
+    except Exception as exc:  # as Dramatiq's Message.decode
+        raise DecodeError("Failed to decode message.", data, exc) from exc  # type: ignore[no-untyped-call]
+
+
 class SafeConsumer(_RedisConsumer):
     """Takes out of the stream, as `poison` dead letters, messages that cannot be decoded,
     that name another queue than the one they were pushed to, or have no redis message id
@@ -135,7 +148,7 @@ class SafeConsumer(_RedisConsumer):
         messages = []
         for data in leftovers:
             try:
-                messages.append(MessageProxy(Message.decode(data)))
+                messages.append(MessageProxy(_decode(data)))
             except DecodeError:
                 continue  # stays unacknowledged: recovered and quarantined later
         if messages:
@@ -171,7 +184,7 @@ class SafeConsumer(_RedisConsumer):
                     if data is None:
                         continue
                     self.misses = 0
-                    message = Message.decode(data)
+                    message = _decode(data)
                     self.queued_message_ids.add(message.message_id)
                     return MessageProxy(message)
                 event.clear()  # a wake-up or an ack from now on ends the wait below
