@@ -43,8 +43,8 @@ def kernel_timeouts(sock: socket.socket, seconds: float | None) -> bool:
         or isinstance(sock, ssl.SSLSocket)
     ):
         return False
-    whole = int(seconds)
-    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    micros = max(1, round(seconds * 1_000_000))  # 0 would mean "no timeout"
+    value = struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
     sock.settimeout(None)

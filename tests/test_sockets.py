@@ -170,3 +170,76 @@ def test_tls_and_other_platforms_keep_python_timeouts(monkeypatch):
     plain = connect("redis://127.0.0.1:1")
     assert plain.connection_pool.connection_class is redis.Connection
     assert plain.connection_pool.connection_kwargs["socket_timeout"] == 10
+
+
+def test_a_plain_smtp_send_that_cannot_write_times_out(make_settings):
+    """The server takes the command group, then stops reading the message: the write
+    blocks until the kernel's send timeout, and the error says it timed out."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"220 stub ESMTP\r\n")
+            conn.recv(4096)  # EHLO
+            conn.sendall(b"250-stub\r\n250 PIPELINING\r\n")
+            conn.recv(4096)  # MAIL, RCPT, DATA
+            conn.sendall(b"250 ok\r\n250 ok\r\n354 go ahead\r\n")
+            done.wait(30)  # and read nothing more
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    conn = make_settings(
+        smtp=[
+            {
+                "name": "full",
+                "from_address": "noreply@example.com",
+                "server": "127.0.0.1",
+                "port": listener.getsockname()[1],
+                "security": "none",
+                "timeout": "1s",
+            }
+        ]
+    ).smtp[0]
+    client = SmtpClient(conn, None)
+    client.open()
+    body = b"x" * 998 + b"\r\n"
+    try:
+        error = _outcome(
+            lambda: client.send(
+                "noreply@example.com", ("a@example.org",), body * 32_000
+            )
+        )
+    finally:
+        done.set()
+        client.close()
+        thread.join(timeout=5)
+        listener.close()
+    assert isinstance(error, TransientDeliveryError)
+    assert "timed out during send" in str(error)
+
+
+def test_the_wake_listener_keeps_python_timeouts(redis_url):
+    """redis-py's pub/sub waits on the socket timeout with poll() in places, which
+    SO_RCVTIMEO does not bound: the listener's connection keeps Python's timeout."""
+    from worker.wake import _listener_client
+
+    listener = _listener_client(connect(redis_url))
+    pool = listener.connection_pool
+    try:
+        assert pool.connection_class is redis.Connection
+        assert pool.connection_kwargs["socket_timeout"] == 10
+        assert "io_timeout" not in pool.connection_kwargs
+        assert listener.ping()
+    finally:
+        listener.close()
+
+
+def test_direct_script_refuses_what_redis_cannot_take(redis_url):
+    from worker.direct import DirectScript
+
+    script = DirectScript(connect(redis_url), "return ARGV[1]")
+    assert script("fine") == b"fine"
+    with pytest.raises(redis.DataError):
+        script(None)

@@ -82,6 +82,10 @@ class DirectScript:
 
     def _send(self, conn: Any, command: tuple[Any, ...]) -> None:
         if self._packed:
-            conn.send_packed_command([hiredis.pack_command(command)])
+            try:
+                packed = hiredis.pack_command(command)
+            except TypeError as exc:  # what redis-py's packer raises as DataError
+                raise redis.DataError(str(exc)) from exc
+            conn.send_packed_command([packed])
         else:
             conn.send_command(*command)

@@ -98,13 +98,13 @@ def now_iso() -> str:
     """The current time as ISO 8601 UTC with milliseconds (``...T12:00:00.123+00:00``,
     as ``datetime.isoformat`` writes it; the whole second is formatted once)."""
     global _SECOND
-    now = time.time()
+    ms = time.time_ns() // 1_000_000
     second, text = _SECOND
-    if int(now) != second:
-        second = int(now)
+    if ms // 1000 != second:
+        second = ms // 1000
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _SECOND = (second, text)
-    return f"{text}.{int((now - second) * 1000):03d}+00:00"
+    return f"{text}.{ms % 1000:03d}+00:00"
 
 
 class JobStart:

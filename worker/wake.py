@@ -17,6 +17,7 @@ import structlog
 from dramatiq import Broker, Middleware, Worker
 
 from producers.keys import wake_channel
+from producers.sockets import KernelTimeoutConnection
 
 __all__ = ["Waker"]
 
@@ -34,9 +35,15 @@ def _listener_client(client: redis.Redis) -> redis.Redis:
         return client  # the embedded broker of `mailworker dev` and the tests
     kwargs = dict(pool.connection_kwargs)
     kwargs.update(client_name=CLIENT_NAME, health_check_interval=30)
+    connection_class = pool.connection_class
+    if issubclass(connection_class, KernelTimeoutConnection):
+        # Python's own timeout here: redis-py's pub/sub waits with poll() on the
+        # socket timeout in places, which the kernel's timeouts do not bound.
+        connection_class = redis.Connection
+        kwargs["socket_timeout"] = kwargs.pop("io_timeout")
     return redis.Redis(
         connection_pool=redis.ConnectionPool(
-            connection_class=pool.connection_class, max_connections=2, **kwargs
+            connection_class=connection_class, max_connections=2, **kwargs
         )
     )
 

@@ -93,10 +93,12 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
             service=name,
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
-        # smtplib reports a read that timed out as a disconnection ("...: timed out")
-        what = (
-            "timed out" if str(exc).endswith("timed out") else "closed the connection"
+        # smtplib turns a read that timed out into "...: timed out", and a write that did
+        # into "Server not connected" (with the socket error as the context).
+        timed_out = str(exc).endswith("timed out") or isinstance(
+            exc.__context__, TimeoutError | BlockingIOError
         )
+        what = "timed out" if timed_out else "closed the connection"
         raise TransientDeliveryError(
             f"{where} {what} during {step}", service=name
         ) from exc
@@ -110,7 +112,7 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ):
             error = TransportUnavailableError(str(error), service=name, code=code)
         raise error from exc
-    except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_SNDTIMEO
+    except TimeoutError as exc:
         raise TransientDeliveryError(
             f"{where} timed out during {step}", service=name
         ) from exc
