@@ -113,6 +113,60 @@ def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
 
 
 @pytest.mark.slow
+def test_bulk_jobs_log_one_whole_json_line_each(
+    smtp_server, redis_url, namespace, tmp_path
+):
+    """A bulk send through two worker processes: every job has its own
+    `delivery_succeeded` line, and every line of the log is whole JSON (a bulk
+    message's lines are written together, in pieces cut between lines)."""
+    server = smtp_server("plain")
+    config = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "broker_url": redis_url,
+            "namespace": namespace,
+            "smtp": [server.smtp_section()],
+        },
+    )
+    env = _env(MAILWORKER_CONFIG=str(config))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        "".join(
+            json.dumps(
+                {"to": [f"user{i}@example.org"], "subject": f"N{i}", "text": "x" * 300}
+            )
+            + "\n"
+            for i in range(90)
+        )
+    )
+    stderr = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [MAILWORKER, "worker", "-p", "2", "-t", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    try:
+        subprocess.run(
+            [MAILWORKER, "send", "--bulk", str(jobs)],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        wait_for(lambda: len(server.recorder.messages) >= 90, timeout=60)
+    finally:
+        code = _stop(worker)
+        stderr.close()
+    assert code == 0
+    ids = set((tmp_path / "jobs.jsonl.ids").read_text().split())
+    text = (tmp_path / "worker.log").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]  # every line whole JSON
+    succeeded = [e["job_id"] for e in lines if e.get("event") == "delivery_succeeded"]
+    assert sorted(succeeded) == sorted(ids) and len(ids) == 90
+
+
+@pytest.mark.slow
 def test_worker_refuses_a_bad_configuration_with_exit_2(tmp_path):
     """A worker with an invalid configuration exits 2 naming the key, before starting Dramatiq."""
     config = tmp_path / "mailworker.toml"

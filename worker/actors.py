@@ -19,7 +19,7 @@ from settings import JobValidationError, Settings
 from worker import records
 from worker.delivery import Deliverer, Outcome, Parcel
 from worker.jobs import DeadLetterError, Job, single_message
-from worker.logging import show_address
+from worker.logging import lines_together, show_address
 from worker.reliability import attach_write
 from worker.status import JobStart, StatusStore
 
@@ -150,14 +150,17 @@ class JobHandler:
             )
         )
         unsent = []
-        for index, (item, job, r) in enumerate(ready):
-            outcome = outcomes.get(index, Outcome())
-            if outcome is None:
-                unsent.append(item)
-                continue
-            structlog.contextvars.bind_contextvars(job_id=job.id)
-            with contextlib.suppress(DeadLetterError):
-                self._finish(job, r, outcome)
+        # The jobs' lines are written together (their records too go out together, with
+        # the message's ack).
+        with lines_together():
+            for index, (item, job, r) in enumerate(ready):
+                outcome = outcomes.get(index, Outcome())
+                if outcome is None:
+                    unsent.append(item)
+                    continue
+                structlog.contextvars.bind_contextvars(job_id=job.id)
+                with contextlib.suppress(DeadLetterError):
+                    self._finish(job, r, outcome)
         if unsent:
             self._hand_back(unsent, whole)
 
