@@ -9,6 +9,7 @@ import subprocess
 import sys
 from email import message_from_bytes, policy
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -34,14 +35,20 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
         raise
 
 
-@pytest.mark.slow
-def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
-    smtp_server, redis_url, namespace, tmp_path
-):
-    """`mailworker worker` delivers a `mailworker send` job, logs JSON, exits 0 on SIGTERM."""
-    # Given a config for a real SMTP server and a worker process
-    server = smtp_server("plain", auth=True)
-    config = write_toml(
+def _worker(
+    tmp_path: Path, config: Path, *args: str
+) -> tuple[subprocess.Popen[bytes], dict[str, str], BinaryIO]:
+    """`mailworker worker ARGS` on ``config``, its log in tmp_path/worker.log."""
+    env = _env(MAILWORKER_CONFIG=str(config))
+    stderr = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen(
+        [MAILWORKER, "worker", *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+    )
+    return process, env, stderr
+
+
+def _config(tmp_path: Path, redis_url: str, namespace: str, server: Any) -> Path:
+    return write_toml(
         tmp_path / "mailworker.toml",
         {
             "broker_url": redis_url,
@@ -49,14 +56,17 @@ def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
             "smtp": [server.smtp_section()],
         },
     )
-    env = _env(MAILWORKER_CONFIG=str(config))
-    stderr = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [MAILWORKER, "worker", "-p", "1", "-t", "2"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-    )
+
+
+@pytest.mark.slow
+def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
+    smtp_server, redis_url, namespace, tmp_path
+):
+    """`mailworker worker` delivers a `mailworker send` job, logs JSON, exits 0 on SIGTERM."""
+    # Given a config for a real SMTP server and a worker process
+    server = smtp_server("plain", auth=True)
+    config = _config(tmp_path, redis_url, namespace, server)
+    worker, env, stderr = _worker(tmp_path, config, "-p", "1", "-t", "2")
     try:
         # When a notification is sent from the shell
         sent = subprocess.run(
@@ -120,15 +130,7 @@ def test_bulk_jobs_log_one_whole_json_line_each(
     `delivery_succeeded` line, and every line of the log is whole JSON (a bulk
     message's lines are written together, in pieces cut between lines)."""
     server = smtp_server("plain")
-    config = write_toml(
-        tmp_path / "mailworker.toml",
-        {
-            "broker_url": redis_url,
-            "namespace": namespace,
-            "smtp": [server.smtp_section()],
-        },
-    )
-    env = _env(MAILWORKER_CONFIG=str(config))
+    config = _config(tmp_path, redis_url, namespace, server)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(
         "".join(
@@ -139,13 +141,7 @@ def test_bulk_jobs_log_one_whole_json_line_each(
             for i in range(90)
         )
     )
-    stderr = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [MAILWORKER, "worker", "-p", "2", "-t", "2"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-    )
+    worker, env, stderr = _worker(tmp_path, config, "-p", "2", "-t", "2")
     try:
         subprocess.run(
             [MAILWORKER, "send", "--bulk", str(jobs)],
