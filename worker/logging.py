@@ -86,9 +86,8 @@ def _stream() -> BinaryIO:
     return os.fdopen(os.dup(2), "wb", buffering=0)
 
 
-_PIPE_BUF = (
-    4096  # what one write(2) to a pipe keeps whole among other processes' writes
-)
+# What one write(2) to a pipe keeps whole among the other processes' writes.
+_PIPE_BUF = 4096
 
 
 class _Lines:

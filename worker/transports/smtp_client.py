@@ -356,7 +356,7 @@ class SmtpClient:
         data: bytes,
     ) -> Receipt:
         name = self.conn.name
-        mail_code, mail_text = replies[0]
+        mail_code = replies[0][0]
         data_code = replies[-1][0] if len(replies) == len(recipients) + 2 else 0
         receipt = _receipt(recipients, replies)
         if mail_code != 250 or not receipt.accepted or data_code != 354:
@@ -365,14 +365,10 @@ class SmtpClient:
                 smtp.send(".\r\n")
                 smtp.getreply()
             self._quiet_rset(smtp)
-            if mail_code != 250:
-                raise _classify(
-                    mail_code, _reply(mail_code, mail_text), name, "MAIL FROM refused"
-                )
-            if receipt.accepted:
-                code, text = replies[-1]
-                raise _classify(code, _reply(code, text), name, "DATA refused")
-            return receipt  # nothing accepted: the per-recipient replies say why
+            refusal = self._refusal(recipients, replies, receipt)
+            if isinstance(refusal, DeliveryError):
+                raise refusal
+            return refusal  # nothing accepted: the per-recipient replies say why
         # One write for the message and its final dot: two small writes in a row meet
         # Nagle's algorithm and the peer's delayed ACK, a stall of up to 40 ms per message.
         smtp.send(_content(data))
