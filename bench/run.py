@@ -29,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +396,22 @@ def _header(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _per_contender(
+    summary: dict[str, dict[str, Any]],
+    key: str,
+    intro: str,
+    item: Callable[[dict[str, Any]], str],
+    sep: str,
+) -> list[str]:
+    """One report line: ``intro`` and ``item(row)`` for each contender that has ``key``."""
+    parts = [
+        f"{name} {item(row)}"
+        for name, row in summary.items()
+        if row.get(key) is not None
+    ]
+    return [f"{intro}{sep.join(parts)}."] if parts else []
+
+
 def _throughput_lines(data: dict[str, Any]) -> list[str]:
     summary, n = data.get("summary", {}), data["config"]["n"]
     if not summary:
@@ -420,29 +437,27 @@ def _throughput_lines(data: dict[str, Any]) -> list[str]:
             f"{', '.join(_fmt(v, 2) for v in row['other_load_runs'])} | {row['failed']} |"
         )
     lines.append("")
-    scripts = [
-        f"{name} {row['redis_scripts_per_msg']:.2f}"
-        for name, row in summary.items()
-        if row.get("redis_scripts_per_msg") is not None
-    ]
-    if scripts:
-        lines.append(
-            "- Redis scripts run per message (EVAL/EVALSHA calls, median; Dramatiq's "
-            f"fetch and ack are scripts too): {', '.join(scripts)}."
-        )
-    where = [
-        f"{name} {_fmt(row['sys_us_per_msg'])} µs system, "
-        f"{_fmt(row['switches_per_msg'], 1)} switches, Redis {_fmt(row['redis_us_per_msg'])} µs, "
-        f"first after {_fmt(row['first_after_s'], 2)} s"
-        for name, row in summary.items()
-        if row.get("sys_us_per_msg") is not None
-    ]
-    if where:
-        lines.append(
-            "- Per message (median): workers' system CPU (part of CPU µs/msg), workers' "
-            "context switches, redis-server CPU; first delivery after worker start: "
-            f"{'; '.join(where)}."
-        )
+    lines += _per_contender(
+        summary,
+        "redis_scripts_per_msg",
+        "- Redis scripts run per message (EVAL/EVALSHA calls, median; Dramatiq's "
+        "fetch and ack are scripts too): ",
+        lambda row: f"{row['redis_scripts_per_msg']:.2f}",
+        ", ",
+    )
+    lines += _per_contender(
+        summary,
+        "sys_us_per_msg",
+        "- Per message (median): workers' system CPU (part of CPU µs/msg), workers' "
+        "context switches, redis-server CPU; first delivery after worker start: ",
+        lambda row: (
+            f"{_fmt(row['sys_us_per_msg'])} µs system, "
+            f"{_fmt(row['switches_per_msg'], 1)} switches, "
+            f"Redis {_fmt(row['redis_us_per_msg'])} µs, "
+            f"first after {_fmt(row['first_after_s'], 2)} s"
+        ),
+        "; ",
+    )
     for name, row in summary.items():
         if row["sent_records"]:
             sent = ", ".join(str(v) for v in row["sent_records"])
