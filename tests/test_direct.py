@@ -3,6 +3,9 @@ connection when Redis restarted under them."""
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import redis
 
@@ -43,3 +46,48 @@ def test_errors_of_the_script_itself_are_raised_and_the_connection_kept(
         incr("s")
     assert incr("t") == 1
     assert len([c for c in client.client_list() if c["cmd"] == "evalsha"]) == 1
+
+
+def test_scripts_of_one_pool_share_each_threads_connection_and_take_keys(
+    private_redis,
+):
+    client = redis.Redis.from_url(private_redis.url)
+    count = DirectScript(client, BODY)
+    keyed = DirectScript(client, "return redis.call('SET', KEYS[1], ARGV[1])")
+    assert keyed.run(["k"], ["v"]) == b"OK"
+    assert count("n") == b"1"
+    assert client.get("k") == b"v"
+    ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
+    assert len(ours) == 1  # one connection for both scripts in this thread
+
+    def other_thread() -> None:
+        count("n")
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
+    assert len(ours) == 2  # the other thread used a connection of its own
+    assert client.get("n") == b"2"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_uses_the_parents_connection(private_redis):
+    client = redis.Redis.from_url(private_redis.url)
+    count = DirectScript(client, BODY)
+    assert count("n") == b"1"
+    parent = count._local.conn
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it made a connection of its own
+        try:
+            count("n")
+            os.write(write, b"new" if count._local.conn is not parent else b"same")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read()
+    os.waitpid(pid, 0)
+    assert said == b"new"
+    assert count("n") == b"3"  # the parent's connection still works after the child

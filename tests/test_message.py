@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from producers import Mailbox, Notification, parse_job
+from worker.clock import iso_micros
 from worker.message import render, render_body
 from worker.status import now_iso
 
@@ -427,3 +428,13 @@ def test_render_body_starts_with_its_content_headers():
     names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")]
     assert names == [b"content-type", b"content-transfer-encoding"]
     assert base64.b64decode(payload) == b"Hello"
+
+
+def test_iso_micros_writes_utc_with_microseconds():
+    before = datetime.now(UTC)
+    stamp = iso_micros()
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    # truncated to microseconds (datetime.now rounds: allow one)
+    assert before - timedelta(microseconds=1) <= parsed <= after

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,6 +19,7 @@ from tests.conftest import write_toml
 from tests.helpers import wait_for
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
+TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -64,6 +67,7 @@ def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
 ):
     """`mailworker worker` delivers a `mailworker send` job, logs JSON, exits 0 on SIGTERM."""
     # Given a config for a real SMTP server and a worker process
+    started = datetime.now(UTC)
     server = smtp_server("plain", auth=True)
     config = _config(tmp_path, redis_url, namespace, server)
     worker, env, stderr = _worker(tmp_path, config, "-p", "1", "-t", "2")
@@ -119,6 +123,12 @@ def test_worker_process_delivers_logs_json_and_stops_on_sigterm(
     succeeded = [e for e in lines if e.get("event") == "delivery_succeeded"]
     assert succeeded and succeeded[0]["job_id"] == job_id
     assert succeeded[0]["metadata"] == {"workflow": "wf-9"}
+    assert succeeded[0]["level"] == "info"
+    # every line is stamped: ISO 8601 UTC with microseconds, during this test
+    for entry in lines:
+        assert re.fullmatch(TIMESTAMP, entry["timestamp"]), entry
+        stamp = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00"))
+        assert started <= stamp <= datetime.now(UTC)
     assert "s3cret-smtp-pw" not in (tmp_path / "worker.log").read_text()
 
 

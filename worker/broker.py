@@ -25,6 +25,7 @@ from dramatiq.middleware import MiddlewareError
 
 from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
 from worker.deadletter import DeadLetters
+from worker.direct import DirectScript
 from worker.reliability import (
     attached_writes,
     clear_writes,
@@ -317,6 +318,16 @@ def _jobs_of(message: Any) -> list[tuple[str, int, str, str]]:
     return []
 
 
+class _Dispatch:
+    """A ``DirectScript`` called as Dramatiq calls its scripts: ``(args=..., keys=...)``."""
+
+    def __init__(self, script: DirectScript) -> None:
+        self._script = script
+
+    def __call__(self, args: list[Any], keys: list[Any]) -> Any:
+        return self._script.run(keys, args)
+
+
 class MailBroker(RedisBroker):
     """``RedisBroker`` with the safe consumer and a handle on our dead letters."""
 
@@ -332,6 +343,11 @@ class MailBroker(RedisBroker):
             str, list[Any]
         ] = {}  # add_middleware (from __init__) resets it
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        # Fetches (idle queues are polled too), enqueues and acks run Dramatiq's dispatch
+        # script: over each thread's own connection, as our status writes do.
+        source = self.scripts["dispatch"].script
+        assert isinstance(source, str | bytes)
+        self.scripts["dispatch"] = _Dispatch(DirectScript(self.client, source))
         self.dead_letters = dead_letters
         self.waker = waker  # also in the middleware list: it runs the listener thread
         self.stopping = stopping or threading.Event()  # set: consumers fetch no more

@@ -17,6 +17,8 @@ import structlog
 from structlog.processors import ExceptionRenderer
 from structlog.tracebacks import ExceptionDictTransformer
 
+from worker.clock import iso_micros
+
 __all__ = ["DramatiqArgsFilter", "configure", "lines_together", "show_address"]
 
 _SECRET_KEYS = frozenset(
@@ -60,12 +62,27 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+# Values _scrub returns unchanged.
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def _redact(
     _: Any, __: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """Last line of defence: no configured secret and no secret-named key reaches output."""
-    for key, value in list(event.items()):
-        event[key] = "***" if key.lower() in _SECRET_KEYS else _scrub(value)
+    for key, value in event.items():  # only values change: the dict keeps its size
+        if key.lower() in _SECRET_KEYS:
+            event[key] = "***"
+        elif value.__class__ not in _PLAIN:
+            event[key] = _scrub(value)
+    return event
+
+
+def _timestamp(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``timestamp``: now, ISO 8601 UTC with microseconds."""
+    event["timestamp"] = iso_micros()
     return event
 
 
@@ -167,7 +184,7 @@ def configure(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
         ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
         _redact,
     ]

@@ -17,6 +17,7 @@ from producers.keys import (
     queue_messages_key,
     status_key,
 )
+from worker.clock import iso_millis
 from worker.direct import DirectScript
 
 __all__ = ["JobStart", "PackedWrite", "StatusStore", "message_id_of", "now_iso"]
@@ -91,20 +92,10 @@ return out
 """
 
 
-_SECOND: tuple[int, str] = (0, "")  # the last whole second now_iso formatted
-
-
 def now_iso() -> str:
     """The current time as ISO 8601 UTC with milliseconds (``...T12:00:00.123+00:00``,
-    as ``datetime.isoformat`` writes it; the whole second is formatted once)."""
-    global _SECOND
-    ms = time.time_ns() // 1_000_000
-    second, text = _SECOND
-    if ms // 1000 != second:
-        second = ms // 1000
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _SECOND = (second, text)
-    return f"{text}.{ms % 1000:03d}+00:00"
+    as ``datetime.isoformat`` writes it)."""
+    return iso_millis()
 
 
 class JobStart:
@@ -160,7 +151,7 @@ class StatusStore:
         self._lock = threading.Lock()
         self._prefetched: dict[tuple[str, str], tuple[float, JobStart]] = {}
         self._write = DirectScript(client, _WRITE)
-        self._begin = client.register_script(_BEGIN)
+        self._begin = DirectScript(client, _BEGIN)
 
     def begin(
         self, job_id: str, *, attempt: int, queue: str, redis_id: str = ""
@@ -183,7 +174,7 @@ class StatusStore:
         args: list[EncodableT] = [self._ns, self._ttl, now_iso()]
         for job in jobs:
             args.extend(job)
-        replies = self._begin(keys=[], args=args)
+        replies = self._begin(*args)
         out = {}
         for (job_id, _, _, redis_id), reply in zip(jobs, replies, strict=True):
             state, attempts, recipients, redeliveries, accepted = reply

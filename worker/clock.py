@@ -1,0 +1,34 @@
+"""ISO 8601 UTC timestamps for status records and log lines, cheaply: the whole second
+is formatted once, each call adds only its fraction (~0.5 µs against ~2-5 µs for
+``datetime.now(UTC).isoformat()``)."""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["iso_micros", "iso_millis"]
+
+_SECOND: tuple[int, str] = (0, "")  # the last whole second formatted
+
+
+def _second(second: int) -> str:
+    global _SECOND
+    cached, text = _SECOND
+    if cached != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SECOND = (second, text)
+    return text
+
+
+def iso_millis() -> str:
+    """Now with milliseconds: ``...T12:00:00.123+00:00``, as ``datetime.isoformat``
+    writes it."""
+    ms = time.time_ns() // 1_000_000
+    return f"{_second(ms // 1000)}.{ms % 1000:03d}+00:00"
+
+
+def iso_micros() -> str:
+    """Now with microseconds: ``...T12:00:00.123456Z``, as structlog's ``TimeStamper(
+    fmt="iso", utc=True)`` writes it (but always with the fraction)."""
+    us = time.time_ns() // 1000
+    return f"{_second(us // 1_000_000)}.{us % 1_000_000:06d}Z"
