@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class Recorder:
         True  # advertise RFC 2920 (aiosmtpd reads pipelined commands fine)
     )
     ehlos: int = 0  # EHLO count: one per session (two with STARTTLS)
+    # address → event: RCPT for it is answered only once the test sets the event
+    holds: dict[str, threading.Event] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)  # addresses being held now
 
     async def handle_EHLO(
         self,
@@ -177,6 +181,14 @@ class Recorder:
         options: list[str],
     ) -> str:
         self.commands.append(f"RCPT {address}")
+        hold = self.holds.get(address)
+        if hold is not None:
+            self.held.add(address)
+            for _ in range(3000):  # at most 30 s: a forgotten hold fails, never hangs
+                if hold.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            self.held.discard(address)
         reply = self.rcpt_replies.get(address)
         if reply:
             return reply
@@ -335,8 +347,8 @@ def run_worker(redis_client: redis.Redis) -> Iterator[Callable[..., Any]]:
 
     started: list[tuple[WorkerApp, Worker]] = []
 
-    def run(settings: Settings, *, threads: int = 2) -> WorkerApp:
-        app = build(settings, client=redis_client, backoff=0.01)
+    def run(settings: Settings, *, threads: int = 2, **build_options: Any) -> WorkerApp:
+        app = build(settings, client=redis_client, backoff=0.01, **build_options)
         app.broker.emit_after("process_boot")
         worker = Worker(app.broker, worker_timeout=50, worker_threads=threads)
         worker.start()

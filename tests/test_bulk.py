@@ -4,6 +4,7 @@ delivery marker, retries and dead letter."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from email import message_from_bytes, policy
@@ -11,7 +12,9 @@ from email import message_from_bytes, policy
 import pytest
 
 from producers import JobValidationError, Notification, Producer
+from tests.helpers import wait_for
 from worker.deadletter import DeadLetters
+from worker.express import Express
 
 
 def _jobs(count, **fields):
@@ -221,3 +224,57 @@ def test_a_worker_holds_few_delayed_messages_in_memory(
     time.sleep(0.5)  # time for the consumer to fetch more, were it allowed to
     assert redis_client.scard(held) == DELAY_PREFETCH
     assert redis_client.hlen(f"{namespace}:mail.DQ.msgs") == 200
+
+
+def test_a_bulk_message_waits_while_a_single_job_of_its_process_runs(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """Single jobs go first inside a process, also once running: while one is in flight
+    (its server holds it at RCPT), a bulk message taken by another thread sends nothing;
+    once it is done, the bulk message goes out."""
+    bulk, slow = smtp_server(), smtp_server()
+    release = threading.Event()
+    slow.recorder.holds["urgent@example.org"] = release
+    settings = make_settings(
+        smtp=[bulk.smtp_section("primary"), slow.smtp_section("slow")]
+    )
+    app = run_worker(settings, threads=2, express=Express(limit=30))
+    producer = Producer(redis_client, namespace=namespace)
+    try:
+        urgent = producer.enqueue(
+            Notification(
+                to=["urgent@example.org"], subject="Now", text="t", sender="slow"
+            )
+        )
+        wait_for(lambda: "urgent@example.org" in slow.recorder.held)
+        ids = producer.enqueue_many(_jobs(20))
+        # the bulk message is fetched and begun by the other thread ...
+        wait_for(lambda: all(app.status.get(i)["state"] != "queued" for i in ids))
+        time.sleep(0.5)
+        # ... but sends nothing while the single job runs
+        assert bulk.recorder.messages == []
+    finally:
+        release.set()
+    wait_for(lambda: len(bulk.recorder.messages) == 20)
+    wait_for(lambda: all(app.status.get(i)["state"] == "sent" for i in [urgent, *ids]))
+
+
+def test_the_wait_for_single_jobs_is_bounded_and_ends_with_them():
+    express = Express(limit=30)
+    assert express.wait(10) == 0.0  # no single job runs: no wait at all
+    started, finish = threading.Event(), threading.Event()
+
+    def single_job() -> None:
+        with express.running():
+            started.set()
+            finish.wait(30)
+
+    job = threading.Thread(target=single_job)
+    job.start()
+    started.wait(5)
+    assert express.wait(0.05) >= 0.05  # bounded: it returns while the job still runs
+    assert job.is_alive()
+    threading.Timer(0.1, finish.set).start()
+    assert express.wait(30) < 30  # and it ends when the job does
+    job.join(5)
+    assert not job.is_alive()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -18,6 +19,7 @@ from producers.keys import ACTOR_NAME
 from settings import JobValidationError, Settings
 from worker import records
 from worker.delivery import Deliverer, Outcome, Parcel
+from worker.express import Express
 from worker.jobs import DeadLetterError, Job, single_message
 from worker.logging import lines_together, show_address
 from worker.reliability import attach_write
@@ -46,6 +48,7 @@ class JobHandler:
         deliverer: the services in delivery order.
         broker: where a job waiting for a budget is put back.
         draining: set when the worker stops: a bulk message hands its rest back.
+        express: the single jobs running in this process, which bulk messages wait for.
     """
 
     def __init__(
@@ -56,9 +59,11 @@ class JobHandler:
         deliverer: Deliverer,
         broker: dramatiq.Broker,
         draining: threading.Event | None = None,
+        express: Express | None = None,
     ) -> None:
         self._broker = broker
         self._draining = draining or threading.Event()
+        self._express = express or Express()
         self._settings = settings
         self._status = status
         self._deliverer = deliverer
@@ -81,7 +86,7 @@ class JobHandler:
             redis_id=str(message.options.get("redis_message_id", "")),
             message=message.asdict(),
         )
-        with contextlib.suppress(DeadLetterError):
+        with self._express.running(), contextlib.suppress(DeadLetterError):
             if args or set(kwargs) != {"job"}:
                 self._invalid(
                     job,
@@ -139,13 +144,14 @@ class JobHandler:
             with contextlib.suppress(DeadLetterError):
                 ready.append((item, job, self._prepare(job, item.get("job"))))
         # First tries go out as one pipelined run, which stops early when the worker
-        # stops; what follows (retries, failover, records) is job by job.
+        # stops and, before each message, lets the process' running single jobs finish
+        # first; what follows (retries, failover, records) is job by job.
         sending = [i for i, (_, _, r) in enumerate(ready) if r.parcel.recipients]
         parcels = [ready[i][2].parcel for i in sending]
         outcomes = dict(
             zip(
                 sending,
-                self._deliverer.deliver_many(parcels, stop=self._draining.is_set),
+                self._deliverer.deliver_many(parcels, stop=self._pausing()),
                 strict=True,
             )
         )
@@ -163,6 +169,19 @@ class JobHandler:
                     self._finish(job, r, outcome)
         if unsent:
             self._hand_back(unsent, whole)
+
+    def _pausing(self) -> Callable[[], bool]:
+        """For one bulk message, what to call before each of its messages: True when
+        the worker stops; first it waits while single jobs of this process run, up to
+        ``Express.limit`` in all (see ``worker.express``)."""
+        budget = self._express.limit
+
+        def next_message() -> bool:
+            nonlocal budget
+            budget -= self._express.wait(budget)
+            return self._draining.is_set()
+
+        return next_message
 
     def _hand_back(self, items: list[Any], whole: Job) -> None:
         """The worker is stopping: put the jobs not yet started back as single jobs."""

@@ -21,6 +21,7 @@ from worker.actors import JobHandler
 from worker.broker import DeadLetterCapture, MailBroker
 from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
+from worker.express import Express
 from worker.jobs import DeadLetterError
 from worker.limits import Breaker
 from worker.middleware import Draining, LogContext, WorkerTuning
@@ -96,6 +97,7 @@ def build(
     client: redis.Redis | None = None,
     backoff: float = 0.5,
     sleep: Callable[[float], None] = time.sleep,
+    express: Express | None = None,
 ) -> WorkerApp:
     """Create the worker's broker, middleware, transports and actor.
 
@@ -104,6 +106,7 @@ def build(
         client: a Redis client to use instead of one from ``broker_url`` (tests, dev).
         backoff: the first in-process retry wait, in seconds.
         sleep: how in-process retries wait.
+        express: how bulk messages wait for single jobs (``worker.express``).
 
     Returns:
         The application; its broker has the ``deliver`` actor and every priority queue.
@@ -162,6 +165,7 @@ def build(
         deliverer=deliverer,
         broker=broker,
         draining=draining.event,
+        express=express,
     )
 
     def deliver(*args: object, **kwargs: object) -> None:
