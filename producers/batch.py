@@ -65,7 +65,7 @@ for i = 1, n do
     if idem ~= '' then
       redis.call('SET', idem, ARGV[base + 1] .. ' ' .. ARGV[base + 3], 'EX', ARGV[5])
     end
-    for k, v in pairs(cjson.decode(ARGV[base + 4])) do redis.call('HSET', status, k, v) end
+    redis.call('HSET', status, unpack(pairs_of(cjson.decode(ARGV[base + 4]))))
     redis.call('EXPIRE', status, ARGV[4])
   end
   out[#out + 1] = states[i]

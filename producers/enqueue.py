@@ -57,8 +57,7 @@ if KEYS[4] ~= '' then
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[1], ARGV[1])
-local fields = cjson.decode(ARGV[4])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[3], k, v) end
+redis.call('HSET', KEYS[3], unpack(pairs_of(cjson.decode(ARGV[4]))))
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 wake(KEYS[5], ARGV[8], ARGV[9])
 return {'enqueued', ARGV[3]}

@@ -83,11 +83,20 @@ def wake_gate_key(namespace: str, queue: str) -> str:
 # At most one wake-up per queue every 5 ms: a worker that is woken fetches everything
 # enqueued by then, and one busy enough to miss a later job polls again within ms.
 WAKE_GATE_MS = 5
-# Lua: wake(gate key, channel, queue name), for the scripts that enqueue.
+# Lua for the scripts that enqueue: wake(gate key, channel, queue name); and
+# pairs_of(table), a record's fields as one flat list, so that one HSET writes them all.
 WAKE_LUA = f"""
 local function wake(gate, channel, queue)
   if redis.call('SET', gate, '1', 'PX', {WAKE_GATE_MS}, 'NX') then
     redis.call('PUBLISH', channel, queue)
   end
+end
+local function pairs_of(fields)
+  local flat = {{}}
+  for k, v in pairs(fields) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  return flat
 end
 """
