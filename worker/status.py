@@ -72,21 +72,22 @@ return 1
 """
 
 # ARGV: namespace, ttl, now, then per job: job id, attempt, queue, redis message id.
-# Reads each job's earlier state and marker, then marks it `sending`.
+# Reads each job's earlier state and marker, then marks it `sending`. The jobs of a bulk
+# message share their broker message, whose redelivery count is read once.
 _BEGIN = """
 local ns, ttl, now = ARGV[1], ARGV[2], ARGV[3]
-local out = {}
+local out, counts = {}, {}
 for i = 4, #ARGV, 4 do
   local id, attempt, queue, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = ns .. ':job:' .. id
-  local old = redis.call('HMGET', key, 'state', 'attempts', 'recipients')
-  local redelivered = redis.call('HGET', ns .. ':redeliveries', rid ~= '' and rid or '-')
+  local old = redis.call('HMGET', key, 'state', 'attempts', 'recipients', 'created_at')
+  if rid == '' then rid = '-' end
+  if counts[rid] == nil then counts[rid] = redis.call('HGET', ns .. ':redeliveries', rid) end
   local accepted = redis.call('SMEMBERS', key .. ':accepted')
-  redis.call('HSETNX', key, 'created_at', now)
   redis.call('HSET', key, 'id', id, 'state', 'sending', 'attempts', attempt, 'queue', queue,
-             'updated_at', now, 'reason', '')
+             'updated_at', now, 'reason', '', 'created_at', old[4] or now)
   redis.call('EXPIRE', key, ttl)
-  out[#out + 1] = {old[1], old[2], old[3], redelivered, accepted}
+  out[#out + 1] = {old[1], old[2], old[3], counts[rid], accepted}
 end
 return out
 """
