@@ -9,7 +9,8 @@ import threading
 import pytest
 import redis
 
-from worker.direct import DirectScript
+from tests.helpers import wait_for
+from worker.direct import DirectScript, close_connections
 
 BODY = "redis.call('INCR', ARGV[1]) return redis.call('GET', ARGV[1])"
 
@@ -91,3 +92,34 @@ def test_a_forked_child_never_uses_the_parents_connection(private_redis):
     os.waitpid(pid, 0)
     assert said == b"new"
     assert count("n") == b"3"  # the parent's connection still works after the child
+
+
+def test_close_connections_closes_every_threads_connection(private_redis):
+    client = redis.Redis.from_url(private_redis.url)
+    count = DirectScript(client, BODY)
+    count("n")
+    called, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:  # keeps its connection until the test is done
+        count("n")
+        called.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        called.wait(10)
+        assert (
+            len([c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")])
+            == 2
+        )
+        close_connections(client)
+        wait_for(
+            lambda: (
+                not [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
+            )
+        )
+    finally:
+        done.set()
+        thread.join()
+    assert count("n") == b"3"  # this thread reconnects when it calls again

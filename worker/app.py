@@ -21,6 +21,7 @@ from worker.actors import JobHandler
 from worker.broker import DeadLetterCapture, MailBroker
 from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
+from worker.direct import close_connections
 from worker.express import Express
 from worker.jobs import DeadLetterError
 from worker.limits import Breaker
@@ -58,6 +59,7 @@ class WorkerApp:
         for transport in self.transports:
             transport.close()
         self.broker.close()
+        close_connections(self.client)
 
 
 def secrets_of(settings: Settings) -> list[str]:

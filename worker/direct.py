@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import hiredis
 import redis
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ["DirectScript"]
+__all__ = ["DirectScript", "close_connections"]
 
 _LOCAL = "_mailworker_threads"  # the attribute of a pool that holds its threads' own
 
@@ -34,6 +35,22 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+class _Own:
+    """The connections DirectScripts made on one pool: each thread's, and all of them."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.made: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_connections(client: redis.Redis) -> None:
+    """Close every connection DirectScripts made on ``client``'s pool (a thread that
+    calls one again later reconnects)."""
+    own: _Own | None = getattr(client.connection_pool, _LOCAL, None)
+    for conn in list(own.made) if own is not None else []:
+        conn.disconnect()
 
 
 class DirectScript:
@@ -50,11 +67,12 @@ class DirectScript:
         self._sha = hashlib.sha1(self._body).hexdigest()  # noqa: S324 - Redis' script id
         # Each thread's own connection, shared by every DirectScript of this pool (it
         # lives as long as the pool).
-        local = getattr(self._pool, _LOCAL, None)
-        if local is None:
-            local = threading.local()
-            setattr(self._pool, _LOCAL, local)
-        self._local: Any = local
+        own = getattr(self._pool, _LOCAL, None)
+        if own is None:
+            own = _Own()
+            setattr(self._pool, _LOCAL, own)
+        self._own: _Own = own
+        self._local: Any = own.local
         # redis-py's packer first walks every argument in Python; ours are only str, int
         # and bytes, which hiredis packs directly (a bulk ack carries ~30 a job). The
         # embedded broker (fakeredis) keeps the client's own path.
@@ -93,7 +111,9 @@ class DirectScript:
         return self._run(conn, command)
 
     def _connection(self) -> Any:
-        return self._pool.connection_class(**self._pool.connection_kwargs)
+        conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        self._own.made.add(conn)
+        return conn
 
     def _run(self, conn: Any, command: tuple[Any, ...]) -> Any:
         try:
