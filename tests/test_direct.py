@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import redis
@@ -13,6 +14,11 @@ from tests.helpers import wait_for
 from worker.direct import DirectScript, close_connections
 
 BODY = "redis.call('INCR', ARGV[1]) return redis.call('GET', ARGV[1])"
+
+
+def _ours(client: redis.Redis) -> list[dict[str, str]]:
+    """The connections that last ran a script (the client's own last ran CLIENT LIST)."""
+    return [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
 
 
 def test_a_server_without_the_script_gets_it_with_eval(private_redis):
@@ -58,18 +64,51 @@ def test_scripts_of_one_pool_share_each_threads_connection_and_take_keys(
     assert keyed.run(["k"], ["v"]) == b"OK"
     assert count("n") == b"1"
     assert client.get("k") == b"v"
-    ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
-    assert len(ours) == 1  # one connection for both scripts in this thread
+    assert len(_ours(client)) == 1  # one connection for both scripts in this thread
+    called, done = threading.Event(), threading.Event()
 
-    def other_thread() -> None:
+    def other_thread() -> None:  # keeps its connection until the test is done
         count("n")
+        called.set()
+        done.wait(10)
 
     thread = threading.Thread(target=other_thread)
     thread.start()
-    thread.join()
-    ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
-    assert len(ours) == 2  # the other thread used a connection of its own
+    try:
+        called.wait(10)
+        assert len(_ours(client)) == 2  # the other thread has a connection of its own
+    finally:
+        done.set()
+        thread.join()
     assert client.get("n") == b"2"
+
+
+def test_a_script_that_may_not_run_twice_is_not_retried_when_its_reply_is_lost(
+    private_redis,
+):
+    client = redis.Redis.from_url(private_redis.url)
+    push = DirectScript(
+        client, "return redis.call('RPUSH', KEYS[1], ARGV[1])", idempotent=False
+    )
+    assert push.run(["l"], ["a"]) == 1
+    client.client_kill_filter(_id=_ours(client)[0]["id"])
+    # the command goes out on the closed connection; its reply never comes
+    with pytest.raises(redis.ConnectionError):
+        push.run(["l"], ["b"])
+    assert push.run(["l"], ["c"]) == 2  # the next call reconnects
+    assert client.lrange("l", 0, -1) == [b"a", b"c"]  # "b" never ran, nothing twice
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_before_use(private_redis):
+    client = redis.Redis.from_url(private_redis.url)
+    push = DirectScript(
+        client, "return redis.call('RPUSH', KEYS[1], ARGV[1])", idempotent=False
+    )
+    assert push.run(["l"], ["a"]) == 1
+    client.client_kill_filter(_id=_ours(client)[0]["id"])
+    time.sleep(1.2)  # idle for longer than a second: looked at before use
+    assert push.run(["l"], ["b"]) == 2
+    assert client.lrange("l", 0, -1) == [b"a", b"b"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -178,6 +178,8 @@ class JobHandler:
 
         def next_message() -> bool:
             nonlocal budget
+            if self._draining.is_set():
+                return True
             budget -= self._express.wait(budget)
             return self._draining.is_set()
 

@@ -319,13 +319,19 @@ def _jobs_of(message: Any) -> list[tuple[str, int, str, str]]:
 
 
 class _Dispatch:
-    """A ``DirectScript`` called as Dramatiq calls its scripts: ``(args=..., keys=...)``."""
+    """A ``DirectScript`` called as Dramatiq calls its scripts: ``(args=..., keys=...)``.
+
+    A timeout is raised as ``redis.ConnectionError``, the error Dramatiq's consumer, ack
+    and requeue recover from (reconnecting, trying again)."""
 
     def __init__(self, script: DirectScript) -> None:
         self._script = script
 
     def __call__(self, args: list[Any], keys: list[Any]) -> Any:
-        return self._script.run(keys, args)
+        try:
+            return self._script.run(keys, args)
+        except redis.TimeoutError as exc:
+            raise redis.ConnectionError(str(exc)) from exc
 
 
 class MailBroker(RedisBroker):
@@ -347,7 +353,10 @@ class MailBroker(RedisBroker):
         # script: over each thread's own connection, as our status writes do.
         source = self.scripts["dispatch"].script
         assert isinstance(source, str | bytes)
-        self.scripts["dispatch"] = _Dispatch(DirectScript(self.client, source))
+        # Fetches and enqueues are not idempotent: a lost reply is raised, never retried.
+        self.scripts["dispatch"] = _Dispatch(
+            DirectScript(self.client, source, idempotent=False)
+        )
         self.dead_letters = dead_letters
         self.waker = waker  # also in the middleware list: it runs the listener thread
         self.stopping = stopping or threading.Event()  # set: consumers fetch no more

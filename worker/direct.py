@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,13 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+# A connection idle this long is checked before use, as redis-py's pool checks its own:
+# Redis may have restarted, or closed it (its `timeout` setting).
+_CHECK_AFTER_IDLE = 1.0
+
+_lock = threading.Lock()  # guards the bookkeeping below (connections are made rarely)
+
+
 class _Own:
     """The connections DirectScripts made on one pool: each thread's, and all of them."""
 
@@ -46,11 +54,24 @@ class _Own:
 
 
 def close_connections(client: redis.Redis) -> None:
-    """Close every connection DirectScripts made on ``client``'s pool (a thread that
-    calls one again later reconnects)."""
+    """Close every connection DirectScripts made on ``client``'s pool, once the threads
+    that use them have stopped (a thread that calls one again later reconnects)."""
     own: _Own | None = getattr(client.connection_pool, _LOCAL, None)
-    for conn in list(own.made) if own is not None else []:
+    if own is None:
+        return
+    with _lock:
+        made = list(own.made)
+    for conn in made:
         conn.disconnect()
+
+
+def _closed(conn: Any) -> bool:
+    """Whether the server closed ``conn`` (or sent something unasked): a non-blocking
+    look, as the pool takes before it lends a connection."""
+    try:
+        return bool(conn.can_read())
+    except (redis.ConnectionError, OSError):
+        return True
 
 
 class DirectScript:
@@ -59,18 +80,24 @@ class DirectScript:
     Args:
         client: whose connection settings (host, TLS, password, timeouts) to use.
         body: the Lua source.
+        idempotent: whether running the script twice does no harm. Only then is a call
+            whose reply was lost made again (see ``run``).
     """
 
-    def __init__(self, client: redis.Redis, body: str | bytes) -> None:
+    def __init__(
+        self, client: redis.Redis, body: str | bytes, *, idempotent: bool = True
+    ) -> None:
         self._pool = client.connection_pool
         self._body = body.encode() if isinstance(body, str) else body
         self._sha = hashlib.sha1(self._body).hexdigest()  # noqa: S324 - Redis' script id
+        self._idempotent = idempotent
         # Each thread's own connection, shared by every DirectScript of this pool (it
         # lives as long as the pool).
-        own = getattr(self._pool, _LOCAL, None)
-        if own is None:
-            own = _Own()
-            setattr(self._pool, _LOCAL, own)
+        with _lock:
+            own = getattr(self._pool, _LOCAL, None)
+            if own is None:
+                own = _Own()
+                setattr(self._pool, _LOCAL, own)
         self._own: _Own = own
         self._local: Any = own.local
         # redis-py's packer first walks every argument in Python; ours are only str, int
@@ -87,32 +114,38 @@ class DirectScript:
     def run(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run the script with ``keys`` as KEYS and ``args`` as ARGV.
 
-        A connection that fails is dropped; if it had served calls before (Redis may
-        have restarted since), the call is made once more on a new one, as the client
-        would retry it. Should the first run have happened and only its reply been
-        lost, the script runs twice, as with the client's own retries.
+        A connection idle for a second is checked first, and replaced when the server
+        has closed it. A call that fails on the way out (nothing reached Redis) is sent
+        once more on a new connection. A call whose reply is lost drops its connection;
+        an idempotent script's call is then made once more on a new one, if the old one
+        had served calls before (Redis may have restarted since); any other is raised,
+        as the client would raise it.
 
         Raises:
             redis.RedisError: as the client would.
         """
         command = (len(keys), *keys, *args)
         local = self._local
+        now = time.monotonic()
         conn = getattr(local, "conn", None)
         fresh = conn is None or local.generation != _generation
+        if not fresh and now - local.used > _CHECK_AFTER_IDLE and _closed(conn):
+            fresh = True
         if fresh:
-            conn = local.conn = self._connection()
-            local.generation = _generation
+            conn = self._connection(local)
+        local.used = now
         try:
             return self._run(conn, command)
         except (redis.ConnectionError, redis.TimeoutError):
-            if fresh:
+            if fresh or not self._idempotent:
                 raise
-        conn = local.conn = self._connection()
-        return self._run(conn, command)
+        return self._run(self._connection(local), command)
 
-    def _connection(self) -> Any:
+    def _connection(self, local: Any) -> Any:
         conn = self._pool.connection_class(**self._pool.connection_kwargs)
-        self._own.made.add(conn)
+        with _lock:
+            self._own.made.add(conn)
+        local.conn, local.generation = conn, _generation
         return conn
 
     def _run(self, conn: Any, command: tuple[Any, ...]) -> Any:
@@ -130,6 +163,15 @@ class DirectScript:
             raise
 
     def _send(self, conn: Any, command: tuple[Any, ...]) -> None:
+        try:
+            self._write(conn, command)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Nothing of it was run: a command cut off is never executed. Once more, on
+            # a new socket (the connection reconnects when it sends).
+            conn.disconnect()
+            self._write(conn, command)
+
+    def _write(self, conn: Any, command: tuple[Any, ...]) -> None:
         if self._packed:
             try:
                 packed = hiredis.pack_command(command)
