@@ -3,9 +3,11 @@ connection when Redis restarted under them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,13 +18,42 @@ from worker.direct import DirectScript, close_connections
 BODY = "redis.call('INCR', ARGV[1]) return redis.call('GET', ARGV[1])"
 
 
+@pytest.fixture
+def client(private_redis) -> Iterator[redis.Redis]:
+    """A client of the test's own Redis; its connections, direct ones too, closed after."""
+    client = redis.Redis.from_url(private_redis.url)
+    yield client
+    close_connections(client)
+    client.close()
+
+
 def _ours(client: redis.Redis) -> list[dict[str, str]]:
     """The connections that last ran a script (the client's own last ran CLIENT LIST)."""
     return [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
 
 
-def test_a_server_without_the_script_gets_it_with_eval(private_redis):
-    client = redis.Redis.from_url(private_redis.url)
+@contextlib.contextmanager
+def _called_from_another_thread(script: DirectScript) -> Iterator[None]:
+    """Inside the block, another thread has called ``script`` and is still alive (a
+    thread's connection lives as long as the thread)."""
+    called, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        script("n")
+        called.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        assert called.wait(10)
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_server_without_the_script_gets_it_with_eval(client):
     client.script_flush()
     count = DirectScript(client, BODY)
     assert count("n") == b"1"  # EVALSHA said NOSCRIPT; EVAL ran it
@@ -31,9 +62,8 @@ def test_a_server_without_the_script_gets_it_with_eval(private_redis):
 
 
 def test_each_thread_has_its_own_connection_and_a_dead_one_is_replaced(
-    private_redis,
+    client,
 ):
-    client = redis.Redis.from_url(private_redis.url)
     count = DirectScript(client, BODY)
     assert count("n") == b"1"
     ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
@@ -44,9 +74,8 @@ def test_each_thread_has_its_own_connection_and_a_dead_one_is_replaced(
 
 
 def test_errors_of_the_script_itself_are_raised_and_the_connection_kept(
-    private_redis,
+    client,
 ):
-    client = redis.Redis.from_url(private_redis.url)
     client.set("s", "text")
     incr = DirectScript(client, "return redis.call('INCR', ARGV[1])")
     with pytest.raises(redis.ResponseError, match="not an integer"):
@@ -56,37 +85,22 @@ def test_errors_of_the_script_itself_are_raised_and_the_connection_kept(
 
 
 def test_scripts_of_one_pool_share_each_threads_connection_and_take_keys(
-    private_redis,
+    client,
 ):
-    client = redis.Redis.from_url(private_redis.url)
     count = DirectScript(client, BODY)
     keyed = DirectScript(client, "return redis.call('SET', KEYS[1], ARGV[1])")
     assert keyed.run(["k"], ["v"]) == b"OK"
     assert count("n") == b"1"
     assert client.get("k") == b"v"
     assert len(_ours(client)) == 1  # one connection for both scripts in this thread
-    called, done = threading.Event(), threading.Event()
-
-    def other_thread() -> None:  # keeps its connection until the test is done
-        count("n")
-        called.set()
-        done.wait(10)
-
-    thread = threading.Thread(target=other_thread)
-    thread.start()
-    try:
-        called.wait(10)
+    with _called_from_another_thread(count):
         assert len(_ours(client)) == 2  # the other thread has a connection of its own
-    finally:
-        done.set()
-        thread.join()
     assert client.get("n") == b"2"
 
 
 def test_a_script_that_may_not_run_twice_is_not_retried_when_its_reply_is_lost(
-    private_redis,
+    client,
 ):
-    client = redis.Redis.from_url(private_redis.url)
     push = DirectScript(
         client, "return redis.call('RPUSH', KEYS[1], ARGV[1])", idempotent=False
     )
@@ -99,8 +113,7 @@ def test_a_script_that_may_not_run_twice_is_not_retried_when_its_reply_is_lost(
     assert client.lrange("l", 0, -1) == [b"a", b"c"]  # "b" never ran, nothing twice
 
 
-def test_an_idle_connection_the_server_closed_is_replaced_before_use(private_redis):
-    client = redis.Redis.from_url(private_redis.url)
+def test_an_idle_connection_the_server_closed_is_replaced_before_use(client):
     push = DirectScript(
         client, "return redis.call('RPUSH', KEYS[1], ARGV[1])", idempotent=False
     )
@@ -112,8 +125,7 @@ def test_an_idle_connection_the_server_closed_is_replaced_before_use(private_red
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_never_uses_the_parents_connection(private_redis):
-    client = redis.Redis.from_url(private_redis.url)
+def test_a_forked_child_never_uses_the_parents_connection(client):
     count = DirectScript(client, BODY)
     assert count("n") == b"1"
     parent = count._local.conn
@@ -133,32 +145,11 @@ def test_a_forked_child_never_uses_the_parents_connection(private_redis):
     assert count("n") == b"3"  # the parent's connection still works after the child
 
 
-def test_close_connections_closes_every_threads_connection(private_redis):
-    client = redis.Redis.from_url(private_redis.url)
+def test_close_connections_closes_every_threads_connection(client):
     count = DirectScript(client, BODY)
     count("n")
-    called, done = threading.Event(), threading.Event()
-
-    def other_thread() -> None:  # keeps its connection until the test is done
-        count("n")
-        called.set()
-        done.wait(10)
-
-    thread = threading.Thread(target=other_thread)
-    thread.start()
-    try:
-        called.wait(10)
-        assert (
-            len([c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")])
-            == 2
-        )
+    with _called_from_another_thread(count):
+        assert len(_ours(client)) == 2
         close_connections(client)
-        wait_for(
-            lambda: (
-                not [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
-            )
-        )
-    finally:
-        done.set()
-        thread.join()
+        wait_for(lambda: not _ours(client))
     assert count("n") == b"3"  # this thread reconnects when it calls again
