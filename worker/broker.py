@@ -350,10 +350,10 @@ class MailBroker(RedisBroker):
         ] = {}  # add_middleware (from __init__) resets it
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
         # Fetches (idle queues are polled too), enqueues and acks run Dramatiq's dispatch
-        # script: over each thread's own connection, as our status writes do.
+        # script: over each thread's own connection, as our status writes do. Fetches and
+        # enqueues are not idempotent: a lost reply is raised, never retried.
         source = self.scripts["dispatch"].script
         assert isinstance(source, str | bytes)
-        # Fetches and enqueues are not idempotent: a lost reply is raised, never retried.
         self.scripts["dispatch"] = _Dispatch(
             DirectScript(self.client, source, idempotent=False)
         )

@@ -127,9 +127,10 @@ class DirectScript:
         command = (len(keys), *keys, *args)
         local = self._local
         now = time.monotonic()
-        conn = getattr(local, "conn", None)
+        conn: Any = getattr(local, "conn", None)
         fresh = conn is None or local.generation != _generation
         if not fresh and now - local.used > _CHECK_AFTER_IDLE and _closed(conn):
+            conn.disconnect()
             fresh = True
         if fresh:
             conn = self._connection(local)
