@@ -10,11 +10,20 @@ import uuid
 from email import message_from_bytes, policy
 
 import pytest
+from dramatiq.broker import MessageProxy
 
 from producers import JobValidationError, Notification, Producer
 from tests.helpers import wait_for
 from worker.deadletter import DeadLetters
 from worker.express import Express
+
+
+def _single_job_sent(producer, app):
+    """Send one single job and wait until it is sent (single jobs now come in)."""
+    job_id = producer.enqueue(
+        Notification(to=["first@example.org"], subject="Hi", text="t")
+    )
+    wait_for(lambda: app.status.get(job_id)["state"] == "sent")
 
 
 def _jobs(count, **fields):
@@ -279,3 +288,122 @@ def test_the_wait_for_single_jobs_is_bounded_and_ends_with_them():
     assert express.wait(30) < 30  # and it ends when the job does
     job.join(5)
     assert not job.is_alive()
+
+
+def test_a_thread_stays_free_for_single_jobs_while_bulk_messages_wait(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """While single jobs come in, of two threads at most one takes a bulk message: while
+    one bulk message is stuck (its server holds it at RCPT) and another waits behind it
+    on the same queue, a single job enqueued after both is delivered on the free thread."""
+    server = smtp_server()
+    release = threading.Event()
+    server.recorder.holds["user0@example.org"] = release
+    app = run_worker(make_settings(smtp=[server.smtp_section()]), threads=2)
+    producer = Producer(redis_client, namespace=namespace)
+    _single_job_sent(producer, app)
+    try:
+        first = producer.enqueue_many(_jobs(20))
+        wait_for(lambda: "user0@example.org" in server.recorder.held)
+        second = producer.enqueue_many(_jobs(20))
+        urgent = producer.enqueue(
+            Notification(to=["urgent@example.org"], subject="Now", text="t")
+        )
+        wait_for(lambda: app.status.get(urgent)["state"] == "sent")
+        # the second bulk message was kept back, not stuck on the other thread
+        assert [m.rcpt_tos for m in server.recorder.messages] == [
+            ["first@example.org"],
+            ["urgent@example.org"],
+        ]
+        assert app.status.get(second[0])["state"] in ("queued", "sending")
+    finally:
+        release.set()
+    wait_for(lambda: len(server.recorder.messages) == 42)
+    wait_for(
+        lambda: all(app.status.get(i)["state"] == "sent" for i in [*first, *second])
+    )
+
+
+def test_bulk_messages_kept_back_go_back_to_the_queue_when_the_worker_stops(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """A bulk message the consumer kept back for want of a free thread is put back on
+    its queue, its jobs `queued` again, when the worker stops; a new worker sends it."""
+    from dramatiq import Worker
+
+    from producers.keys import QUEUES, queue_key
+    from worker.app import build
+
+    server = smtp_server()
+    release = threading.Event()
+    server.recorder.holds["user0@example.org"] = release
+    settings = make_settings(smtp=[server.smtp_section()])
+    app = build(settings, client=redis_client, backoff=0.01)
+    app.broker.emit_after("process_boot")
+    worker = Worker(app.broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    producer = Producer(redis_client, namespace=namespace)
+    _single_job_sent(producer, app)
+    try:
+        first = producer.enqueue_many(_jobs(20))
+        wait_for(lambda: "user0@example.org" in server.recorder.held)
+        second = producer.enqueue_many(_jobs(20))
+        wait_for(lambda: app.status.get(second[0])["state"] == "sending")  # fetched
+        assert redis_client.llen(queue_key(namespace, QUEUES["normal"])) == 0
+        threading.Timer(0.5, release.set).start()
+        worker.stop(timeout=10_000)
+    finally:
+        release.set()
+    assert redis_client.llen(queue_key(namespace, QUEUES["normal"])) >= 1
+    assert {app.status.get(i)["state"] for i in second} == {"queued"}
+    app.close()
+    again = run_worker(settings)
+    wait_for(
+        lambda: all(again.status.get(i)["state"] == "sent" for i in [*first, *second])
+    )
+    assert len(server.recorder.messages) == 41
+
+
+def test_a_thread_is_kept_free_only_while_single_jobs_come_in():
+    from dramatiq import Message, Worker
+    from dramatiq.brokers.stub import StubBroker
+
+    from producers.keys import BATCH_ACTOR_NAME
+    from worker.express import BulkSlots
+
+    def bulk_message(n):
+        message = Message(
+            queue_name="mail-bulk",
+            actor_name=BATCH_ACTOR_NAME,
+            args=(),
+            kwargs={"jobs": []},
+            options={"redis_message_id": f"r{n}"},
+        )
+        return MessageProxy(message)
+
+    express = Express()
+    slots = BulkSlots(express, keep_free_for=30)
+    broker = StubBroker()
+    slots.before_worker_boot(broker, Worker(broker, worker_threads=3))
+    first, second, third = (bulk_message(n) for n in range(3))
+    # a bulk send alone: every thread
+    assert slots.take(first) and slots.take(second) and slots.take(third)
+    assert not slots.take(bulk_message(3))
+    woken = threading.Event()
+    slots.on_free(woken.set)
+    slots.after_process_message(broker, first)
+    assert woken.is_set()
+    # a single job started: one thread is kept free for the next
+    with express.running():
+        pass
+    assert not slots.room()  # two held of three threads
+    slots.after_skip_message(broker, second)
+    assert slots.take(bulk_message(4))
+    assert not slots.take(bulk_message(5))
+    slots.after_process_message(broker, third, exception=RuntimeError("boom"))
+    assert slots.take(bulk_message(5))
+    # a single job is never held back, and frees nothing it did not take
+    single = MessageProxy(Message("mail", "deliver", (), {}, {}))
+    assert slots.take(single)
+    slots.after_process_message(broker, single)
+    assert not slots.room()

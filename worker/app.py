@@ -22,7 +22,7 @@ from worker.broker import DeadLetterCapture, MailBroker
 from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
 from worker.direct import close_connections
-from worker.express import Express
+from worker.express import BulkSlots, Express
 from worker.jobs import DeadLetterError
 from worker.limits import Breaker
 from worker.middleware import Draining, LogContext, WorkerTuning
@@ -126,10 +126,13 @@ def build(
         client, namespace=settings.namespace, ttl=settings.status.ttl
     )
     waker = Waker(client, settings.namespace)
+    express = express or Express()
+    bulk_slots = BulkSlots(express)
     broker = MailBroker(
         dead_letters=dead_letters,
         waker=waker,
         stopping=draining.event,
+        bulk_slots=bulk_slots,
         client=client,
         namespace=settings.namespace,
         # Dramatiq's own, random maintenance waits longer, so our reaper (which counts
@@ -148,6 +151,7 @@ def build(
             Heartbeat(timeout=policy.redelivery_timeout, ttl=settings.status.ttl),
             draining,
             WorkerTuning(),
+            bulk_slots,
             waker,
         ],
     )

@@ -26,6 +26,7 @@ from dramatiq.middleware import MiddlewareError
 from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
 from worker.deadletter import DeadLetters
 from worker.direct import DirectScript
+from worker.express import BulkSlots
 from worker.reliability import (
     attached_writes,
     clear_writes,
@@ -61,6 +62,12 @@ class SafeConsumer(_RedisConsumer):
     broker: MailBroker
     _event: threading.Event | None = None
     _wanting = False  # the consumer waits for room in its prefetch
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's
+        # Bulk messages fetched and begun, kept back until a thread slot is free for
+        # them (``worker.express.BulkSlots``); single jobs fetched after them go ahead.
+        self._parked: list[MessageProxy] = []
 
     def ack(self, message: MessageProxy) -> None:
         """Apply the status writes the job left (see ``attach_write``) and acknowledge the
@@ -111,7 +118,15 @@ class SafeConsumer(_RedisConsumer):
         self._done()
 
     def __next__(self) -> MessageProxy | None:
+        slots = self.broker.bulk_slots
         while True:
+            if (
+                self._parked
+                and slots is not None
+                and not self.broker.stopping.is_set()
+                and slots.take(self._parked[0])
+            ):
+                return self._parked.pop(0)
             try:
                 message = self._take()
             except DecodeError as exc:
@@ -124,7 +139,11 @@ class SafeConsumer(_RedisConsumer):
             problem = self._problem(message)
             if problem is None:
                 self._prefetch(message)
-                return message
+                if slots is None or slots.take(message):
+                    return message
+                self._parked.append(message)
+                slots.on_free(self._wake)
+                continue
             self.queued_message_ids.discard(message.message_id)
             self._quarantine(
                 message.encode(),
@@ -146,7 +165,7 @@ class SafeConsumer(_RedisConsumer):
         on the queue now (Dramatiq would leave them to be recovered after its heartbeat
         timeout), and their jobs back to ``queued``."""
         leftovers, self.message_cache = [d for d in self.message_cache if d], []
-        messages = []
+        messages, self._parked = self._parked, []
         for data in leftovers:
             try:
                 messages.append(MessageProxy(_decode(data)))
@@ -189,6 +208,9 @@ class SafeConsumer(_RedisConsumer):
                     self.queued_message_ids.add(message.message_id)
                     return MessageProxy(message)
                 event.clear()  # a wake-up or an ack from now on ends the wait below
+                slots = self.broker.bulk_slots
+                if self._parked and slots is not None and slots.room():
+                    return None  # a slot freed before the clear: hand a parked one over
                 if self.broker.stopping.is_set():
                     event.wait(self.timeout / 1000)  # what is fetched now is put back
                     return None
@@ -214,6 +236,11 @@ class SafeConsumer(_RedisConsumer):
                 return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def _wake(self) -> None:
+        """A thread slot for bulk messages freed: stop waiting, hand a parked one over."""
+        if self._parked and self._event is not None:
+            self._event.set()
 
     def _done(self) -> None:
         """A message was acknowledged: if the consumer waits for room, and half of its
@@ -343,6 +370,7 @@ class MailBroker(RedisBroker):
         dead_letters: DeadLetters,
         waker: Waker | None = None,
         stopping: threading.Event | None = None,
+        bulk_slots: BulkSlots | None = None,
         **kwargs: Any,
     ) -> None:
         self._hooks: dict[
@@ -360,6 +388,7 @@ class MailBroker(RedisBroker):
         self.dead_letters = dead_letters
         self.waker = waker  # also in the middleware list: it runs the listener thread
         self.stopping = stopping or threading.Event()  # set: consumers fetch no more
+        self.bulk_slots = bulk_slots  # also in the middleware list: it counts the slots
 
     @property
     def consumer_class(self) -> type[SafeConsumer]:
