@@ -26,6 +26,19 @@ def _single_job_sent(producer, app):
     wait_for(lambda: app.status.get(job_id)["state"] == "sent")
 
 
+def _next(consumer):
+    """The consumer's next message; a connection Redis closed while it was away is
+    replaced, as Dramatiq's consumer thread does, by trying again."""
+    from dramatiq.errors import ConnectionClosed
+
+    for _ in range(20):
+        try:
+            return next(consumer)
+        except ConnectionClosed:
+            time.sleep(0.1)
+    raise AssertionError("no connection to Redis")
+
+
 def _jobs(count, **fields):
     fields.setdefault("subject", "Digest")
     fields.setdefault("text", "Your daily digest.")
@@ -306,6 +319,7 @@ def test_a_thread_stays_free_for_single_jobs_while_bulk_messages_wait(
         first = producer.enqueue_many(_jobs(20))
         wait_for(lambda: "user0@example.org" in server.recorder.held)
         second = producer.enqueue_many(_jobs(20))
+        wait_for(lambda: app.status.get(second[0])["state"] == "sending")  # fetched
         urgent = producer.enqueue(
             Notification(to=["urgent@example.org"], subject="Now", text="t")
         )
@@ -407,3 +421,54 @@ def test_a_thread_is_kept_free_only_while_single_jobs_come_in():
     assert slots.take(single)
     slots.after_process_message(broker, single)
     assert not slots.room()
+    # nor is a message Dramatiq will hold until its eta (no thread takes it)
+    later = bulk_message(6)
+    later.options["eta"] = 0
+    assert slots.take(later)
+    assert not slots.room()
+    # a closed consumer is no longer woken
+    woken.clear()
+    slots.off_free(woken.set)
+    slots.after_process_message(broker, bulk_message(5))
+    assert not woken.is_set()
+
+
+def test_bulk_messages_kept_back_survive_a_lost_redis_in_the_process(
+    private_redis, make_settings, smtp_server
+):
+    """A consumer closed by a connection error cannot put its kept-back bulk messages
+    back on the queue: the queue's next consumer in the process hands them over."""
+    from dramatiq import Worker
+
+    from producers.keys import QUEUES
+    from worker.app import build
+
+    server = smtp_server()
+    settings = make_settings(
+        smtp=[server.smtp_section()], broker_url=private_redis.url, namespace="mw"
+    )
+    app = build(settings)
+    broker = app.broker
+    assert broker.bulk_slots is not None
+    broker.bulk_slots.before_worker_boot(broker, Worker(broker, worker_threads=1))
+    producer = Producer(private_redis.client(), namespace="mw")
+    producer.enqueue_many(_jobs(20))
+    producer.enqueue_many(_jobs(20))
+    try:
+        consumer = broker.consume(QUEUES["normal"], prefetch=4, timeout=50)
+        first = wait_for(lambda: next(consumer))
+        assert next(consumer) is None  # the second is fetched and kept back
+        kept = consumer._parked[0]
+        private_redis.stop()
+        consumer.close()  # Redis is away: nothing can be put back
+        private_redis.start()
+        again = broker.consume(QUEUES["normal"], prefetch=4, timeout=50)
+        assert _next(again) is None  # the one slot is still first's
+        broker.bulk_slots.after_process_message(broker, first)
+        handed = _next(again)
+        assert handed is not None
+        assert handed.message_id == kept.message_id
+        assert handed.options["redis_message_id"] == kept.options["redis_message_id"]
+        again.close()
+    finally:
+        app.close()

@@ -67,7 +67,14 @@ class SafeConsumer(_RedisConsumer):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's
         # Bulk messages fetched and begun, kept back until a thread slot is free for
         # them (``worker.express.BulkSlots``); single jobs fetched after them go ahead.
-        self._parked: list[MessageProxy] = []
+        # A consumer restarted after a connection error starts with what its
+        # predecessor could not put back.
+        self._parked: list[MessageProxy] = self.broker.carried(self.queue_name)
+        self.queued_message_ids.update(m.message_id for m in self._parked)
+        delayed = self.queue_name.endswith(".DQ")  # handed to no thread: no slot
+        self._slots = None if delayed else self.broker.bulk_slots
+        if self._slots is not None:
+            self._slots.on_free(self._wake)
 
     def ack(self, message: MessageProxy) -> None:
         """Apply the status writes the job left (see ``attach_write``) and acknowledge the
@@ -118,13 +125,12 @@ class SafeConsumer(_RedisConsumer):
         self._done()
 
     def __next__(self) -> MessageProxy | None:
-        slots = self.broker.bulk_slots
+        slots = self._slots
         while True:
             if (
                 self._parked
-                and slots is not None
                 and not self.broker.stopping.is_set()
-                and slots.take(self._parked[0])
+                and (slots is None or slots.take(self._parked[0]))
             ):
                 return self._parked.pop(0)
             try:
@@ -142,7 +148,6 @@ class SafeConsumer(_RedisConsumer):
                 if slots is None or slots.take(message):
                     return message
                 self._parked.append(message)
-                slots.on_free(self._wake)
                 continue
             self.queued_message_ids.discard(message.message_id)
             self._quarantine(
@@ -156,6 +161,9 @@ class SafeConsumer(_RedisConsumer):
         """Put unstarted messages back (graceful shutdown) and their jobs back to `queued`."""
         messages = list(messages)
         super().requeue(messages)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        self._unbegin(messages)
+
+    def _unbegin(self, messages: list[MessageProxy]) -> None:
         jobs = [job for m in messages for job in _jobs_of(m.asdict())]
         if jobs:
             self.broker.dead_letters.status.unbegin(jobs)
@@ -163,7 +171,11 @@ class SafeConsumer(_RedisConsumer):
     def close(self) -> None:
         """The consumer stops: messages fetched but not yet handed to the worker go back
         on the queue now (Dramatiq would leave them to be recovered after its heartbeat
-        timeout), and their jobs back to ``queued``."""
+        timeout), and their jobs back to ``queued``. When Redis cannot take them back
+        and the worker is not stopping (Dramatiq restarts a consumer after a connection
+        error), the next consumer of the queue hands them over instead."""
+        if self._slots is not None:
+            self._slots.off_free(self._wake)
         leftovers, self.message_cache = [d for d in self.message_cache if d], []
         messages, self._parked = self._parked, []
         for data in leftovers:
@@ -173,9 +185,16 @@ class SafeConsumer(_RedisConsumer):
                 continue  # stays unacknowledged: recovered and quarantined later
         if messages:
             try:
-                self.requeue(messages)
+                super().requeue(messages)  # type: ignore[no-untyped-call]  # Dramatiq's
             except redis.RedisError:
                 log.warning("requeue_on_close_failed", queue=self.queue_name)
+                if not self.broker.stopping.is_set():
+                    self.broker.carry_over(self.queue_name, messages)
+            else:
+                try:
+                    self._unbegin(messages)
+                except redis.RedisError:
+                    log.warning("unbegin_on_close_failed", queue=self.queue_name)
         super().close()
 
     def _take(self) -> MessageProxy | None:
@@ -208,12 +227,12 @@ class SafeConsumer(_RedisConsumer):
                     self.queued_message_ids.add(message.message_id)
                     return MessageProxy(message)
                 event.clear()  # a wake-up or an ack from now on ends the wait below
-                slots = self.broker.bulk_slots
-                if self._parked and slots is not None and slots.room():
-                    return None  # a slot freed before the clear: hand a parked one over
                 if self.broker.stopping.is_set():
                     event.wait(self.timeout / 1000)  # what is fetched now is put back
                     return None
+                slots = self._slots
+                if self._parked and slots is not None and slots.room():
+                    return None  # a slot freed before the clear: hand a parked one over
                 # Set before counting: an ack that frees room after the count wakes us.
                 self._wanting = True
                 outstanding = self.outstanding_message_count
@@ -389,10 +408,23 @@ class MailBroker(RedisBroker):
         self.waker = waker  # also in the middleware list: it runs the listener thread
         self.stopping = stopping or threading.Event()  # set: consumers fetch no more
         self.bulk_slots = bulk_slots  # also in the middleware list: it counts the slots
+        self._carried: dict[str, list[MessageProxy]] = {}
+        self._carried_lock = threading.Lock()
 
     @property
     def consumer_class(self) -> type[SafeConsumer]:
         return SafeConsumer
+
+    def carry_over(self, queue: str, messages: list[MessageProxy]) -> None:
+        """Keep messages a closing consumer could not put back for the queue's next one
+        (they stay this process' own in Redis: nobody else would take them)."""
+        with self._carried_lock:
+            self._carried.setdefault(queue, []).extend(messages)
+
+    def carried(self, queue: str) -> list[MessageProxy]:
+        """Take what ``carry_over`` kept for ``queue``."""
+        with self._carried_lock:
+            return self._carried.pop(queue, [])
 
     def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
         super().add_middleware(middleware, **kwargs)

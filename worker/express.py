@@ -111,6 +111,8 @@ class BulkSlots(Middleware):
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         self.threads = worker.worker_threads
+        with self._lock:
+            self._running.clear()
 
     @property
     def limit(self) -> int:
@@ -124,8 +126,9 @@ class BulkSlots(Middleware):
 
     def take(self, message: MessageProxy) -> bool:
         """Claim a slot for a bulk message about to be handed to the threads; False
-        when every slot is taken. Any other message needs none."""
-        if message.actor_name != BATCH_ACTOR_NAME:
+        when every slot is taken. Any other message needs none, nor does one with an
+        ``eta``: Dramatiq holds it back until then and puts it on its queue again."""
+        if message.actor_name != BATCH_ACTOR_NAME or "eta" in message.options:
             return True
         with self._lock:
             limit = self.limit
@@ -144,6 +147,12 @@ class BulkSlots(Middleware):
         with self._lock:
             if wake not in self._wakes:
                 self._wakes.append(wake)
+
+    def off_free(self, wake: Callable[[], None]) -> None:
+        """Stop calling ``wake`` (its consumer closed)."""
+        with self._lock:
+            if wake in self._wakes:
+                self._wakes.remove(wake)
 
     def after_process_message(
         self,
