@@ -39,6 +39,16 @@ def _next(consumer):
     raise AssertionError("no connection to Redis")
 
 
+def _one_stuck_one_kept_back(producer, server, app):
+    """Two bulk messages: the first stuck at its server (which holds user0 at RCPT), the
+    second fetched and begun behind it. Returns their job ids."""
+    first = producer.enqueue_many(_jobs(20))
+    wait_for(lambda: "user0@example.org" in server.recorder.held)
+    second = producer.enqueue_many(_jobs(20))
+    wait_for(lambda: app.status.get(second[0])["state"] == "sending")  # fetched
+    return first, second
+
+
 def _jobs(count, **fields):
     fields.setdefault("subject", "Digest")
     fields.setdefault("text", "Your daily digest.")
@@ -316,10 +326,7 @@ def test_a_thread_stays_free_for_single_jobs_while_bulk_messages_wait(
     producer = Producer(redis_client, namespace=namespace)
     _single_job_sent(producer, app)
     try:
-        first = producer.enqueue_many(_jobs(20))
-        wait_for(lambda: "user0@example.org" in server.recorder.held)
-        second = producer.enqueue_many(_jobs(20))
-        wait_for(lambda: app.status.get(second[0])["state"] == "sending")  # fetched
+        first, second = _one_stuck_one_kept_back(producer, server, app)
         urgent = producer.enqueue(
             Notification(to=["urgent@example.org"], subject="Now", text="t")
         )
@@ -359,18 +366,15 @@ def test_bulk_messages_kept_back_go_back_to_the_queue_when_the_worker_stops(
     producer = Producer(redis_client, namespace=namespace)
     _single_job_sent(producer, app)
     try:
-        first = producer.enqueue_many(_jobs(20))
-        wait_for(lambda: "user0@example.org" in server.recorder.held)
-        second = producer.enqueue_many(_jobs(20))
-        wait_for(lambda: app.status.get(second[0])["state"] == "sending")  # fetched
+        first, second = _one_stuck_one_kept_back(producer, server, app)
         assert redis_client.llen(queue_key(namespace, QUEUES["normal"])) == 0
         threading.Timer(0.5, release.set).start()
         worker.stop(timeout=10_000)
+        assert redis_client.llen(queue_key(namespace, QUEUES["normal"])) >= 1
+        assert {app.status.get(i)["state"] for i in second} == {"queued"}
     finally:
         release.set()
-    assert redis_client.llen(queue_key(namespace, QUEUES["normal"])) >= 1
-    assert {app.status.get(i)["state"] for i in second} == {"queued"}
-    app.close()
+        app.close()
     again = run_worker(settings)
     wait_for(
         lambda: all(again.status.get(i)["state"] == "sent" for i in [*first, *second])
