@@ -58,9 +58,8 @@ class Express:
 
     def __init__(self, limit: float = PAUSE_LIMIT) -> None:
         self.limit = limit
-        self.last_started = -float(
-            "inf"
-        )  # time.monotonic() when a single job last began
+        # time.monotonic() when a single job last began
+        self.last_started = -float("inf")
         self._running = 0
         self._idle = threading.Condition()
 
@@ -168,6 +167,8 @@ class BulkSlots(Middleware):
         self._free(message)
 
     def _free(self, message: MessageProxy) -> None:
+        if message.actor_name != BATCH_ACTOR_NAME:
+            return  # took no slot (the common case: no lock)
         with self._lock:
             key = _key(message)
             if key not in self._running:
