@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 import uuid
 
 import pytest
+from dramatiq import Middleware
 
 from producers import JobValidationError, Notification, Producer
 from tests.helpers import wire_enqueue
@@ -127,15 +129,36 @@ def test_message_dramatiq_could_not_acknowledge_is_poison(
     assert redis_client.hlen(f"{namespace}:mail.msgs") == 0
 
 
+class _HoldAfterNack(Middleware):
+    """Holds a worker thread in Dramatiq's ``after_nack`` signal until released: what a
+    worker that dies right after the nack leaves behind becomes visible."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def after_nack(self, broker, message) -> None:
+        self.release.wait(10)
+
+
 def test_unknown_actor_is_dead_lettered(worker_and_server, redis_client, namespace):
-    """A message for an actor that does not exist is dead as `unknown_actor`."""
+    """A message for an actor that does not exist is dead as `unknown_actor`, and its
+    dead letter is recorded before Dramatiq's nack takes it off the queue."""
     app, _ = worker_and_server
-    job_id = wire_enqueue(
-        redis_client, namespace, {"to": ["a@example.org"]}, actor="send_mail"
-    )
-    app.broker.join("mail", timeout=10_000)
-    record = app.status.get(job_id)
+    hold = _HoldAfterNack()
+    app.broker.add_middleware(hold)  # last added: its after_nack runs first
+    try:
+        job_id = wire_enqueue(
+            redis_client, namespace, {"to": ["a@example.org"]}, actor="send_mail"
+        )
+        app.broker.join("mail", timeout=10_000)  # returns once the nack is done
+        record = app.status.get(job_id)
+        dead = DeadLetters(redis_client, namespace=namespace, ttl=60).show(job_id)
+    finally:
+        hold.release.set()
+    assert record is not None, "no status record when the nack was done"
     assert record["state"] == "dead" and record["reason"] == "unknown_actor"
+    assert dead is not None and "ActorNotFound: send_mail" in dead["error"]["message"]
+    assert dead["message"]["actor"] == "send_mail"
 
 
 @pytest.mark.parametrize(

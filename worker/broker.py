@@ -28,6 +28,7 @@ from worker.deadletter import DeadLetters
 from worker.direct import DirectScript
 from worker.express import BulkSlots
 from worker.reliability import (
+    attach_write,
     attached_writes,
     clear_writes,
     pending_retry,
@@ -39,6 +40,9 @@ from worker.wake import Waker
 __all__ = ["DeadLetterCapture", "MailBroker"]
 
 log = structlog.get_logger("mailworker.broker")
+
+# A message's attribute: the (reason, error) of the dead letter DeadLetterCapture packed.
+_DEAD_PACKED = "_mailworker_dead"
 
 
 def _decode(data: bytes) -> Message[Any]:
@@ -113,7 +117,8 @@ class SafeConsumer(_RedisConsumer):
 
     def nack(self, message: MessageProxy) -> None:
         """Apply the status writes the message left (jobs of a bulk message that were
-        sent before it failed), then let Dramatiq dead-letter it."""
+        sent before it failed, and its own dead letter from ``DeadLetterCapture``), then
+        let Dramatiq dead-letter it."""
         writes = attached_writes(message)
         if writes:
             try:
@@ -484,9 +489,16 @@ class MailBroker(RedisBroker):
 
 class DeadLetterCapture(Middleware):
     """Keeps every message Dramatiq itself dead-letters (an unknown actor, an unexpected
-    exception after every retry) as one of our dead letters, with a status record."""
+    exception after every retry) as one of our dead letters, with a status record.
 
-    def after_nack(self, broker: Broker, message: MessageProxy) -> None:
+    The record is written before Dramatiq's nack takes the message off its queue
+    (``SafeConsumer.nack`` applies it with the message's other writes), so a worker that
+    dies between the two leaves the message to be redelivered, never a job whose record
+    still says it waits."""
+
+    def before_nack(self, broker: Broker, message: MessageProxy) -> None:
+        if vars(message).get(_DEAD_PACKED):
+            return  # Dramatiq retries a nack that met a connection error
         mail = cast(MailBroker, broker)
         exc = getattr(message, "_exception", None)
         reason = "unknown_actor" if isinstance(exc, ActorNotFound) else "unhandled"
@@ -500,8 +512,7 @@ class DeadLetterCapture(Middleware):
         }
         data = message.asdict()
         data["options"] = {k: v for k, v in data["options"].items() if k != "traceback"}
-        status = mail.dead_letters.status
-        status.write(
+        packed = mail.dead_letters.status.pack(
             message.message_id,
             {
                 "id": message.message_id,
@@ -513,9 +524,11 @@ class DeadLetterCapture(Middleware):
             event={"event": "dead", "reason": reason, "error": error},
             dead_payload=orjson.dumps(data),
         )
+        attach_write(message, packed)
+        vars(message)[_DEAD_PACKED] = (reason, error["message"])
+
+    def after_nack(self, broker: Broker, message: MessageProxy) -> None:
+        reason, error = vars(message).get(_DEAD_PACKED) or ("unhandled", None)
         log.error(
-            "job_dead_lettered",
-            reason=reason,
-            job_id=message.message_id,
-            error=error["message"],
+            "job_dead_lettered", reason=reason, job_id=message.message_id, error=error
         )
