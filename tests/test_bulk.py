@@ -107,6 +107,25 @@ def test_a_deferred_job_in_a_bulk_message_is_retried_alone(
     assert len(server.recorder.messages) == 10
 
 
+def _wire_bulk(client, namespace: str, jobs) -> str:
+    """Push a ``deliver_batch`` message as a non-Python producer would; its message id."""
+    message_id, redis_id = str(uuid.uuid4()), str(uuid.uuid4())
+    payload = {
+        "queue_name": "mail",
+        "actor_name": "deliver_batch",
+        "args": [],
+        "kwargs": {"jobs": jobs},
+        "options": {"redis_message_id": redis_id},
+        "message_id": message_id,
+        "message_timestamp": int(time.time() * 1000),
+    }
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(f"{namespace}:mail.msgs", redis_id, json.dumps(payload))
+        pipe.rpush(f"{namespace}:mail", redis_id)
+        pipe.execute()
+    return message_id
+
+
 def test_an_invalid_job_in_a_bulk_message_dies_alone(
     smtp_server, make_settings, run_worker, redis_client, namespace
 ):
@@ -115,30 +134,20 @@ def test_an_invalid_job_in_a_bulk_message_dies_alone(
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
     good, bad = str(uuid.uuid4()), str(uuid.uuid4())
-    payload = {
-        "queue_name": "mail",
-        "actor_name": "deliver_batch",
-        "args": [],
-        "kwargs": {
-            "jobs": [
-                {
-                    "id": good,
-                    "job": {"to": ["ok@example.org"], "subject": "s", "text": "t"},
-                },
-                {
-                    "id": bad,
-                    "job": {"to": ["ok@example.org"], "subject": "s\r\nBcc: x@y.z"},
-                },
-            ]
-        },
-        "options": {"redis_message_id": "r-1"},
-        "message_id": str(uuid.uuid4()),
-        "message_timestamp": int(time.time() * 1000),
-    }
-    with redis_client.pipeline(transaction=True) as pipe:
-        pipe.hset(f"{namespace}:mail.msgs", "r-1", json.dumps(payload))
-        pipe.rpush(f"{namespace}:mail", "r-1")
-        pipe.execute()
+    _wire_bulk(
+        redis_client,
+        namespace,
+        [
+            {
+                "id": good,
+                "job": {"to": ["ok@example.org"], "subject": "s", "text": "t"},
+            },
+            {
+                "id": bad,
+                "job": {"to": ["ok@example.org"], "subject": "s\r\nBcc: x@y.z"},
+            },
+        ],
+    )
     app.broker.join("mail", timeout=10_000)
     assert app.status.get(good)["state"] == "sent"
     bad_record = app.status.get(bad)
@@ -149,24 +158,42 @@ def test_an_invalid_job_in_a_bulk_message_dies_alone(
     assert len(server.recorder.messages) == 1
 
 
+def test_bulk_jobs_without_a_usable_id_are_kept_and_the_others_go_on(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """Jobs of a bulk message that can have no record of their own (not an object, no
+    id, an id that cannot be one, an id twice) keep the bulk message as a dead letter
+    naming the first of them; every other job is sent once, nothing is retried."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    good = str(uuid.uuid4())
+    job = {"to": ["ok@example.org"], "subject": "s", "text": "t"}
+    jobs = [
+        5,
+        {"job": job},
+        {"id": "x" * 200, "job": job},
+        *[{"id": good, "job": job}] * 2,
+    ]
+    message_id = _wire_bulk(redis_client, namespace, jobs)
+    app.broker.join("mail", timeout=10_000)
+    assert app.status.get(good)["state"] == "sent"
+    assert len(server.recorder.messages) == 1
+    dead = DeadLetters(redis_client, namespace=namespace, ttl=60).show(message_id)
+    assert dead is not None and dead["reason"] == "validation"
+    assert dead["error"]["field"] == "jobs[0].id"
+    assert "4 of 5 jobs without a usable id" in dead["error"]["message"]
+    assert len(dead["message"]["jobs"]) == 5  # kept whole, for an operator to mend
+    assert app.status.get("x" * 200) is None  # no record under an id that is none
+    assert redis_client.zcard(f"{namespace}:mail.DQ") == 0  # not retried
+
+
 def test_a_malformed_bulk_message_is_dead_letters_as_a_whole(
     smtp_server, make_settings, run_worker, redis_client, namespace
 ):
     """A bulk message whose `jobs` is not a list is dead as `validation` naming `jobs`."""
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
-    message_id = str(uuid.uuid4())
-    payload = {
-        "queue_name": "mail",
-        "actor_name": "deliver_batch",
-        "args": [],
-        "kwargs": {"jobs": "everyone"},
-        "options": {"redis_message_id": "r-2"},
-        "message_id": message_id,
-        "message_timestamp": int(time.time() * 1000),
-    }
-    redis_client.hset(f"{namespace}:mail.msgs", "r-2", json.dumps(payload))
-    redis_client.rpush(f"{namespace}:mail", "r-2")
+    message_id = _wire_bulk(redis_client, namespace, "everyone")
     app.broker.join("mail", timeout=10_000)
     record = app.status.get(message_id)
     assert record["reason"] == "validation" and record["error"]["field"] == "jobs"

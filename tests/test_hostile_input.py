@@ -106,13 +106,16 @@ def test_undecodable_message_is_poison_and_its_batch_goes_on(
     [
         ({"queue_name": "mail-bulk"}, "does not match the queue"),
         ({"options": {}}, "redis_message_id is missing"),
+        ({"message_id": "x" * 129}, "message_id is not 1 to 128 letters"),
+        ({"message_id": "<a b>"}, "message_id is not 1 to 128 letters"),
     ],
-    ids=["queue-mismatch", "no-redis-message-id"],
+    ids=["queue-mismatch", "no-redis-message-id", "long-job-id", "job-id-with-space"],
 )
 def test_message_dramatiq_could_not_acknowledge_is_poison(
     overrides, problem, worker_and_server, redis_client, namespace
 ):
-    """A message naming another queue, or without a redis message id, is taken out as poison."""
+    """A message naming another queue, without a redis message id, or whose message id
+    cannot be a job id, is taken out as poison."""
     app, server = worker_and_server
     redis_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     message = _message(job_id, redis_id, **overrides)
@@ -219,6 +222,11 @@ def test_unknown_actor_is_dead_lettered(worker_and_server, redis_client, namespa
             "sender",
         ),
         ("not an object", "job"),
+        ([1, 2], "job"),
+        (
+            {"to": ["a@example.org"], "subject": "s", "text": "t", "attachments": [7]},
+            "attachments[0]",
+        ),
     ],
     ids=[
         "schema-version",
@@ -230,12 +238,15 @@ def test_unknown_actor_is_dead_lettered(worker_and_server, redis_client, namespa
         "10000-recipients",
         "unknown-sender",
         "not-an-object",
+        "a-list",
+        "attachment-not-an-object",
     ],
 )
 def test_invalid_job_on_the_wire_is_dead_with_the_field_named(
     job, field, worker_and_server, redis_client, namespace
 ):
-    """A job no producer could enqueue is dead at once as `validation`, naming the field."""
+    """A job no producer could enqueue is dead at once as `validation`, naming the field,
+    and its dead letter shows the job as it came."""
     app, server = worker_and_server
     job_id = wire_enqueue(redis_client, namespace, job)
     good = _good(redis_client, namespace)
@@ -246,6 +257,10 @@ def test_invalid_job_on_the_wire_is_dead_with_the_field_named(
     assert record["error"]["field"].startswith(field)
     assert app.status.get(good)["state"] == "sent"
     assert [m.rcpt_tos for m in server.recorder.messages] == [["ok@example.org"]]
+    dead = DeadLetters(redis_client, namespace=namespace, ttl=60).show(job_id)
+    assert dead is not None and dead["message"]["actor"] == "deliver"
+    if not isinstance(job, dict):
+        assert dead["message"]["job"] == job
 
 
 def test_fifty_megabyte_attachment_is_refused_at_enqueue_and_in_the_worker(

@@ -20,7 +20,7 @@ from settings import JobValidationError, Settings
 from worker import records
 from worker.delivery import Deliverer, Outcome, Parcel
 from worker.express import Express
-from worker.jobs import DeadLetterError, Job, single_message
+from worker.jobs import JOB_ID_RULE, DeadLetterError, Job, is_job_id, single_message
 from worker.logging import lines_together, show_address
 from worker.reliability import attach_write
 from worker.status import JobStart, StatusStore
@@ -114,17 +114,13 @@ class JobHandler:
             str(message.options.get("redis_message_id", "")),
             message.asdict(),
         )
-        with contextlib.suppress(DeadLetterError):
-            if args or set(kwargs) != {"jobs"} or not isinstance(items, list):
+        if args or set(kwargs) != {"jobs"} or not isinstance(items, list):
+            with contextlib.suppress(DeadLetterError):
                 self._invalid(
                     whole, JobValidationError("jobs", "expected a list of jobs")
                 )
-            for item in items:
-                if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                    self._invalid(
-                        whole, JobValidationError("jobs", "each needs an 'id'")
-                    )
-        jobs: list[Any] = items if isinstance(items, list) else []
+            return
+        jobs = self._with_ids(items, whole)
         if self._draining.is_set():
             self._hand_back(jobs, whole)
             return
@@ -169,6 +165,38 @@ class JobHandler:
                     self._finish(job, r, outcome)
         if unsent:
             self._hand_back(unsent, whole)
+
+    def _with_ids(self, items: list[Any], whole: Job) -> list[dict[str, Any]]:
+        """The jobs of a bulk message that have a usable id of their own, each once.
+
+        The others can have no record of their own: the bulk message is dead-lettered
+        for them (``validation``, the field of the first named), and the rest go on.
+        """
+        usable: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        bad: list[tuple[int, bool]] = []  # index, whether its id repeats an earlier one
+        for index, item in enumerate(items):
+            job_id = item.get("id") if isinstance(item, dict) else None
+            if is_job_id(job_id) and job_id not in seen:
+                seen.add(job_id)
+                usable.append(item)
+            else:
+                bad.append((index, job_id in seen))
+        if bad:
+            index, repeated = bad[0]
+            problem = (
+                "repeats an earlier job's id" if repeated else f"is not {JOB_ID_RULE}"
+            )
+            with contextlib.suppress(DeadLetterError):
+                self._invalid(
+                    whole,
+                    JobValidationError(
+                        f"jobs[{index}].id",
+                        f"{problem} ({len(bad)} of {len(items)} jobs without a usable "
+                        "id; the others go on)",
+                    ),
+                )
+        return usable
 
     def _pausing(self) -> Callable[[], bool]:
         """For one bulk message, what to call before each of its messages: True when

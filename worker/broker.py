@@ -27,6 +27,7 @@ from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
 from worker.deadletter import DeadLetters
 from worker.direct import DirectScript
 from worker.express import BulkSlots
+from worker.jobs import JOB_ID_RULE, is_job_id
 from worker.reliability import (
     attach_write,
     attached_writes,
@@ -300,6 +301,8 @@ class SafeConsumer(_RedisConsumer):
     def _problem(self, message: MessageProxy) -> str | None:
         if "redis_message_id" not in message.options:
             return "options.redis_message_id is missing"
+        if not is_job_id(message.message_id):
+            return f"message_id is not {JOB_ID_RULE}"
         if message.queue_name != self.queue_name:
             return (
                 f"queue_name {message.queue_name!r} does not match the queue "
@@ -357,14 +360,13 @@ def _jobs_of(message: Any) -> list[tuple[str, int, str, str]]:
         jobs = (message.get("kwargs") or {}).get("jobs")
         if not isinstance(jobs, list):
             return []
-        return [
-            (job["id"], attempt, queue, redis_id)
+        ids = {
+            job["id"]: None
             for job in jobs
-            if isinstance(job, dict) and isinstance(job.get("id"), str)
-        ]
-    if message.get("actor_name") == ACTOR_NAME and isinstance(
-        message.get("message_id"), str
-    ):
+            if isinstance(job, dict) and is_job_id(job.get("id"))
+        }  # each once, in order (``JobHandler.batch`` sends a repeated id once)
+        return [(job_id, attempt, queue, redis_id) for job_id in ids]
+    if message.get("actor_name") == ACTOR_NAME and is_job_id(message.get("message_id")):
         return [(message["message_id"], attempt, queue, redis_id)]
     return []
 

@@ -84,18 +84,44 @@ class Filters:
 
 
 def elide(payload: bytes) -> dict[str, Any]:
-    """The stored message for display: attachments as name, type, size and sha256."""
+    """The stored message for display: attachments as name, type, size and sha256; a
+    bulk message's jobs each so. Whatever shape a hostile producer gave it is shown."""
     try:
         message = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return {"undecodable": True}
+    if not isinstance(message, dict):
+        return {"message": message}
     if "raw_base64" in message:
         return {k: v for k, v in message.items() if k != "raw_base64"} | {
             "raw_bytes": len(base64.b64decode(message["raw_base64"]))
         }
-    job = dict((message.get("kwargs") or {}).get("job") or {})
+    kwargs = message.get("kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    shown = {
+        "queue": message.get("queue_name"),
+        "actor": message.get("actor_name"),
+        "job": _elide_job(kwargs.get("job") or {}),
+    }
+    jobs = kwargs.get("jobs")
+    if isinstance(jobs, list):
+        shown["jobs"] = [
+            {**item, "job": _elide_job(item.get("job"))}
+            if isinstance(item, dict)
+            else item
+            for item in jobs
+        ]
+    return shown
+
+
+def _elide_job(job: Any) -> Any:
+    if not isinstance(job, dict) or not isinstance(job.get("attachments"), list):
+        return job
     attachments = []
-    for item in job.get("attachments") or []:
+    for item in job["attachments"]:
+        if not isinstance(item, dict):
+            attachments.append(item)
+            continue
         try:
             content = base64.b64decode(item.get("content", ""))
         except (ValueError, TypeError):
@@ -108,13 +134,7 @@ def elide(payload: bytes) -> dict[str, Any]:
                 "sha256": hashlib.sha256(content).hexdigest(),
             }
         )
-    if attachments:
-        job["attachments"] = attachments
-    return {
-        "queue": message.get("queue_name"),
-        "actor": message.get("actor_name"),
-        "job": job,
-    }
+    return {**job, "attachments": attachments}
 
 
 class DeadLetters:

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
 from producers.keys import ACTOR_NAME
 from settings import MailworkerError
 
-__all__ = ["DeadLetterError", "Job", "single_message"]
+__all__ = ["JOB_ID_RULE", "DeadLetterError", "Job", "is_job_id", "single_message"]
+
+# What a job id may be: it keys the job's records and goes into its Message-ID
+# (``<id@domain>``). Producers write uuid4s; a wire-format producer may write its own.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+JOB_ID_RULE = (
+    "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+
+
+def is_job_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a usable job id (``JOB_ID_RULE``)."""
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
 
 
 class DeadLetterError(MailworkerError):
