@@ -69,6 +69,12 @@ def worker_and_server(smtp_server, make_settings, run_worker):
                     "priority": "high",
                 }
             ).encode(),
+            "options.redis_message_id is missing",
+        ),
+        (
+            json.dumps(
+                _message(str(uuid.uuid4()), str(uuid.uuid4()), priority="high")
+            ).encode(),
             "cannot decode",
         ),
         (  # JSON that Python's json module reads but orjson (our decoder) refuses
@@ -78,7 +84,7 @@ def worker_and_server(smtp_server, make_settings, run_worker):
             "cannot decode",
         ),
     ],
-    ids=["malformed-json", "invalid-utf8", "wrong-shape", "nan"],
+    ids=["malformed-json", "invalid-utf8", "wrong-shape", "unknown-field", "nan"],
 )
 def test_undecodable_message_is_poison_and_its_batch_goes_on(
     payload, error, worker_and_server, redis_client, namespace
@@ -108,14 +114,32 @@ def test_undecodable_message_is_poison_and_its_batch_goes_on(
         ({"options": {}}, "redis_message_id is missing"),
         ({"message_id": "x" * 129}, "message_id is not 1 to 128 letters"),
         ({"message_id": "<a b>"}, "message_id is not 1 to 128 letters"),
+        ({"message_id": ["a"]}, "message_id is not 1 to 128 letters"),
+        ({"kwargs": [1]}, "kwargs is not an object"),
+        ({"options": "redis_message_id"}, "options is not an object"),
+        ({"options": {"redis_message_id": 5}}, "options.redis_message_id is missing"),
+        ({"message_timestamp": "soon"}, "message_timestamp is not a whole number"),
+        ({"actor_name": None}, "actor_name is not a string"),
     ],
-    ids=["queue-mismatch", "no-redis-message-id", "long-job-id", "job-id-with-space"],
+    ids=[
+        "queue-mismatch",
+        "no-redis-message-id",
+        "long-job-id",
+        "job-id-with-space",
+        "job-id-a-list",
+        "kwargs-a-list",
+        "options-a-string",
+        "redis-message-id-a-number",
+        "timestamp-a-string",
+        "actor-name-null",
+    ],
 )
 def test_message_dramatiq_could_not_acknowledge_is_poison(
     overrides, problem, worker_and_server, redis_client, namespace
 ):
-    """A message naming another queue, without a redis message id, or whose message id
-    cannot be a job id, is taken out as poison."""
+    """A message naming another queue, without a redis message id, or of a shape no actor
+    can run (its message id cannot be a job id, kwargs no object, ...), is taken out as
+    poison, naming the field; the message fetched after it is sent."""
     app, server = worker_and_server
     redis_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     message = _message(job_id, redis_id, **overrides)
