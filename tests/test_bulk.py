@@ -172,6 +172,8 @@ def test_bulk_jobs_without_a_usable_id_are_kept_and_the_others_go_on(
         5,
         {"job": job},
         {"id": "x" * 200, "job": job},
+        {"id": ["x"], "job": job},
+        {"id": {}, "job": job},
         *[{"id": good, "job": job}] * 2,
     ]
     message_id = _wire_bulk(redis_client, namespace, jobs)
@@ -181,8 +183,8 @@ def test_bulk_jobs_without_a_usable_id_are_kept_and_the_others_go_on(
     dead = DeadLetters(redis_client, namespace=namespace, ttl=60).show(message_id)
     assert dead is not None and dead["reason"] == "validation"
     assert dead["error"]["field"] == "jobs[0].id"
-    assert "4 of 5 jobs without a usable id" in dead["error"]["message"]
-    assert len(dead["message"]["jobs"]) == 5  # kept whole, for an operator to mend
+    assert "6 of 7 jobs without a usable id" in dead["error"]["message"]
+    assert len(dead["message"]["jobs"]) == 7  # kept whole, for an operator to mend
     assert app.status.get("x" * 200) is None  # no record under an id that is none
     assert redis_client.zcard(f"{namespace}:mail.DQ") == 0  # not retried
 

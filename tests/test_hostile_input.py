@@ -32,6 +32,13 @@ def _good(client, namespace: str) -> str:
     )
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def _message(job_id: str, redis_id: str, **overrides) -> dict:
     message = {
         "queue_name": "mail",
@@ -120,6 +127,13 @@ def test_undecodable_message_is_poison_and_its_batch_goes_on(
         ({"options": {"redis_message_id": 5}}, "options.redis_message_id is missing"),
         ({"message_timestamp": "soon"}, "message_timestamp is not a whole number"),
         ({"actor_name": None}, "actor_name is not a string"),
+        ({"queue_name": 5}, "queue_name is not a string"),
+        ({"args": "x"}, "args is not a list"),
+        (
+            {"options": {"redis_message_id": "r-1", "retries": "x"}},
+            "options.retries is not a number",
+        ),
+        ({"kwargs": {"job": _nested(300)}}, "nests deeper than 254 levels"),
     ],
     ids=[
         "queue-mismatch",
@@ -132,6 +146,10 @@ def test_undecodable_message_is_poison_and_its_batch_goes_on(
         "redis-message-id-a-number",
         "timestamp-a-string",
         "actor-name-null",
+        "queue-name-a-number",
+        "args-a-string",
+        "retries-a-string",
+        "nested-300-deep",
     ],
 )
 def test_message_dramatiq_could_not_acknowledge_is_poison(
@@ -165,6 +183,51 @@ class _HoldAfterNack(Middleware):
 
     def after_nack(self, broker, message) -> None:
         self.release.wait(10)
+
+
+def test_options_dramatiq_allows_as_floats_are_accepted(
+    worker_and_server, redis_client, namespace
+):
+    """``eta`` and ``time_limit`` may be floats (Dramatiq adds a float delay to ``eta``):
+    such a job is delivered, not taken for poison."""
+    app, server = worker_and_server
+    redis_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
+    options = {
+        "redis_message_id": redis_id,
+        "time_limit": 60_000.0,
+        "eta": time.time() * 1000 - 1.5,
+    }
+    message = _message(job_id, redis_id, options=options)
+    with redis_client.pipeline(transaction=True) as pipe:
+        pipe.hset(f"{namespace}:mail.msgs", redis_id, json.dumps(message))
+        pipe.rpush(f"{namespace}:mail", redis_id)
+        pipe.execute()
+    app.broker.join("mail", timeout=10_000)
+    assert app.status.get(job_id)["state"] == "sent"
+    assert len(server.recorder.messages) == 1
+
+
+def test_dead_letter_shows_an_attachment_that_is_not_base64_as_such(
+    worker_and_server, redis_client, namespace
+):
+    """An attachment whose content is not base64 is dead as `validation`; its dead letter
+    says so instead of showing an empty file."""
+    app, _ = worker_and_server
+    job_id = wire_enqueue(
+        redis_client,
+        namespace,
+        {
+            "to": ["a@example.org"],
+            "subject": "s",
+            "text": "t",
+            "attachments": [{"filename": "a.txt", "content": "!!"}],
+        },
+    )
+    app.broker.join("mail", timeout=10_000)
+    dead = DeadLetters(redis_client, namespace=namespace, ttl=60).show(job_id)
+    assert dead is not None and dead["error"]["field"].startswith("attachments[0]")
+    [shown] = dead["message"]["job"]["attachments"]
+    assert shown == {"filename": "a.txt", "content_type": None, "content": "not base64"}
 
 
 def test_unknown_actor_is_dead_lettered(worker_and_server, redis_client, namespace):

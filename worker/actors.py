@@ -181,7 +181,7 @@ class JobHandler:
                 seen.add(job_id)
                 usable.append(item)
             else:
-                bad.append((index, job_id in seen))
+                bad.append((index, isinstance(job_id, str) and job_id in seen))
         if bad:
             index, repeated = bad[0]
             problem = (

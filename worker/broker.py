@@ -7,6 +7,7 @@ minor version is pinned; ``tests/test_hostile_input.py`` fails if an upgrade bre
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -46,15 +47,11 @@ log = structlog.get_logger("mailworker.broker")
 _DEAD_PACKED = "_mailworker_dead"
 
 
-# The options Dramatiq and our middleware compute with (counts, times in milliseconds).
-_NUMBER_OPTIONS = (
-    "retries",
-    "eta",
-    "time_limit",
-    "max_retries",
-    "min_backoff",
-    "max_backoff",
-)
+# The options Dramatiq and our middleware compute with (a count, times in milliseconds).
+_NUMBER_OPTIONS = ("retries", "eta", "time_limit")
+# orjson writes at most 254 levels of nesting (it reads 1024): a message nested deeper
+# could not be written again as a dead letter or a retry, so it is refused at once.
+_MAX_DEPTH = 254
 
 
 def _envelope_problem(fields: Any) -> str | None:
@@ -69,10 +66,8 @@ def _envelope_problem(fields: Any) -> str | None:
         return "options.redis_message_id is missing"
     for name in _NUMBER_OPTIONS:
         value = options.get(name)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool)
-        ):
-            return f"options.{name} is not a whole number"
+        if value is not None and not _is_number(value):
+            return f"options.{name} is not a number"
     if not is_job_id(fields.get("message_id")):
         return f"message_id is not {JOB_ID_RULE}"
     for name in ("queue_name", "actor_name"):
@@ -86,6 +81,14 @@ def _envelope_problem(fields: Any) -> str | None:
     if not isinstance(stamp, int) or isinstance(stamp, bool):
         return "message_timestamp is not a whole number of milliseconds"
     return None
+
+
+def _is_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 class _MalformedError(DecodeError):
@@ -103,6 +106,11 @@ def _decode(data: bytes) -> Message[Any]:
     except orjson.JSONDecodeError as exc:
         raise DecodeError("Failed to decode message.", data, exc) from exc  # type: ignore[no-untyped-call]
     problem = _envelope_problem(fields)
+    if problem is None and data.count(b"{") + data.count(b"[") > _MAX_DEPTH:
+        try:  # only where so many brackets make the depth possible
+            orjson.dumps(fields)
+        except orjson.JSONEncodeError:
+            problem = f"the message nests deeper than {_MAX_DEPTH} levels"
     if problem is not None:
         raise _MalformedError(problem, data, ValueError(problem))  # type: ignore[no-untyped-call]
     try:

@@ -101,7 +101,7 @@ def elide(payload: bytes) -> dict[str, Any]:
     shown = {
         "queue": message.get("queue_name"),
         "actor": message.get("actor_name"),
-        "job": _elide_job(kwargs.get("job") or {}),
+        "job": _elide_job(kwargs.get("job", {})),
     }
     jobs = kwargs.get("jobs")
     if isinstance(jobs, list):
@@ -122,18 +122,17 @@ def _elide_job(job: Any) -> Any:
         if not isinstance(item, dict):
             attachments.append(item)
             continue
+        shown = {
+            "filename": item.get("filename"),
+            "content_type": item.get("content_type"),
+        }
         try:
-            content = base64.b64decode(item.get("content", ""))
+            content = base64.b64decode(item.get("content", ""), validate=True)
         except (ValueError, TypeError):
-            content = b""
-        attachments.append(
-            {
-                "filename": item.get("filename"),
-                "content_type": item.get("content_type"),
-                "size": len(content),
-                "sha256": hashlib.sha256(content).hexdigest(),
-            }
-        )
+            shown["content"] = "not base64"
+        else:
+            shown.update(size=len(content), sha256=hashlib.sha256(content).hexdigest())
+        attachments.append(shown)
     return {**job, "attachments": attachments}
 
 
