@@ -414,13 +414,13 @@ class SafeConsumer(_RedisConsumer):
 def _jobs_of(message: Any) -> list[tuple[str, int, str, str]]:
     """(job id, attempt, queue, redis message id) of each job a broker message carries."""
     if _envelope_problem(message) is not None:
-        return []
-    options = message.get("options") or {}
-    redis_id = str(options.get("redis_message_id", ""))
-    attempt = int(options.get("retries", 0) or 0) + 1
-    queue = str(message.get("queue_name", "")).removesuffix(".DQ")
-    if message.get("actor_name") == BATCH_ACTOR_NAME:
-        jobs = (message.get("kwargs") or {}).get("jobs")
+        return []  # the consumer quarantines it when its turn comes
+    options = message["options"]
+    redis_id = options["redis_message_id"]
+    attempt = int(options.get("retries") or 0) + 1
+    queue = message["queue_name"].removesuffix(".DQ")
+    if message["actor_name"] == BATCH_ACTOR_NAME:
+        jobs = message["kwargs"].get("jobs")
         if not isinstance(jobs, list):
             return []
         ids = {
@@ -429,7 +429,7 @@ def _jobs_of(message: Any) -> list[tuple[str, int, str, str]]:
             if isinstance(job, dict) and is_job_id(job.get("id"))
         }  # each once, in order (``JobHandler.batch`` sends a repeated id once)
         return [(job_id, attempt, queue, redis_id) for job_id in ids]
-    if message.get("actor_name") == ACTOR_NAME and is_job_id(message.get("message_id")):
+    if message["actor_name"] == ACTOR_NAME:
         return [(message["message_id"], attempt, queue, redis_id)]
     return []
 
