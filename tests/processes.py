@@ -133,6 +133,12 @@ class RedisServer:
         self.process.terminate()
         self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """kill -9: what the AOF had written is all that survives."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=5)
 

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from email import message_from_bytes, policy
 
 import pytest
+import structlog
+import structlog.testing
 
 from producers import Notification, Producer
 from tests.conftest import Recorder
@@ -361,7 +363,8 @@ def test_budget_wait_is_not_an_attempt(o365, fake_microsoft, run_worker, redis_c
 def test_breaker_opens_skips_probes_and_closes(
     o365, fake_microsoft, smtp_server, run_worker, redis_client
 ):
-    """After `failures` failures Graph is skipped; after the cool-down one probe closes it."""
+    """After `failures` failures Graph is skipped; after the cool-down one probe closes it.
+    Opening and closing each write one line."""
     server = smtp_server()
     settings = o365(
         smtp=[server],
@@ -369,6 +372,16 @@ def test_breaker_opens_skips_probes_and_closes(
         retry={"transport_retries": 0, "min_backoff": "1s", "max_backoff": "2s"},
     )
     app = run_worker(settings, threads=1)
+    with structlog.testing.capture_logs() as logs:
+        _breaker_opens_and_closes(app, fake_microsoft, server, redis_client, settings)
+    opened = [e for e in logs if e["event"] == "breaker_opened"]
+    closed = [e for e in logs if e["event"] == "breaker_closed"]
+    assert [(e["service"], e["log_level"]) for e in opened] == [("o365", "error")]
+    assert opened[0]["failures"] == 2 and opened[0]["cooldown_s"] == 1.0
+    assert [e["service"] for e in closed] == ["o365"]
+
+
+def _breaker_opens_and_closes(app, fake_microsoft, server, redis_client, settings):
     for _ in range(2):
         fake_microsoft.graph_responses.append(
             (503, {}, {"error": {"code": "serviceNotAvailable"}})

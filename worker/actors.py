@@ -22,8 +22,8 @@ from worker.delivery import Deliverer, Outcome, Parcel
 from worker.express import Express
 from worker.jobs import JOB_ID_RULE, DeadLetterError, Job, is_job_id, single_message
 from worker.logging import lines_together, show_address
-from worker.reliability import attach_write
-from worker.status import JobStart, StatusStore
+from worker.reliability import attach_enqueue, attach_write
+from worker.status import JobStart, PackedWrite, StatusStore
 
 __all__ = ["JobHandler"]
 
@@ -228,9 +228,9 @@ class JobHandler:
                 message,
             )
             self._reschedule(job, 0, count=False)
-        self._status.unbegin(
-            [(i["id"], whole.attempt, whole.queue, whole.redis_id) for i in items]
-        )
+        jobs = [(i["id"], whole.attempt, whole.queue, whole.redis_id) for i in items]
+        for packed in self._status.unbegin_writes(jobs):
+            self._record(packed)
         log.info("bulk_handed_back", jobs=len(items))
 
     def _run(self, job: Job, data: Any) -> None:
@@ -341,23 +341,17 @@ class JobHandler:
         if outcome.finished:
             if any(r["state"] == "accepted" for r in recipients):
                 fields.update(state="sent", reason="", error=None, next_attempt_at="")
-                packed = self._status.pack(
+                self._write(
                     job.id,
                     fields,
                     accepted=accepted,
                     event=records.event(job.attempt, "sent", outcome),
                 )
-                # Written with the ack of the broker message, in its round trip.
-                message = CurrentMessage.get_current_message()
-                if message is None:
-                    self._status.write_many([packed])
-                else:
-                    attach_write(message, packed)
                 return
             fields["error"] = error or records.error(
                 "permanent", "every recipient was refused"
             )
-            self._status.write(job.id, fields, accepted=accepted)
+            self._write(job.id, fields, accepted=accepted)
             self._dead(job, "permanent", fields["error"])
         if outcome.only_waiting:
             self._wait(job, outcome, fields)
@@ -370,7 +364,7 @@ class JobHandler:
         delay = max(1.0, outcome.wait or 0.0)
         reason = outcome.skipped[-1]["reason"] if outcome.skipped else "budget"
         if job.age + delay > self._settings.retry.max_age:
-            self._status.write(job.id, fields)
+            self._write(job.id, fields)
             self._dead(
                 job, "max_age", records.error(reason, "waited past retry.max_age")
             )
@@ -383,7 +377,7 @@ class JobHandler:
         fields.update(
             state="retrying", reason=reason, next_attempt_at=next_at, error=None
         )
-        self._status.write(
+        self._write(
             job.id,
             fields,
             event={"attempt": job.attempt, "event": "waiting", "reason": reason},
@@ -395,7 +389,7 @@ class JobHandler:
     ) -> None:
         policy = self._settings.retry
         if job.attempt >= policy.max_attempts:
-            self._status.write(job.id, fields, accepted=accepted)
+            self._write(job.id, fields, accepted=accepted)
             self._dead(job, "retries_exhausted", fields["error"])
         base = min(policy.max_backoff, policy.min_backoff * 2 ** (job.attempt - 1))
         delay = max(
@@ -404,7 +398,7 @@ class JobHandler:
             outcome.retry_after or 0.0,
         )
         if job.age + delay > policy.max_age:
-            self._status.write(job.id, fields, accepted=accepted)
+            self._write(job.id, fields, accepted=accepted)
             self._dead(job, "max_age", fields["error"])
         next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
             timespec="seconds"
@@ -412,7 +406,7 @@ class JobHandler:
         fields.update(
             state="retrying", reason="retry_scheduled", next_attempt_at=next_at
         )
-        self._status.write(
+        self._write(
             job.id,
             fields,
             accepted=accepted,
@@ -451,10 +445,44 @@ class JobHandler:
             message_id=job.id,
             message_timestamp=job.timestamp_ms,
         )
-        self._broker.enqueue(message, delay=int(delay * 1000))
+        current = CurrentMessage.get_current_message()
+        if current is None:
+            self._broker.enqueue(message, delay=int(delay * 1000))
+        else:
+            attach_enqueue(current, (message, int(delay * 1000)))
+
+    def _write(
+        self,
+        job_id: str,
+        fields: dict[str, Any],
+        *,
+        accepted: list[str] | None = None,
+        event: dict[str, Any] | None = None,
+        dead_payload: bytes | None = None,
+    ) -> None:
+        """Write a job's record with the ack (or nack) of the broker message it came in,
+        in the same round trip and inside Dramatiq's loop that tries again until Redis
+        answers; outside a worker, at once. Once a message went out nothing here needs
+        Redis, so nothing can raise and lose what became of it."""
+        self._record(
+            self._status.pack(
+                job_id,
+                fields,
+                accepted=accepted,
+                event=event,
+                dead_payload=dead_payload,
+            )
+        )
+
+    def _record(self, packed: PackedWrite) -> None:
+        message = CurrentMessage.get_current_message()
+        if message is None:
+            self._status.write_many([packed])
+        else:
+            attach_write(message, packed)
 
     def _dead(self, job: Job, reason: str, error: dict[str, Any]) -> NoReturn:
-        self._status.write(
+        self._write(
             job.id,
             {
                 "id": job.id,

@@ -31,6 +31,7 @@ from worker.express import BulkSlots
 from worker.jobs import JOB_ID_RULE, is_job_id
 from worker.reliability import (
     attach_write,
+    attached_enqueues,
     attached_writes,
     clear_writes,
     pending_retry,
@@ -143,6 +144,12 @@ class SafeConsumer(_RedisConsumer):
         self._slots = None if delayed else self.broker.bulk_slots
         if self._slots is not None:
             self._slots.on_free(self._wake)
+        # What a delayed-queue consumer handed to its thread's in-memory delay queue and
+        # nobody acknowledged or put back yet, by redis message id. Dramatiq drops that
+        # queue on a connection error while the messages stay in this live process' ack
+        # set, where neither its maintenance nor our reaper looks: ``close`` hands them
+        # back.
+        self._delayed: dict[str, MessageProxy] | None = {} if delayed else None
 
     def ack(self, message: MessageProxy) -> None:
         """Apply the status writes the job left (see ``attach_write``) and acknowledge the
@@ -155,9 +162,10 @@ class SafeConsumer(_RedisConsumer):
         """
         writes = attached_writes(message)
         pending = pending_retry(message)
+        enqueues = attached_enqueues(message)
         status = self.broker.dead_letters.status
         try:
-            if pending is None and writes:
+            if pending is None and not enqueues and writes:
                 redis_id = message.options["redis_message_id"]
                 try:
                     ack = (self.queue_name, self.broker.broker_id, redis_id)
@@ -165,11 +173,10 @@ class SafeConsumer(_RedisConsumer):
                 finally:
                     self.queued_message_ids.discard(message.message_id)
                 clear_writes(message)
+                self._release(message)
                 self._done()
                 return
-            if writes:
-                status.write_many(writes)
-                clear_writes(message)
+            self._apply(message)
             if pending is not None:
                 copy, delay = pending
                 self.broker.enqueue(copy, delay=delay)
@@ -177,23 +184,46 @@ class SafeConsumer(_RedisConsumer):
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         super().ack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        self._release(message)
         self._done()
 
     def nack(self, message: MessageProxy) -> None:
         """Apply the status writes the message left (jobs of a bulk message that were
         sent before it failed, and its own dead letter from ``DeadLetterCapture``), then
         let Dramatiq dead-letter it."""
-        writes = attached_writes(message)
-        if writes:
-            try:
-                self.broker.dead_letters.status.write_many(writes)
-            except redis.RedisError as exc:
-                raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
-            clear_writes(message)
+        try:
+            self._apply(message)
+        except redis.RedisError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         super().nack(message)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
+        self._release(message)
         self._done()
 
+    def _apply(self, message: MessageProxy) -> None:
+        """The status writes, then the enqueues, the message left; each dropped once
+        made, so that a retried ack makes none twice."""
+        writes = attached_writes(message)
+        if writes:
+            self.broker.dead_letters.status.write_many(writes)
+            clear_writes(message)
+        enqueues = attached_enqueues(message)
+        while enqueues:
+            later, delay = enqueues[0]
+            self.broker.enqueue(later, delay=delay)
+            enqueues.pop(0)
+
+    def _release(self, message: MessageProxy) -> None:
+        """The message is off this consumer's hands (acknowledged or put back)."""
+        if self._delayed is not None:
+            self._delayed.pop(message.options.get("redis_message_id", ""), None)
+
     def __next__(self) -> MessageProxy | None:
+        message = self._next()
+        if message is not None and self._delayed is not None:
+            self._delayed[message.options["redis_message_id"]] = message
+        return message
+
+    def _next(self) -> MessageProxy | None:
         slots = self._slots
         while True:
             if (
@@ -231,12 +261,37 @@ class SafeConsumer(_RedisConsumer):
             )
 
     def requeue(self, messages: Any) -> None:
-        """Put unstarted messages back (graceful shutdown) and their jobs back to `queued`."""
+        """Put unstarted messages back (graceful shutdown, or the delay queue of a
+        consumer thread that restarts) and their jobs back to `queued`.
+
+        When Redis cannot take them, they are handed to the queue's next consumer in
+        this process (or, when the worker stops, left in its ack set for the reaper once
+        it has exited); the error is not raised: Dramatiq's callers would leave the
+        consumer unclosed, or its thread dead."""
         messages = list(messages)
-        super().requeue(messages)  # type: ignore[no-untyped-call]  # Dramatiq's, untyped
-        self._unbegin(messages)
+        try:
+            super().requeue(messages)  # type: ignore[no-untyped-call]  # Dramatiq's
+        except redis.RedisError:
+            self._keep(messages)
+            return
+        finally:
+            for message in messages:
+                self._release(message)
+        try:
+            self._unbegin(messages)
+        except redis.RedisError:
+            log.warning("unbegin_on_close_failed", queue=self.queue_name)
+
+    def _keep(self, messages: list[MessageProxy]) -> None:
+        """Messages Redis could not take back: the queue's next consumer hands them over
+        (they stay this process' own in Redis: nobody else would take them)."""
+        log.warning("requeue_on_close_failed", queue=self.queue_name)
+        if not self.broker.stopping.is_set():
+            self.broker.carry_over(self.queue_name, messages)
 
     def _unbegin(self, messages: list[MessageProxy]) -> None:
+        if self._delayed is not None:
+            return  # delayed messages are begun when they come back on their queue
         jobs = [job for m in messages for job in _jobs_of(m.asdict())]
         if jobs:
             self.broker.dead_letters.status.unbegin(jobs)
@@ -251,23 +306,15 @@ class SafeConsumer(_RedisConsumer):
             self._slots.off_free(self._wake)
         leftovers, self.message_cache = [d for d in self.message_cache if d], []
         messages, self._parked = self._parked, []
+        if self._delayed:
+            messages += self._delayed.values()
         for data in leftovers:
             try:
                 messages.append(MessageProxy(_decode(data)))
             except DecodeError:
                 continue  # stays unacknowledged: recovered and quarantined later
         if messages:
-            try:
-                super().requeue(messages)  # type: ignore[no-untyped-call]  # Dramatiq's
-            except redis.RedisError:
-                log.warning("requeue_on_close_failed", queue=self.queue_name)
-                if not self.broker.stopping.is_set():
-                    self.broker.carry_over(self.queue_name, messages)
-            else:
-                try:
-                    self._unbegin(messages)
-                except redis.RedisError:
-                    log.warning("unbegin_on_close_failed", queue=self.queue_name)
+            self.requeue(messages)
         super().close()
 
     def _take(self) -> MessageProxy | None:

@@ -199,7 +199,7 @@ class Deliverer:
                 firsts[index] = result
         stopping = stop or (lambda: False)
         return [
-            None if first is None and stopping() else self._deliver(parcel, first=first)
+            None if first is None and stopping() else self._guarded(parcel, first)
             for parcel, first in zip(parcels, firsts, strict=True)
         ]
 
@@ -219,9 +219,37 @@ class Deliverer:
         Raises:
             JobValidationError: ``sender`` names no enabled service.
         """
-        return self._deliver(
+        return self._guarded(
             Parcel(job_id, notification, tuple(recipients), extra_headers)
         )
+
+    def _guarded(self, parcel: Parcel, first: Sent = None) -> Outcome:
+        """``_deliver``, which never raises once a message may have gone out: an
+        unexpected error (a bug, Redis away under a transport's own bookkeeping) is a
+        passing failure of the attempt, and what a server accepted before it is kept."""
+        try:
+            return self._deliver(parcel, first=first)
+        except JobValidationError:
+            raise  # raised by ``order`` before anything is sent
+        except Exception as exc:
+            log.error(
+                "delivery_failed_unexpectedly",
+                error_type=type(exc).__name__,
+                exc_info=True,
+            )
+            service = self.order(parcel.notification)[0]
+            outcome = Outcome()
+            if isinstance(first, Receipt) and first.accepted:
+                outcome.service = service.name
+                outcome.message_id = message_id(parcel.job_id, service.from_box.address)
+                outcome.receipt = first
+                return outcome
+            outcome.retryable = True
+            outcome.last_error = TransientDeliveryError(
+                f"unexpected error: {type(exc).__name__}: {exc}"[:300],
+                service=service.name,
+            )
+            return outcome
 
     def _deliver(self, parcel: Parcel, *, first: Sent = None) -> Outcome:
         """``deliver``; ``first``: the result of the first service's first try when

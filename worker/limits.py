@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
+import structlog
 from redis.typing import EncodableT
 
 __all__ = ["Breaker", "Budget", "Slots"]
+
+log = structlog.get_logger("mailworker.limits")
 
 # KEYS[1] zset member → lease expiry (ms). ARGV: now, limit, expiry, member
 _ACQUIRE = """
@@ -95,8 +98,14 @@ class Slots:
             pause = min(pause * 2, 0.1)
 
     def release(self, token: str) -> None:
-        """Give a slot back."""
-        self._client.zrem(self.key, token)
+        """Give a slot back. Never raises: with Redis away the lease expires instead
+        (a release runs after a message went out, where an error would lose its outcome)."""
+        try:
+            self._client.zrem(self.key, token)
+        except redis.RedisError as exc:
+            log.warning(
+                "slot_release_failed", key=self.key, error_type=type(exc).__name__
+            )
 
     @contextmanager
     def held(self, timeout: float) -> Iterator[bool]:
@@ -150,6 +159,11 @@ class Breaker:
     After ``failures`` consecutive failed deliveries a service is skipped for ``cooldown``
     seconds; then one probe goes through, and a success closes it. The state is cached in
     the process for ``refresh`` seconds so a healthy service costs no round trip per job.
+
+    The breaker is advice: with Redis away it lets every service be tried and forgets
+    what it could not count, and none of its methods raises (they run after a message
+    went out, where an error would lose what became of it). Opening and closing each
+    write one line (``breaker_opened`` at error level, ``breaker_closed``).
     """
 
     def __init__(
@@ -166,9 +180,8 @@ class Breaker:
         self.failures = failures
         self.cooldown = cooldown
         self._refresh = refresh
-        self._cache: dict[
-            str, tuple[float, int, float]
-        ] = {}  # name → (read at, count, until)
+        # name → (read at, count, open until)
+        self._cache: dict[str, tuple[float, int, float]] = {}
         self._lock = threading.Lock()
 
     def _key(self, service: str) -> str:
@@ -187,39 +200,74 @@ class Breaker:
         return state
 
     def allow(self, service: str) -> bool:
-        """True when the service may be tried: closed, or this caller holds the probe."""
-        _, until = self._state(service)
-        if until == 0:
+        """True when the service may be tried: closed, or this caller holds the probe
+        (or Redis cannot say)."""
+        try:
+            _, until = self._state(service)
+            if until == 0:
+                return True
+            if time.time() < until:
+                return False
+            # Cooling down is over: one probe across all workers.
+            key = f"{self._key(service)}:probe"
+            return bool(
+                self._client.set(key, "1", nx=True, px=int(self.cooldown * 1000))
+            )
+        except redis.RedisError as exc:
+            self._unavailable(service, exc)
             return True
-        if time.time() < until:
-            return False
-        # Cooling down is over: one probe across all workers.
-        probe = self._client.set(
-            f"{self._key(service)}:probe", "1", nx=True, px=int(self.cooldown * 1000)
-        )
-        return bool(probe)
 
     def success(self, service: str) -> None:
         """Close the breaker (one write, only when it had counted failures)."""
-        count, until = self._state(service)
-        if count or until:
-            self._client.delete(self._key(service), f"{self._key(service)}:probe")
-            with self._lock:
-                self._cache.pop(service, None)
+        try:
+            count, until = self._state(service)
+            if count or until:
+                key = self._key(service)
+                closed = self._client.delete(key, f"{key}:probe")
+                with self._lock:
+                    self._cache.pop(service, None)
+                if until and closed:
+                    log.warning("breaker_closed", service=service)
+        except redis.RedisError as exc:
+            self._unavailable(service, exc)
 
     def failure(self, service: str, *, hold: float | None = None) -> bool:
         """Count a failed delivery; open the breaker at the threshold, or at once for
         ``hold`` seconds (a quota error). Returns True when it is now open."""
+        try:
+            return self._count_failure(service, hold)
+        except redis.RedisError as exc:
+            self._unavailable(service, exc)
+            return False
+        finally:
+            with self._lock:
+                self._cache.pop(service, None)
+
+    def _count_failure(self, service: str, hold: float | None) -> bool:
         key = self._key(service)
         with self._client.pipeline(transaction=True) as pipe:
             pipe.hincrby(key, "failures", 1)
+            pipe.hget(key, "open_until")
             pipe.expire(key, int(max(self.cooldown, hold or 0) * 4) + 60)
-            count = pipe.execute()[0]
-        opened = hold is not None or count >= self.failures
-        if opened:
-            until = time.time() + (hold if hold is not None else self.cooldown)
-            self._client.hset(key, "open_until", f"{until:.3f}")
-            self._client.delete(f"{key}:probe")
-        with self._lock:
-            self._cache.pop(service, None)
-        return opened
+            count, was_until, _ = pipe.execute()
+        if hold is None and count < self.failures:
+            return False
+        now = time.time()
+        seconds = hold if hold is not None else self.cooldown
+        self._client.hset(key, "open_until", f"{now + seconds:.3f}")
+        self._client.delete(f"{key}:probe")
+        if was_until is None or float(was_until) <= now:  # closed, or its probe failed
+            log.error(
+                "breaker_opened",
+                service=service,
+                failures=count,
+                cooldown_s=round(seconds, 1),
+                reason="quota" if hold is not None else "failures",
+            )
+        return True
+
+    @staticmethod
+    def _unavailable(service: str, exc: redis.RedisError) -> None:
+        log.warning(
+            "breaker_unavailable", service=service, error_type=type(exc).__name__
+        )

@@ -24,7 +24,9 @@ from dramatiq.common import compute_backoff, dq_name
 __all__ = [
     "Heartbeat",
     "ReliableRetries",
+    "attach_enqueue",
     "attach_write",
+    "attached_enqueues",
     "attached_writes",
     "clear_writes",
     "pending_retry",
@@ -34,6 +36,7 @@ __all__ = [
 
 _PENDING = "mailworker_retry"
 _WRITES = "mailworker_writes"
+_ENQUEUES = "mailworker_enqueues"
 
 log = structlog.get_logger("mailworker.reliability")
 
@@ -205,3 +208,17 @@ def attached_writes(message: MessageProxy) -> list[list[Any]]:
 def clear_writes(message: MessageProxy) -> None:
     """The attached writes were applied."""
     vars(message).pop(_WRITES, None)
+
+
+def attach_enqueue(message: object, later: tuple[Any, int]) -> None:
+    """Leave a message to enqueue (a job of a bulk message put back, with its delay in
+    ms) for the ack or nack of ``message``: enqueued after its writes, before it is
+    acknowledged, inside Dramatiq's loop that tries again until Redis answers."""
+    vars(message).setdefault(_ENQUEUES, []).append(later)
+
+
+def attached_enqueues(message: MessageProxy) -> list[tuple[Any, int]]:
+    """The enqueues still to be made before this message is acknowledged; the caller
+    removes each one it made."""
+    enqueues: list[tuple[Any, int]] = vars(message).get(_ENQUEUES) or []
+    return enqueues

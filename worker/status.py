@@ -202,14 +202,20 @@ class StatusStore:
 
     def unbegin(self, jobs: list[tuple[str, int, str, str]]) -> None:
         """Jobs begun by a prefetch but handed back unstarted are `queued` again."""
+        if jobs:
+            self.write_many(self.unbegin_writes(jobs))
+
+    def unbegin_writes(
+        self, jobs: list[tuple[str, int, str, str]]
+    ) -> list[PackedWrite]:
+        """``unbegin``'s writes, to be applied later (with a message's ack)."""
         with self._lock:
             for job_id, _, _, redis_id in jobs:
                 self._prefetched.pop((job_id, redis_id), None)
-        with self._client.pipeline(transaction=False) as pipe:
-            for job_id, attempt, _, _ in jobs:
-                key = status_key(self._ns, job_id)
-                pipe.hset(key, mapping={"state": "queued", "attempts": attempt - 1})
-            pipe.execute()
+        return [
+            self.pack(job_id, {"state": "queued", "attempts": attempt - 1})
+            for job_id, attempt, _, _ in jobs
+        ]
 
     def prefetched(self, job_id: str, redis_id: str) -> bool:
         """Whether ``begin`` for this job and broker message is already done."""
