@@ -16,8 +16,10 @@ def wire_enqueue(
     queue: str = "mail",
     actor: str = "deliver",
     kwargs: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> str:
-    """Enqueue the way the README tells non-Python producers to: plain Redis commands."""
+    """Enqueue the way the README tells non-Python producers to: plain Redis commands
+    (``options``: Dramatiq message options beside the required redis message id)."""
     redis_message_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     payload = json.dumps(
         {
@@ -25,7 +27,7 @@ def wire_enqueue(
             "actor_name": actor,
             "args": [],
             "kwargs": {"job": job} if kwargs is None else kwargs,
-            "options": {"redis_message_id": redis_message_id},
+            "options": {"redis_message_id": redis_message_id, **(options or {})},
             "message_id": job_id,
             "message_timestamp": int(time.time() * 1000),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,12 @@ __all__ = ["JobHandler"]
 
 log = structlog.get_logger("mailworker.job")
 
+# A bulk message that has run this long sends no more of its jobs: the rest go back to
+# the queue as single jobs. There is no other time limit: each step of a send is bounded
+# by its service's timeout, and cutting a send off (Dramatiq's TimeLimit raises into the
+# thread wherever it is) would leave its outcome unknown.
+BULK_TIME_LIMIT = 600.0
+
 
 @dataclass(slots=True)
 class _Ready:
@@ -49,6 +56,8 @@ class JobHandler:
         broker: where a job waiting for a budget is put back.
         draining: set when the worker stops: a bulk message hands its rest back.
         express: the single jobs running in this process, which bulk messages wait for.
+        bulk_time_limit: seconds a bulk message without a ``time_limit`` option may run
+            before the jobs it has not begun go back to the queue.
     """
 
     def __init__(
@@ -60,7 +69,9 @@ class JobHandler:
         broker: dramatiq.Broker,
         draining: threading.Event | None = None,
         express: Express | None = None,
+        bulk_time_limit: float = BULK_TIME_LIMIT,
     ) -> None:
+        self._bulk_time_limit = bulk_time_limit
         self._broker = broker
         self._draining = draining or threading.Event()
         self._express = express or Express()
@@ -147,7 +158,9 @@ class JobHandler:
         outcomes = dict(
             zip(
                 sending,
-                self._deliverer.deliver_many(parcels, stop=self._pausing()),
+                self._deliverer.deliver_many(
+                    parcels, stop=self._pausing(self._time_limit(message))
+                ),
                 strict=True,
             )
         )
@@ -198,23 +211,35 @@ class JobHandler:
                 )
         return usable
 
-    def _pausing(self) -> Callable[[], bool]:
+    def _pausing(self, time_limit: float) -> Callable[[], bool]:
         """For one bulk message, what to call before each of its messages: True when
-        the worker stops; first it waits while single jobs of this process run, up to
-        ``Express.limit`` in all (see ``worker.express``)."""
+        the worker stops or the message has run ``time_limit`` seconds (its jobs not yet
+        sent go back to the queue: a message once begun is never cut off mid-send); first
+        it waits while single jobs of this process run, up to ``Express.limit`` in all
+        (see ``worker.express``)."""
         budget = self._express.limit
+        deadline = time.monotonic() + time_limit
 
         def next_message() -> bool:
             nonlocal budget
             if self._draining.is_set():
                 return True
             budget -= self._express.wait(budget)
+            if time.monotonic() >= deadline:
+                return True
             return self._draining.is_set()
 
         return next_message
 
+    def _time_limit(self, message: dramatiq.Message[Any]) -> float:
+        """Seconds a bulk message may run: its ``time_limit`` option (ms) if it has
+        one, else the worker's (``BULK_TIME_LIMIT``)."""
+        limit = message.options.get("time_limit")
+        return limit / 1000 if limit else self._bulk_time_limit
+
     def _hand_back(self, items: list[Any], whole: Job) -> None:
-        """The worker is stopping: put the jobs not yet started back as single jobs."""
+        """The worker is stopping, or the bulk message ran out of time: put the jobs not
+        yet started back as single jobs."""
         for item in items:
             message = single_message(
                 item["id"], whole.queue, item.get("job"), whole.timestamp_ms
@@ -314,6 +339,9 @@ class JobHandler:
 
     def _finish(self, job: Job, ready: _Ready, outcome: Outcome) -> None:
         """Record what the attempt achieved and map it to sent, dead, wait or retry."""
+        if ready.start.previous_state == "sent" and not ready.parcel.recipients:
+            log.info("job_already_sent", job_id=job.id)  # redelivered after its record
+            return
         start, wanted, notification = (
             ready.start,
             ready.wanted,

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import dramatiq
 import redis
-from dramatiq.middleware import CurrentMessage, TimeLimit
+from dramatiq.middleware import CurrentMessage
 from pydantic import SecretStr
 
 from producers.enqueue import connect
@@ -38,8 +38,6 @@ __all__ = [
     "build_services",
     "secrets_of",
 ]  # build_services: re-export
-
-TIME_LIMIT_MS = 10 * 60 * 1000
 
 
 @dataclass
@@ -139,11 +137,10 @@ def build(
         # redeliveries for redelivery_limit) always takes a dead worker's jobs back first.
         heartbeat_timeout=int(policy.redelivery_timeout * 4000),
         middleware=[
-            TimeLimit(time_limit=TIME_LIMIT_MS),
             CurrentMessage(),
             LogContext(),
             ReliableRetries(
-                max_retries=policy.max_attempts,
+                max_attempts=policy.max_attempts,
                 min_backoff=int(policy.min_backoff * 1000),
                 max_backoff=int(policy.max_backoff * 1000),
             ),

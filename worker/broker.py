@@ -25,10 +25,11 @@ from dramatiq.message import Message
 from dramatiq.middleware import MiddlewareError
 
 from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
+from worker.clock import iso_millis
 from worker.deadletter import DeadLetters
 from worker.direct import DirectScript
 from worker.express import BulkSlots
-from worker.jobs import JOB_ID_RULE, is_job_id
+from worker.jobs import JOB_ID_RULE, is_job_id, single_message
 from worker.reliability import (
     attach_write,
     attached_enqueues,
@@ -599,9 +600,34 @@ class MailBroker(RedisBroker):
         )
 
 
+def _dead_jobs(message: MessageProxy, queue: str) -> list[tuple[str, bytes]]:
+    """(job id, dead-letter payload) for each job a message Dramatiq gives up on
+    carries: a bulk message's jobs each get their own, as the single job it would have
+    been (requeueable on its own; one already sent stays sent), any other message one
+    under its message id."""
+    data = message.asdict()
+    if data["actor_name"] == BATCH_ACTOR_NAME and isinstance(
+        data["kwargs"].get("jobs"), list
+    ):
+        items = {
+            item["id"]: item.get("job")
+            for item in data["kwargs"]["jobs"]
+            if isinstance(item, dict) and is_job_id(item.get("id"))
+        }
+        if items:
+            stamp = data["message_timestamp"]
+            return [
+                (job_id, orjson.dumps(single_message(job_id, queue, job, stamp)))
+                for job_id, job in items.items()
+            ]
+    data["options"] = {k: v for k, v in data["options"].items() if k != "traceback"}
+    return [(message.message_id, orjson.dumps(data))]
+
+
 class DeadLetterCapture(Middleware):
     """Keeps every message Dramatiq itself dead-letters (an unknown actor, an unexpected
-    exception after every retry) as one of our dead letters, with a status record.
+    exception after every retry) as our dead letters, with status records: one for
+    each job of a bulk message (a job already sent stays sent), else one.
 
     The record is written before Dramatiq's nack takes the message off its queue
     (``SafeConsumer.nack`` applies it with the message's other writes), so a worker that
@@ -622,21 +648,29 @@ class DeadLetterCapture(Middleware):
             if exc
             else "dead-lettered by Dramatiq",
         }
-        data = message.asdict()
-        data["options"] = {k: v for k, v in data["options"].items() if k != "traceback"}
-        packed = mail.dead_letters.status.pack(
-            message.message_id,
-            {
-                "id": message.message_id,
+        status = mail.dead_letters.status
+        queue = message.queue_name.removesuffix(".DQ")
+        attempts = int(message.options.get("retries") or 0)
+        for job_id, payload in _dead_jobs(message, queue):
+            fields: dict[str, Any] = {
+                "id": job_id,
                 "state": "dead",
                 "reason": reason,
                 "error": error,
-                "queue": message.queue_name.removesuffix(".DQ"),
-            },
-            event={"event": "dead", "reason": reason, "error": error},
-            dead_payload=orjson.dumps(data),
-        )
-        attach_write(message, packed)
+                "queue": queue,
+                "attempts": attempts,
+                "dead_at": iso_millis(),
+            }
+            event = {"attempt": attempts, "event": "dead", "reason": reason}
+            attach_write(
+                message,
+                status.pack(
+                    job_id,
+                    fields,
+                    event={**event, "error": error},
+                    dead_payload=payload,
+                ),
+            )
         vars(message)[_DEAD_PACKED] = (reason, error["message"])
 
     def after_nack(self, broker: Broker, message: MessageProxy) -> None:

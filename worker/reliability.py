@@ -135,15 +135,18 @@ class Heartbeat(Middleware):
 
 
 class ReliableRetries(Middleware):
-    """Retries a failed message with backoff, up to ``max_retries``, never losing it.
+    """Retries a failed message with backoff, up to ``max_attempts`` runs in all (the
+    actor's own rule for delivery failures), never losing it.
 
     The actor raises ``dramatiq.Retry`` with its own delay for every retry it wants; any
     other exception (a bug, Redis gone mid-job) is retried with exponential backoff. The
     delayed copy is enqueued by ``SafeConsumer.ack`` (see ``worker.broker``).
     """
 
-    def __init__(self, *, max_retries: int, min_backoff: int, max_backoff: int) -> None:
-        self.max_retries = max_retries
+    def __init__(
+        self, *, max_attempts: int, min_backoff: int, max_backoff: int
+    ) -> None:
+        self.max_attempts = max_attempts
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
 
@@ -170,7 +173,7 @@ class ReliableRetries(Middleware):
         retries = int(message.options.get("retries", 0))
         message.options["retries"] = retries + 1
         message.options["last_error"] = f"{type(exception).__name__}: {exception}"[:500]
-        if retries >= self.max_retries:
+        if retries + 1 >= self.max_attempts:  # that was the last attempt
             message.fail()
             return
         if isinstance(exception, Retry) and exception.delay is not None:

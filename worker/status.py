@@ -41,25 +41,29 @@ for _ = 1, count do
   local id, event, dead, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local key = ns .. ':job:' .. id
   i = i + 4
-  redis.call('HSET', key, unpack(ARGV, i, i + n - 1))
-  redis.call('EXPIRE', key, ttl)
+  local first, last = i, i + n - 1
   i = i + n
   local m = tonumber(ARGV[i])
   i = i + 1
-  if m > 0 then
-    redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
-    redis.call('EXPIRE', key .. ':accepted', ttl)
-    i = i + m
+  -- A job that was sent never dies (a bulk message Dramatiq gave up on after it).
+  if dead == '' or redis.call('HGET', key, 'state') ~= 'sent' then
+    redis.call('HSET', key, unpack(ARGV, first, last))
+    redis.call('EXPIRE', key, ttl)
+    if m > 0 then
+      redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
+      redis.call('EXPIRE', key .. ':accepted', ttl)
+    end
+    if event ~= '' then
+      redis.call('RPUSH', key .. ':history', event)
+      redis.call('EXPIRE', key .. ':history', ttl)
+    end
+    if dead ~= '' then
+      redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
+      redis.call('ZADD', ns .. ':dead', now, id)
+      redis.call('ZREMRANGEBYSCORE', ns .. ':dead', '-inf', now - tonumber(ttl) * 1000)
+    end
   end
-  if event ~= '' then
-    redis.call('RPUSH', key .. ':history', event)
-    redis.call('EXPIRE', key .. ':history', ttl)
-  end
-  if dead ~= '' then
-    redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
-    redis.call('ZADD', ns .. ':dead', now, id)
-    redis.call('ZREMRANGEBYSCORE', ns .. ':dead', '-inf', now - tonumber(ttl) * 1000)
-  end
+  i = i + m
 end
 if ARGV[i] then
   local queue, broker, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -72,8 +76,9 @@ return 1
 """
 
 # ARGV: namespace, ttl, now, then per job: job id, attempt, queue, redis message id.
-# Reads each job's earlier state and marker, then marks it `sending`. The jobs of a bulk
-# message share their broker message, whose redelivery count is read once.
+# Reads each job's earlier state and marker, then marks it `sending` (a job already
+# `sent` stays so: it is done). The jobs of a bulk message share their broker message,
+# whose redelivery count is read once.
 _BEGIN = """
 local ns, ttl, now = ARGV[1], ARGV[2], ARGV[3]
 local out, counts = {}, {}
@@ -84,9 +89,11 @@ for i = 4, #ARGV, 4 do
   if rid == '' then rid = '-' end
   if counts[rid] == nil then counts[rid] = redis.call('HGET', ns .. ':redeliveries', rid) end
   local accepted = redis.call('SMEMBERS', key .. ':accepted')
-  redis.call('HSET', key, 'id', id, 'state', 'sending', 'attempts', attempt, 'queue', queue,
-             'updated_at', now, 'reason', '', 'created_at', old[4] or now)
-  redis.call('EXPIRE', key, ttl)
+  if old[1] ~= 'sent' then
+    redis.call('HSET', key, 'id', id, 'state', 'sending', 'attempts', attempt,
+               'queue', queue, 'updated_at', now, 'reason', '', 'created_at', old[4] or now)
+    redis.call('EXPIRE', key, ttl)
+  end
   out[#out + 1] = {old[1], old[2], old[3], counts[rid], accepted}
 end
 return out
