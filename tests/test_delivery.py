@@ -5,10 +5,11 @@ from __future__ import annotations
 from email import message_from_bytes, policy
 
 import pytest
+import structlog.testing
 
 from producers import Notification, Producer
 from tests.conftest import free_port
-from tests.helpers import wire_enqueue
+from tests.helpers import wait_for, wire_enqueue
 
 NS_QUEUE = "mail"
 
@@ -53,6 +54,12 @@ def test_partial_refusal_sends_to_the_rest_and_records_the_refused(
     }
     refused = next(r for r in record["recipients"] if r["state"] == "refused")
     assert refused["code"] == 550 and "User unknown" in refused["message"]
+    # Partial at the top level: not a plain success
+    assert record["partial"] is True and record["reason"] == "partial"
+    assert record["counts"] == {"accepted": 1, "refused": 1, "deferred": 0}
+    assert record["error"]["type"] == "recipient_refused"
+    assert record["error"]["code"] == 550
+    assert record["error"]["message"].startswith("1 of 2 recipient(s) refused: 550")
 
 
 def test_every_recipient_refused_is_dead_lettered_at_once(
@@ -69,6 +76,8 @@ def test_every_recipient_refused_is_dead_lettered_at_once(
     assert record["reason"] == "permanent"
     assert record["attempts"] == 1
     assert _states(record) == {"gone@example.org": "refused"}
+    assert record["partial"] is False
+    assert record["counts"] == {"accepted": 0, "refused": 1, "deferred": 0}
     assert server.recorder.messages == []
     assert _dead_letters(redis_client, namespace) == 1
 
@@ -98,6 +107,9 @@ def test_deferred_recipient_is_retried_alone_and_accepted_ones_never_again(
         "busy@example.org": "deferred",
     }
     assert [h["event"] for h in record["history"]] == ["retrying", "dead"]
+    # Dead, but someone got it: partial at the top level
+    assert record["partial"] is True
+    assert record["counts"] == {"accepted": 1, "refused": 0, "deferred": 1}
 
 
 def test_transient_reply_is_retried_in_process(
@@ -187,6 +199,31 @@ def test_all_services_down_retries_then_dead_letters(
     assert record["error"]["service"] == "down"
     assert [h["event"] for h in record["history"]] == ["retrying", "dead"]
     assert _dead_letters(redis_client, namespace) == 1
+
+
+def test_jobs_that_fail_together_retry_spread_out(
+    smtp_server, make_settings, run_worker, redis_client
+):
+    """The first broker retry is jittered too (it was always exactly min_backoff, so
+    jobs that failed in one outage all came back in the same instant)."""
+    server = smtp_server()
+    server.recorder.data_replies = ["451 4.3.0 try again later"] * 12
+    settings = make_settings(
+        smtp=[server.smtp_section()],
+        breaker={"failures": 100},
+        retry={"min_backoff": "10s", "max_backoff": "1h", "transport_retries": 0},
+    )
+    app = run_worker(settings)
+    with structlog.testing.capture_logs() as logs:
+        ids = [
+            _enqueue(redis_client, settings, to=[f"u{i}@example.org"])
+            for i in range(12)
+        ]
+        wait_for(lambda: all(app.status.get(i)["state"] == "retrying" for i in ids))
+    delays = [e["delay_s"] for e in logs if e["event"] == "job_retry_scheduled"]
+    assert len(delays) == 12
+    assert all(10.0 <= d <= 15.0 for d in delays)
+    assert len(set(delays)) > 1
 
 
 def test_starttls_required_never_sends_in_plaintext(

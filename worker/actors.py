@@ -348,8 +348,13 @@ class JobHandler:
             ready.parcel.notification,
         )
         recipients = records.merge_recipients(start, wanted, outcome)
+        counts = records.counts(recipients)
         fields: dict[str, Any] = {
             "recipients": recipients,
+            "counts": counts,
+            # Some recipients have it, others not (refused, or not yet): never reads as
+            # a plain success or a plain failure.
+            "partial": 0 < counts["accepted"] < len(recipients),
             "skipped": outcome.skipped,
             "attempts": job.attempt,
             "metadata": notification.metadata,
@@ -367,8 +372,13 @@ class JobHandler:
         error = outcome.last_error.as_record() if outcome.last_error else None
         accepted = outcome.receipt.accepted
         if outcome.finished:
-            if any(r["state"] == "accepted" for r in recipients):
+            if counts["accepted"]:
                 fields.update(state="sent", reason="", error=None, next_attempt_at="")
+                if counts["refused"]:
+                    fields.update(
+                        reason="partial",
+                        error=records.refused_error(recipients, outcome.service),
+                    )
                 self._write(
                     job.id,
                     fields,
@@ -419,10 +429,11 @@ class JobHandler:
         if job.attempt >= policy.max_attempts:
             self._write(job.id, fields, accepted=accepted)
             self._dead(job, "retries_exhausted", fields["error"])
-        base = min(policy.max_backoff, policy.min_backoff * 2 ** (job.attempt - 1))
+        # Up to half again at random: jobs that failed together (an outage) come back
+        # spread out, never below min_backoff, never above max_backoff.
+        base = policy.min_backoff * 2 ** (job.attempt - 1)
         delay = max(
-            policy.min_backoff,
-            random.uniform(base / 2, base),
+            min(policy.max_backoff, random.uniform(base, 1.5 * base)),
             outcome.retry_after or 0.0,
         )
         if job.age + delay > policy.max_age:

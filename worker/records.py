@@ -7,7 +7,14 @@ from typing import Any
 from worker.delivery import Outcome
 from worker.status import JobStart
 
-__all__ = ["deferred_error", "error", "event", "merge_recipients"]
+__all__ = [
+    "counts",
+    "deferred_error",
+    "error",
+    "event",
+    "merge_recipients",
+    "refused_error",
+]
 
 
 def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -73,3 +80,29 @@ def merge_recipients(
                 {"address": address, "state": "deferred", "code": None, "message": ""}
             )
     return merged
+
+
+def counts(recipients: list[dict[str, Any]]) -> dict[str, int]:
+    """How many recipients were accepted, refused for good, and are still deferred: the
+    record's ``counts``, so that a job some but not all recipients got is seen at once."""
+    out = {"accepted": 0, "refused": 0, "deferred": 0}
+    for recipient in recipients:
+        state = recipient.get("state")
+        if state in out:
+            out[state] += 1
+    return out
+
+
+def refused_error(
+    recipients: list[dict[str, Any]], service: str | None
+) -> dict[str, Any]:
+    """The error of a job sent to some recipients while others were refused for good."""
+    refused = [r for r in recipients if r.get("state") == "refused"]
+    first = refused[0]
+    return {
+        "type": "recipient_refused",
+        "code": first.get("code"),
+        "service": service,
+        "message": f"{len(refused)} of {len(recipients)} recipient(s) refused: "
+        f"{first.get('message') or ''}".rstrip(": "),
+    }

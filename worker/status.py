@@ -25,7 +25,7 @@ __all__ = ["JobStart", "PackedWrite", "StatusStore", "message_id_of", "now_iso"]
 # One status write as ``StatusStore.pack`` prepares it.
 PackedWrite = list[EncodableT]
 
-_JSON_FIELDS = ("error", "recipients", "skipped", "metadata")
+_JSON_FIELDS = ("error", "recipients", "counts", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
@@ -352,6 +352,8 @@ def _decode(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
         "error": None,
         "reason": data.get("reason") or None,
         "recipients": [],
+        "counts": None,
+        "partial": data.get("partial") == "True",
         "skipped": [],
         "message_id": data.get("message_id") or None,
         "queue": data.get("queue") or None,
