@@ -10,13 +10,17 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+import redis
 
-from tests.conftest import write_toml
+from producers import Notification, Producer
+from tests.conftest import free_port, write_toml
 from tests.helpers import wait_for
+from tests.processes import WorkerProcess
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
@@ -188,6 +192,64 @@ def test_worker_refuses_a_bad_configuration_with_exit_2(tmp_path):
     )
     assert out.returncode == 2
     assert "smtp[x].prot" in out.stderr and "unknown key" in out.stderr
+
+
+@pytest.mark.slow
+def test_worker_takes_broker_url_and_logs_one_startup_line(
+    smtp_server, redis_url, namespace, tmp_path
+):
+    """`mailworker worker --broker-url` overrides the config's broker in every worker
+    process, and the main process logs one `worker_started` line: version, broker
+    (password masked), namespace, queues, services in delivery order, processes,
+    threads."""
+    # Given a config whose broker nothing answers, and a URL with a password on the CLI
+    server = smtp_server("plain")
+    config = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "broker_url": f"redis://127.0.0.1:{free_port()}/0",
+            "namespace": namespace,
+            "smtp": [
+                server.smtp_section("primary"),
+                server.smtp_section("spare", enabled=False),
+                server.smtp_section("backup"),
+            ],
+        },
+    )
+    url = redis_url.replace("redis://", "redis://:start-line-pw@", 1)
+    worker = WorkerProcess(
+        config,
+        tmp_path / "worker.log",
+        *("-p", "2", "-t", "3", "-Q", "high,normal", "--broker-url", url),
+    )
+    try:
+        # When a job is enqueued on the URL's broker
+        wait_for(
+            lambda: len(worker.events("Worker process is ready for action.")) == 2,
+            timeout=30,
+        )
+        [job] = Producer(
+            redis.Redis.from_url(redis_url), namespace=namespace
+        ).enqueue_many([Notification(to=["ops@example.org"], subject="s", text="t")])
+        # Then a worker process delivers it, and the startup line says what runs
+        wait_for(lambda: server.recorder.messages, timeout=30)
+    finally:
+        assert worker.stop() == 0
+    assert job.encode() in server.recorder.messages[0].data
+    [started] = worker.events("worker_started")
+    assert started["level"] == "info"
+    assert {k: v for k, v in started.items() if k not in ("level", "timestamp")} == {
+        "event": "worker_started",
+        "version": version("mailworker"),
+        "broker": redis_url.replace("redis://", "redis://:***@", 1),
+        "namespace": namespace,
+        "queues": ["mail-high", "mail"],
+        "services": ["primary", "backup"],
+        "processes": 2,
+        "threads": 3,
+        "shutdown_timeout": 20,
+    }
+    assert "start-line-pw" not in worker.log.read_text()
 
 
 @pytest.mark.slow

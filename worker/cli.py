@@ -32,6 +32,9 @@ from worker.render import render_config, render_status
 
 __all__ = ["main"]
 
+# The variable that overrides broker_url (settings.loading); the worker processes read it.
+BROKER_URL_ENV = "MAILWORKER_BROKER_URL"
+
 # The collector's thresholds in worker processes (see worker()).
 GC_THRESHOLD = (10_000, 10, 10)
 
@@ -189,31 +192,31 @@ def _queue_names(queues: tuple[str, ...]) -> list[str]:
         "workers at once; the poll catches retries coming due): latency vs Redis load."
     ),
 )
+@click.option(
+    "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
+)
 def worker(
     processes: int,
     threads: int,
     queues: tuple[str, ...],
     shutdown_timeout: int,
     poll_interval: int,
+    broker_url: str | None,
 ) -> None:
     """Run worker processes on the configured broker (Dramatiq's CLI underneath)."""
-    from worker.app import build_services
-
+    if broker_url:
+        # The worker processes load the configuration again, from the environment.
+        os.environ[BROKER_URL_ENV] = broker_url
     settings = _settings()
-    url = settings.broker_url.get_secret_value()
-    client = connect(url, ca_bundle=settings.broker_ca_bundle)
-    try:
-        build_services(settings, client)
-    except ConfigError as exc:
-        fail(EXIT_USAGE, f"configuration: {exc}")
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        fail(
-            EXIT_BROKER,
-            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
-        )
-    client.close()
+    names = _queue_names(queues)
+    _check_worker(settings)
+    _log_start(
+        settings,
+        queues=names or list(QUEUES.values()),
+        processes=processes,
+        threads=threads,
+        shutdown_timeout=shutdown_timeout,
+    )
     args = [
         "worker.entrypoint:broker",
         "--skip-logging",
@@ -224,7 +227,6 @@ def worker(
         "--worker-shutdown-timeout",
         str(shutdown_timeout * 1000),
     ]
-    names = _queue_names(queues)
     if names:
         args += ["-Q", *names]
     # An idle consumer polls Redis at most this often (ms): pickup latency against Redis
@@ -247,6 +249,60 @@ def worker(
     gc.set_threshold(*GC_THRESHOLD)
     parser = dramatiq.cli.make_argument_parser()  # type: ignore[no-untyped-call]
     sys.exit(dramatiq.cli.main(parser.parse_args(args)))  # type: ignore[no-untyped-call]
+
+
+def _check_worker(settings: Settings) -> None:
+    """Exit 2 on a configuration the worker cannot run, 4 when the broker is away."""
+    from worker.app import build_services
+
+    url = settings.broker_url.get_secret_value()
+    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    try:
+        build_services(settings, client)
+    except ConfigError as exc:
+        fail(EXIT_USAGE, f"configuration: {exc}")
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        fail(
+            EXIT_BROKER,
+            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
+        )
+    client.close()
+
+
+def _log_start(
+    settings: Settings,
+    *,
+    queues: list[str],
+    processes: int,
+    threads: int,
+    shutdown_timeout: int,
+) -> None:
+    """Configure this (the main) process's logging and write the ``worker_started`` line."""
+    from importlib.metadata import version
+
+    import structlog
+
+    from worker.app import secrets_of
+    from worker.logging import configure
+
+    configure(
+        log_format=settings.log_format,
+        log_recipients=settings.log_recipients,
+        secrets=secrets_of(settings),  # readable: _check_worker built the services
+    )
+    structlog.get_logger("mailworker.worker").info(
+        "worker_started",
+        version=version("mailworker"),
+        broker=public_url(settings.broker_url.get_secret_value()),
+        namespace=settings.namespace,
+        queues=queues,
+        services=settings.delivery_order,
+        processes=processes,
+        threads=threads,
+        shutdown_timeout=shutdown_timeout,
+    )
 
 
 @main.command()
