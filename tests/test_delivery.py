@@ -272,13 +272,21 @@ def test_verification_opt_out_is_per_connection(
 def test_wrong_password_is_unavailable(
     smtp_server, make_settings, run_worker, redis_client, ca_file
 ):
-    """AUTH 535 marks the connection unavailable; the password never reaches the record."""
+    """AUTH 535 marks the connection unavailable; the password never reaches the record;
+    one error-level line says the service cannot authenticate, however many jobs fail."""
     server = smtp_server("starttls", auth=True)
     section = server.smtp_section(ca_bundle=str(ca_file), password="wrong-password-123")
     settings = make_settings(smtp=[section], retry={"max_attempts": 1})
     app = run_worker(settings)
-    job_id = _enqueue(redis_client, settings, to=["ok@example.org"])
-    app.broker.join(NS_QUEUE, timeout=10_000)
+    with structlog.testing.capture_logs() as logs:
+        job_id = _enqueue(redis_client, settings, to=["ok@example.org"])
+        _enqueue(redis_client, settings, to=["other@example.org"])
+        app.broker.join(NS_QUEUE, timeout=10_000)
+    said = [e for e in logs if e["event"] == "service_cannot_authenticate"]
+    assert [(e["service"], e["log_level"], e["code"]) for e in said] == [
+        ("primary", "error", 535)
+    ]
+    assert "wrong-password-123" not in str(logs)
     record = app.status.get(job_id)
     assert record["error"]["type"] == "unavailable"
     assert record["error"]["code"] == 535

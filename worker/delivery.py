@@ -138,6 +138,8 @@ class Deliverer:
         self._backoff = backoff
         self._sleep = sleep
         self._breaker = breaker
+        # Services whose credentials were refused, said once at error level each.
+        self._refused: set[str] = set()
         # Shared by all threads: tenacity keeps each call's state in thread-local storage.
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientDeliveryError),
@@ -291,6 +293,9 @@ class Deliverer:
                 continue
             if self._breaker is not None:
                 self._breaker.success(service.name)
+            if self._refused and service.name in self._refused:
+                self._refused.discard(service.name)
+                log.warning("service_authenticated", service=service.name)
             outcome.service = service.name
             outcome.message_id = message_id(parcel.job_id, service.from_box.address)
             outcome.receipt = receipt
@@ -338,6 +343,15 @@ class Deliverer:
                 self._breaker.failure(service.name, hold=_quota_hold(exc))
         if isinstance(exc, TransientDeliveryError) and exc.retry_after is not None:
             outcome.retry_after = max(outcome.retry_after or 0.0, exc.retry_after)
+        if getattr(exc, "auth", False) and service.name not in self._refused:
+            self._refused.add(service.name)
+            log.error(
+                "service_cannot_authenticate",
+                service=service.name,
+                code=exc.code,
+                error=str(exc),
+                note="every job it takes fails until its credentials are mended",
+            )
         log.warning(
             "transport_failed_over" if not last else "transport_failed",
             service=service.name,

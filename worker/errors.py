@@ -73,9 +73,17 @@ class MessageRefusedError(DeliveryError):
 
 
 class TransportUnavailableError(DeliveryError):
-    """The service cannot be used now (connect, TLS, AUTH): try the next at once."""
+    """The service cannot be used now (connect, TLS, AUTH): try the next at once.
+    ``auth``: its credentials were refused (AUTH 535, a token request refused for the
+    client, Graph 401/403): nothing will go through it until someone mends them."""
 
     kind = "unavailable"
+
+    def __init__(
+        self, message: str, *, service: str, code: int | None = None, auth: bool = False
+    ) -> None:
+        super().__init__(message, service=service, code=code)
+        self.auth = auth
 
 
 class TransientDeliveryError(DeliveryError):

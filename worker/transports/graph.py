@@ -186,7 +186,9 @@ class GraphTransport:
                 detail, service=name, code=status, retry_after=_retry_after(response)
             )
         if status in (401, 403, 404):
-            return TransportUnavailableError(detail, service=name, code=status)
+            return TransportUnavailableError(
+                detail, service=name, code=status, auth=status in (401, 403)
+            )
         if status == 400 and code in (
             "ErrorInvalidRecipients",
             "ErrorRecipientNotFound",

@@ -182,7 +182,9 @@ def _token_error(result: dict[str, Any], *, service: str, tenant: str) -> Delive
     message = f"token request for tenant {tenant} failed: {error}{code}: {first}"
     if error in _RETRYABLE:
         return TransientDeliveryError(message, service=service)
-    return TransportUnavailableError(message, service=service)
+    return TransportUnavailableError(
+        message, service=service, auth=_is_credential_error(result)
+    )
 
 
 @contextmanager

@@ -81,6 +81,7 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
             f"authentication failed at {where}: {_reply(exc.smtp_code, exc.smtp_error)}",
             service=name,
             code=exc.smtp_code,
+            auth=True,
         ) from exc
     except ssl.SSLCertVerificationError as exc:
         raise TransportUnavailableError(
