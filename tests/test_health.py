@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,36 @@ def test_bad_max_age_and_password_in_url(redis_url, namespace, tmp_path, smtp_se
     )
     assert done.returncode == 4
     assert "hunter2-secret" not in done.stdout + done.stderr
+
+
+def test_a_beat_records_its_process_and_forgets_dead_ones(make_settings, redis_client):
+    """Each heartbeat writes the process's line into its host's record and drops lines
+    silent for four redelivery timeouts; the record expires a day after the last beat."""
+    from worker.app import build
+    from worker.reliability import HOST_RECORD_TTL, Heartbeat, host_beats, host_key
+
+    settings = make_settings(
+        smtp=[
+            {
+                "name": "x",
+                "from_address": "a@example.org",
+                "server": "127.0.0.1",
+                "port": 25,
+            }
+        ]
+    )
+    app = build(settings, client=redis_client)
+    try:
+        key = host_key(settings.namespace, "node-1")
+        # Given the line of a process that died ten minutes ago
+        stale = int((time.time() - 600) * 1000)
+        redis_client.hset(key, "dead-broker", f"{stale} 4711")
+        # When a live process on the same host beats (redelivery_timeout 15 s)
+        Heartbeat(timeout=15, ttl=60, host="node-1").beat(app.broker)
+        # Then only the live one is left, with this process's pid, and the record expires
+        (beat,) = host_beats(redis_client, settings.namespace, "node-1")
+        assert beat.broker_id == app.broker.broker_id and beat.pid == os.getpid()
+        assert 0 <= beat.age < 15
+        assert 0 < redis_client.ttl(key) <= HOST_RECORD_TTL
+    finally:
+        app.close()
