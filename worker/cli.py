@@ -436,3 +436,104 @@ def config_check() -> None:
     path = config_path()
     click.echo(f"# configuration: {path if path else '(no file: defaults)'}")
     click.echo("\n".join(render_config(settings)))
+
+
+# ---------------------------------------------------------------- health
+
+
+@main.command()
+@click.option(
+    "--max-age",
+    help=(
+        "Oldest heartbeat that counts as alive, e.g. 15s "
+        "(default: retry.redelivery_timeout, when other workers take a process's jobs)."
+    ),
+)
+@click.option(
+    "--min-processes",
+    type=click.IntRange(1, 4096),
+    default=1,
+    show_default=True,
+    help="Worker processes that must beat on this host (the worker's --processes).",
+)
+@click.option(
+    "--host",
+    help="Whose worker processes to check (default: this host's name, the pod's on Kubernetes).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 60),
+    default=3.0,
+    show_default=True,
+    help="Seconds the broker gets to answer.",
+)
+@click.option(
+    "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def health(
+    max_age: str | None,
+    min_processes: int,
+    host: str | None,
+    timeout: float,
+    broker_url: str | None,
+    as_json: bool,
+) -> None:
+    """Exit 0 when the broker answers and this host's worker processes beat lately.
+
+    For liveness and readiness probes and service monitors: 1 when fewer than
+    --min-processes worker processes on the host beat within --max-age (none running,
+    killed, frozen, or cut off from the broker), 2 on a configuration error, 4 when the
+    broker does not answer.
+    """
+    import socket
+
+    from settings.durations import parse_duration
+    from worker.reliability import check_host
+
+    settings = _settings()
+    try:
+        limit = (
+            settings.retry.redelivery_timeout
+            if max_age is None
+            else parse_duration(max_age)
+        )
+    except ValueError:
+        fail(EXIT_USAGE, f"--max-age: {max_age!r} is not a duration (15s, 1m)")
+    url = broker_url or settings.broker_url.get_secret_value()
+    # Bounded by --timeout, not connect()'s 5 s and 10 s: a probe has its own timeout.
+    options: dict[str, object] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+    }
+    if settings.broker_ca_bundle is not None and url.startswith("rediss://"):
+        options["ssl_ca_certs"] = str(settings.broker_ca_bundle)
+    client = redis.Redis.from_url(url, **options)
+    try:
+        found = check_host(
+            client,
+            settings.namespace,
+            host or socket.gethostname(),
+            max_age=limit,
+            min_processes=min_processes,
+        )
+    except redis.RedisError as exc:
+        fail(
+            EXIT_BROKER,
+            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
+        )
+    finally:
+        client.close()
+    if as_json:
+        report = found.as_dict(broker=public_url(url), namespace=settings.namespace)
+        click.echo(orjson.dumps(report).decode())
+    else:
+        click.echo("\n".join(found.lines(broker=public_url(url))))
+    if not found.healthy:
+        fail(
+            EXIT_FAILED,
+            f"unhealthy: {len(found.alive)} of {min_processes} worker process(es) on "
+            f"{found.host} beat within {limit:g}s (namespace {settings.namespace})",
+        )
+    if not as_json:
+        click.echo(f"healthy: {len(found.alive)} worker process(es) on {found.host}")

@@ -4,6 +4,8 @@
   marks the process alive and re-queues the unacknowledged messages of processes whose
   heartbeat stopped (``retry.redelivery_timeout``), counting each redelivery. Dramatiq
   alone does this only after 60 s plus a random maintenance pass (minutes to half an hour).
+  Each beat is also recorded under the host's name (``host_key``), which is what
+  ``host_beats`` and ``mailworker health`` read: a broker id does not say where it runs.
 - ``ReliableRetries``: Dramatiq's retry, but the delayed copy is enqueued when the message
   is acknowledged, inside Dramatiq's ack loop: if Redis is unreachable the original is
   not acknowledged and the operation is tried again until it succeeds (Dramatiq's own
@@ -12,8 +14,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -22,13 +27,19 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import compute_backoff, dq_name
 
 __all__ = [
+    "HOST_RECORD_TTL",
     "Heartbeat",
+    "HostHealth",
+    "ProcessBeat",
     "ReliableRetries",
     "attach_enqueue",
     "attach_write",
     "attached_enqueues",
     "attached_writes",
+    "check_host",
     "clear_writes",
+    "host_beats",
+    "host_key",
     "pending_retry",
     "redeliveries_key",
     "set_pending_retry",
@@ -69,6 +80,138 @@ return moved
 """
 
 
+# How long a host's record outlives the last beat of any process on it (seconds): long
+# enough for people to see when a host stopped, short enough that the records of pods
+# that came and went do not pile up.
+HOST_RECORD_TTL = 86400
+
+# KEYS: none (names derived from the namespace, as _REAP does).
+# ARGV: namespace, host, own broker id, now (ms), pid, forget after (ms), record ttl (s)
+# Dramatiq's heartbeat, then this process's line in its host's record; lines of processes
+# silent for longer than "forget after" (dead ones) are dropped.
+_BEAT = """
+local ns, host, me, now, forget = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6])
+redis.call('ZADD', ns .. ':__heartbeats__', now, me)
+local key = ns .. ':hosts:' .. host
+redis.call('HSET', key, me, now .. ' ' .. ARGV[5])
+local lines = redis.call('HGETALL', key)
+for i = 1, #lines, 2 do
+  local at = tonumber(string.match(lines[i + 1], '^%d+'))
+  if at == nil or at < now - forget then redis.call('HDEL', key, lines[i]) end
+end
+redis.call('EXPIRE', key, ARGV[7])
+return 1
+"""
+
+
+def host_key(namespace: str, host: str) -> str:
+    """The hash of broker id → ``"{last beat, ms} {pid}"`` of the worker processes that
+    run on ``host`` (its name, ``socket.gethostname()``: the pod's name on Kubernetes)."""
+    return f"{namespace}:hosts:{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessBeat:
+    """The last heartbeat of one worker process on a host."""
+
+    broker_id: str
+    pid: int
+    age: float  # seconds since the beat; negative if the clock went back
+
+
+def host_beats(
+    client: Any, namespace: str, host: str, *, now: float | None = None
+) -> list[ProcessBeat]:
+    """The processes that beat on ``host`` lately (dead ones are forgotten after four
+    ``redelivery_timeout``), freshest first. The ages are measured with this machine's
+    clock, so read them on the host itself: its workers beat with the same clock.
+
+    Raises:
+        redis.RedisError: the broker cannot be read.
+    """
+    now = time.time() if now is None else now
+    beats = []
+    for field, value in client.hgetall(host_key(namespace, host)).items():
+        at, _, pid = value.decode(errors="replace").partition(" ")
+        if not at.isdigit():
+            continue  # not a line a heartbeat wrote
+        beats.append(
+            ProcessBeat(
+                broker_id=field.decode(errors="replace"),
+                pid=int(pid) if pid.isdigit() else 0,
+                age=now - int(at) / 1000,
+            )
+        )
+    return sorted(beats, key=lambda beat: beat.age)
+
+
+@dataclass(frozen=True, slots=True)
+class HostHealth:
+    """What ``mailworker health`` found: the broker's answer and a host's heartbeats."""
+
+    host: str
+    latency: float  # seconds the broker took to answer a PING
+    beats: list[ProcessBeat]
+    max_age: float
+    min_processes: int
+
+    @property
+    def alive(self) -> list[ProcessBeat]:
+        """The processes that beat within ``max_age``."""
+        return [beat for beat in self.beats if beat.age <= self.max_age]
+
+    @property
+    def healthy(self) -> bool:
+        """At least ``min_processes`` processes on the host are alive."""
+        return len(self.alive) >= self.min_processes
+
+    def as_dict(self, *, broker: str, namespace: str) -> dict[str, Any]:
+        """The findings as ``mailworker health --json`` prints them."""
+        return {
+            "healthy": self.healthy,
+            "broker": broker,
+            "broker_latency_ms": round(self.latency * 1000, 1),
+            "namespace": namespace,
+            "host": self.host,
+            "max_age": self.max_age,
+            "min_processes": self.min_processes,
+            "processes": [
+                {"pid": b.pid, "broker_id": b.broker_id, "age": round(b.age, 1)}
+                for b in self.beats
+            ],
+        }
+
+    def lines(self, *, broker: str) -> list[str]:
+        """The findings for people: the broker's answer, then one line a process."""
+        lines = [f"broker {broker}: answers ({self.latency * 1000:.1f} ms)"]
+        for beat in self.beats:
+            verdict = "alive" if beat.age <= self.max_age else "silent"
+            lines.append(
+                f"pid {beat.pid}: last heartbeat {beat.age:.1f}s ago, {verdict}"
+            )
+        return lines
+
+
+def check_host(
+    client: Any, namespace: str, host: str, *, max_age: float, min_processes: int
+) -> HostHealth:
+    """Ping the broker, then read ``host``'s heartbeats.
+
+    Raises:
+        redis.RedisError: the broker does not answer.
+    """
+    started = time.monotonic()
+    client.ping()
+    latency = time.monotonic() - started
+    return HostHealth(
+        host=host,
+        latency=latency,
+        beats=host_beats(client, namespace, host),
+        max_age=max_age,
+        min_processes=min_processes,
+    )
+
+
 def redeliveries_key(namespace: str) -> str:
     """The hash of redis message id → times it was taken back from a dead worker."""
     return f"{namespace}:redeliveries"
@@ -80,14 +223,21 @@ class Heartbeat(Middleware):
     Args:
         timeout: seconds without a heartbeat after which a process counts as dead.
         ttl: how long redelivery counts are kept (``status.ttl``).
+        host: the name its beats are recorded under (default: ``socket.gethostname()``).
     """
 
-    def __init__(self, *, timeout: float, ttl: float) -> None:
+    def __init__(self, *, timeout: float, ttl: float, host: str | None = None) -> None:
         self.timeout = timeout
         self.interval = max(0.2, timeout / 5)
         self._ttl = int(ttl)
+        self._host = host
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        """The host name this process's beats are recorded under."""
+        return self._host or socket.gethostname()
 
     def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
         self._stop.clear()
@@ -102,12 +252,30 @@ class Heartbeat(Middleware):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.leave(broker)
+
+    def leave(self, broker: Any) -> None:
+        """Take this process out of its host's record: it no longer works there."""
+        try:
+            broker.client.hdel(host_key(broker.namespace, self.host), broker.broker_id)
+        except Exception as exc:  # Redis away: the line is forgotten as it ages
+            log.warning("heartbeat_record_not_removed", error_type=type(exc).__name__)
 
     def beat(self, broker: Any) -> int:
         """One heartbeat and one reaping pass; return how many messages were taken back."""
         now = int(time.time() * 1000)
         client = broker.client
-        client.zadd(f"{broker.namespace}:__heartbeats__", {broker.broker_id: now})
+        client.eval(
+            _BEAT,
+            0,
+            broker.namespace,
+            self.host,
+            broker.broker_id,
+            now,
+            os.getpid(),
+            int(self.timeout * 4000),
+            HOST_RECORD_TTL,
+        )
         queues = sorted({*broker.queues, *(dq_name(q) for q in broker.queues)})
         moved = int(
             client.eval(
