@@ -27,7 +27,7 @@ from worker.errors import (
     TransientDeliveryError,
 )
 from worker.limits import Breaker
-from worker.message import message_id, render, render_body
+from worker.message import Mime, message_id, render_body, render_message
 from worker.transports.base import OutgoingMessage, Receipt, Sent, Transport
 
 __all__ = ["Deliverer", "Outcome", "Parcel", "Service"]
@@ -44,9 +44,9 @@ class Parcel:
     notification: Notification
     recipients: tuple[str, ...]
     extra_headers: dict[str, str] | None = None
-    _body: bytes | None = None
+    _body: Mime | None = None
 
-    def body(self) -> bytes:
+    def body(self) -> Mime:
         """The MIME body, written once for every service that needs it."""
         if self._body is None:
             self._body = render_body(self.notification)
@@ -273,9 +273,9 @@ class Deliverer:
 
     @staticmethod
     def _message(service: Service, parcel: Parcel) -> OutgoingMessage:
-        data = b""
+        data: bytes | Mime = b""
         if getattr(service.transport, "needs_mime", True):
-            data = render(
+            data = render_message(
                 parcel.notification,
                 job_id=parcel.job_id,
                 from_box=service.from_box,
