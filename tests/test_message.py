@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import random
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -434,7 +435,7 @@ def test_render_body_starts_with_its_content_headers():
     head, _, payload = bytes(body).partition(b"\r\n\r\n")
     names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")]
     assert names == [b"content-type", b"content-transfer-encoding"]
-    assert base64.b64decode(payload) == b"Hello"
+    assert payload == b"Hello\r\n"
 
 
 def test_iso_micros_writes_utc_with_microseconds():
@@ -445,6 +446,89 @@ def test_iso_micros_writes_utc_with_microseconds():
     parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     # truncated to microseconds (datetime.now rounds: allow one)
     assert before - timedelta(microseconds=1) <= parsed <= after
+
+
+# ---------------------------------------------------------------- transfer encodings
+
+
+def _encodings(data: bytes) -> list[str]:
+    return [
+        str(part["Content-Transfer-Encoding"])
+        for part in _parse(data).walk()
+        if part.get_content_maintype() == "text"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        ("Hello Ann,\nplease approve task 42.\n", "7bit"),
+        ("Windows\r\nline ends\r\nand old Mac\rones\n", "7bit"),
+        (".\n..\n.hidden\nfinal .\n", "7bit"),
+        ("one long line " * 100, "quoted-printable"),  # 1,400 characters
+        ("x" * 998 + "\n" + "y" * 10, "7bit"),
+        ("x" * 999, "quoted-printable"),
+        ("Grüße aus Köln,\nbitte genehmigen.\n", "quoted-printable"),
+        ("a boundary-like =_ mark\n", "quoted-printable"),
+        ("a NUL \x00 byte\n", "quoted-printable"),
+        ("trailing space \nand tab\t\n", "7bit"),
+        ("日本語のテキストです。\n" * 5, "base64"),
+        ("Ελληνικά κείμενα\n", "base64"),
+    ],
+    ids=[
+        "ascii",
+        "mixed-line-ends",
+        "leading-dots",
+        "long-ascii-line",
+        "998-characters",
+        "999-characters",
+        "mostly-ascii",
+        "boundary-mark",
+        "nul",
+        "trailing-space",
+        "japanese",
+        "greek",
+    ],
+)
+def test_text_goes_in_the_lightest_safe_encoding(text, encoding):
+    """Text is 7bit when it is ASCII in short lines, quoted-printable when mostly ASCII,
+    base64 otherwise; every shape parses back to the text, with CRLF line ends."""
+    canonical = text.replace("\r\n", "\n").replace("\r", "\n")
+    for job in (_job(text=text), _job(text=text, html=f"<pre>{text}</pre>")):
+        data = _render(job)
+        _assert_wire_form(data)
+        assert data.isascii()
+        assert _encodings(data)[0] == encoding
+        assert _body(_parse(data), "plain").rstrip("\n") == canonical.rstrip("\n")
+
+
+def test_random_ascii_texts_round_trip_in_every_encoding():
+    """Seeded random texts of '=', blanks, dots, tabs and long lines (the quoted-printable
+    writer's hard cases) parse back to the text, in lines of at most 76 characters when
+    quoted-printable."""
+    rng = random.Random(2920)
+    alphabets = [
+        "ab= \t\n.=_" + "x" * 5,
+        "ab= \t.=_" + "x" * 200,
+    ]  # the second: long lines
+    for _ in range(300):
+        alphabet = rng.choice(alphabets)
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 2500)))
+        text = text if text.strip() else "x"
+        data = _render(_job(text=text, html="<p>x</p>"))
+        _assert_wire_form(data)
+        assert _body(_parse(data), "plain") == text
+        if _encodings(data)[0] == "quoted-printable":
+            body = data.split(b"quoted-printable\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0]
+            assert max(map(len, body.split(b"\r\n"))) <= 76
+
+
+def test_text_in_multipart_keeps_its_last_line_end():
+    """In a multipart message a text part comes back exactly, with or without a final
+    line end (the CRLF before a boundary belongs to the boundary)."""
+    for text in ("no final newline", "one final newline\n", "two\n\n"):
+        job = _job(text=text, html="<p>x</p>")
+        assert _body(_parse(_render(job)), "plain") == text
 
 
 # ---------------------------------------------------------------- large attachments
