@@ -320,6 +320,11 @@ class JobHandler:
             ready.parcel.notification,
         )
         recipients = records.merge_recipients(start, wanted, outcome)
+        if outcome.in_doubt:  # before the attempt's own entry, in its own round trip
+            doubts = records.in_doubt_events(job.attempt, outcome)
+            self._status.write_many(
+                [self._status.pack(job.id, {}, event=e) for e in doubts]
+            )
         fields: dict[str, Any] = {
             "recipients": recipients,
             "skipped": outcome.skipped,

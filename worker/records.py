@@ -7,7 +7,7 @@ from typing import Any
 from worker.delivery import Outcome
 from worker.status import JobStart
 
-__all__ = ["deferred_error", "error", "event", "merge_recipients"]
+__all__ = ["deferred_error", "error", "event", "in_doubt_events", "merge_recipients"]
 
 
 def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -39,6 +39,14 @@ def event(attempt: int, name: str, outcome: Outcome) -> dict[str, Any]:
     if outcome.skipped:
         entry["skipped"] = outcome.skipped
     return entry
+
+
+def in_doubt_events(attempt: int, outcome: Outcome) -> list[dict[str, Any]]:
+    """History entries for the tries of this attempt whose reply to the final dot was
+    lost: the server may have delivered what was sent again after them."""
+    return [
+        {"attempt": attempt, "event": "in_doubt", **doubt} for doubt in outcome.in_doubt
+    ]
 
 
 def merge_recipients(

@@ -38,6 +38,9 @@ Content = bytes | Mime  # a message as one bytes object or rendered in pieces
 Envelope = tuple[str, tuple[str, ...], Content]  # sender, recipients, message
 _CRLF = b"\r\n"
 _WRITE = 64 * 1024  # a message goes out in writes of at least this size
+# The step named when the reply to a message's final dot is lost: the server read the
+# whole message and may have taken it (RFC 5321 6.1).
+_FINAL_REPLY = "the reply to the final dot (the message may have been delivered)"
 _LOCAL_HOSTNAME = socket.gethostname() or "localhost"
 _QUOTA = (
     "5.2.0",
@@ -359,7 +362,8 @@ class SmtpClient:
         Raises:
             MessageRefusedError: the sender or the message was refused for good.
             TransportUnavailableError: a quota reply (5.2.0).
-            TransientDeliveryError: a 4xx reply, a timeout or a lost connection.
+            TransientDeliveryError: a 4xx reply, a timeout or a lost connection;
+                ``in_doubt`` when it came after the whole message was written.
         """
         smtp = self._smtp
         assert smtp is not None, "open() first"
@@ -406,7 +410,7 @@ class SmtpClient:
                 raise refusal
             return refusal  # nothing accepted: the per-recipient replies say why
         _write_content(smtp, data)
-        code, text = smtp.getreply()
+        code, text = self._final_reply(smtp)
         if code != 250:
             self._quiet_rset(smtp)
             raise _classify(
@@ -470,7 +474,9 @@ class SmtpClient:
         except DeliveryError as exc:
             self.broken = True
             if flight is not None and flight[0] >= 0:
-                results[flight[0]] = exc  # its content went out: in doubt
+                # Its content went out, or part of it: the error says whether the whole
+                # message was written (``in_doubt``).
+                results[flight[0]] = exc
         return results
 
     @staticmethod
@@ -512,7 +518,7 @@ class SmtpClient:
         if index < 0:
             smtp.getreply()
             return
-        code, text = smtp.getreply()
+        code, text = self._final_reply(smtp)
         if code != 250:
             results[index] = _classify(
                 code, _reply(code, text), self.conn.name, "message refused after DATA"
@@ -520,6 +526,16 @@ class SmtpClient:
             return
         receipt.response = _reply(code, text)
         results[index] = receipt
+
+    def _final_reply(self, smtp: smtplib.SMTP) -> tuple[int, bytes]:
+        """The reply to a message's final dot. A timeout or a lost connection now is
+        the in-doubt case of RFC 5321 6.1: the error says so (``in_doubt``)."""
+        try:
+            with map_errors(self.conn, _FINAL_REPLY):
+                return smtp.getreply()
+        except TransientDeliveryError as exc:
+            exc.in_doubt = True
+            raise
 
     def _expect(self, smtp: smtplib.SMTP, wanted: int, what: str) -> None:
         code, text = smtp.getreply()
