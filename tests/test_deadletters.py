@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -180,6 +182,60 @@ def test_requeue_refuses_an_invalid_job_and_all_honours_filters(
     app.broker.join("mail", timeout=10_000)
     assert app.status.get(job_id)["state"] == "sent"
     assert _cli(config, "dead", "requeue", "no-such-id").returncode in (1, 3)
+
+
+def test_an_oversized_job_is_kept_without_its_content(
+    smtp_server, make_settings, run_worker, redis_client, namespace, tmp_path, redis_url
+):
+    """A job refused as larger than limits.max_message_bytes keeps, as a dead letter,
+    its envelope and fields and each attachment's name, type, size and sha256, but not
+    the content, and says so; `dead requeue` refuses it rather than send it truncated."""
+    # Given a worker whose messages may be at most 100,000 bytes
+    server = smtp_server()
+    section = server.smtp_section()
+    limits = {"max_message_bytes": 100_000}
+    app = run_worker(make_settings(smtp=[section], limits=limits))
+    config = write_toml(
+        tmp_path / "cli.toml",
+        {"broker_url": redis_url, "namespace": namespace, "limits": limits},
+    )
+    # When a job 4 times larger is enqueued in the wire format (no producer check)
+    content = bytes(range(256)) * 1600  # 400 KiB
+    job = {
+        "to": ["ann@example.org"],
+        "subject": "Too large",
+        "text": "See the attachment.",
+        "attachments": [
+            {
+                "filename": "big.bin",
+                "content_type": "application/octet-stream",
+                "content": base64.b64encode(content).decode(),
+            }
+        ],
+    }
+    job_id = wire_enqueue(redis_client, namespace, job)
+    app.broker.join("mail", timeout=10_000)
+    # Then it is dead, and its dead letter is small
+    assert app.status.get(job_id)["reason"] == "validation"
+    assert redis_client.strlen(f"{namespace}:dead:{job_id}") < 5_000
+    shown = json.loads(_cli(config, "dead", "show", job_id, "--json").stdout)
+    message = shown["message"]
+    assert "max_message_bytes (100000)" in message["content_dropped"]
+    assert message["job"]["subject"] == "Too large"
+    [attachment] = message["job"]["attachments"]
+    assert attachment == {
+        "filename": "big.bin",
+        "content_type": "application/octet-stream",
+        "content": "dropped",
+        "size": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+    }
+    # And requeue refuses it with the reason, leaving it dead
+    out = _cli(config, "dead", "requeue", job_id)
+    assert out.returncode == 1
+    assert "without its content" in out.stderr and "anew" in out.stderr
+    assert app.status.get(job_id)["state"] == "dead"
+    assert server.recorder.messages == []
 
 
 def test_purge_one_and_all_with_confirmation(scenario, redis_client, namespace):

@@ -18,6 +18,7 @@ from producers.job import Notification, parse_job
 from producers.keys import ACTOR_NAME
 from settings import JobValidationError, Settings
 from worker import records
+from worker.deadletter import content_size
 from worker.delivery import Deliverer, Outcome, Parcel
 from worker.express import Express
 from worker.jobs import JOB_ID_RULE, DeadLetterError, Job, is_job_id, single_message
@@ -298,8 +299,14 @@ class JobHandler:
         )
 
     def _validate(self, data: Any) -> Notification:
-        notification = parse_job(data)
         limits = self._settings.limits
+        if isinstance(data, dict) and content_size(data) > limits.max_message_bytes:
+            # Surely too large: refused before its attachments are decoded (a copy of
+            # each, and its base64 text again on the way).
+            raise JobValidationError(
+                "attachments", "larger than limits.max_message_bytes"
+            )
+        notification = parse_job(data)
         count = len(notification.to) + len(notification.cc) + len(notification.bcc)
         if count > limits.max_recipients:
             raise JobValidationError(
@@ -476,7 +483,7 @@ class JobHandler:
                 "reason": reason,
                 "error": error,
             },
-            dead_payload=job.payload(),
+            dead_payload=job.payload(self._settings.limits),
         )
         log.error(
             "job_dead_lettered",
