@@ -184,6 +184,44 @@ def test_requeue_refuses_an_invalid_job_and_all_honours_filters(
     assert _cli(config, "dead", "requeue", "no-such-id").returncode in (1, 3)
 
 
+def test_list_names_the_service_that_refused_every_recipient(
+    scenario, redis_client, namespace
+):
+    """A job dead because the service refused every recipient names that service and
+    the code: `dead list --service primary` finds it, and the table has a header row."""
+    app, server, config = scenario
+    server.recorder.rcpt_replies["gone@example.org"] = "550 5.1.1 No such user"
+    producer = Producer(redis_client, namespace=namespace)
+    job_id = producer.enqueue(
+        Notification(to=["gone@example.org"], subject="Hello", text="Hi")
+    )
+    app.broker.join("mail", timeout=10_000)
+    [line] = [
+        json.loads(line)
+        for line in _cli(
+            config, "dead", "list", "--service", "primary", "--json"
+        ).stdout.splitlines()
+    ]
+    assert (line["id"], line["reason"], line["service"]) == (
+        job_id,
+        "permanent",
+        "primary",
+    )
+    assert line["error"]["code"] == 550 and "No such user" in line["error"]["message"]
+    table = _cli(config, "dead", "list").stdout.splitlines()
+    assert table[0].split() == ["ID", "DEAD", "AT", "REASON", "SERVICE", "ERROR"]
+    assert table[1].split()[:3][0] == job_id and "primary" in table[1]
+
+
+def test_list_refuses_an_unknown_reason(scenario):
+    """`--reason bogus` is a usage error (exit 2) that names the valid reasons."""
+    _, _, config = scenario
+    out = _cli(config, "dead", "list", "--reason", "bogus")
+    assert out.returncode == 2
+    assert "bogus" in out.stderr
+    assert "retries_exhausted" in out.stderr and "validation" in out.stderr
+
+
 def test_an_oversized_job_is_kept_without_its_content(
     smtp_server, make_settings, run_worker, redis_client, namespace, tmp_path, redis_url
 ):

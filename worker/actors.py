@@ -366,9 +366,7 @@ class JobHandler:
                 else:
                     attach_write(message, packed)
                 return
-            fields["error"] = error or records.error(
-                "permanent", "every recipient was refused"
-            )
+            fields["error"] = error or records.refused_error(outcome)
             self._status.write(job.id, fields, accepted=accepted)
             self._dead(job, "permanent", fields["error"])
         if outcome.only_waiting:

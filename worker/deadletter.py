@@ -36,6 +36,7 @@ from worker.status import StatusStore, now_iso
 
 __all__ = [
     "DROPPED",
+    "REASONS",
     "DeadLetters",
     "RequeueRefusedError",
     "content_size",
@@ -44,6 +45,18 @@ __all__ = [
 ]
 
 RAW_LIMIT = 64 * 1024  # undecodable messages are kept raw up to this many bytes
+# Why a job can be dead (DESIGN §6): the values of a dead letter's ``reason``.
+REASONS = (
+    "validation",
+    "expired",
+    "max_age",
+    "redelivery_limit",
+    "permanent",
+    "retries_exhausted",
+    "poison",
+    "unknown_actor",
+    "unhandled",
+)
 # A dead letter keeps the whole message when the job could be sent under the limits and
 # its payload is at most limits.max_message_bytes and this much more (envelope, JSON).
 SLACK = 1024 * 1024
@@ -164,7 +177,7 @@ class Filters:
             return False
         if self.service is not None:
             error = record.get("error") or {}
-            services = {error.get("service")} | {
+            services = {error.get("service"), record.get("service")} | {
                 s.get("service") for s in record["skipped"]
             }
             if self.service not in services:

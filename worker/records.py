@@ -7,7 +7,14 @@ from typing import Any
 from worker.delivery import Outcome
 from worker.status import JobStart
 
-__all__ = ["deferred_error", "error", "event", "in_doubt_events", "merge_recipients"]
+__all__ = [
+    "deferred_error",
+    "error",
+    "event",
+    "in_doubt_events",
+    "merge_recipients",
+    "refused_error",
+]
 
 
 def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -26,6 +33,21 @@ def deferred_error(outcome: Outcome) -> dict[str, Any]:
         "code": code,
         "service": outcome.service,
         "message": f"{len(deferred)} recipient(s) deferred: {text}",
+    }
+
+
+def refused_error(outcome: Outcome) -> dict[str, Any]:
+    """The error of an attempt whose server refused every recipient for good: it names
+    that service and the first refusal's code, as a refused message's error does."""
+    refused = outcome.receipt.refused
+    if not refused:
+        return error("permanent", "every recipient was refused")
+    code, text = next(iter(refused.values()))
+    return {
+        "type": "recipient_refused",
+        "code": code,
+        "service": outcome.service,
+        "message": f"every recipient was refused: {text}",
     }
 
 
