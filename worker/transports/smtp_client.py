@@ -75,6 +75,18 @@ def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
     return MessageRefusedError(detail, service=service, code=code)
 
 
+def _tls_hint(conn: SmtpConnection, exc: ssl.SSLError) -> str:
+    """The likely mistake behind a TLS error, when there is one to name."""
+    if exc.reason == "WRONG_VERSION_NUMBER" and conn.effective_security == "tls":
+        # The server answered the TLS handshake in plain text: an SMTP greeting.
+        return (
+            "; the server answered in plain text, so this port likely expects "
+            'STARTTLS: try security = "starttls" (port 587 is usually STARTTLS, '
+            "465 implicit TLS)"
+        )
+    return ""
+
+
 @contextmanager
 def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
     """Turn smtplib, ssl and socket errors into DESIGN §5's classes, naming host and step."""
@@ -97,7 +109,8 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ) from exc
     except ssl.SSLError as exc:
         raise TransportUnavailableError(
-            f"TLS failed at {where}: {exc.reason or exc.__class__.__name__}",
+            f"TLS failed at {where}: {exc.reason or exc.__class__.__name__}"
+            f"{_tls_hint(conn, exc)}",
             service=name,
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
