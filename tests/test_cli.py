@@ -469,6 +469,24 @@ def test_connection_starttls_required_but_not_offered(smtp_server, write_config)
     assert server.recorder.commands == []  # no MAIL or RCPT in plaintext
 
 
+def test_connection_implicit_tls_on_a_starttls_port_names_the_likely_mistake(
+    smtp_server, write_config, ca_file
+):
+    """`security = "tls"` against a port that speaks plain SMTP first (STARTTLS) fails
+    at the tls step with a hint: this port likely expects security = "starttls"."""
+    server = smtp_server("starttls")
+    section = server.smtp_section(security="tls", ca_bundle=str(ca_file))
+    config = write_config(smtp=[section])
+    result = mailworker("test-connection", "--to", "ops@example.org", config=config)
+    assert result.returncode == 1
+    steps = reports(result.stdout)["primary"]
+    assert [(s, v) for s, v, _ in steps] == [("connect", "ok"), ("tls", "FAILED")]
+    cause = steps[-1][2]
+    assert "WRONG_VERSION_NUMBER" in cause
+    assert 'security = "starttls"' in cause and "587" in cause
+    assert server.recorder.messages == []
+
+
 def test_connection_unknown_service_exits_2(smtp_server, write_config):
     """`--service nosuch` exits 2 naming the service and contacts no server."""
     server = smtp_server("plain")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -180,6 +182,98 @@ def test_requeue_refuses_an_invalid_job_and_all_honours_filters(
     app.broker.join("mail", timeout=10_000)
     assert app.status.get(job_id)["state"] == "sent"
     assert _cli(config, "dead", "requeue", "no-such-id").returncode in (1, 3)
+
+
+def test_list_names_the_service_that_refused_every_recipient(
+    scenario, redis_client, namespace
+):
+    """A job dead because the service refused every recipient names that service and
+    the code: `dead list --service primary` finds it, and the table has a header row."""
+    app, server, config = scenario
+    server.recorder.rcpt_replies["gone@example.org"] = "550 5.1.1 No such user"
+    producer = Producer(redis_client, namespace=namespace)
+    job_id = producer.enqueue(
+        Notification(to=["gone@example.org"], subject="Hello", text="Hi")
+    )
+    app.broker.join("mail", timeout=10_000)
+    [line] = [
+        json.loads(line)
+        for line in _cli(
+            config, "dead", "list", "--service", "primary", "--json"
+        ).stdout.splitlines()
+    ]
+    assert (line["id"], line["reason"], line["service"]) == (
+        job_id,
+        "permanent",
+        "primary",
+    )
+    assert line["error"]["code"] == 550 and "No such user" in line["error"]["message"]
+    table = _cli(config, "dead", "list").stdout.splitlines()
+    assert table[0].split() == ["ID", "DEAD", "AT", "REASON", "SERVICE", "ERROR"]
+    assert table[1].split()[:3][0] == job_id and "primary" in table[1]
+
+
+def test_list_refuses_an_unknown_reason(scenario):
+    """`--reason bogus` is a usage error (exit 2) that names the valid reasons."""
+    _, _, config = scenario
+    out = _cli(config, "dead", "list", "--reason", "bogus")
+    assert out.returncode == 2
+    assert "bogus" in out.stderr
+    assert "retries_exhausted" in out.stderr and "validation" in out.stderr
+
+
+def test_an_oversized_job_is_kept_without_its_content(
+    smtp_server, make_settings, run_worker, redis_client, namespace, tmp_path, redis_url
+):
+    """A job refused as larger than limits.max_message_bytes keeps, as a dead letter,
+    its envelope and fields and each attachment's name, type, size and sha256, but not
+    the content, and says so; `dead requeue` refuses it rather than send it truncated."""
+    # Given a worker whose messages may be at most 100,000 bytes
+    server = smtp_server()
+    section = server.smtp_section()
+    limits = {"max_message_bytes": 100_000}
+    app = run_worker(make_settings(smtp=[section], limits=limits))
+    config = write_toml(
+        tmp_path / "cli.toml",
+        {"broker_url": redis_url, "namespace": namespace, "limits": limits},
+    )
+    # When a job 4 times larger is enqueued in the wire format (no producer check)
+    content = bytes(range(256)) * 1600  # 400 KiB
+    job = {
+        "to": ["ann@example.org"],
+        "subject": "Too large",
+        "text": "See the attachment.",
+        "attachments": [
+            {
+                "filename": "big.bin",
+                "content_type": "application/octet-stream",
+                "content": base64.b64encode(content).decode(),
+            }
+        ],
+    }
+    job_id = wire_enqueue(redis_client, namespace, job)
+    app.broker.join("mail", timeout=10_000)
+    # Then it is dead, and its dead letter is small
+    assert app.status.get(job_id)["reason"] == "validation"
+    assert redis_client.strlen(f"{namespace}:dead:{job_id}") < 5_000
+    shown = json.loads(_cli(config, "dead", "show", job_id, "--json").stdout)
+    message = shown["message"]
+    assert "max_message_bytes (100000)" in message["content_dropped"]
+    assert message["job"]["subject"] == "Too large"
+    [attachment] = message["job"]["attachments"]
+    assert attachment == {
+        "filename": "big.bin",
+        "content_type": "application/octet-stream",
+        "content": "dropped",
+        "size": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+    }
+    # And requeue refuses it with the reason, leaving it dead
+    out = _cli(config, "dead", "requeue", job_id)
+    assert out.returncode == 1
+    assert "without its content" in out.stderr and "anew" in out.stderr
+    assert app.status.get(job_id)["state"] == "dead"
+    assert server.recorder.messages == []
 
 
 def test_purge_one_and_all_with_confirmation(scenario, redis_client, namespace):

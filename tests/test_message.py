@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import random
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import pytest
 
 from producers import Mailbox, Notification, parse_job
 from worker.clock import iso_micros
-from worker.message import render, render_body
+from worker.message import Base64Lines, Mime, render, render_body, render_message
 from worker.status import now_iso
 
 FROM = Mailbox(address="noreply@notify.example.org", name="Example Notifications")
@@ -59,19 +60,24 @@ def _head(data: bytes) -> bytes:
 
 
 def _assert_wire_form(data: bytes) -> None:
+    # Lines may start with '.': SMTP dot-stuffs them (tests/test_smtp_pipeline.py).
     assert data.endswith(b"\r\n")
     lines = data.split(b"\r\n")[:-1]
     for number, line in enumerate(lines):
         assert b"\r" not in line, f"bare CR on line {number}"
         assert b"\n" not in line, f"bare LF on line {number}"
         assert len(line) <= 998, f"line {number} has {len(line)} bytes"
-        assert not line.startswith(b"."), f"line {number} starts with '.'"
+
+
+def _text(part: Any) -> str:
+    """A text part's content with LF line ends: text goes out in canonical form (CRLF)."""
+    return str(part.get_content()).replace("\r\n", "\n")
 
 
 def _body(message: EmailMessage, subtype: str) -> str:
     part = message.get_body((subtype,))
     assert part is not None, f"no text/{subtype} body"
-    return str(part.get_content())
+    return _text(part)
 
 
 def _boxes(message: EmailMessage, name: str) -> list[tuple[str, str]]:
@@ -87,7 +93,7 @@ def test_text_only_is_a_single_text_plain_part():
     message = _parse(_render(job))
     assert message.get_content_type() == "text/plain"
     assert not message.is_multipart()
-    assert message.get_content() == job.text
+    assert _text(message) == job.text
 
 
 def test_html_only_is_a_single_text_html_part():
@@ -95,7 +101,7 @@ def test_html_only_is_a_single_text_html_part():
     job = _job(text=None, html="<p>Hello <b>Ann</b></p>\n")
     message = _parse(_render(job))
     assert message.get_content_type() == "text/html"
-    assert message.get_content() == job.html
+    assert _text(message) == job.html
 
 
 def test_text_and_html_are_multipart_alternative():
@@ -104,8 +110,8 @@ def test_text_and_html_are_multipart_alternative():
     message = _parse(_render(job))
     assert message.get_content_type() == "multipart/alternative"
     plain, html = message.iter_parts()
-    assert (plain.get_content_type(), plain.get_content()) == ("text/plain", job.text)
-    assert (html.get_content_type(), html.get_content()) == ("text/html", job.html)
+    assert (plain.get_content_type(), _text(plain)) == ("text/plain", job.text)
+    assert (html.get_content_type(), _text(html)) == ("text/html", job.html)
     assert _body(message, "plain") == job.text
     assert _body(message, "html") == job.html
 
@@ -121,7 +127,7 @@ def test_attachments_make_multipart_mixed():
     message = _parse(_render(job))
     assert message.get_content_type() == "multipart/mixed"
     first, *files = message.iter_parts()
-    assert (first.get_content_type(), first.get_content()) == ("text/plain", job.text)
+    assert (first.get_content_type(), _text(first)) == ("text/plain", job.text)
     assert [(f.get_filename(), f.get_content_type()) for f in files] == [
         ("q3.pdf", "application/pdf"),
         ("logo.png", "image/png"),
@@ -141,7 +147,7 @@ def test_text_html_and_attachments_nest_alternative_in_mixed():
     assert message.get_content_type() == "multipart/mixed"
     alternative, attachment = message.iter_parts()
     assert alternative.get_content_type() == "multipart/alternative"
-    assert [p.get_content() for p in alternative.iter_parts()] == [job.text, job.html]
+    assert [_text(p) for p in alternative.iter_parts()] == [job.text, job.html]
     assert attachment.get_content() == PDF
     assert attachment.get_content_type() == "application/octet-stream"
     assert _body(message, "html") == job.html
@@ -263,13 +269,15 @@ def _shapes() -> dict[str, Notification]:
 
 @pytest.mark.parametrize("shape", list(_shapes()))
 def test_every_line_ends_with_crlf_and_fits_998_bytes(shape):
-    """Every line ends with CRLF, has at most 998 bytes and none starts with '.'."""
+    """Every line ends with CRLF and has at most 998 bytes; the bodies parse back."""
     job = _shapes()[shape]
     data = _render(job)
     _assert_wire_form(data)
     message = _parse(data)
     assert message["Subject"] == job.subject
     assert [a.addr_spec for a in message["To"].addresses] == [m.address for m in job.to]
+    if job.text:
+        assert _body(message, "plain").rstrip("\n") == job.text.rstrip("\n")
 
 
 def test_three_hundred_recipients_are_all_in_the_headers():
@@ -416,18 +424,18 @@ def test_given_body_is_used_verbatim():
     body = render_body(job)
     first = _render(job, body=body)
     second = _render(job, body=body, from_box=Mailbox(address="relay@mail.example.net"))
-    assert first.endswith(body)
-    assert second.endswith(body)
+    assert first.endswith(bytes(body))
+    assert second.endswith(bytes(body))
     assert _body(_parse(first), "html") == "<p>x</p>"
 
 
 def test_render_body_starts_with_its_content_headers():
     """render_body gives the content entity only: its Content-* headers, then the body."""
     body = render_body(_job(text="Hello"))
-    head, _, payload = body.partition(b"\r\n\r\n")
+    head, _, payload = bytes(body).partition(b"\r\n\r\n")
     names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")]
     assert names == [b"content-type", b"content-transfer-encoding"]
-    assert base64.b64decode(payload) == b"Hello"
+    assert payload == b"Hello\r\n"
 
 
 def test_iso_micros_writes_utc_with_microseconds():
@@ -438,3 +446,136 @@ def test_iso_micros_writes_utc_with_microseconds():
     parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     # truncated to microseconds (datetime.now rounds: allow one)
     assert before - timedelta(microseconds=1) <= parsed <= after
+
+
+# ---------------------------------------------------------------- transfer encodings
+
+
+def _encodings(data: bytes) -> list[str]:
+    return [
+        str(part["Content-Transfer-Encoding"])
+        for part in _parse(data).walk()
+        if part.get_content_maintype() == "text"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        ("Hello Ann,\nplease approve task 42.\n", "7bit"),
+        ("Windows\r\nline ends\r\nand old Mac\rones\n", "7bit"),
+        (".\n..\n.hidden\nfinal .\n", "7bit"),
+        ("one long line " * 100, "quoted-printable"),  # 1,400 characters
+        ("x" * 998 + "\n" + "y" * 10, "7bit"),
+        ("x" * 999, "quoted-printable"),
+        ("Grüße aus Köln,\nbitte genehmigen.\n", "quoted-printable"),
+        ("a boundary-like =_ mark\n", "quoted-printable"),
+        ("a NUL \x00 byte\n", "quoted-printable"),
+        ("trailing space \nand tab\t\n", "7bit"),
+        ("日本語のテキストです。\n" * 5, "base64"),
+        ("Ελληνικά κείμενα\n", "base64"),
+    ],
+    ids=[
+        "ascii",
+        "mixed-line-ends",
+        "leading-dots",
+        "long-ascii-line",
+        "998-characters",
+        "999-characters",
+        "mostly-ascii",
+        "boundary-mark",
+        "nul",
+        "trailing-space",
+        "japanese",
+        "greek",
+    ],
+)
+def test_text_goes_in_the_lightest_safe_encoding(text, encoding):
+    """Text is 7bit when it is ASCII in short lines, quoted-printable when mostly ASCII,
+    base64 otherwise; every shape parses back to the text, with CRLF line ends."""
+    canonical = text.replace("\r\n", "\n").replace("\r", "\n")
+    for job in (_job(text=text), _job(text=text, html=f"<pre>{text}</pre>")):
+        data = _render(job)
+        _assert_wire_form(data)
+        assert data.isascii()
+        assert _encodings(data)[0] == encoding
+        assert _body(_parse(data), "plain").rstrip("\n") == canonical.rstrip("\n")
+
+
+def test_random_ascii_texts_round_trip_in_every_encoding():
+    """Seeded random texts of '=', blanks, dots, tabs and long lines (the quoted-printable
+    writer's hard cases) parse back to the text, in lines of at most 76 characters when
+    quoted-printable."""
+    rng = random.Random(2920)
+    alphabets = [
+        "ab= \t\n.=_" + "x" * 5,
+        "ab= \t.=_" + "x" * 200,
+    ]  # the second: long lines
+    for _ in range(300):
+        alphabet = rng.choice(alphabets)
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 2500)))
+        text = text if text.strip() else "x"
+        data = _render(_job(text=text, html="<p>x</p>"))
+        _assert_wire_form(data)
+        assert _body(_parse(data), "plain") == text
+        if _encodings(data)[0] == "quoted-printable":
+            body = data.split(b"quoted-printable\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0]
+            assert max(map(len, body.split(b"\r\n"))) <= 76
+
+
+def test_text_in_multipart_keeps_its_last_line_end():
+    """In a multipart message a text part comes back exactly, with or without a final
+    line end (the CRLF before a boundary belongs to the boundary)."""
+    for text in ("no final newline", "one final newline\n", "two\n\n"):
+        job = _job(text=text, html="<p>x</p>")
+        assert _body(_parse(_render(job)), "plain") == text
+
+
+# ---------------------------------------------------------------- large attachments
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 56, 57, 58, 65_536, 65_537, 57 * 1024, 57 * 1024 + 1, 300_001]
+)
+def test_mime_size_is_the_length_written(size):
+    """``Mime.size`` is the length of the bytes it writes, for every attachment size."""
+    content = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    job = _job(attachments=[{"filename": "a.bin", "content": content}])
+    mime = render_message(job, job_id="job-1", from_box=FROM)
+    data = bytes(mime)
+    assert mime.size == len(data)
+    [attachment] = _parse(data).iter_attachments()
+    assert attachment.get_content() == content
+    _assert_wire_form(data)
+
+
+def test_a_large_attachment_is_encoded_only_while_written():
+    """An attachment over 64 KiB stays the job's own bytes in the rendered message (no
+    encoded copy): it is base64-encoded block by block as the message is written, and
+    every block is whole 76-character lines."""
+    content = bytes(range(256)) * 4000  # 1,000 KiB
+    job = _job(
+        html="<p>x</p>", attachments=[{"filename": "big.bin", "content": content}]
+    )
+    mime = render_message(job, job_id="job-1", from_box=FROM)
+    [lazy] = [p for p in mime.pieces if isinstance(p, Base64Lines)]
+    assert lazy.content is job.attachments[0].content
+    assert all(isinstance(p, bytes) for p in mime.pieces if p is not lazy)
+    blocks = list(lazy.blocks())
+    assert len(blocks) > 1
+    for block in blocks:
+        assert block.endswith(b"\r\n")
+        assert {len(line) for line in block.split(b"\r\n")[:-1]} <= set(range(1, 77))
+    assert b"".join(blocks) == base64.encodebytes(content).replace(b"\n", b"\r\n")
+    [attachment] = _parse(bytes(mime)).iter_attachments()
+    assert attachment.get_content() == content
+
+
+def test_a_message_without_large_attachments_is_two_pieces():
+    """Headers and body are one piece each when nothing needs encoding on the way out:
+    the send path writes such a message, its dot and the next commands at once."""
+    job = _job(html="<p>x</p>", attachments=[{"filename": "a.pdf", "content": PDF}])
+    mime = render_message(job, job_id="job-1", from_box=FROM)
+    assert isinstance(mime, Mime)
+    assert len(mime.pieces) == 2
+    assert all(isinstance(p, bytes) for p in mime.pieces)

@@ -19,6 +19,7 @@ from producers.job import Notification, parse_job
 from producers.keys import ACTOR_NAME
 from settings import JobValidationError, Settings
 from worker import records
+from worker.deadletter import content_size
 from worker.delivery import Deliverer, Outcome, Parcel
 from worker.express import Express
 from worker.jobs import JOB_ID_RULE, DeadLetterError, Job, is_job_id, single_message
@@ -323,8 +324,14 @@ class JobHandler:
         )
 
     def _validate(self, data: Any) -> Notification:
-        notification = parse_job(data)
         limits = self._settings.limits
+        if isinstance(data, dict) and content_size(data) > limits.max_message_bytes:
+            # Surely too large: refused before its attachments are decoded (a copy of
+            # each, and its base64 text again on the way).
+            raise JobValidationError(
+                "attachments", "larger than limits.max_message_bytes"
+            )
+        notification = parse_job(data)
         count = len(notification.to) + len(notification.cc) + len(notification.bcc)
         if count > limits.max_recipients:
             raise JobValidationError(
@@ -349,6 +356,9 @@ class JobHandler:
         )
         recipients = records.merge_recipients(start, wanted, outcome)
         counts = records.counts(recipients)
+        # Before the attempt's own entry, and like it with the message's ack.
+        for doubt in records.in_doubt_events(job.attempt, outcome):
+            self._write(job.id, {}, event=doubt)
         fields: dict[str, Any] = {
             "recipients": recipients,
             "counts": counts,
@@ -377,7 +387,7 @@ class JobHandler:
                 if counts["refused"]:
                     fields.update(
                         reason="partial",
-                        error=records.refused_error(recipients, outcome.service),
+                        error=records.partial_error(recipients, outcome.service),
                     )
                 self._write(
                     job.id,
@@ -386,9 +396,7 @@ class JobHandler:
                     event=records.event(job.attempt, "sent", outcome),
                 )
                 return
-            fields["error"] = error or records.error(
-                "permanent", "every recipient was refused"
-            )
+            fields["error"] = error or records.refused_error(outcome)
             self._write(job.id, fields, accepted=accepted)
             self._dead(job, "permanent", fields["error"])
         if outcome.only_waiting:
@@ -538,7 +546,7 @@ class JobHandler:
                 "reason": reason,
                 "error": error,
             },
-            dead_payload=job.payload(),
+            dead_payload=job.payload(self._settings.limits),
         )
         log.error(
             "job_dead_lettered",

@@ -13,7 +13,7 @@ from producers.cli import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, 
 from producers.enqueue import connect
 from settings import ConfigError, Settings, load_settings, public_url
 from settings.durations import parse_duration
-from worker.deadletter import DeadLetters, Filters, RequeueRefusedError
+from worker.deadletter import REASONS, DeadLetters, Filters, RequeueRefusedError
 
 __all__ = ["dead"]
 
@@ -61,11 +61,10 @@ filter_options = [
     click.option(
         "--since", help="Only those that died within a duration (2h) or after a time."
     ),
+    click.option("--reason", type=click.Choice(REASONS), help="Only this reason."),
     click.option(
-        "--reason", help="Only this reason (validation, permanent, poison, ...)."
-    ),
-    click.option(
-        "--service", help="Only those whose error or skips name this service."
+        "--service",
+        help="Only those that this service refused, failed or skipped.",
     ),
 ]
 
@@ -98,14 +97,17 @@ def list_command(
         entries = store.entries(_filters(since, reason, service))
     except redis.RedisError as exc:
         fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+    if entries and not as_json:
+        click.echo(f"{'ID':<36}  {'DEAD AT':<25}  {'REASON':<17} {'SERVICE':<12} ERROR")
     for job_id, dead_at, record in entries:
         error = record.get("error") or {}
+        named = error.get("service") or record.get("service")
         if as_json:
             line = {
                 "id": job_id,
                 "dead_at": _when(dead_at),
                 "reason": record.get("reason"),
-                "service": error.get("service"),
+                "service": named,
                 "attempts": record.get("attempts"),
                 "error": error,
             }
@@ -113,8 +115,8 @@ def list_command(
         else:
             message = str(error.get("message") or "")[:80]
             click.echo(
-                f"{job_id}  {_when(dead_at)}  {record.get('reason') or '-':<17} "
-                f"{error.get('service') or '-':<12} {message}"
+                f"{job_id:<36}  {_when(dead_at):<25}  {record.get('reason') or '-':<17} "
+                f"{named or '-':<12} {message}"
             )
     if not as_json:
         click.echo(f"{len(entries)} dead letter(s)", err=True)

@@ -9,6 +9,7 @@ nothing depends on Dramatiq's random maintenance passes.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import time
 import uuid
@@ -33,9 +34,35 @@ from producers.keys import (
 from settings import JobValidationError, Limits
 from worker.status import StatusStore, now_iso
 
-__all__ = ["DeadLetters", "RequeueRefusedError", "elide"]
+__all__ = [
+    "DROPPED",
+    "REASONS",
+    "DeadLetters",
+    "RequeueRefusedError",
+    "content_size",
+    "elide",
+    "kept_payload",
+]
 
 RAW_LIMIT = 64 * 1024  # undecodable messages are kept raw up to this many bytes
+# Why a job can be dead (DESIGN §6): the values of a dead letter's ``reason``.
+REASONS = (
+    "validation",
+    "expired",
+    "max_age",
+    "redelivery_limit",
+    "permanent",
+    "retries_exhausted",
+    "poison",
+    "unknown_actor",
+    "unhandled",
+)
+# A dead letter keeps the whole message when the job could be sent under the limits and
+# its payload is at most limits.max_message_bytes and this much more (envelope, JSON).
+SLACK = 1024 * 1024
+TEXT_KEPT = 64 * 1024  # characters of text and html kept of a message over the cap
+DROPPED = "content_dropped"  # the key that marks a dead letter kept without its content
+_DECODE_BLOCK = 256 * 1024  # base64 characters decoded at a time to size and hash
 
 # KEYS: queue list, queue hash, dead index, dead payload, status hash, wake gate
 # ARGV: redis message id, payload, job id, status fields (JSON), wake channel, queue
@@ -53,6 +80,81 @@ wake(KEYS[6], ARGV[5], ARGV[6])
 return 1
 """
 )
+
+
+def kept_payload(message: dict[str, Any], limits: Limits) -> bytes:
+    """A single-job message as its dead letter keeps it: whole when requeue could send
+    it again; when the job is larger than ``limits.max_message_bytes`` (or the payload
+    larger than that and 1 MiB), the envelope and the job's fields, each attachment as
+    its name, type, size and sha256, text and html cut to 64 Ki characters, and
+    ``DROPPED`` saying what was dropped. Such a dead letter cannot be requeued."""
+    job = (message.get("kwargs") or {}).get("job")
+    cap = limits.max_message_bytes
+    if not isinstance(job, dict) or content_size(job) <= cap:
+        payload = orjson.dumps(message)
+        if len(payload) <= cap + SLACK:
+            return payload
+        del payload
+    kept = dict(message)
+    kept["kwargs"] = {"job": _without_content(job)}
+    kept[DROPPED] = (
+        f"the message was larger than limits.max_message_bytes ({cap}): kept without "
+        f"attachment content (name, type, size and sha256 only) and with text and html "
+        f"cut to {TEXT_KEPT} characters"
+    )
+    payload = orjson.dumps(kept)
+    if len(payload) > cap + SLACK:  # a job of another giant field: the envelope alone
+        kept["kwargs"] = {"job": None}
+        payload = orjson.dumps(kept)
+    return payload
+
+
+def content_size(job: dict[str, Any]) -> int:
+    """At most the size the worker's limit is checked against (``estimated_size``), and
+    close to it, from the job as it travels, without decoding anything."""
+    raw = sum(len(job[k]) for k in ("text", "html") if isinstance(job.get(k), str))
+    attachments = job.get("attachments")
+    for item in attachments if isinstance(attachments, list) else []:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, str):
+            raw += max(0, len(content) * 3 // 4 - 2)
+    return raw * 4 // 3
+
+
+def _without_content(job: Any) -> Any:
+    if not isinstance(job, dict):
+        return job
+    out = dict(job)
+    for key in ("text", "html"):
+        if isinstance(out.get(key), str) and len(out[key]) > TEXT_KEPT:
+            out[key] = out[key][:TEXT_KEPT]
+    if isinstance(out.get("attachments"), list):
+        out["attachments"] = [_attachment_metadata(a) for a in out["attachments"]]
+    return out
+
+
+def _attachment_metadata(item: Any) -> Any:
+    """An attachment's name, type, size and sha256, decoded a block at a time."""
+    if not isinstance(item, dict):
+        return None
+    shown = {
+        "filename": item.get("filename"),
+        "content_type": item.get("content_type"),
+        "content": "dropped",
+    }
+    content, digest, size = item.get("content"), hashlib.sha256(), 0
+    if not isinstance(content, str):
+        return shown | {"content": "not base64"}
+    try:
+        for start in range(0, len(content), _DECODE_BLOCK):
+            block = binascii.a2b_base64(
+                content[start : start + _DECODE_BLOCK], strict_mode=True
+            )
+            digest.update(block)
+            size += len(block)
+    except (binascii.Error, ValueError):
+        return shown | {"content": "not base64"}
+    return shown | {"size": size, "sha256": digest.hexdigest()}
 
 
 class RequeueRefusedError(Exception):
@@ -75,7 +177,7 @@ class Filters:
             return False
         if self.service is not None:
             error = record.get("error") or {}
-            services = {error.get("service")} | {
+            services = {error.get("service"), record.get("service")} | {
                 s.get("service") for s in record["skipped"]
             }
             if self.service not in services:
@@ -103,6 +205,8 @@ def elide(payload: bytes) -> dict[str, Any]:
         "actor": message.get("actor_name"),
         "job": _elide_job(kwargs.get("job", {})),
     }
+    if DROPPED in message:
+        shown[DROPPED] = message[DROPPED]
     jobs = kwargs.get("jobs")
     if isinstance(jobs, list):
         shown["jobs"] = [
@@ -119,8 +223,8 @@ def _elide_job(job: Any) -> Any:
         return job
     attachments = []
     for item in job["attachments"]:
-        if not isinstance(item, dict):
-            attachments.append(item)
+        if not isinstance(item, dict) or item.get("content") == "dropped":
+            attachments.append(item)  # kept as metadata alone (``kept_payload``)
             continue
         shown = {
             "filename": item.get("filename"),
@@ -230,6 +334,11 @@ class DeadLetters:
         if "raw_base64" in message:
             raise RequeueRefusedError(
                 f"{job_id} could not be decoded; it can only be purged"
+            )
+        if DROPPED in message:
+            raise RequeueRefusedError(
+                f"{job_id} was kept without its content ({message[DROPPED]}); "
+                "it cannot be sent again: enqueue the notification anew"
             )
         try:
             notification = parse_job((message.get("kwargs") or {}).get("job"))

@@ -27,7 +27,7 @@ from worker.errors import (
     TransientDeliveryError,
 )
 from worker.limits import Breaker
-from worker.message import message_id, render, render_body
+from worker.message import Mime, message_id, render_body, render_message
 from worker.transports.base import OutgoingMessage, Receipt, Sent, Transport
 
 __all__ = ["Deliverer", "Outcome", "Parcel", "Service"]
@@ -44,9 +44,9 @@ class Parcel:
     notification: Notification
     recipients: tuple[str, ...]
     extra_headers: dict[str, str] | None = None
-    _body: bytes | None = None
+    _body: Mime | None = None
 
-    def body(self) -> bytes:
+    def body(self) -> Mime:
         """The MIME body, written once for every service that needs it."""
         if self._body is None:
             self._body = render_body(self.notification)
@@ -78,6 +78,19 @@ class Outcome:
     retry_after: float | None = None
     retryable: bool = False
     wait: float | None = None  # a budget or breaker to wait for: not an attempt
+    # {service, reason} of each try whose reply to the final dot was lost (RFC 5321
+    # 6.1): the server may have the message; a retry may deliver it twice.
+    in_doubt: list[dict[str, str]] = field(default_factory=list)
+
+    def note_in_doubt(self, error: DeliveryError, job_id: str) -> None:
+        """Record a try of job ``job_id`` that ended in doubt
+        (``TransientDeliveryError.in_doubt``)."""
+        if getattr(error, "in_doubt", False):
+            reason = str(error)
+            self.in_doubt.append({"service": error.service, "reason": reason})
+            log.warning(
+                "delivery_in_doubt", job_id=job_id, service=error.service, reason=reason
+            )
 
     @property
     def only_waiting(self) -> bool:
@@ -274,7 +287,7 @@ class Deliverer:
                 )
                 continue
             try:
-                receipt = self._send_with_retries(service, parcel, tried)
+                receipt = self._send_with_retries(service, parcel, outcome, tried)
             except RecipientRefusedError as exc:
                 outcome.last_error = exc
                 outcome.receipt.refused = {
@@ -306,9 +319,9 @@ class Deliverer:
 
     @staticmethod
     def _message(service: Service, parcel: Parcel) -> OutgoingMessage:
-        data = b""
+        data: bytes | Mime = b""
         if getattr(service.transport, "needs_mime", True):
-            data = render(
+            data = render_message(
                 parcel.notification,
                 job_id=parcel.job_id,
                 from_box=service.from_box,
@@ -361,14 +374,22 @@ class Deliverer:
         )
 
     def _send_with_retries(
-        self, service: Service, parcel: Parcel, first: Sent = None
+        self, service: Service, parcel: Parcel, outcome: Outcome, first: Sent = None
     ) -> Receipt:
+        def send(message: OutgoingMessage) -> Receipt:
+            try:
+                return service.transport.send(message)
+            except TransientDeliveryError as exc:
+                outcome.note_in_doubt(exc, parcel.job_id)
+                raise
+
         # The first try goes straight through (or was made by deliver_many): tenacity
         # costs ~5 % of a job's CPU and is only needed once a transient failure happened.
         try:
             if first is None:
-                return service.transport.send(self._message(service, parcel))
+                return send(self._message(service, parcel))
             if isinstance(first, DeliveryError):
+                outcome.note_in_doubt(first, parcel.job_id)
                 raise first
             return first
         except TransientDeliveryError as exc:
@@ -379,7 +400,7 @@ class Deliverer:
                 raise
             self._sleep(_backoff(exc, 1, self._backoff))
         message = self._message(service, parcel)
-        receipt: Receipt = self._retrying(service.transport.send, message)
+        receipt: Receipt = self._retrying(send, message)
         return receipt
 
     def _wait(self, state: RetryCallState) -> float:

@@ -8,7 +8,7 @@
         ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
         ├── MessageRefusedError        this service can't carry this message: next service
         ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now
-        ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after
+        ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after, .in_doubt
         └── BudgetExhaustedError       a sending budget is spent; .wait, .overflow
 
 The transport that raises decides the class; nothing outside ``worker.transports``
@@ -87,7 +87,12 @@ class TransportUnavailableError(DeliveryError):
 
 
 class TransientDeliveryError(DeliveryError):
-    """A failure worth retrying (4xx, timeouts). ``retry_after`` in seconds, if the far end said."""
+    """A failure worth retrying (4xx, timeouts). ``retry_after`` in seconds, if the far end said.
+
+    ``in_doubt``: the whole message was sent and the server's verdict was lost (the
+    connection dropped or timed out after the final dot, RFC 5321 6.1): it may have been
+    delivered, and a retry may deliver it twice.
+    """
 
     kind = "transient"
 
@@ -98,9 +103,11 @@ class TransientDeliveryError(DeliveryError):
         service: str,
         code: int | None = None,
         retry_after: float | None = None,
+        in_doubt: bool = False,
     ) -> None:
         super().__init__(message, service=service, code=code)
         self.retry_after = retry_after
+        self.in_doubt = in_doubt
 
 
 class BudgetExhaustedError(DeliveryError):

@@ -7,10 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-import orjson
-
 from producers.keys import ACTOR_NAME
-from settings import MailworkerError
+from settings import Limits, MailworkerError
+from worker.deadletter import kept_payload
 
 __all__ = ["JOB_ID_RULE", "DeadLetterError", "Job", "is_job_id", "single_message"]
 
@@ -62,15 +61,17 @@ class Job:
         """Seconds since it was enqueued."""
         return time.time() - self.timestamp_ms / 1000
 
-    def payload(self) -> bytes:
-        """The single-job message as stored in a dead letter (requeue sends it again)."""
+    def payload(self, limits: Limits) -> bytes:
+        """The single-job message as stored in a dead letter (requeue sends it again),
+        kept without its content when it is larger than ``limits`` allow
+        (``worker.deadletter.kept_payload``)."""
         data = dict(self.message)
         data["options"] = {
             k: v
             for k, v in data.get("options", {}).items()
             if k not in ("traceback", "eta")
         }
-        return orjson.dumps(data)
+        return kept_payload(data, limits)
 
 
 def single_message(

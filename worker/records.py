@@ -12,7 +12,9 @@ __all__ = [
     "deferred_error",
     "error",
     "event",
+    "in_doubt_events",
     "merge_recipients",
+    "partial_error",
     "refused_error",
 ]
 
@@ -36,6 +38,21 @@ def deferred_error(outcome: Outcome) -> dict[str, Any]:
     }
 
 
+def refused_error(outcome: Outcome) -> dict[str, Any]:
+    """The error of an attempt whose server refused every recipient for good: it names
+    that service and the first refusal's code, as a refused message's error does."""
+    refused = outcome.receipt.refused
+    if not refused:
+        return error("permanent", "every recipient was refused")
+    code, text = next(iter(refused.values()))
+    return {
+        "type": "recipient_refused",
+        "code": code,
+        "service": outcome.service,
+        "message": f"every recipient was refused: {text}",
+    }
+
+
 def event(attempt: int, name: str, outcome: Outcome) -> dict[str, Any]:
     """A history entry for this attempt."""
     entry: dict[str, Any] = {
@@ -46,6 +63,14 @@ def event(attempt: int, name: str, outcome: Outcome) -> dict[str, Any]:
     if outcome.skipped:
         entry["skipped"] = outcome.skipped
     return entry
+
+
+def in_doubt_events(attempt: int, outcome: Outcome) -> list[dict[str, Any]]:
+    """History entries for the tries of this attempt whose reply to the final dot was
+    lost: the server may have delivered what was sent again after them."""
+    return [
+        {"attempt": attempt, "event": "in_doubt", **doubt} for doubt in outcome.in_doubt
+    ]
 
 
 def merge_recipients(
@@ -93,7 +118,7 @@ def counts(recipients: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def refused_error(
+def partial_error(
     recipients: list[dict[str, Any]], service: str | None
 ) -> dict[str, Any]:
     """The error of a job sent to some recipients while others were refused for good."""

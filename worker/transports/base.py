@@ -7,6 +7,7 @@ from typing import Protocol
 
 from producers.job import Notification
 from worker.errors import DeliveryError
+from worker.message import Mime
 
 __all__ = ["OutgoingMessage", "Receipt", "Sent", "Transport"]
 
@@ -19,14 +20,15 @@ class OutgoingMessage:
         job_id: the job (and Message-ID) it belongs to.
         sender: the envelope sender (MAIL FROM).
         recipients: envelope recipients still to be sent to.
-        data: the whole MIME message, CRLF line ends.
+        data: the whole MIME message, CRLF line ends (``Mime``: attachments encoded
+            as it is written).
         notification: the validated job, for transports that send structured data.
     """
 
     job_id: str
     sender: str
     recipients: tuple[str, ...]
-    data: bytes
+    data: bytes | Mime
     notification: Notification
 
 

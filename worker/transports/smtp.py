@@ -73,7 +73,8 @@ class SmtpTransport:
 
         Raises:
             TransportUnavailableError: connect, TLS or AUTH failed; a quota reply.
-            TransientDeliveryError: 4xx, timeout, lost connection, or no free session in time.
+            TransientDeliveryError: 4xx, timeout, lost connection, or no free session in
+                time; ``in_doubt`` when the reply to the final dot was lost.
             MessageRefusedError: the sender or message was refused for good.
         """
         if not self._slots.acquire(timeout=self.conn.timeout):
@@ -128,11 +129,13 @@ class SmtpTransport:
         client, reused = self._checkout()
         try:
             receipt = client.send(message.sender, message.recipients, message.data)
-        except TransientDeliveryError:
+        except TransientDeliveryError as exc:
             client.close()
-            if not reused:
+            if not reused or exc.in_doubt:
                 raise
             # A pooled session the server dropped while idle: nothing was accepted on it.
+            # (Not so once the whole message went out: then the server may have it, and
+            # sending it again is a retry the caller records.)
             client = self._connect()
             receipt = self._send_fresh(client, message)
         except DeliveryError:

@@ -20,9 +20,11 @@ from worker.errors import (
     TransientDeliveryError,
     TransportUnavailableError,
 )
+from worker.message import Mime
 from worker.transports.base import Receipt, Sent
 
 __all__ = [
+    "Content",
     "Envelope",
     "Sent",
     "SmtpClient",
@@ -32,7 +34,13 @@ __all__ = [
 ]
 
 StepReporter = Callable[[str, str], None]  # (step, detail) after each step succeeded
-Envelope = tuple[str, tuple[str, ...], bytes]  # sender, recipients, message
+Content = bytes | Mime  # a message as one bytes object or rendered in pieces
+Envelope = tuple[str, tuple[str, ...], Content]  # sender, recipients, message
+_CRLF = b"\r\n"
+_WRITE = 64 * 1024  # a message goes out in writes of at least this size
+# The step named when the reply to a message's final dot is lost: the server read the
+# whole message and may have taken it (RFC 5321 6.1).
+_FINAL_REPLY = "the reply to the final dot (the message may have been delivered)"
 _LOCAL_HOSTNAME = socket.gethostname() or "localhost"
 _QUOTA = (
     "5.2.0",
@@ -67,6 +75,18 @@ def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
     return MessageRefusedError(detail, service=service, code=code)
 
 
+def _tls_hint(conn: SmtpConnection, exc: ssl.SSLError) -> str:
+    """The likely mistake behind a TLS error, when there is one to name."""
+    if exc.reason == "WRONG_VERSION_NUMBER" and conn.effective_security == "tls":
+        # The server answered the TLS handshake in plain text: an SMTP greeting.
+        return (
+            "; the server answered in plain text, so this port likely expects "
+            'STARTTLS: try security = "starttls" (port 587 is usually STARTTLS, '
+            "465 implicit TLS)"
+        )
+    return ""
+
+
 @contextmanager
 def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
     """Turn smtplib, ssl and socket errors into DESIGN §5's classes, naming host and step."""
@@ -90,7 +110,8 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ) from exc
     except ssl.SSLError as exc:
         raise TransportUnavailableError(
-            f"TLS failed at {where}: {exc.reason or exc.__class__.__name__}",
+            f"TLS failed at {where}: {exc.reason or exc.__class__.__name__}"
+            f"{_tls_hint(conn, exc)}",
             service=name,
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
@@ -132,9 +153,46 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ) from exc
 
 
-def _stuffed(data: bytes) -> bytes:
-    """Dot-stuffing (RFC 5321 4.5.2)."""
-    return data.replace(b"\r\n.", b"\r\n..") if b"\r\n." in data else data
+def _stuffed(chunk: bytes, last: bytes) -> bytes:
+    """Dot-stuffing (RFC 5321 4.5.2) of one chunk of a message, ``last`` the last two
+    bytes written before it: a line may start in this chunk or at its first byte."""
+    if b"\r\n." in chunk:
+        chunk = chunk.replace(b"\r\n.", b"\r\n..")
+    if chunk[:1] == b"." and last == _CRLF:
+        return b"." + chunk
+    if chunk[:2] == b"\n." and last[-1:] == b"\r":
+        return b"\n." + chunk[1:]
+    return chunk
+
+
+def _size(data: Content) -> int:
+    return len(data) if isinstance(data, bytes) else data.size
+
+
+def _write_content(smtp: smtplib.SMTP, data: Content, after: bytes = b"") -> None:
+    """Write a message dot-stuffed, its final dot, then ``after`` (the next commands).
+
+    Chunks are gathered into writes of at least ``_WRITE`` bytes, so a small message,
+    its dot and what follows go in one write (two small writes in a row meet Nagle's
+    algorithm and the peer's delayed ACK, a stall of up to 40 ms); a large one goes out
+    as its attachments are encoded, never whole.
+    """
+    out: list[bytes] = []
+    held = 0
+    last = _CRLF  # the message starts a line
+    for chunk in (data,) if isinstance(data, bytes) else data.chunks():
+        if not chunk:
+            continue
+        chunk = _stuffed(chunk, last)
+        last = chunk[-2:] if len(chunk) > 1 else last[-1:] + chunk
+        out.append(chunk)
+        held += len(chunk)
+        if held >= _WRITE:
+            smtp.send(out[0] if len(out) == 1 else b"".join(out))
+            out, held = [], 0
+    out.append(b".\r\n" if last == _CRLF else b"\r\n.\r\n")
+    out.append(after)
+    smtp.send(b"".join(out))
 
 
 def _commands(sender: str, recipients: tuple[str, ...], size: int, reset: bool) -> str:
@@ -142,11 +200,6 @@ def _commands(sender: str, recipients: tuple[str, ...], size: int, reset: bool) 
     mail = f"MAIL FROM:<{sender}>{f' SIZE={size}' if size else ''}\r\n"
     rcpts = "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
     return ("RSET\r\n" if reset else "") + mail + rcpts + "DATA\r\n"
-
-
-def _content(data: bytes) -> bytes:
-    """A (stuffed) message and its final dot, as one write."""
-    return (data if data.endswith(b"\r\n") else data + b"\r\n") + b".\r\n"
 
 
 def _receipt(recipients: tuple[str, ...], replies: list[tuple[int, bytes]]) -> Receipt:
@@ -314,7 +367,7 @@ class SmtpClient:
                 raise smtplib.SMTPAuthenticationError(code, text)
         note("auth", f"{_reply(code, text)} XOAUTH2 as {conn.username}")
 
-    def send(self, sender: str, recipients: tuple[str, ...], data: bytes) -> Receipt:
+    def send(self, sender: str, recipients: tuple[str, ...], data: Content) -> Receipt:
         """One transaction: MAIL, RCPT for each recipient, DATA; pipelined when offered.
 
         Returns:
@@ -323,13 +376,13 @@ class SmtpClient:
         Raises:
             MessageRefusedError: the sender or the message was refused for good.
             TransportUnavailableError: a quota reply (5.2.0).
-            TransientDeliveryError: a 4xx reply, a timeout or a lost connection.
+            TransientDeliveryError: a 4xx reply, a timeout or a lost connection;
+                ``in_doubt`` when it came after the whole message was written.
         """
         smtp = self._smtp
         assert smtp is not None, "open() first"
-        data = _stuffed(data)
         with map_errors(self.conn, "send"):
-            size = f" SIZE={len(data)}" if smtp.has_extn("size") else ""
+            size = f" SIZE={_size(data)}" if smtp.has_extn("size") else ""
             commands = [f"MAIL FROM:<{sender}>{size}\r\n"]
             commands += [f"RCPT TO:<{r}>\r\n" for r in recipients]
             if self.pipelining:
@@ -354,7 +407,7 @@ class SmtpClient:
         smtp: smtplib.SMTP,
         recipients: tuple[str, ...],
         replies: list[tuple[int, bytes]],
-        data: bytes,
+        data: Content,
     ) -> Receipt:
         name = self.conn.name
         mail_code = replies[0][0]
@@ -370,10 +423,8 @@ class SmtpClient:
             if isinstance(refusal, DeliveryError):
                 raise refusal
             return refusal  # nothing accepted: the per-recipient replies say why
-        # One write for the message and its final dot: two small writes in a row meet
-        # Nagle's algorithm and the peer's delayed ACK, a stall of up to 40 ms per message.
-        smtp.send(_content(data))
-        code, text = smtp.getreply()
+        _write_content(smtp, data)
+        code, text = self._final_reply(smtp)
         if code != 250:
             self._quiet_rset(smtp)
             raise _classify(
@@ -401,7 +452,7 @@ class SmtpClient:
         if not self.pipelining:
             return self._send_each(messages, stop)
         results: list[Sent] = [None] * len(messages)
-        tail = b""  # content and final dot of the message in flight
+        tail: Content | None = None  # the content of the message in flight, unwritten
         flight: tuple[int, Receipt] | None = None  # that message and its receipt
         reset = False  # the last transaction failed: RSET before the next
         size = smtp.has_extn("size")
@@ -410,10 +461,9 @@ class SmtpClient:
                 for index, (sender, recipients, data) in enumerate(messages):
                     if stop is not None and stop():
                         break
-                    data = _stuffed(data)
-                    head = _commands(sender, recipients, size and len(data), reset)
-                    smtp.send(tail + head.encode(smtp.command_encoding))
-                    tail = b""
+                    head = _commands(sender, recipients, size and _size(data), reset)
+                    self._write(smtp, tail, head.encode(smtp.command_encoding))
+                    tail = None
                     if flight is not None:
                         self._land(smtp, flight, results)
                         flight = None
@@ -423,14 +473,14 @@ class SmtpClient:
                     receipt = _receipt(recipients, replies)
                     mail, data_reply = replies[0], replies[-1]
                     if mail[0] == 250 and receipt.accepted and data_reply[0] == 354:
-                        tail, flight, reset = _content(data), (index, receipt), False
+                        tail, flight, reset = data, (index, receipt), False
                         continue
                     reset = True
                     if data_reply[0] == 354:  # RFC 2920: end an empty DATA, then RSET
-                        tail, flight = b".\r\n", (-1, receipt)
+                        tail, flight = b"", (-1, receipt)
                     results[index] = self._refusal(recipients, replies, receipt)
                 if flight is not None:  # the last content, alone
-                    smtp.send(tail)
+                    self._write(smtp, tail, b"")
                     self._land(smtp, flight, results)
                     flight = None
                 if reset:
@@ -438,8 +488,18 @@ class SmtpClient:
         except DeliveryError as exc:
             self.broken = True
             if flight is not None and flight[0] >= 0:
-                results[flight[0]] = exc  # its content went out: in doubt
+                # Its content went out, or part of it: the error says whether the whole
+                # message was written (``in_doubt``).
+                results[flight[0]] = exc
         return results
+
+    @staticmethod
+    def _write(smtp: smtplib.SMTP, content: Content | None, head: bytes) -> None:
+        """The content in flight (if any) and its final dot, then the next commands."""
+        if content is None:
+            smtp.send(head)
+        else:
+            _write_content(smtp, content, head)
 
     def _send_each(
         self, messages: Sequence[Envelope], stop: Callable[[], bool] | None
@@ -451,7 +511,7 @@ class SmtpClient:
         ]
 
     def _send_or_error(
-        self, sender: str, recipients: tuple[str, ...], data: bytes
+        self, sender: str, recipients: tuple[str, ...], data: Content
     ) -> Sent:
         if self.broken:
             return None
@@ -469,9 +529,10 @@ class SmtpClient:
         """Read the reply to the content in flight: the message's receipt, or its own
         error (index -1: an empty DATA ended after every recipient was refused)."""
         index, receipt = flight
-        code, text = smtp.getreply()
         if index < 0:
+            smtp.getreply()
             return
+        code, text = self._final_reply(smtp)
         if code != 250:
             results[index] = _classify(
                 code, _reply(code, text), self.conn.name, "message refused after DATA"
@@ -479,6 +540,16 @@ class SmtpClient:
             return
         receipt.response = _reply(code, text)
         results[index] = receipt
+
+    def _final_reply(self, smtp: smtplib.SMTP) -> tuple[int, bytes]:
+        """The reply to a message's final dot. A timeout or a lost connection now is
+        the in-doubt case of RFC 5321 6.1: the error says so (``in_doubt``)."""
+        try:
+            with map_errors(self.conn, _FINAL_REPLY):
+                return smtp.getreply()
+        except TransientDeliveryError as exc:
+            exc.in_doubt = True
+            raise
 
     def _expect(self, smtp: smtplib.SMTP, wanted: int, what: str) -> None:
         code, text = smtp.getreply()
