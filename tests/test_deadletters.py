@@ -96,6 +96,11 @@ def test_list_show_filter_and_json(scenario, redis_client, namespace):
         job_id: "retries_exhausted",
         invalid: "validation",
     }
+    # One recipient got it: a partial delivery, not a job nobody received
+    partial = {line["id"]: line["partial"] for line in lines}
+    assert partial == {job_id: True, invalid: False}
+    [row] = [line for line in out.stdout.splitlines() if job_id in line]
+    assert " 1/2 " in row
     only = _cli(
         config, "dead", "list", "--reason", "validation", "--json"
     ).stdout.splitlines()
@@ -209,7 +214,15 @@ def test_list_names_the_service_that_refused_every_recipient(
     )
     assert line["error"]["code"] == 550 and "No such user" in line["error"]["message"]
     table = _cli(config, "dead", "list").stdout.splitlines()
-    assert table[0].split() == ["ID", "DEAD", "AT", "REASON", "SERVICE", "ERROR"]
+    assert table[0].split() == [
+        "ID",
+        "DEAD",
+        "AT",
+        "REASON",
+        "SERVICE",
+        "ACCEPTED",
+        "ERROR",
+    ]
     assert table[1].split()[:3][0] == job_id and "primary" in table[1]
 
 

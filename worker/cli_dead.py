@@ -98,7 +98,10 @@ def list_command(
     except redis.RedisError as exc:
         fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
     if entries and not as_json:
-        click.echo(f"{'ID':<36}  {'DEAD AT':<25}  {'REASON':<17} {'SERVICE':<12} ERROR")
+        click.echo(
+            f"{'ID':<36}  {'DEAD AT':<25}  {'REASON':<17} {'SERVICE':<12} "
+            f"{'ACCEPTED':<8} ERROR"
+        )
     for job_id, dead_at, record in entries:
         error = record.get("error") or {}
         named = error.get("service") or record.get("service")
@@ -109,6 +112,8 @@ def list_command(
                 "reason": record.get("reason"),
                 "service": named,
                 "attempts": record.get("attempts"),
+                "partial": record.get("partial", False),
+                "counts": record.get("counts"),
                 "error": error,
             }
             click.echo(orjson.dumps(line).decode())
@@ -116,10 +121,18 @@ def list_command(
             message = str(error.get("message") or "")[:80]
             click.echo(
                 f"{job_id:<36}  {_when(dead_at):<25}  {record.get('reason') or '-':<17} "
-                f"{named or '-':<12} {message}"
+                f"{named or '-':<12} {_got(record):<8} {message}"
             )
     if not as_json:
         click.echo(f"{len(entries)} dead letter(s)", err=True)
+
+
+def _got(record: dict[str, Any]) -> str:
+    """How many recipients have the message, of how many ("1/2": a partial delivery,
+    not a job nobody received)."""
+    counts = record.get("counts") or {}
+    total = len(record.get("recipients") or [])
+    return f"{counts.get('accepted', 0)}/{total}" if total else "-"
 
 
 @dead.command("show")
