@@ -45,7 +45,13 @@ def enqueue(notification: Notification, *, producer: Producer | None = None) -> 
 
 
 def enqueue_many(
-    notifications: Iterable[Notification], *, producer: Producer | None = None
+    notifications: Iterable[Notification],
+    *,
+    bulk: bool = True,
+    producer: Producer | None = None,
 ) -> list[str]:
-    """Enqueue many notifications in few round trips; return their job ids in order."""
-    return (producer or default_producer()).enqueue_many(notifications)
+    """Enqueue many notifications in few round trips; return their job ids in order.
+
+    ``bulk=False`` enqueues one broker message per job (see ``Producer.enqueue_many``).
+    """
+    return (producer or default_producer()).enqueue_many(notifications, bulk=bulk)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 import redis
 
+import producers
 from producers import BrokerUnavailableError, JobValidationError, Notification, Producer
 from producers.keys import BATCH_SIZE
 from tests.conftest import free_port
@@ -48,8 +50,6 @@ def test_enqueue_writes_the_queued_record_and_the_documented_message(
     assert record["metadata"] == {"task": "t-1"}
     assert redis_client.llen(f"{namespace}:mail") == 1
     [payload] = redis_client.hvals(f"{namespace}:mail.msgs")
-    import json
-
     message = json.loads(payload)
     assert message["message_id"] == job_id
     assert message["actor_name"] == "deliver"
@@ -150,3 +150,18 @@ def test_broker_down_is_a_clear_error_not_a_silent_drop():
     producer = Producer(client, broker_label="redis://127.0.0.1")
     with pytest.raises(BrokerUnavailableError, match="unreachable"):
         producer.enqueue(_notification())
+
+
+def test_module_enqueue_many_takes_bulk_as_the_readme_writes_it(
+    redis_client, namespace
+):
+    """producers.enqueue_many(..., bulk=False) enqueues one broker message per job."""
+    producer = Producer(redis_client, namespace=namespace)
+    jobs = [_notification(subject=f"n{i}") for i in range(3)]
+    ids = producers.enqueue_many(jobs, bulk=False, producer=producer)
+    assert len(set(ids)) == 3
+    queued = redis_client.lrange(f"{namespace}:mail", 0, -1)
+    assert len(queued) == 3
+    messages = [json.loads(p) for p in redis_client.hvals(f"{namespace}:mail.msgs")]
+    assert {m["actor_name"] for m in messages} == {"deliver"}
+    assert sorted(m["message_id"] for m in messages) == sorted(ids)
