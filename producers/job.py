@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from settings import JobValidationError, Limits
+from settings.models import header_text
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -52,12 +53,6 @@ MAX_HEADERS = 50
 MAX_METADATA_BYTES = 4096
 
 
-def _no_line_breaks(value: str) -> str:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError("CR, LF and NUL are not allowed (header injection)")
-    return value
-
-
 def _check_address(address: str) -> str:
     """Return the address with its domain in ASCII (IDNA), or raise ValueError."""
     local, at, domain = address.rpartition("@")
@@ -85,17 +80,15 @@ class Mailbox(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    address: Annotated[
-        str, AfterValidator(_no_line_breaks), AfterValidator(_check_address)
-    ]
-    name: Annotated[str, AfterValidator(_no_line_breaks), Field(max_length=200)] = ""
+    address: Annotated[str, AfterValidator(header_text), AfterValidator(_check_address)]
+    name: Annotated[str, AfterValidator(header_text), Field(max_length=200)] = ""
 
 
 def parse_mailbox(value: object) -> object:
     """Turn ``"Name <a@b.example>"`` or ``"a@b.example"`` into Mailbox fields."""
     if not isinstance(value, str):
         return value
-    _no_line_breaks(value)
+    header_text(value)
     match = _NAMED.match(value)
     if match:
         quoted, bare, address = match.groups()
@@ -110,7 +103,7 @@ def _as_list(value: object) -> object:
 
 MailboxIn = Annotated[Mailbox, BeforeValidator(parse_mailbox)]
 MailboxList = Annotated[list[MailboxIn], BeforeValidator(_as_list)]
-Line = Annotated[str, AfterValidator(_no_line_breaks)]
+Line = Annotated[str, AfterValidator(header_text)]
 
 
 def _decode_content(value: object) -> object:

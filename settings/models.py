@@ -31,6 +31,7 @@ __all__ = [
     "Settings",
     "SmtpConnection",
     "Status",
+    "header_text",
 ]
 
 SERVICE_NAME = re.compile(r"^[a-z0-9_-]+$")
@@ -54,15 +55,33 @@ def _plain_address(value: str) -> str:
     return value
 
 
-def _single_line(value: str) -> str:
-    if any(c in value for c in "\r\n\0"):
-        raise ValueError("must be one line: CR, LF and NUL are not allowed")
+# What RFC 5322 allows in a header is printable text and WSP: every C0 control but TAB,
+# and DEL, are refused. So are NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR, which
+# str.splitlines() (and so Python's own e-mail parser) takes for line breaks.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+_CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\0": "NUL", "\x7f": "DEL"}
+
+
+def header_text(value: str) -> str:
+    """Return ``value`` if it may go into a mail header; shared by jobs and settings.
+
+    Raises:
+        ValueError: it holds CR, LF, NUL or another control character (TAB is allowed).
+    """
+    match = _CONTROL.search(value)
+    if match is not None:
+        char = match.group()
+        name = _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
+        raise ValueError(
+            f"control character {name} at position {match.start()}: CR, LF, NUL and "
+            "other control characters are not allowed (header injection)"
+        )
     return value
 
 
 ServiceName = Annotated[str, AfterValidator(_service_name)]
 Address = Annotated[str, AfterValidator(_plain_address)]
-Line = Annotated[str, AfterValidator(_single_line)]
+Line = Annotated[str, AfterValidator(header_text)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 

@@ -218,6 +218,42 @@ def test_line_break_in_an_attachment_filename_is_refused(bad):
     assert error.field == "attachments[0].filename"
 
 
+# Every C0 control but TAB (CR, LF and NUL are above), DEL, and the characters that
+# str.splitlines() takes for line breaks.
+CONTROLS = [
+    chr(c) for c in [*range(1, 9), *range(11, 13), *range(14, 32), 0x7F, 0x85]
+] + ["\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=[f"U+{ord(c):04X}" for c in CONTROLS])
+def test_control_characters_are_refused_in_every_header_field(char):
+    """A control character (not only CR, LF, NUL) in the subject, a display name, an
+    address, a header value or an attachment filename is refused, naming that field."""
+    cases = [
+        ({"subject": f"Approval{char}needed"}, "subject"),
+        ({"to": [f"Eve{char}Example <eve@example.com>"]}, "to[0]"),
+        ({"cc": [{"address": "eve@example.com", "name": f"Eve{char}"}]}, "cc[0].name"),
+        ({"bcc": [f"eve{char}@example.com"]}, "bcc[0]"),
+        ({"reply_to": [{"address": f"eve{char}@example.com"}]}, "reply_to[0].address"),
+        ({"headers": {"X-Workflow": f"wf{char}7"}}, "headers.X-Workflow"),
+        (
+            {"attachments": [{"filename": f"a{char}.pdf", "content": _b64(PDF)}]},
+            "attachments[0].filename",
+        ),
+    ]
+    for fields, field in cases:
+        error = _refused(**fields)
+        assert error.field == field, (fields, error)
+        assert "control character" in str(error)
+
+
+def test_tab_is_allowed_in_header_text():
+    """TAB is whitespace RFC 5322 allows: it is kept in a subject and a display name."""
+    job = parse_job(_job(subject="a\tb", to=["Ann\tExample <ann@example.com>"]))
+    assert job.subject == "a\tb"
+    assert job.to[0].name == "Ann\tExample"
+
+
 # ---------------------------------------------------------------- headers
 
 

@@ -276,6 +276,16 @@ def test_password_and_password_file_together_are_refused(tmp_path):
     assert "password " in str(error)
 
 
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1b", "\x7f", "\u2028"])
+def test_control_character_in_from_display_name_is_refused(tmp_path, char):
+    """from_display_name goes into the From header: a control character is refused."""
+    escaped = f"\\u{ord(char):04x}"  # TOML's escape of the character
+    text = _smtp(extra=f'from_display_name = "Notify{escaped}"')
+    error = _refused(tmp_path, text)
+    assert error.field == "smtp[primary].from_display_name"
+    assert "control character" in str(error)
+
+
 # ---------------------------------------------------------------- environment
 
 
