@@ -184,7 +184,7 @@ class Producer:
             except JobValidationError as exc:
                 if len(jobs) == 1:
                     raise
-                raise JobValidationError(f"[{index}].{exc.field}", str(exc)) from None
+                raise JobValidationError(f"[{index}].{exc.field}", exc.reason) from None
         if bulk and len(jobs) > 1:
             return self._enqueue_bulk(jobs)
         ids: list[str] = []

@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -75,10 +75,65 @@ def _check_address(address: str) -> str:
     return result
 
 
-class Mailbox(BaseModel):
-    """An address with an optional display name."""
+class _JobModel(BaseModel):
+    """A part of a job: invalid input raises ``JobValidationError`` naming the field,
+    however the model is built (constructor, ``model_validate``, ``model_validate_json``,
+    ``model_validate_strings``), never pydantic's ``ValidationError``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    # Marks this __init__ as pydantic's own (as pydantic's RootModel does): a nested part
+    # (an address inside a Notification) is then still validated inside pydantic-core,
+    # with the whole path of the field at fault, instead of through one __init__ call each.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @classmethod
+    def model_validate(cls, obj: Any, **options: Any) -> Self:
+        """Validate ``obj`` (a dict, or an instance); see pydantic's ``model_validate``.
+
+        Raises:
+            JobValidationError: it is not a valid job part; ``field`` names the part.
+        """
+        try:
+            return super().model_validate(obj, **options)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    @classmethod
+    def model_validate_json(
+        cls, json_data: str | bytes | bytearray, **options: Any
+    ) -> Self:
+        """Validate a JSON document; see pydantic's ``model_validate_json``.
+
+        Raises:
+            JobValidationError: it is not valid JSON or not a valid job part.
+        """
+        try:
+            return super().model_validate_json(json_data, **options)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    @classmethod
+    def model_validate_strings(cls, obj: Any, **options: Any) -> Self:
+        """Validate string data; see pydantic's ``model_validate_strings``.
+
+        Raises:
+            JobValidationError: it is not a valid job part.
+        """
+        try:
+            return super().model_validate_strings(obj, **options)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+
+class Mailbox(_JobModel):
+    """An address with an optional display name."""
 
     address: Annotated[str, AfterValidator(header_text), AfterValidator(_check_address)]
     name: Annotated[str, AfterValidator(header_text), Field(max_length=200)] = ""
@@ -115,10 +170,20 @@ def _decode_content(value: object) -> object:
     return value
 
 
-class Attachment(BaseModel):
-    """A file attached to the notification; ``content`` is bytes (base64 on the wire)."""
+def _scalar(value: object) -> object:
+    # One clear reason instead of one error per member of the union below.
+    if value is not None and not isinstance(value, str | int | float):
+        raise ValueError(
+            f"must be a string, number, boolean or null, not {type(value).__name__}"
+        )
+    return value
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+MetadataValue = Annotated[str | int | float | bool | None, BeforeValidator(_scalar)]
+
+
+class Attachment(_JobModel):
+    """A file attached to the notification; ``content`` is bytes (base64 on the wire)."""
 
     filename: Annotated[Line, Field(min_length=1, max_length=255)]
     content_type: str = "application/octet-stream"
@@ -141,10 +206,14 @@ class Attachment(BaseModel):
         return value.lower()
 
 
-class Notification(BaseModel):
-    """One notification job (DESIGN §4)."""
+class Notification(_JobModel):
+    """One notification job (the README's "The job").
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Raises:
+        JobValidationError: on construction or validation of an invalid job; ``field``
+            names the part at fault (``to[0].address``, ``metadata.task``) and ``reason``
+            says why, in one line.
+    """
 
     to: MailboxList = Field(default_factory=list)
     cc: MailboxList = Field(default_factory=list)
@@ -159,7 +228,7 @@ class Notification(BaseModel):
     idempotency_key: Annotated[Line, Field(min_length=1, max_length=200)] | None = None
     priority: Literal["high", "normal", "bulk"] = "normal"
     not_after: datetime | None = None
-    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
 
     @field_validator("headers")
     @classmethod
@@ -279,29 +348,49 @@ def parse_job(data: object) -> Notification:
             f"{version!r} is not supported (this worker reads {SCHEMA_VERSION})",
         )
     fields = {k: v for k, v in data.items() if k != "schema_version"}
-    try:
-        return Notification.model_validate(fields)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    return Notification.model_validate(fields)
+
+
+# Steps of pydantic's schema that appear in an error's location but name no field.
+_SCHEMA_STEP = re.compile(r"^(function-[a-z]+|list|json-or-python|lax-or-strict)\[")
+_REASONS = {
+    "extra_forbidden": "unknown field",
+    "missing": "is required",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "dict_type": "must be an object",
+}
+
+
+def _reason(kind: str, message: str) -> str:
+    if kind in _REASONS:
+        return _REASONS[kind]
+    if kind == "json_invalid":
+        return "not valid JSON: " + message.removeprefix("Invalid JSON: ")
+    message = message.removeprefix("Value error, ")
+    return (
+        "must be " + message[16:] if message.startswith("Input should be ") else message
+    )
 
 
 def validation_error(exc: ValidationError) -> JobValidationError:
-    """Turn pydantic's first error into a JobValidationError naming the field."""
-    error = exc.errors()[0]
+    """Turn pydantic's first error into a JobValidationError naming the field.
+
+    Args:
+        exc: what pydantic raised.
+
+    Returns:
+        The error, with the field as a path (``to[0].address``) and one reason.
+    """
+    error = exc.errors(include_url=False)[0]
     parts: list[str] = []
     for item in error["loc"]:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif item not in ("function-after", "function-before") and not str(
-            item
-        ).startswith(("function-", "list[", "str", "bytes")):
-            parts.append(str(item))
+        elif not _SCHEMA_STEP.match(item):
+            parts.append(item)
     field = ".".join(parts)
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    elif error["type"] == "missing":
-        message = "is required"
+    message = _reason(error["type"], str(error["msg"]))
     if not field and ": " in message and message.split(": ", 1)[0].isidentifier():
         field, message = message.split(": ", 1)
     return JobValidationError(field or "job", message)

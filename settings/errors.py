@@ -22,8 +22,18 @@ class ConfigError(MailworkerError, ValueError):
 
 
 class JobValidationError(MailworkerError, ValueError):
-    """A notification is invalid; ``field`` names the part at fault. Never retried."""
+    """A notification is invalid; ``field`` names the part at fault, ``reason`` says why.
+
+    Raised however a job is built (``Notification(...)``, ``model_validate``, JSON,
+    ``parse_job``), never pydantic's own ``ValidationError``; it is a ``ValueError``.
+    Never retried.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
+        self.reason = message
         super().__init__(f"{field}: {message}" if field else message)
+
+    def __reduce__(self) -> tuple[type[JobValidationError], tuple[str, str]]:
+        # Pickled (e.g. by a process pool) with the two arguments it is built from.
+        return type(self), (self.field, self.reason)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pydantic
 import pytest
 
 from producers import JobValidationError, Notification, parse_job
-from producers.job import SCHEMA_VERSION, Attachment
+from producers.job import SCHEMA_VERSION, Attachment, Mailbox
 from settings import Limits
 
 PDF = b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n"
@@ -435,6 +437,75 @@ def test_nested_metadata_value_is_refused():
 def test_oversized_metadata_is_refused():
     """Metadata larger than 4 KiB is refused."""
     assert _refused(metadata={"blob": "x" * 5000}).field == "metadata"
+
+
+# ---------------------------------------------------------------- however a job is built
+
+
+BUILDERS = {
+    "constructor": lambda fields: Notification(**fields),
+    "model_validate": Notification.model_validate,
+    "model_validate_json": lambda fields: Notification.model_validate_json(
+        json.dumps(fields)
+    ),
+    "parse_job": parse_job,
+}
+
+
+@pytest.mark.parametrize("build", BUILDERS.values(), ids=BUILDERS.keys())
+@pytest.mark.parametrize(
+    ("fields", "field", "reason"),
+    [
+        ({"to": ["bad"]}, "to[0].address", "'bad' is not an e-mail address"),
+        (
+            {"metadata": {"task": {"id": 1}}},
+            "metadata.task",
+            "must be a string, number, boolean or null, not dict",
+        ),
+        ({"priority": "urgent"}, "priority", "must be 'high', 'normal' or 'bulk'"),
+        ({"subject": 7}, "subject", "must be a valid string"),
+        ({"colour": "blue"}, "colour", "unknown field"),
+        ({"attachments": [7]}, "attachments[0]", "must be an object"),
+    ],
+)
+def test_an_invalid_job_raises_job_validation_error_however_it_is_built(
+    build, fields, field, reason
+):
+    """Constructor, model_validate, model_validate_json and parse_job all raise
+    JobValidationError with the field and one reason, never pydantic's ValidationError."""
+    with pytest.raises(JobValidationError) as info:
+        build(_job(**fields))
+    error = info.value
+    assert (error.field, error.reason) == (field, reason)
+    assert str(error) == f"{field}: {reason}"
+    assert not isinstance(error, pydantic.ValidationError)
+    assert "pydantic" not in str(error)
+    assert isinstance(error, ValueError)  # code that caught ValueError still does
+
+
+def test_invalid_parts_raise_job_validation_error_when_built_alone():
+    """Mailbox and Attachment built on their own raise JobValidationError too."""
+    with pytest.raises(JobValidationError) as info:
+        Mailbox(address="nobody")
+    assert info.value.field == "address"
+    with pytest.raises(JobValidationError) as info:
+        Attachment(filename="a/b.pdf", content=b"x")
+    assert info.value.field == "filename"
+    with pytest.raises(JobValidationError) as info:
+        Notification.model_validate_json(b"{not json")
+    assert info.value.field == "job" and "not valid JSON" in info.value.reason
+
+
+def test_job_validation_error_survives_pickling():
+    """A JobValidationError crosses a process pool with its field and reason."""
+    with pytest.raises(JobValidationError) as info:
+        Notification(to=["bad"], subject="s", text="t")
+    copy = pickle.loads(pickle.dumps(info.value))  # noqa: S301 - our own bytes
+    assert (copy.field, copy.reason, str(copy)) == (
+        info.value.field,
+        info.value.reason,
+        str(info.value),
+    )
 
 
 # ---------------------------------------------------------------- limits

@@ -141,6 +141,9 @@ def test_enqueue_many_returns_ids_in_order_and_validates_all_first(
             [_notification(), _notification(to=["a@example.org", "b@example.org"])]
         )
     assert caught.value.field == "[1].to"
+    assert (
+        str(caught.value) == "[1].to: 2 recipients; at most 1 (limits.max_recipients)"
+    )
     assert redis_client.llen(f"{namespace}:mail") == 1200 // BATCH_SIZE
 
 
