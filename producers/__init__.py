@@ -8,13 +8,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from producers.enqueue import BrokerUnavailableError, Producer
+from producers.enqueue import (
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    Producer,
+)
 from producers.job import SCHEMA_VERSION, Attachment, Mailbox, Notification, parse_job
 from settings import JobValidationError, load_settings
 
 __all__ = [
     "SCHEMA_VERSION",
     "Attachment",
+    "BrokerAuthenticationError",
     "BrokerUnavailableError",
     "JobValidationError",
     "Mailbox",

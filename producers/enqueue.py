@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import redis
@@ -35,7 +36,14 @@ from producers.keys import (
 )
 from settings import JobValidationError, Limits, MailworkerError, Settings, public_url
 
-__all__ = ["BrokerUnavailableError", "Producer", "connect", "wire_message"]
+__all__ = [
+    "BrokerAuthenticationError",
+    "BrokerUnavailableError",
+    "Producer",
+    "broker_error",
+    "connect",
+    "wire_message",
+]
 
 # KEYS: queue list, queue hash, status hash, idempotency key ("" for none)
 # ARGV: redis message id, payload, job id, status fields (JSON), status ttl, idem ttl, payload hash
@@ -67,7 +75,54 @@ _CHUNK = 500
 
 
 class BrokerUnavailableError(MailworkerError):
-    """The broker (Redis) cannot be reached; nothing was enqueued."""
+    """The broker (Redis) cannot be reached or used; nothing was enqueued (CLI exit 4)."""
+
+
+class BrokerAuthenticationError(BrokerUnavailableError):
+    """The broker refused the login of ``broker_url`` (password or ACL user), or the ACL
+    user may not run a command mailworker needs; nothing was enqueued (CLI exit 4)."""
+
+
+def broker_error(label: str, exc: redis.RedisError) -> BrokerUnavailableError:
+    """The error for a failed broker call, in words that say what the broker did.
+
+    Args:
+        label: the broker URL with its password masked (``public_url``).
+        exc: what redis-py raised.
+
+    Returns:
+        A ``BrokerAuthenticationError`` when the broker refused the login or a command
+        (its message says which, and how to fix it), else a ``BrokerUnavailableError``.
+        Neither message holds a secret.
+    """
+    parts = urlsplit(label)
+    user = f"ACL user {parts.username!r}" if parts.username else "the default user"
+    kind = exc.__class__.__name__
+    if isinstance(exc, redis.AuthenticationError):
+        if parts.password is None and "password=" not in parts.query:
+            return BrokerAuthenticationError(
+                f"broker {label} requires a password ({kind}): give it in broker_url "
+                "or MAILWORKER_BROKER_URL as redis://[user]:password@host:port/db"
+            )
+        return BrokerAuthenticationError(
+            f"broker {label} refused the login ({kind}): the password in broker_url is "
+            f"wrong, or {user} is unknown or disabled"
+        )
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return BrokerAuthenticationError(
+            f"broker {label} refused a command to {user} ({kind}: {exc}): its ACL must "
+            "allow mailworker's commands on the namespace's keys and channels"
+        )
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return BrokerUnavailableError(
+            f"broker {label} is a read-only replica ({kind}): point broker_url at the "
+            "primary"
+        )
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return BrokerUnavailableError(
+            f"broker {label} is still loading its data set ({kind}): try again"
+        )
+    return BrokerUnavailableError(f"broker {label} unreachable: {kind}")
 
 
 def connect(url: str, *, ca_bundle: Path | None = None) -> redis.Redis:
@@ -234,9 +289,7 @@ class Producer:
                     self._batch(keys=keys, args=args, client=pipe)
                 return list(pipe.execute())
         except redis.RedisError as exc:
-            raise BrokerUnavailableError(
-                f"broker {self._label} unreachable: {exc.__class__.__name__}"
-            ) from None
+            raise broker_error(self._label, exc) from None
 
     def _enqueue_chunk(self, jobs: Sequence[Notification], offset: int) -> list[str]:
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -246,9 +299,7 @@ class Producer:
                     self._queue_call(pipe, job, now)
                 replies = pipe.execute()
         except redis.RedisError as exc:
-            raise BrokerUnavailableError(
-                f"broker {self._label} unreachable: {exc.__class__.__name__}"
-            ) from None
+            raise broker_error(self._label, exc) from None
         ids = []
         for index, (state, job_id) in enumerate(replies):
             if state == b"conflict":

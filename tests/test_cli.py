@@ -260,6 +260,23 @@ def test_unreachable_broker_exits_4(redis_url, write_config, given):
         assert "deadpw987" not in cause
 
 
+def test_broker_refusing_the_password_exits_4_saying_so(private_redis, write_config):
+    """`send` and `status` against a broker that refuses the password exit 4 with a
+    cause that says the login was refused (not "unreachable"), password masked."""
+    private_redis.client().config_set("requirepass", "the-right-one")
+    wrong = f"redis://:{BROKER_PASSWORD}@127.0.0.1:{private_redis.port}/0"
+    config = write_config(broker_url=wrong)
+    sent = mailworker(*SEND, config=config)
+    status = mailworker("status", "some-job-id", config=config)
+    for result in (sent, status):
+        assert result.returncode == 4, result.stderr
+        cause = one_line_cause(result)
+        assert f"broker redis://:***@127.0.0.1:{private_redis.port}/0" in cause
+        assert "refused the login" in cause and "password" in cause
+        assert "unreachable" not in cause
+        assert BROKER_PASSWORD not in cause + result.stdout
+
+
 def test_broker_url_flag_overrides_the_environment(redis_url, write_config, namespace):
     """`--broker-url` wins over MAILWORKER_BROKER_URL, which wins over the config."""
     config = write_config(broker_url=f"redis://127.0.0.1:{free_port()}/0")

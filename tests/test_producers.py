@@ -10,8 +10,15 @@ import pytest
 import redis
 
 import producers
-from producers import BrokerUnavailableError, JobValidationError, Notification, Producer
+from producers import (
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    JobValidationError,
+    Notification,
+    Producer,
+)
 from producers.keys import BATCH_SIZE
+from settings import Settings
 from tests.conftest import free_port
 from tests.helpers import wire_enqueue
 from worker.status import StatusStore
@@ -168,3 +175,49 @@ def test_module_enqueue_many_takes_bulk_as_the_readme_writes_it(
     messages = [json.loads(p) for p in redis_client.hvals(f"{namespace}:mail.msgs")]
     assert {m["actor_name"] for m in messages} == {"deliver"}
     assert sorted(m["message_id"] for m in messages) == sorted(ids)
+
+
+BROKER_PASSWORD = "broker-pw-5150"
+
+
+@pytest.fixture
+def locked_redis(private_redis):
+    """The test's own redis-server with a password, and an ACL user that may only PING."""
+    admin = private_redis.client()
+    admin.config_set("requirepass", BROKER_PASSWORD)
+    admin = redis.Redis(port=private_redis.port, password=BROKER_PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "pinger", "on", ">pinger-pw", "~*", "+ping")
+    return private_redis
+
+
+@pytest.mark.parametrize(
+    ("credentials", "shown", "words"),
+    [
+        (":wrong-pw-1", ":***@", "refused the login"),
+        (
+            "nobody:wrong-pw-1",
+            "nobody:***@",
+            "ACL user 'nobody' is unknown or disabled",
+        ),
+        ("", "", "requires a password"),
+        ("pinger:pinger-pw", "pinger:***@", "refused a command to ACL user 'pinger'"),
+    ],
+    ids=["wrong-password", "unknown-user", "no-password", "acl-forbids-command"],
+)
+def test_broker_refusing_the_login_is_reported_as_such(
+    locked_redis, credentials, shown, words
+):
+    """A broker that refuses the password, the ACL user or a command raises
+    BrokerAuthenticationError (a BrokerUnavailableError) saying so, never
+    "unreachable", with the broker named and its password masked."""
+    at = "@" if credentials else ""
+    url = f"redis://{credentials}{at}127.0.0.1:{locked_redis.port}/0"
+    producer = Producer.from_settings(Settings(), broker_url=url)
+    with pytest.raises(BrokerAuthenticationError) as caught:
+        producer.enqueue(_notification())
+    message = str(caught.value)
+    assert isinstance(caught.value, BrokerUnavailableError)
+    assert f"redis://{shown}127.0.0.1:{locked_redis.port}/0" in message
+    assert words in message
+    assert "unreachable" not in message
+    assert "wrong-pw-1" not in message and "pinger-pw" not in message

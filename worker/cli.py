@@ -23,7 +23,7 @@ from producers.cli import (
     fail,
     send,
 )
-from producers.enqueue import connect
+from producers.enqueue import broker_error, connect
 from producers.keys import QUEUES
 from settings import ConfigError, Settings, config_path, load_settings, public_url
 from worker.cli_dead import dead
@@ -271,10 +271,7 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
     try:
         record = store.get(job_id)
     except redis.RedisError as exc:
-        fail(
-            EXIT_BROKER,
-            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
-        )
+        fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     if record is None:
         fail(EXIT_NOT_FOUND, f"no job {job_id} (unknown, or expired after status.ttl)")
     if as_json:
