@@ -34,7 +34,15 @@ from producers.keys import (
     wake_channel,
     wake_gate_key,
 )
-from settings import JobValidationError, Limits, MailworkerError, Settings, public_url
+from settings import (
+    ConfigError,
+    JobValidationError,
+    Limits,
+    MailworkerError,
+    Settings,
+    public_url,
+)
+from settings.models import NAMESPACE
 
 __all__ = [
     "BrokerAuthenticationError",
@@ -186,7 +194,12 @@ class Producer:
     def from_settings(
         cls, settings: Settings, *, broker_url: str | None = None
     ) -> Producer:
-        """Build a producer from the configuration (only broker and limits are used)."""
+        """Build a producer from the configuration (only broker and limits are used).
+
+        Args:
+            settings: e.g. ``settings.load_settings(Path("/etc/mailworker.toml"))``.
+            broker_url: overrides ``settings.broker_url``.
+        """
         url = broker_url or settings.broker_url.get_secret_value()
         return cls(
             connect(url, ca_bundle=settings.broker_ca_bundle),
@@ -195,6 +208,42 @@ class Producer:
             status_ttl=settings.status.ttl,
             idempotency_ttl=settings.status.idempotency_ttl,
             broker_label=public_url(url),
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        broker_url: str,
+        *,
+        namespace: str = "mailworker",
+        limits: Limits | None = None,
+        status_ttl: float = 7 * 86400,
+        idempotency_ttl: float = 86400,
+        ca_bundle: Path | None = None,
+    ) -> Producer:
+        """Build a producer for one broker, without reading any configuration.
+
+        Args:
+            broker_url: ``redis://[user:password@]host:port/db`` or ``rediss://…``, the
+                workers' ``broker_url``.
+            namespace: the workers' ``namespace``.
+            limits: the workers' ``[limits]`` (default: the defaults).
+            status_ttl: the workers' ``status.ttl``, in seconds.
+            idempotency_ttl: the workers' ``status.idempotency_ttl``, in seconds.
+            ca_bundle: extra trust for ``rediss://``.
+
+        Raises:
+            ConfigError: ``namespace`` is not a valid namespace.
+        """
+        if not NAMESPACE.match(namespace):
+            raise ConfigError("namespace", f"{namespace!r} is not a valid namespace")
+        return cls(
+            connect(broker_url, ca_bundle=ca_bundle),
+            namespace=namespace,
+            limits=limits,
+            status_ttl=status_ttl,
+            idempotency_ttl=idempotency_ttl,
+            broker_label=public_url(broker_url),
         )
 
     def enqueue(self, notification: Notification) -> str:

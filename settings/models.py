@@ -39,6 +39,7 @@ _ADDRESS = re.compile(
     r"^[^@\s<>\"(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
 )
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _service_name(value: str) -> str:
@@ -262,7 +263,7 @@ class Settings(BaseSettings):
 
     broker_url: SecretStr = SecretStr(DEFAULT_BROKER_URL)
     broker_ca_bundle: Path | None = None
-    namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "mailworker"
+    namespace: Annotated[str, Field(pattern=NAMESPACE.pattern)] = "mailworker"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_recipients: Literal["full", "domain", "hash"] = "full"
     redirect_all_to: Address = ""

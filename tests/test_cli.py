@@ -186,6 +186,36 @@ def test_status_of_unknown_id_exits_3(redis_url, write_config, as_json):
     assert "no-such-job-0000" in one_line_cause(result)
 
 
+def test_commands_on_the_default_broker_say_so(redis_url, tmp_path):
+    """Run where no configuration is found, `send` notes on stderr that it uses the
+    default broker, and `status` says where it looked for the job."""
+    # A deadline in the past is refused at enqueue, before anything is written.
+    past = ("--not-after", "2001-01-01T00:00:00Z")
+    sent = mailworker(*SEND, *past, config=None, cwd=tmp_path)
+    assert sent.returncode == 2
+    note, cause = sent.stderr.splitlines()
+    assert note == (
+        "mailworker: note: no configuration file and no MAILWORKER_BROKER_URL: "
+        "using redis://127.0.0.1:6379/0, namespace 'mailworker'"
+    )
+    assert "not_after" in cause
+    status = mailworker("status", "no-such-job-0000", config=None, cwd=tmp_path)
+    assert status.returncode == 3
+    assert one_line_cause(status) == (
+        "mailworker: no job no-such-job-0000 in redis://127.0.0.1:6379/0 namespace "
+        "'mailworker' (the defaults: no configuration file, no MAILWORKER_BROKER_URL): "
+        "unknown, or expired after status.ttl"
+    )
+    configured = mailworker(
+        *SEND,
+        *past,
+        config=None,
+        cwd=tmp_path,
+        env={"MAILWORKER_BROKER_URL": REDIS_URL},
+    )
+    assert "note" not in configured.stderr
+
+
 @pytest.mark.parametrize("source", ["file", "stdin"])
 def test_send_json_from_file_or_stdin(
     redis_url, write_config, redis_client, namespace, tmp_path, source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from producers import (
     Producer,
 )
 from producers.keys import BATCH_SIZE
-from settings import Settings
+from settings import ConfigError, Settings
 from tests.conftest import free_port
 from tests.helpers import wire_enqueue
 from worker.status import StatusStore
@@ -221,3 +222,69 @@ def test_broker_refusing_the_login_is_reported_as_such(
     assert words in message
     assert "unreachable" not in message
     assert "wrong-pw-1" not in message and "pinger-pw" not in message
+
+
+def _python(code: str, cwd, env: dict[str, str] | None = None):
+    """Run ``code`` in a fresh interpreter in ``cwd`` with only the given MAILWORKER_*."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+
+# Builds the default producer twice, as enqueue() does; connecting is lazy, so nothing
+# is written to any Redis.
+DEFAULT_TWICE = (
+    "import producers\nproducers.default_producer()\nproducers.default_producer()\n"
+)
+
+
+def test_default_configuration_warns_once_naming_the_broker(tmp_path):
+    """Without MAILWORKER_CONFIG, ./mailworker.toml and MAILWORKER_BROKER_URL the default
+    producer warns once, on stderr, that it uses the default broker, and how to choose."""
+    out = _python(DEFAULT_TWICE, tmp_path)
+    assert out.stderr.count("DefaultConfigurationWarning") == 1, out.stderr
+    assert "<string>:2:" in out.stderr  # points at the caller's line
+    assert "redis://127.0.0.1:6379/0" in out.stderr
+    assert "Producer.from_url" in out.stderr and str(tmp_path) in out.stderr
+
+
+@pytest.mark.parametrize("given", ["file", "config-variable", "broker-variable"])
+def test_default_producer_does_not_warn_when_configured(tmp_path, given):
+    """A mailworker.toml, MAILWORKER_CONFIG or MAILWORKER_BROKER_URL: no warning."""
+    config = tmp_path / "conf" / "mailworker.toml"
+    config.parent.mkdir()
+    config.write_text('namespace = "elsewhere"\n')
+    cwd, env = tmp_path, {}
+    if given == "file":
+        cwd = config.parent
+    elif given == "config-variable":
+        env = {"MAILWORKER_CONFIG": str(config)}
+    else:
+        env = {"MAILWORKER_BROKER_URL": "redis://127.0.0.1:6390/0"}
+    out = _python(DEFAULT_TWICE, cwd, env)
+    assert out.stderr == ""
+
+
+def test_producer_from_url_enqueues_on_that_broker_and_namespace(
+    redis_url, redis_client, namespace
+):
+    """Producer.from_url reads no configuration: the job lands on the given broker."""
+    producer = Producer.from_url(redis_url, namespace=namespace)
+    job_id = producers.enqueue(_notification(), producer=producer)
+    [payload] = redis_client.hvals(f"{namespace}:mail.msgs")
+    assert json.loads(payload)["message_id"] == job_id
+
+
+def test_producer_from_url_refuses_a_bad_namespace():
+    """A namespace the workers could not have is a ConfigError naming it."""
+    with pytest.raises(ConfigError) as caught:
+        Producer.from_url("redis://127.0.0.1:6379/0", namespace="has space")
+    assert caught.value.field == "namespace"

@@ -20,6 +20,7 @@ from producers.cli import (
     EXIT_FAILED,
     EXIT_NOT_FOUND,
     EXIT_USAGE,
+    defaults_in_use,
     fail,
     send,
 )
@@ -273,7 +274,13 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
     except redis.RedisError as exc:
         fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     if record is None:
-        fail(EXIT_NOT_FOUND, f"no job {job_id} (unknown, or expired after status.ttl)")
+        where = f"{public_url(url)} namespace {settings.namespace!r}"
+        if defaults_in_use(broker_url):
+            where += " (the defaults: no configuration file, no MAILWORKER_BROKER_URL)"
+        fail(
+            EXIT_NOT_FOUND,
+            f"no job {job_id} in {where}: unknown, or expired after status.ttl",
+        )
     if as_json:
         click.echo(orjson.dumps(record).decode())
     else:
