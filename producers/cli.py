@@ -36,8 +36,15 @@ EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BROKER = 1, 2, 3, 4
 
 
 def fail(code: int, message: str) -> NoReturn:
-    """Print the one-line cause on stderr and exit with ``code``."""
-    click.echo(f"mailworker: {message}", err=True)
+    """Print the cause on stderr, one line per problem, and exit with ``code``.
+
+    A ``ConfigError`` with several problems is one line each: the lines after the first
+    get its ``configuration:`` label too, so every line stands alone.
+    """
+    first, *rest = message.splitlines() or [""]
+    label = "configuration: " if first.startswith("configuration: ") else ""
+    for line in [first, *(label + more for more in rest)]:
+        click.echo(f"mailworker: {line}", err=True)
     sys.exit(code)
 
 
@@ -49,7 +56,7 @@ def make_producer(broker_url: str | None) -> Producer:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        fail(EXIT_USAGE, str(exc))
+        fail(EXIT_USAGE, f"configuration: {exc}")
     if defaults_in_use(broker_url):
         click.echo(
             "mailworker: note: no configuration file and no MAILWORKER_BROKER_URL: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -10,10 +11,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from settings.errors import ConfigError
-from settings.models import Settings
+from settings.models import (
+    Breaker,
+    IntegratedService,
+    Limits,
+    OpenAuthService,
+    Retry,
+    Settings,
+    SmtpConnection,
+    Status,
+)
 
 __all__ = ["config_path", "load_settings", "public_url", "read_secret"]
 
@@ -46,6 +56,10 @@ def load_settings(
 ) -> Settings:
     """Read and validate the configuration once per process.
 
+    A secret set through the environment replaces the same secret's other form in the
+    file (``MAILWORKER_SMTP__PRIMARY__PASSWORD`` drops that connection's
+    ``password_file``, and the other way round).
+
     Args:
         path: the TOML file; default ``config_path(environ)``.
         environ: the environment (default: ``os.environ``).
@@ -54,16 +68,22 @@ def load_settings(
         The validated settings. Secret files are not read here: see ``read_secret``.
 
     Raises:
-        ConfigError: the file is unreadable, or a key or variable is wrong; names it.
+        ConfigError: the file is unreadable, or keys or variables are wrong: every
+            problem found, each naming its key (or the variable that set it).
     """
     env = dict(os.environ if environ is None else environ)
     path = path if path is not None else config_path(env)
     data: dict[str, Any] = _read_toml(path) if path is not None else {}
-    _apply_environment(data, env)
+    origins: dict[tuple[str | int, ...], str] = {}
+    problems = _apply_environment(data, env, origins)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        raise _config_error(exc, data, path) from None
+        problems += _problems(exc, data, path, origins)
+    if problems:
+        (field, message), *more = problems
+        raise ConfigError(field, message, more=more)
+    return settings
 
 
 def read_secret(
@@ -129,12 +149,35 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
 
 
-def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> None:
+# A secret and its *_file form: one given through the environment replaces the other.
+_SECRET_FORMS = {
+    "password": "password_file",
+    "client_secret": "client_secret_file",
+    "private_key_passphrase": "private_key_passphrase_file",
+}
+_SECRET_FORMS |= {file: inline for inline, file in _SECRET_FORMS.items()}
+_VARIABLE_HELP = (
+    "use MAILWORKER_BROKER_URL, MAILWORKER_CONFIG or "
+    "MAILWORKER_<SMTP|OPENAUTH|INTEGRATED_SERVICES>__<NAME>__<KEY>"
+)
+
+
+def _apply_environment(
+    data: dict[str, Any],
+    env: Mapping[str, str],
+    origins: dict[tuple[str | int, ...], str],
+) -> list[tuple[str, str]]:
+    """Merge the MAILWORKER_* variables into ``data``; return what is wrong with them.
+
+    ``origins`` receives the location in ``data`` of each key a variable set.
+    """
+    problems: list[tuple[str, str]] = []
     for var, value in sorted(env.items()):
         if not var.startswith(PREFIX) or var == "MAILWORKER_CONFIG":
             continue
         if var == "MAILWORKER_BROKER_URL":
             data["broker_url"] = value
+            origins[("broker_url",)] = var
             continue
         parts = var[len(PREFIX) :].split("__")
         if (
@@ -143,19 +186,43 @@ def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> None:
             or not parts[1]
             or not parts[2]
         ):
-            raise ConfigError(
-                var,
-                "unknown variable: use MAILWORKER_BROKER_URL, MAILWORKER_CONFIG or "
-                "MAILWORKER_<SMTP|OPENAUTH|INTEGRATED_SERVICES>__<NAME>__<KEY>",
-            )
+            problems.append((var, f"unknown variable{_variable_hint(var)}"))
+            continue
         section = _NAMED_SECTIONS[parts[0]]
-        entry = _named_entry(data, section, parts[1], var)
-        entry[parts[2].lower()] = _env_value(value)
+        found = _named_entry(data, section, parts[1])
+        if found is None:
+            problems.append(
+                (
+                    var,
+                    f"no {section} service named {parts[1].lower()!r} in the config file",
+                )
+            )
+            continue
+        where, entry = found
+        key = parts[2].lower()
+        entry[key] = _env_value(value)
+        origins[(section, where, key)] = var
+        other = _SECRET_FORMS.get(key)
+        if other in entry and (section, where, other) not in origins:
+            del entry[other]  # the environment's secret wins over the file's
+    return problems
+
+
+def _variable_hint(var: str) -> str:
+    parts = var[len(PREFIX) :].split("__")
+    known = ["BROKER_URL", "CONFIG", *_NAMED_SECTIONS]
+    match = difflib.get_close_matches(parts[0], known, n=1, cutoff=0.75)
+    if match and match[0] != parts[0]:
+        fixed = PREFIX + "__".join([match[0], *parts[1:]])
+        return f" (did you mean {fixed}?)"
+    return f": {_VARIABLE_HELP}"
 
 
 def _named_entry(
-    data: dict[str, Any], section: str, env_name: str, var: str
-) -> dict[str, Any]:
+    data: dict[str, Any], section: str, env_name: str
+) -> tuple[str | int, dict[str, Any]] | None:
+    """The file's entry a variable names, and its place in the section (index or name)."""
+
     def matches(name: object) -> bool:
         return isinstance(name, str) and name.upper().replace("-", "_") == env_name
 
@@ -164,16 +231,14 @@ def _named_entry(
         if isinstance(services, dict):
             for name, entry in services.items():
                 if matches(name) and isinstance(entry, dict):
-                    return entry
+                    return name, entry
     else:
         entries = data.setdefault(section, [])
         if isinstance(entries, list):
-            for entry in entries:
+            for index, entry in enumerate(entries):
                 if isinstance(entry, dict) and matches(entry.get("name")):
-                    return entry
-    raise ConfigError(
-        var, f"no {section} service named {env_name.lower()!r} in the config file"
-    )
+                    return index, entry
+    return None
 
 
 def _env_value(value: str) -> Any:
@@ -186,16 +251,86 @@ def _env_value(value: str) -> Any:
     return value
 
 
-def _config_error(
-    exc: ValidationError, data: dict[str, Any], path: Path | None
-) -> ConfigError:
-    error = exc.errors()[0]
-    field = _field_name(error["loc"], data)
+# The model behind each section, for "did you mean" on an unknown key.
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "limits": Limits,
+    "retry": Retry,
+    "breaker": Breaker,
+    "status": Status,
+    "smtp": SmtpConnection,
+    "openauth": OpenAuthService,
+    "integrated_services": IntegratedService,
+}
+_LISTS = {"smtp": "connection", "openauth": "service"}
+
+
+def _problems(
+    exc: ValidationError,
+    data: dict[str, Any],
+    path: Path | None,
+    origins: dict[tuple[str | int, ...], str],
+) -> list[tuple[str, str]]:
+    """Every error pydantic found, once per field, each as (field, message)."""
+    problems: dict[str, str] = {}
     where = f"{path}: " if path is not None else ""
-    if error["type"] == "extra_forbidden":
-        return ConfigError(field, f"{where}unknown key")
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        field = _field_name(loc, data)
+        var = origins.get(loc[:3]) or origins.get(loc[:1])
+        if error["type"] == "extra_forbidden":
+            guess = _did_you_mean(loc)
+            if guess:
+                guess = (
+                    repr(guess)
+                    if var is None
+                    else var.rsplit("__", 1)[0] + "__" + guess.upper()
+                )
+            message = f"unknown key (did you mean {guess}?)" if guess else "unknown key"
+        else:
+            message = _message(error, loc, data)
+        if var is not None:
+            field, message = var, f"{field}: {message}"
+        else:
+            message = where + message
+        problems.setdefault(field, message)
+    return list(problems.items())
+
+
+def _message(error: Any, loc: tuple[str | int, ...], data: dict[str, Any]) -> str:
+    kind = error["type"]
+    section = loc[0] if len(loc) == 1 else None
+    given = data.get(section) if isinstance(section, str) else None
+    if kind == "list_type" and section in _LISTS and isinstance(given, dict):
+        return (
+            f"must be a list of {_LISTS[section]}s: write [[{section}]] (two brackets) "
+            f"above each {_LISTS[section]}, not [{section}]"
+        )
+    if kind == "dict_type" and section == "integrated_services" and given is not None:
+        return (
+            "must be a table of service accounts: write [integrated_services.NAME] "
+            "above each, not [[integrated_services]]"
+        )
+    if kind == "model_type" and section in _SECTIONS and isinstance(given, list):
+        return f"must be one table: write [{section}], not [[{section}]]"
     message = str(error["msg"]).removeprefix("Value error, ")
-    return ConfigError(field, f"{where}{message}")
+    if message.startswith("Input should be "):
+        message = "must be " + message.removeprefix("Input should be ")
+    return message
+
+
+def _did_you_mean(loc: tuple[str | int, ...]) -> str:
+    """The known key closest to an unknown one at ``loc``, or ""."""
+    key = loc[-1]
+    if not isinstance(key, str):
+        return ""
+    if len(loc) == 1:
+        model: type[BaseModel] = Settings
+    elif isinstance(loc[0], str) and loc[0] in _SECTIONS:
+        model = _SECTIONS[loc[0]]
+    else:
+        return ""
+    match = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    return match[0] if match else ""
 
 
 def _field_name(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:

@@ -163,10 +163,7 @@ class SmtpConnection(_Section):
 
     @model_validator(mode="after")
     def _rules(self) -> SmtpConnection:
-        if self.ssl is False and self.security in ("starttls", "tls"):
-            raise ValueError(f"ssl = false contradicts security = {self.security!r}")
-        if self.ssl is True and self.security == "none":
-            raise ValueError("ssl = true contradicts security = 'none'")
+        self._ssl_agrees()
         if self.password is not None and self.password_file is not None:
             raise ValueError("give password or password_file, not both")
         auth = self.effective_auth
@@ -179,6 +176,20 @@ class SmtpConnection(_Section):
         if auth == "xoauth2" and not self.username:
             raise ValueError("auth = 'xoauth2' needs username (the mailbox)")
         return self
+
+    def _ssl_agrees(self) -> None:
+        """Refuse an ``ssl`` that says another TLS mode than ``security``."""
+        if self.ssl is None or self.security is None:
+            return
+        port = self.port or {"tls": 465, "starttls": 587, "none": 25}[self.security]
+        implied = ("tls" if port == 465 else "starttls") if self.ssl else "none"
+        if implied != self.security:
+            on = f" on port {port}" if self.ssl else ""
+            raise ValueError(
+                f"ssl = {'true' if self.ssl else 'false'}{on} means security = "
+                f"{implied!r}, which contradicts security = {self.security!r}: "
+                "give ssl or security, not both"
+            )
 
     @property
     def effective_security(self) -> Security:

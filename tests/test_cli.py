@@ -401,6 +401,27 @@ def test_config_check_unknown_key_exits_2(write_config, data, key):
     assert "unknown key" in cause
 
 
+def test_config_check_reports_every_error_one_line_each(write_config):
+    """Several mistakes exit 2 with one stderr line each, each naming its field."""
+    config = write_config(
+        nmespace="x",
+        smtp={"name": "primary", "from_address": "a@example.com", "server": "s"},
+    )
+    env = {"MAILWORKER_SMTP__PRIMARY__PASWORD": "x"}
+    result = mailworker("config", "check", config=config, env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[:3] for line in lines] == [
+        ["mailworker", "configuration", "MAILWORKER_SMTP__PRIMARY__PASWORD"],
+        ["mailworker", "configuration", "smtp"],
+        ["mailworker", "configuration", "nmespace"],
+    ]
+    assert "no smtp service named 'primary'" in lines[0]
+    assert "write [[smtp]] (two brackets)" in lines[1]
+    assert "did you mean 'namespace'?" in lines[2]
+
+
 def test_config_check_unknown_variable_exits_2(write_config):
     """An unknown MAILWORKER_FOO variable exits 2 and names the variable."""
     config = write_config()
