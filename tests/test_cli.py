@@ -371,13 +371,118 @@ def test_config_check_masks_every_secret(write_config, tmp_path, source):
 
 def test_config_check_masks_broker_password_from_environment(write_config):
     """A password in MAILWORKER_BROKER_URL is masked too, and that URL is the one shown."""
-    config = write_config(broker_url="redis://127.0.0.1:6379/0")
+    config = write_config(broker_url="redis://127.0.0.1:6379/0", smtp=_services({})[1:])
     env = {"MAILWORKER_BROKER_URL": "redis://:envbrokerpw55@127.0.0.1:6379/1"}
     result = mailworker("config", "check", config=config, env=env)
     assert result.returncode == 0, result.stderr
     assert "envbrokerpw55" not in result.stdout + result.stderr
-    assert 'broker_url = "redis://:***@127.0.0.1:6379/1"' in result.stdout.splitlines()
-    assert result.stdout.splitlines()[-1] == "# delivery order: no enabled service"
+    lines = result.stdout.splitlines()
+    assert 'broker_url = "redis://:***@127.0.0.1:6379/1"' in lines
+    assert lines[1].startswith("# broker: redis://:***@127.0.0.1:6379/1, namespace ")
+    assert lines[-1] == "# delivery order: backup (smtp)"
+
+
+@pytest.mark.parametrize(
+    ("smtp", "cause"),
+    [
+        ([], "smtp: no enabled service"),
+        (_services({})[2:], "smtp: no enabled service"),  # only a disabled one
+    ],
+    ids=["no-service", "only-disabled"],
+)
+def test_config_check_exits_2_where_the_worker_would_refuse(write_config, smtp, cause):
+    """A file the worker refuses (no enabled service) fails `config check` with 2."""
+    config = write_config(**({"smtp": smtp} if smtp else {}))
+    result = mailworker("config", "check", "--no-broker", config=config)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert cause in one_line_cause(result)
+
+
+def test_config_check_exits_2_on_an_unreadable_certificate(write_config, tmp_path):
+    """A certificate file the worker could not read fails `config check` naming it."""
+    missing = tmp_path / "absent.pem"
+    config = write_config(
+        openauth=[{"name": "o365", "client_type": "office365", "service": "graph",
+                   "service_identity": "n@contoso.com"}],
+        integrated_services={"graph": {"account_type": "service", "tenant_id": "t",
+                                       "client_id": "c", "certificate_file": str(missing),
+                                       "private_key_file": str(missing)}},
+    )  # fmt: skip
+    result = mailworker("config", "check", "--no-broker", config=config)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "integrated_services.graph.private_key_file" in one_line_cause(result)
+
+
+def test_config_check_exits_4_when_the_broker_does_not_answer(write_config):
+    """An unreachable broker fails `config check` with 4; --no-broker skips the check."""
+    dead = f"redis://:deadpw987@127.0.0.1:{free_port()}/0"
+    config = write_config(broker_url=dead, smtp=_services({})[1:])
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 4
+    assert result.stdout == ""
+    cause = one_line_cause(result)
+    assert f"broker {dead.replace('deadpw987', '***')} unreachable" in cause
+    assert "deadpw987" not in cause
+    skipped = mailworker("config", "check", "--no-broker", config=config)
+    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.stdout.splitlines()[1].endswith(": not checked (--no-broker)")
+
+
+def test_config_check_exits_4_when_the_broker_refuses_the_password(
+    private_redis, write_config
+):
+    """A broker that refuses the password fails `config check` with 4, saying so."""
+    private_redis.client().config_set("requirepass", "the-right-one")
+    url = f"redis://:{BROKER_PASSWORD}@127.0.0.1:{private_redis.port}/0"
+    config = write_config(broker_url=url, smtp=_services({})[1:])
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 4
+    assert "refused the login" in one_line_cause(result)
+    assert BROKER_PASSWORD not in result.stderr
+
+
+def test_config_check_prints_resolved_modes_and_scopes_in_delivery_order(
+    redis_url, write_config, tmp_path
+):
+    """Each service is printed in delivery order (OpenAuth first) with its resolved
+    security, port, auth and scopes; a disabled one is marked; the broker answered."""
+    secret = tmp_path / "graph.secret"
+    secret.write_text("s3cret\n")
+    config = write_config(
+        smtp=[
+            {"name": "implicit", "from_address": "a@example.com", "server": "s",
+             "ssl": True, "port": 465},
+            {"name": "o365-smtp", "from_address": "n@contoso.com",
+             "server": "smtp.office365.com", "security": "starttls", "auth": "xoauth2",
+             "username": "n@contoso.com", "integrated_service": "graph"},
+            {"name": "plain", "from_address": "a@example.com", "server": "s",
+             "enabled": False},
+        ],
+        openauth=[{"name": "o365", "client_type": "office365", "service": "graph",
+                   "service_identity": "n@contoso.com"}],
+        integrated_services={"graph": {"account_type": "service", "tenant_id": "t",
+                                       "client_id": "c",
+                                       "client_secret_file": str(secret)}},
+    )  # fmt: skip
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].endswith(": answers")
+    names = [line.split('"')[1] for line in lines if line.startswith("name = ")]
+    assert names == ["o365", "implicit", "o365-smtp", "plain"]
+    resolved = [line for line in lines if line.startswith("# resolved: ")]
+    assert resolved == [
+        '# resolved: scopes = ["https://graph.microsoft.com/.default"]',
+        '# resolved: security = "tls", port = 465, auth = "none"',
+        '# resolved: security = "starttls", port = 587, auth = "xoauth2", '
+        'scopes = ["https://outlook.office365.com/.default"]',
+    ]
+    assert "# disabled: not in the delivery order" in lines
+    assert lines[-1] == (
+        "# delivery order: o365 (openauth) -> implicit (smtp) -> o365-smtp (smtp)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -78,16 +79,33 @@ def _masked(model: Any) -> dict[str, Any]:
     return data
 
 
-def render_config(settings: Settings) -> list[str]:
-    """The effective configuration as TOML, secrets masked, then the delivery order."""
+def render_config(
+    settings: Settings, *, scopes: Mapping[str, list[str]] | None = None
+) -> list[str]:
+    """The effective configuration as TOML, secrets masked, services in delivery order.
+
+    Each service is followed by a ``# resolved:`` comment (the TLS mode, port and auth
+    the security rule gives an SMTP connection, and the OAuth scopes in ``scopes``), a
+    disabled one by ``# disabled``; the last line is the delivery order.
+    """
+    scopes = scopes or {}
     root = _masked(settings)
     root["broker_url"] = public_url(settings.broker_url.get_secret_value())
     lines = _table({k: v for k, v in root.items() if not isinstance(v, dict | list)})
     for section in ("limits", "retry", "breaker", "status"):
         lines += ["", f"[{section}]", *_table(root[section])]
-    for kind, entries in (("smtp", settings.smtp), ("openauth", settings.openauth)):
-        for entry in entries:
-            lines += ["", f"[[{kind}]]", *_table(_masked(entry))]
+    for oa in settings.openauth:  # OpenAuth services go first (delivery order)
+        lines += ["", "[[openauth]]", *_table(_masked(oa))]
+        lines.append(_resolved(oa.enabled, {"scopes": scopes.get(oa.name)}))
+    for conn in settings.smtp:
+        lines += ["", "[[smtp]]", *_table(_masked(conn))]
+        resolved: dict[str, Any] = {
+            "security": conn.effective_security,
+            "port": conn.effective_port,
+            "auth": conn.effective_auth,
+            "scopes": scopes.get(conn.name),
+        }
+        lines.append(_resolved(conn.enabled, resolved))
     for name, svc in settings.integrated_services.items():
         lines += ["", f"[integrated_services.{name}]", *_table(_masked(svc))]
     kinds = {s.name: "openauth" for s in settings.openauth} | {
@@ -96,3 +114,10 @@ def render_config(settings: Settings) -> list[str]:
     order = " -> ".join(f"{name} ({kinds[name]})" for name in settings.delivery_order)
     lines += ["", f"# delivery order: {order or 'no enabled service'}"]
     return lines
+
+
+def _resolved(enabled: bool, values: dict[str, Any]) -> str:
+    if not enabled:
+        return "# disabled: not in the delivery order"
+    shown = ", ".join(f"{k} = {_toml(v)}" for k, v in values.items() if v is not None)
+    return f"# resolved: {shown}"
