@@ -169,7 +169,10 @@ def _from_json(source: str) -> dict[str, Any]:
     help="ISO 8601 deadline; later the job is dead-lettered.",
 )
 @click.option(
-    "--json", "json_source", metavar="FILE|-", help="The whole job as JSON (DESIGN §4)."
+    "--json",
+    "json_source",
+    metavar="FILE|-",
+    help="The whole job as JSON (its fields: README.md, 'The job').",
 )
 @click.option(
     "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."

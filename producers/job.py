@@ -1,4 +1,4 @@
-"""The notification job (DESIGN §4): its schema, validated at enqueue and again in the worker."""
+"""The notification job (README "The job"): its schema, validated at enqueue and in the worker."""
 
 from __future__ import annotations
 

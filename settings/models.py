@@ -1,4 +1,4 @@
-"""The configuration of DESIGN §3 as pydantic models: every section, every rule, no I/O."""
+"""The configuration (docs/configuration.md) as pydantic models: every section and rule, no I/O."""
 
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ class SmtpConnection(_Section):
 
     @property
     def effective_security(self) -> Security:
-        """The TLS mode the security rule of DESIGN §3 gives."""
+        """The TLS mode the security rule (docs/configuration.md, ``ssl``) gives."""
         if self.security is not None:
             return self.security
         if self.ssl:
@@ -331,7 +331,7 @@ class Settings(BaseSettings):
 
     @property
     def delivery_order(self) -> list[str]:
-        """Enabled OpenAuth services, then enabled SMTP connections (DESIGN §5)."""
+        """Enabled OpenAuth services, then enabled SMTP connections (README "Delivery")."""
         return [s.name for s in self.openauth if s.enabled] + [
             s.name for s in self.smtp if s.enabled
         ]

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis
 
+from producers import Notification, Producer
 from producers.keys import queue_key, queue_messages_key
 from tests.conftest import HOST, PASSWORD, REDIS_URL, free_port, write_toml
 
@@ -110,6 +111,19 @@ def test_help_lists_every_command(tmp_path):
     section = result.stdout.split("Commands:", 1)[1]
     commands = {line.split()[0] for line in section.splitlines() if line.strip()}
     assert commands >= {"dev", "worker", "send", "status", "test-connection", "config"}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["send"], ["status"], ["config", "check"], ["worker"], ["dev"],
+     ["test-connection"], ["queue", "stats"], ["dead", "list"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_help_points_only_to_documents_the_repository_has(tmp_path, command):
+    """`--help` refers to the README or docs/, never to a document not in the repository."""
+    result = mailworker(*command, "--help", config=None, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "DESIGN" not in result.stdout
 
 
 # ---------------------------------------------------------------- send and status
@@ -214,6 +228,40 @@ def test_commands_on_the_default_broker_say_so(redis_url, tmp_path):
         env={"MAILWORKER_BROKER_URL": REDIS_URL},
     )
     assert "note" not in configured.stderr
+
+
+def test_status_shows_each_reply_code_once_and_no_missing_attempt(
+    redis_url, smtp_server, make_settings, run_worker, redis_client, namespace, tmp_path
+):
+    """`status` of a job with a refused recipient, dead and requeued, prints each reply
+    code once, no "attempt None" for events of no attempt, and `dead_at`."""
+    # Given a server that refuses one address, and a job to it alone, dead and requeued
+    server = smtp_server()
+    server.recorder.rcpt_replies["gone@example.org"] = "550 5.1.1 no such user"
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    producer = Producer(redis_client, namespace=namespace)
+    job_id = producer.enqueue(
+        Notification(to=["gone@example.org"], subject="s", text="t")
+    )
+    app.broker.join("mail", timeout=10_000)
+    config = tmp_path / "mailworker.toml"  # make_settings wrote it
+    assert mailworker("dead", "requeue", job_id, config=config).returncode == 0
+    app.broker.join("mail", timeout=10_000)
+    # When its status is printed
+    result = mailworker("status", job_id, config=config)
+    # Then the refusal reads "550 5.1.1 …" once, and every history line is whole
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    [refusal] = [line for line in lines if "gone@example.org" in line]
+    assert refusal.split()[1:] == ["refused", "550", "5.1.1", "no", "such", "user"]
+    history = [line for line in lines if line.startswith("history")]
+    assert [line.split()[2:] for line in history] == [
+        ["attempt", "1", "dead", "permanent"],
+        ["requeued"],
+        ["attempt", "1", "dead", "permanent"],
+    ]
+    assert "None" not in result.stdout
+    assert any(line.startswith("dead_at ") for line in lines)
 
 
 @pytest.mark.parametrize("source", ["file", "stdin"])

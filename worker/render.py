@@ -15,7 +15,7 @@ _MASK = "***"
 
 
 def render_status(record: dict[str, Any]) -> list[str]:
-    """A status record (DESIGN §6) as aligned lines."""
+    """A status record (the README's "Status") as aligned lines."""
     lines = [f"{'job':<16}{record['id']}", f"{'state':<16}{record['state']}"]
     for key in (
         "reason",
@@ -26,33 +26,43 @@ def render_status(record: dict[str, Any]) -> list[str]:
         "created_at",
         "updated_at",
         "next_attempt_at",
+        "dead_at",
     ):
         if record.get(key) not in (None, ""):
             lines.append(f"{key:<16}{record[key]}")
     if record.get("error"):
         error = record["error"]
-        code = f" {error['code']}" if error.get("code") else ""
-        lines.append(f"{'error':<16}{error.get('type')}{code}: {error.get('message')}")
+        reply = _reply(error.get("code"), error.get("message"))
+        lines.append(f"{'error':<16}{error.get('type')}: {reply}")
     if record.get("metadata"):
         lines.append(f"{'metadata':<16}{orjson.dumps(record['metadata']).decode()}")
     if record.get("recipients"):
         lines.append("recipients")
         for r in record["recipients"]:
-            code = f" {r['code']}" if r.get("code") else ""
-            lines.append(
-                f"  {r['address']:<40} {r['state']}{code} {r.get('message') or ''}".rstrip()
-            )
+            reply = _reply(r.get("code"), r.get("message"))
+            lines.append(f"  {r['address']:<40} {r['state']} {reply}".rstrip())
     for skip in record.get("skipped") or []:
         lines.append(
             f"{'skipped':<16}{skip['service']}: {skip['reason']} ({skip.get('message', '')})"
         )
     for entry in record.get("history") or []:
-        extra = entry.get("reason") or entry.get("service") or ""
-        lines.append(
-            f"{'history':<16}{entry.get('at')} attempt {entry.get('attempt')} "
-            f"{entry.get('event')} {extra}".rstrip()
-        )
+        attempt = entry.get("attempt")
+        words = [
+            entry.get("at"),
+            f"attempt {attempt}" if attempt is not None else None,
+            entry.get("event"),
+            entry.get("reason") or entry.get("service"),
+        ]
+        lines.append(f"{'history':<16}" + " ".join(str(w) for w in words if w))
     return lines
+
+
+def _reply(code: object, message: object) -> str:
+    """A reply's code and text, the code once (an SMTP reply's text starts with it)."""
+    text = str(message or "")
+    if code in (None, "") or text.startswith(str(code)):
+        return text
+    return f"{code} {text}".rstrip()
 
 
 def _toml(value: Any) -> str:
