@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from producers import (
 from producers.keys import BATCH_SIZE
 from settings import ConfigError, Settings
 from tests.conftest import free_port
-from tests.helpers import wire_enqueue
+from tests.helpers import wait_for, wire_enqueue
 from worker.status import StatusStore
 
 
@@ -85,7 +86,7 @@ def test_wire_format_job_is_delivered(
             {"filename": "a.txt", "content_type": "text/plain", "content": "aGVsbG8="}
         ],
     }
-    job_id = wire_enqueue(redis_client, namespace, job)
+    job_id = wire_enqueue(redis_client, namespace, job, wake=True)
     app.broker.join("mail", timeout=10_000)
     [received] = server.recorder.messages
     assert received.rcpt_tos == ["ops@example.org"]
@@ -288,3 +289,39 @@ def test_producer_from_url_refuses_a_bad_namespace():
     with pytest.raises(ConfigError) as caught:
         Producer.from_url("redis://127.0.0.1:6379/0", namespace="has space")
     assert caught.value.field == "namespace"
+
+
+def test_wire_recipes_publish_and_claim_what_the_producer_does(redis_client, namespace):
+    """The README's wire recipe publishes on the channel, with the message, that the
+    Python producer uses; its idempotency claim is the one the Python producer honours."""
+    # Given a subscriber on the documented channel
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(f"{namespace}:wake")
+    try:
+        assert wait_for(lambda: pubsub.get_message(timeout=0.1))["type"] in (
+            "subscribe",
+            b"subscribe",
+        )
+        # When the Python producer enqueues, then the recipe does
+        Producer(redis_client, namespace=namespace).enqueue(_notification())
+        by_producer = wait_for(lambda: pubsub.get_message(timeout=0.1))
+        wire_enqueue(redis_client, namespace, {"to": ["a@example.org"]}, wake=True)
+        by_recipe = wait_for(lambda: pubsub.get_message(timeout=0.1))
+    finally:
+        pubsub.close()
+    # Then both published the same message on the same channel
+    assert (by_recipe["channel"], by_recipe["data"]) == (
+        by_producer["channel"],
+        by_producer["data"],
+    )
+    assert by_recipe["data"] == b"mail"
+    # And a key claimed as documented is taken for the Python producer
+    digest = hashlib.sha256(b"wf-7/task-42").hexdigest()
+    claim = f"{namespace}:idem:{digest}"
+    assert redis_client.set(claim, "job-from-java some-digest", nx=True, ex=60)
+    with pytest.raises(JobValidationError) as caught:
+        Producer(redis_client, namespace=namespace).enqueue(
+            _notification(idempotency_key="wf-7/task-42")
+        )
+    assert caught.value.field == "idempotency_key"
+    assert "job-from-java" in caught.value.reason
