@@ -5,17 +5,25 @@ Importing this package never imports the worker or any transport library.
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 from collections.abc import Iterable
 
-from producers.enqueue import BrokerUnavailableError, Producer
+from producers.enqueue import (
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    Producer,
+)
 from producers.job import SCHEMA_VERSION, Attachment, Mailbox, Notification, parse_job
-from settings import JobValidationError, load_settings
+from settings import JobValidationError, config_path, load_settings, public_url
 
 __all__ = [
     "SCHEMA_VERSION",
     "Attachment",
+    "BrokerAuthenticationError",
     "BrokerUnavailableError",
+    "DefaultConfigurationWarning",
     "JobValidationError",
     "Mailbox",
     "Notification",
@@ -30,22 +38,67 @@ _default: Producer | None = None
 _lock = threading.Lock()
 
 
+class DefaultConfigurationWarning(UserWarning):
+    """No configuration file and no ``MAILWORKER_BROKER_URL``: the default broker is used.
+
+    Silence it with ``warnings.filterwarnings("ignore", category=...)`` where the
+    default broker (``redis://127.0.0.1:6379/0``, namespace ``mailworker``) is meant.
+    """
+
+
 def default_producer() -> Producer:
-    """The process-wide producer built from the configuration (``MAILWORKER_*``, the file)."""
+    """The process-wide producer built from the configuration (``MAILWORKER_*``, the file).
+
+    Warns (``DefaultConfigurationWarning``, once: the producer is built once) when neither
+    ``MAILWORKER_CONFIG`` nor ``./mailworker.toml`` nor ``MAILWORKER_BROKER_URL`` exists,
+    so the defaults are used.
+
+    Raises:
+        ConfigError: the configuration is invalid.
+    """
+    return _default_producer()
+
+
+def _default_producer() -> Producer:
+    # Called by the public functions only, so the warning points at their caller.
     global _default
     with _lock:
         if _default is None:
-            _default = Producer.from_settings(load_settings())
+            settings = load_settings()
+            if config_path() is None and not os.environ.get("MAILWORKER_BROKER_URL"):
+                # A library warns (not logs) when its caller can fix the situation.
+                warnings.warn(
+                    "mailworker: no configuration found (no MAILWORKER_CONFIG, no "
+                    f"mailworker.toml in {os.getcwd()}, no MAILWORKER_BROKER_URL): "
+                    "enqueueing to the default broker "
+                    f"{public_url(settings.broker_url.get_secret_value())}, namespace "
+                    f"{settings.namespace!r}; set MAILWORKER_CONFIG or "
+                    "MAILWORKER_BROKER_URL, or use Producer.from_url(...)",
+                    DefaultConfigurationWarning,
+                    stacklevel=3,
+                )
+            _default = Producer.from_settings(settings)
         return _default
 
 
 def enqueue(notification: Notification, *, producer: Producer | None = None) -> str:
-    """Enqueue one notification and return its job id (see ``Producer.enqueue``)."""
-    return (producer or default_producer()).enqueue(notification)
+    """Enqueue one notification and return its job id (see ``Producer.enqueue``).
+
+    Without ``producer``, the process-wide ``default_producer()`` is used.
+    """
+    return (producer or _default_producer()).enqueue(notification)
 
 
 def enqueue_many(
-    notifications: Iterable[Notification], *, producer: Producer | None = None
+    notifications: Iterable[Notification],
+    *,
+    bulk: bool = True,
+    producer: Producer | None = None,
 ) -> list[str]:
-    """Enqueue many notifications in few round trips; return their job ids in order."""
-    return (producer or default_producer()).enqueue_many(notifications)
+    """Enqueue many notifications in few round trips; return their job ids in order.
+
+    ``bulk=False`` enqueues one broker message per job (see ``Producer.enqueue_many``).
+    Without ``producer``, the process-wide ``default_producer()`` is used.
+    """
+    chosen = producer or _default_producer()
+    return chosen.enqueue_many(notifications, bulk=bulk)

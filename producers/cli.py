@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mimetypes
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -12,26 +13,68 @@ import orjson
 
 from producers.enqueue import BrokerUnavailableError, Producer
 from producers.job import Notification, parse_job
-from settings import ConfigError, JobValidationError, load_settings
+from settings import (
+    ConfigError,
+    JobValidationError,
+    config_path,
+    load_settings,
+    public_url,
+)
 
-__all__ = ["EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_USAGE", "fail", "send"]
+__all__ = [
+    "EXIT_BROKER",
+    "EXIT_FAILED",
+    "EXIT_NOT_FOUND",
+    "EXIT_USAGE",
+    "defaults_in_use",
+    "fail",
+    "make_producer",
+    "send",
+]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BROKER = 1, 2, 3, 4
 
 
 def fail(code: int, message: str) -> NoReturn:
-    """Print the one-line cause on stderr and exit with ``code``."""
-    click.echo(f"mailworker: {message}", err=True)
+    """Print the cause on stderr, one line per problem, and exit with ``code``.
+
+    A ``ConfigError`` with several problems is one line each: the lines after the first
+    get its ``configuration:`` label too, so every line stands alone.
+    """
+    first, *rest = message.splitlines() or [""]
+    label = "configuration: " if first.startswith("configuration: ") else ""
+    for line in [first, *(label + more for more in rest)]:
+        click.echo(f"mailworker: {line}", err=True)
     sys.exit(code)
 
 
 def make_producer(broker_url: str | None) -> Producer:
-    """The producer for CLI commands: ``--broker-url``, else the environment, else the config."""
+    """The producer for CLI commands: ``--broker-url``, else the environment, else the config.
+
+    Notes on stderr when it falls back to the default broker (see ``defaults_in_use``).
+    """
     try:
         settings = load_settings()
     except ConfigError as exc:
-        fail(EXIT_USAGE, str(exc))
+        fail(EXIT_USAGE, f"configuration: {exc}")
+    if defaults_in_use(broker_url):
+        click.echo(
+            "mailworker: note: no configuration file and no MAILWORKER_BROKER_URL: "
+            f"using {public_url(settings.broker_url.get_secret_value())}, namespace "
+            f"{settings.namespace!r}",
+            err=True,
+        )
     return Producer.from_settings(settings, broker_url=broker_url)
+
+
+def defaults_in_use(broker_url: str | None) -> bool:
+    """True when no ``--broker-url``, ``MAILWORKER_BROKER_URL`` or configuration file
+    chooses the broker, so a command talks to the default one."""
+    return (
+        not broker_url
+        and not os.environ.get("MAILWORKER_BROKER_URL")
+        and config_path() is None
+    )
 
 
 def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +169,10 @@ def _from_json(source: str) -> dict[str, Any]:
     help="ISO 8601 deadline; later the job is dead-lettered.",
 )
 @click.option(
-    "--json", "json_source", metavar="FILE|-", help="The whole job as JSON (DESIGN §4)."
+    "--json",
+    "json_source",
+    metavar="FILE|-",
+    help="The whole job as JSON (its fields: README.md, 'The job').",
 )
 @click.option(
     "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."

@@ -13,13 +13,18 @@ from typing import Any
 import orjson
 import redis
 
-from producers import sockets
 from producers.batch import (
     BATCH_SCRIPT,
     batch_call,
     claim_key,
     payload_digest,
     queued_record,
+)
+from producers.broker import (
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    broker_error,
+    connect,
 )
 from producers.job import Notification
 from producers.keys import (
@@ -33,9 +38,23 @@ from producers.keys import (
     wake_channel,
     wake_gate_key,
 )
-from settings import JobValidationError, Limits, MailworkerError, Settings, public_url
+from settings import (
+    ConfigError,
+    JobValidationError,
+    Limits,
+    Settings,
+    public_url,
+)
+from settings.models import NAMESPACE
 
-__all__ = ["BrokerUnavailableError", "Producer", "connect", "wire_message"]
+__all__ = [
+    "BrokerAuthenticationError",
+    "BrokerUnavailableError",
+    "Producer",
+    "broker_error",
+    "connect",
+    "wire_message",
+]
 
 # KEYS: queue list, queue hash, status hash, idempotency key ("" for none)
 # ARGV: redis message id, payload, job id, status fields (JSON), status ttl, idem ttl, payload hash
@@ -64,30 +83,6 @@ return {'enqueued', ARGV[3]}
 """
 )
 _CHUNK = 500
-
-
-class BrokerUnavailableError(MailworkerError):
-    """The broker (Redis) cannot be reached; nothing was enqueued."""
-
-
-def connect(url: str, *, ca_bundle: Path | None = None) -> redis.Redis:
-    """Return a Redis client for ``url`` (bytes replies, as Dramatiq needs).
-
-    Args:
-        url: ``redis://`` or ``rediss://`` URL.
-        ca_bundle: extra trust for ``rediss://``.
-
-    Returns:
-        A client; it connects lazily.
-    """
-    options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 10}
-    if ca_bundle is not None and url.startswith("rediss://"):
-        options["ssl_ca_certs"] = str(ca_bundle)
-    if url.startswith("redis://") and sockets.supported():
-        # The same 10 s bound, kept by the kernel: no poll before each send and read.
-        del options["socket_timeout"]
-        options.update(connection_class=sockets.KernelTimeoutConnection, io_timeout=10)
-    return redis.Redis.from_url(url, **options)
 
 
 def wire_message(job_id: str, queue: str, job: dict[str, Any]) -> tuple[str, bytes]:
@@ -131,7 +126,12 @@ class Producer:
     def from_settings(
         cls, settings: Settings, *, broker_url: str | None = None
     ) -> Producer:
-        """Build a producer from the configuration (only broker and limits are used)."""
+        """Build a producer from the configuration (only broker and limits are used).
+
+        Args:
+            settings: e.g. ``settings.load_settings(Path("/etc/mailworker.toml"))``.
+            broker_url: overrides ``settings.broker_url``.
+        """
         url = broker_url or settings.broker_url.get_secret_value()
         return cls(
             connect(url, ca_bundle=settings.broker_ca_bundle),
@@ -140,6 +140,42 @@ class Producer:
             status_ttl=settings.status.ttl,
             idempotency_ttl=settings.status.idempotency_ttl,
             broker_label=public_url(url),
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        broker_url: str,
+        *,
+        namespace: str = "mailworker",
+        limits: Limits | None = None,
+        status_ttl: float = 7 * 86400,
+        idempotency_ttl: float = 86400,
+        ca_bundle: Path | None = None,
+    ) -> Producer:
+        """Build a producer for one broker, without reading any configuration.
+
+        Args:
+            broker_url: ``redis://[user:password@]host:port/db`` or ``rediss://…``, the
+                workers' ``broker_url``.
+            namespace: the workers' ``namespace``.
+            limits: the workers' ``[limits]`` (default: the defaults).
+            status_ttl: the workers' ``status.ttl``, in seconds.
+            idempotency_ttl: the workers' ``status.idempotency_ttl``, in seconds.
+            ca_bundle: extra trust for ``rediss://``.
+
+        Raises:
+            ConfigError: ``namespace`` is not a valid namespace.
+        """
+        if not NAMESPACE.match(namespace):
+            raise ConfigError("namespace", f"{namespace!r} is not a valid namespace")
+        return cls(
+            connect(broker_url, ca_bundle=ca_bundle),
+            namespace=namespace,
+            limits=limits,
+            status_ttl=status_ttl,
+            idempotency_ttl=idempotency_ttl,
+            broker_label=public_url(broker_url),
         )
 
     def enqueue(self, notification: Notification) -> str:
@@ -184,7 +220,7 @@ class Producer:
             except JobValidationError as exc:
                 if len(jobs) == 1:
                     raise
-                raise JobValidationError(f"[{index}].{exc.field}", str(exc)) from None
+                raise JobValidationError(f"[{index}].{exc.field}", exc.reason) from None
         if bulk and len(jobs) > 1:
             return self._enqueue_bulk(jobs)
         ids: list[str] = []
@@ -234,9 +270,7 @@ class Producer:
                     self._batch(keys=keys, args=args, client=pipe)
                 return list(pipe.execute())
         except redis.RedisError as exc:
-            raise BrokerUnavailableError(
-                f"broker {self._label} unreachable: {exc.__class__.__name__}"
-            ) from None
+            raise broker_error(self._label, exc) from None
 
     def _enqueue_chunk(self, jobs: Sequence[Notification], offset: int) -> list[str]:
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -246,9 +280,7 @@ class Producer:
                     self._queue_call(pipe, job, now)
                 replies = pipe.execute()
         except redis.RedisError as exc:
-            raise BrokerUnavailableError(
-                f"broker {self._label} unreachable: {exc.__class__.__name__}"
-            ) from None
+            raise broker_error(self._label, exc) from None
         ids = []
         for index, (state, job_id) in enumerate(replies):
             if state == b"conflict":

@@ -1,4 +1,4 @@
-"""The notification job (DESIGN §4): its schema, validated at enqueue and again in the worker."""
+"""The notification job (README "The job"): its schema, validated at enqueue and in the worker."""
 
 from __future__ import annotations
 
@@ -10,16 +10,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from producers.validation import JobModel, validation_error
 from settings import JobValidationError, Limits
+from settings.models import header_text
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -28,6 +27,7 @@ __all__ = [
     "Notification",
     "parse_job",
     "parse_mailbox",
+    "validation_error",
 ]
 
 SCHEMA_VERSION = 1
@@ -52,12 +52,6 @@ MAX_HEADERS = 50
 MAX_METADATA_BYTES = 4096
 
 
-def _no_line_breaks(value: str) -> str:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError("CR, LF and NUL are not allowed (header injection)")
-    return value
-
-
 def _check_address(address: str) -> str:
     """Return the address with its domain in ASCII (IDNA), or raise ValueError."""
     local, at, domain = address.rpartition("@")
@@ -80,22 +74,18 @@ def _check_address(address: str) -> str:
     return result
 
 
-class Mailbox(BaseModel):
+class Mailbox(JobModel):
     """An address with an optional display name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    address: Annotated[
-        str, AfterValidator(_no_line_breaks), AfterValidator(_check_address)
-    ]
-    name: Annotated[str, AfterValidator(_no_line_breaks), Field(max_length=200)] = ""
+    address: Annotated[str, AfterValidator(header_text), AfterValidator(_check_address)]
+    name: Annotated[str, AfterValidator(header_text), Field(max_length=200)] = ""
 
 
 def parse_mailbox(value: object) -> object:
     """Turn ``"Name <a@b.example>"`` or ``"a@b.example"`` into Mailbox fields."""
     if not isinstance(value, str):
         return value
-    _no_line_breaks(value)
+    header_text(value)
     match = _NAMED.match(value)
     if match:
         quoted, bare, address = match.groups()
@@ -110,7 +100,7 @@ def _as_list(value: object) -> object:
 
 MailboxIn = Annotated[Mailbox, BeforeValidator(parse_mailbox)]
 MailboxList = Annotated[list[MailboxIn], BeforeValidator(_as_list)]
-Line = Annotated[str, AfterValidator(_no_line_breaks)]
+Line = Annotated[str, AfterValidator(header_text)]
 
 
 def _decode_content(value: object) -> object:
@@ -122,10 +112,8 @@ def _decode_content(value: object) -> object:
     return value
 
 
-class Attachment(BaseModel):
+class Attachment(JobModel):
     """A file attached to the notification; ``content`` is bytes (base64 on the wire)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     filename: Annotated[Line, Field(min_length=1, max_length=255)]
     content_type: str = "application/octet-stream"
@@ -148,10 +136,14 @@ class Attachment(BaseModel):
         return value.lower()
 
 
-class Notification(BaseModel):
-    """One notification job (DESIGN §4)."""
+class Notification(JobModel):
+    """One notification job (the README's "The job").
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Raises:
+        JobValidationError: on construction or validation of an invalid job; ``field``
+            names the part at fault (``to[0].address``, ``metadata.task``) and ``reason``
+            says why, in one line.
+    """
 
     to: MailboxList = Field(default_factory=list)
     cc: MailboxList = Field(default_factory=list)
@@ -286,29 +278,4 @@ def parse_job(data: object) -> Notification:
             f"{version!r} is not supported (this worker reads {SCHEMA_VERSION})",
         )
     fields = {k: v for k, v in data.items() if k != "schema_version"}
-    try:
-        return Notification.model_validate(fields)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
-def validation_error(exc: ValidationError) -> JobValidationError:
-    """Turn pydantic's first error into a JobValidationError naming the field."""
-    error = exc.errors()[0]
-    parts: list[str] = []
-    for item in error["loc"]:
-        if isinstance(item, int):
-            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif item not in ("function-after", "function-before") and not str(
-            item
-        ).startswith(("function-", "list[", "str", "bytes")):
-            parts.append(str(item))
-    field = ".".join(parts)
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    elif error["type"] == "missing":
-        message = "is required"
-    if not field and ": " in message and message.split(": ", 1)[0].isidentifier():
-        field, message = message.split(": ", 1)
-    return JobValidationError(field or "job", message)
+    return Notification.model_validate(fields)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -14,6 +15,7 @@ from pydantic import SecretStr, ValidationError
 
 from settings.errors import ConfigError
 from settings.models import Settings
+from settings.problems import problems_of
 
 __all__ = ["config_path", "load_settings", "public_url", "read_secret"]
 
@@ -46,6 +48,10 @@ def load_settings(
 ) -> Settings:
     """Read and validate the configuration once per process.
 
+    A secret set through the environment replaces the same secret's other form in the
+    file (``MAILWORKER_SMTP__PRIMARY__PASSWORD`` drops that connection's
+    ``password_file``, and the other way round).
+
     Args:
         path: the TOML file; default ``config_path(environ)``.
         environ: the environment (default: ``os.environ``).
@@ -54,16 +60,22 @@ def load_settings(
         The validated settings. Secret files are not read here: see ``read_secret``.
 
     Raises:
-        ConfigError: the file is unreadable, or a key or variable is wrong; names it.
+        ConfigError: the file is unreadable, or keys or variables are wrong: every
+            problem found, each naming its key (or the variable that set it).
     """
     env = dict(os.environ if environ is None else environ)
     path = path if path is not None else config_path(env)
     data: dict[str, Any] = _read_toml(path) if path is not None else {}
-    _apply_environment(data, env)
+    origins: dict[tuple[str | int, ...], str] = {}
+    problems = _apply_environment(data, env, origins)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        raise _config_error(exc, data, path) from None
+        problems += problems_of(exc, data, path, origins)
+    if problems:
+        (field, message), *more = problems
+        raise ConfigError(field, message, more=more)
+    return settings
 
 
 def read_secret(
@@ -129,12 +141,35 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
 
 
-def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> None:
+# A secret and its *_file form: one given through the environment replaces the other.
+_SECRET_FORMS = {
+    "password": "password_file",
+    "client_secret": "client_secret_file",
+    "private_key_passphrase": "private_key_passphrase_file",
+}
+_SECRET_FORMS |= {file: inline for inline, file in _SECRET_FORMS.items()}
+_VARIABLE_HELP = (
+    "use MAILWORKER_BROKER_URL, MAILWORKER_CONFIG or "
+    "MAILWORKER_<SMTP|OPENAUTH|INTEGRATED_SERVICES>__<NAME>__<KEY>"
+)
+
+
+def _apply_environment(
+    data: dict[str, Any],
+    env: Mapping[str, str],
+    origins: dict[tuple[str | int, ...], str],
+) -> list[tuple[str, str]]:
+    """Merge the MAILWORKER_* variables into ``data``; return what is wrong with them.
+
+    ``origins`` receives the location in ``data`` of each key a variable set.
+    """
+    problems: list[tuple[str, str]] = []
     for var, value in sorted(env.items()):
         if not var.startswith(PREFIX) or var == "MAILWORKER_CONFIG":
             continue
         if var == "MAILWORKER_BROKER_URL":
             data["broker_url"] = value
+            origins[("broker_url",)] = var
             continue
         parts = var[len(PREFIX) :].split("__")
         if (
@@ -143,19 +178,43 @@ def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> None:
             or not parts[1]
             or not parts[2]
         ):
-            raise ConfigError(
-                var,
-                "unknown variable: use MAILWORKER_BROKER_URL, MAILWORKER_CONFIG or "
-                "MAILWORKER_<SMTP|OPENAUTH|INTEGRATED_SERVICES>__<NAME>__<KEY>",
-            )
+            problems.append((var, f"unknown variable{_variable_hint(var)}"))
+            continue
         section = _NAMED_SECTIONS[parts[0]]
-        entry = _named_entry(data, section, parts[1], var)
-        entry[parts[2].lower()] = _env_value(value)
+        found = _named_entry(data, section, parts[1])
+        if found is None:
+            problems.append(
+                (
+                    var,
+                    f"no {section} service named {parts[1].lower()!r} in the config file",
+                )
+            )
+            continue
+        where, entry = found
+        key = parts[2].lower()
+        entry[key] = _env_value(value)
+        origins[(section, where, key)] = var
+        other = _SECRET_FORMS.get(key)
+        if other in entry and (section, where, other) not in origins:
+            del entry[other]  # the environment's secret wins over the file's
+    return problems
+
+
+def _variable_hint(var: str) -> str:
+    parts = var[len(PREFIX) :].split("__")
+    known = ["BROKER_URL", "CONFIG", *_NAMED_SECTIONS]
+    match = difflib.get_close_matches(parts[0], known, n=1, cutoff=0.75)
+    if match and match[0] != parts[0]:
+        fixed = PREFIX + "__".join([match[0], *parts[1:]])
+        return f" (did you mean {fixed}?)"
+    return f": {_VARIABLE_HELP}"
 
 
 def _named_entry(
-    data: dict[str, Any], section: str, env_name: str, var: str
-) -> dict[str, Any]:
+    data: dict[str, Any], section: str, env_name: str
+) -> tuple[str | int, dict[str, Any]] | None:
+    """The file's entry a variable names, and its place in the section (index or name)."""
+
     def matches(name: object) -> bool:
         return isinstance(name, str) and name.upper().replace("-", "_") == env_name
 
@@ -164,16 +223,14 @@ def _named_entry(
         if isinstance(services, dict):
             for name, entry in services.items():
                 if matches(name) and isinstance(entry, dict):
-                    return entry
+                    return name, entry
     else:
         entries = data.setdefault(section, [])
         if isinstance(entries, list):
-            for entry in entries:
+            for index, entry in enumerate(entries):
                 if isinstance(entry, dict) and matches(entry.get("name")):
-                    return entry
-    raise ConfigError(
-        var, f"no {section} service named {env_name.lower()!r} in the config file"
-    )
+                    return index, entry
+    return None
 
 
 def _env_value(value: str) -> Any:
@@ -184,32 +241,3 @@ def _env_value(value: str) -> Any:
         except json.JSONDecodeError:
             return value
     return value
-
-
-def _config_error(
-    exc: ValidationError, data: dict[str, Any], path: Path | None
-) -> ConfigError:
-    error = exc.errors()[0]
-    field = _field_name(error["loc"], data)
-    where = f"{path}: " if path is not None else ""
-    if error["type"] == "extra_forbidden":
-        return ConfigError(field, f"{where}unknown key")
-    message = str(error["msg"]).removeprefix("Value error, ")
-    return ConfigError(field, f"{where}{message}")
-
-
-def _field_name(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
-    parts: list[str] = []
-    node: Any = data
-    for item in loc:
-        if isinstance(item, int) and isinstance(node, list) and item < len(node):
-            node = node[item]
-            name = node.get("name") if isinstance(node, dict) else None
-            parts[-1] += f"[{name if isinstance(name, str) else item}]"
-            continue
-        if isinstance(node, dict) and item in node:
-            node = node[item]
-        elif isinstance(item, str) and item in {"function-after", "function-before"}:
-            continue
-        parts.append(str(item))
-    return ".".join(parts) or "config"

@@ -1,4 +1,4 @@
-"""The configuration of DESIGN §3 as pydantic models: every section, every rule, no I/O."""
+"""The configuration (docs/configuration.md) as pydantic models: every section and rule, no I/O."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ __all__ = [
     "Settings",
     "SmtpConnection",
     "Status",
+    "header_text",
 ]
 
 SERVICE_NAME = re.compile(r"^[a-z0-9_-]+$")
@@ -38,6 +39,7 @@ _ADDRESS = re.compile(
     r"^[^@\s<>\"(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
 )
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _service_name(value: str) -> str:
@@ -54,15 +56,33 @@ def _plain_address(value: str) -> str:
     return value
 
 
-def _single_line(value: str) -> str:
-    if any(c in value for c in "\r\n\0"):
-        raise ValueError("must be one line: CR, LF and NUL are not allowed")
+# What RFC 5322 allows in a header is printable text and WSP: every C0 control but TAB,
+# and DEL, are refused. So are NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR, which
+# str.splitlines() (and so Python's own e-mail parser) takes for line breaks.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+_CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\0": "NUL", "\x7f": "DEL"}
+
+
+def header_text(value: str) -> str:
+    """Return ``value`` if it may go into a mail header; shared by jobs and settings.
+
+    Raises:
+        ValueError: it holds CR, LF, NUL or another control character (TAB is allowed).
+    """
+    match = _CONTROL.search(value)
+    if match is not None:
+        char = match.group()
+        name = _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
+        raise ValueError(
+            f"control character {name} at position {match.start()}: CR, LF, NUL and "
+            "other control characters are not allowed (header injection)"
+        )
     return value
 
 
 ServiceName = Annotated[str, AfterValidator(_service_name)]
 Address = Annotated[str, AfterValidator(_plain_address)]
-Line = Annotated[str, AfterValidator(_single_line)]
+Line = Annotated[str, AfterValidator(header_text)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -143,10 +163,7 @@ class SmtpConnection(_Section):
 
     @model_validator(mode="after")
     def _rules(self) -> SmtpConnection:
-        if self.ssl is False and self.security in ("starttls", "tls"):
-            raise ValueError(f"ssl = false contradicts security = {self.security!r}")
-        if self.ssl is True and self.security == "none":
-            raise ValueError("ssl = true contradicts security = 'none'")
+        self._ssl_agrees()
         if self.password is not None and self.password_file is not None:
             raise ValueError("give password or password_file, not both")
         auth = self.effective_auth
@@ -160,9 +177,23 @@ class SmtpConnection(_Section):
             raise ValueError("auth = 'xoauth2' needs username (the mailbox)")
         return self
 
+    def _ssl_agrees(self) -> None:
+        """Refuse an ``ssl`` that says another TLS mode than ``security``."""
+        if self.ssl is None or self.security is None:
+            return
+        port = self.port or {"tls": 465, "starttls": 587, "none": 25}[self.security]
+        implied = ("tls" if port == 465 else "starttls") if self.ssl else "none"
+        if implied != self.security:
+            on = f" on port {port}" if self.ssl else ""
+            raise ValueError(
+                f"ssl = {'true' if self.ssl else 'false'}{on} means security = "
+                f"{implied!r}, which contradicts security = {self.security!r}: "
+                "give ssl or security, not both"
+            )
+
     @property
     def effective_security(self) -> Security:
-        """The TLS mode the security rule of DESIGN §3 gives."""
+        """The TLS mode the security rule (docs/configuration.md, ``ssl``) gives."""
         if self.security is not None:
             return self.security
         if self.ssl:
@@ -243,7 +274,7 @@ class Settings(BaseSettings):
 
     broker_url: SecretStr = SecretStr(DEFAULT_BROKER_URL)
     broker_ca_bundle: Path | None = None
-    namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "mailworker"
+    namespace: Annotated[str, Field(pattern=NAMESPACE.pattern)] = "mailworker"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_recipients: Literal["full", "domain", "hash"] = "full"
     redirect_all_to: Address = ""
@@ -300,7 +331,7 @@ class Settings(BaseSettings):
 
     @property
     def delivery_order(self) -> list[str]:
-        """Enabled OpenAuth services, then enabled SMTP connections (DESIGN §5)."""
+        """Enabled OpenAuth services, then enabled SMTP connections (README "Delivery")."""
         return [s.name for s in self.openauth if s.enabled] + [
             s.name for s in self.smtp if s.enabled
         ]

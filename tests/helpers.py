@@ -17,9 +17,11 @@ def wire_enqueue(
     actor: str = "deliver",
     kwargs: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    wake: bool = False,
 ) -> str:
     """Enqueue the way the README tells non-Python producers to: plain Redis commands
-    (``options``: Dramatiq message options beside the required redis message id)."""
+    (``options``: Dramatiq message options beside the required redis message id; with
+    ``wake``, also its ``PUBLISH`` of the queue's name to idle workers)."""
     redis_message_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     payload = json.dumps(
         {
@@ -35,6 +37,8 @@ def wire_enqueue(
     with client.pipeline(transaction=True) as pipe:  # MULTI/EXEC, hash first
         pipe.hset(f"{namespace}:{queue}.msgs", redis_message_id, payload)
         pipe.rpush(f"{namespace}:{queue}", redis_message_id)
+        if wake:
+            pipe.publish(f"{namespace}:wake", queue)
         pipe.execute()
     return job_id
 

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis
 
+from producers import Notification, Producer
 from producers.keys import queue_key, queue_messages_key
 from tests.conftest import HOST, PASSWORD, REDIS_URL, free_port, write_toml
 
@@ -112,6 +113,19 @@ def test_help_lists_every_command(tmp_path):
     assert commands >= {"dev", "worker", "send", "status", "test-connection", "config"}
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["send"], ["status"], ["config", "check"], ["worker"], ["dev"],
+     ["test-connection"], ["queue", "stats"], ["dead", "list"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_help_points_only_to_documents_the_repository_has(tmp_path, command):
+    """`--help` refers to the README or docs/, never to a document not in the repository."""
+    result = mailworker(*command, "--help", config=None, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "DESIGN" not in result.stdout
+
+
 # ---------------------------------------------------------------- send and status
 
 
@@ -184,6 +198,70 @@ def test_status_of_unknown_id_exits_3(redis_url, write_config, as_json):
     assert result.returncode == 3
     assert result.stdout == ""
     assert "no-such-job-0000" in one_line_cause(result)
+
+
+def test_commands_on_the_default_broker_say_so(redis_url, tmp_path):
+    """Run where no configuration is found, `send` notes on stderr that it uses the
+    default broker, and `status` says where it looked for the job."""
+    # A deadline in the past is refused at enqueue, before anything is written.
+    past = ("--not-after", "2001-01-01T00:00:00Z")
+    sent = mailworker(*SEND, *past, config=None, cwd=tmp_path)
+    assert sent.returncode == 2
+    note, cause = sent.stderr.splitlines()
+    assert note == (
+        "mailworker: note: no configuration file and no MAILWORKER_BROKER_URL: "
+        "using redis://127.0.0.1:6379/0, namespace 'mailworker'"
+    )
+    assert "not_after" in cause
+    status = mailworker("status", "no-such-job-0000", config=None, cwd=tmp_path)
+    assert status.returncode == 3
+    assert one_line_cause(status) == (
+        "mailworker: no job no-such-job-0000 in redis://127.0.0.1:6379/0 namespace "
+        "'mailworker' (the defaults: no configuration file, no MAILWORKER_BROKER_URL): "
+        "unknown, or expired after status.ttl"
+    )
+    configured = mailworker(
+        *SEND,
+        *past,
+        config=None,
+        cwd=tmp_path,
+        env={"MAILWORKER_BROKER_URL": REDIS_URL},
+    )
+    assert "note" not in configured.stderr
+
+
+def test_status_shows_each_reply_code_once_and_no_missing_attempt(
+    redis_url, smtp_server, make_settings, run_worker, redis_client, namespace, tmp_path
+):
+    """`status` of a job with a refused recipient, dead and requeued, prints each reply
+    code once, no "attempt None" for events of no attempt, and `dead_at`."""
+    # Given a server that refuses one address, and a job to it alone, dead and requeued
+    server = smtp_server()
+    server.recorder.rcpt_replies["gone@example.org"] = "550 5.1.1 no such user"
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    producer = Producer(redis_client, namespace=namespace)
+    job_id = producer.enqueue(
+        Notification(to=["gone@example.org"], subject="s", text="t")
+    )
+    app.broker.join("mail", timeout=10_000)
+    config = tmp_path / "mailworker.toml"  # make_settings wrote it
+    assert mailworker("dead", "requeue", job_id, config=config).returncode == 0
+    app.broker.join("mail", timeout=10_000)
+    # When its status is printed
+    result = mailworker("status", job_id, config=config)
+    # Then the refusal reads "550 5.1.1 …" once, and every history line is whole
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    [refusal] = [line for line in lines if "gone@example.org" in line]
+    assert refusal.split()[1:] == ["refused", "550", "5.1.1", "no", "such", "user"]
+    history = [line for line in lines if line.startswith("history")]
+    assert [line.split()[2:] for line in history] == [
+        ["attempt", "1", "dead", "permanent"],
+        ["requeued"],
+        ["attempt", "1", "dead", "permanent"],
+    ]
+    assert "None" not in result.stdout
+    assert any(line.startswith("dead_at ") for line in lines)
 
 
 @pytest.mark.parametrize("source", ["file", "stdin"])
@@ -260,6 +338,23 @@ def test_unreachable_broker_exits_4(redis_url, write_config, given):
         assert "deadpw987" not in cause
 
 
+def test_broker_refusing_the_password_exits_4_saying_so(private_redis, write_config):
+    """`send` and `status` against a broker that refuses the password exit 4 with a
+    cause that says the login was refused (not "unreachable"), password masked."""
+    private_redis.client().config_set("requirepass", "the-right-one")
+    wrong = f"redis://:{BROKER_PASSWORD}@127.0.0.1:{private_redis.port}/0"
+    config = write_config(broker_url=wrong)
+    sent = mailworker(*SEND, config=config)
+    status = mailworker("status", "some-job-id", config=config)
+    for result in (sent, status):
+        assert result.returncode == 4, result.stderr
+        cause = one_line_cause(result)
+        assert f"broker redis://:***@127.0.0.1:{private_redis.port}/0" in cause
+        assert "refused the login" in cause and "password" in cause
+        assert "unreachable" not in cause
+        assert BROKER_PASSWORD not in cause + result.stdout
+
+
 def test_broker_url_flag_overrides_the_environment(redis_url, write_config, namespace):
     """`--broker-url` wins over MAILWORKER_BROKER_URL, which wins over the config."""
     config = write_config(broker_url=f"redis://127.0.0.1:{free_port()}/0")
@@ -324,13 +419,118 @@ def test_config_check_masks_every_secret(write_config, tmp_path, source):
 
 def test_config_check_masks_broker_password_from_environment(write_config):
     """A password in MAILWORKER_BROKER_URL is masked too, and that URL is the one shown."""
-    config = write_config(broker_url="redis://127.0.0.1:6379/0")
+    config = write_config(broker_url="redis://127.0.0.1:6379/0", smtp=_services({})[1:])
     env = {"MAILWORKER_BROKER_URL": "redis://:envbrokerpw55@127.0.0.1:6379/1"}
     result = mailworker("config", "check", config=config, env=env)
     assert result.returncode == 0, result.stderr
     assert "envbrokerpw55" not in result.stdout + result.stderr
-    assert 'broker_url = "redis://:***@127.0.0.1:6379/1"' in result.stdout.splitlines()
-    assert result.stdout.splitlines()[-1] == "# delivery order: no enabled service"
+    lines = result.stdout.splitlines()
+    assert 'broker_url = "redis://:***@127.0.0.1:6379/1"' in lines
+    assert lines[1].startswith("# broker: redis://:***@127.0.0.1:6379/1, namespace ")
+    assert lines[-1] == "# delivery order: backup (smtp)"
+
+
+@pytest.mark.parametrize(
+    ("smtp", "cause"),
+    [
+        ([], "smtp: no enabled service"),
+        (_services({})[2:], "smtp: no enabled service"),  # only a disabled one
+    ],
+    ids=["no-service", "only-disabled"],
+)
+def test_config_check_exits_2_where_the_worker_would_refuse(write_config, smtp, cause):
+    """A file the worker refuses (no enabled service) fails `config check` with 2."""
+    config = write_config(**({"smtp": smtp} if smtp else {}))
+    result = mailworker("config", "check", "--no-broker", config=config)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert cause in one_line_cause(result)
+
+
+def test_config_check_exits_2_on_an_unreadable_certificate(write_config, tmp_path):
+    """A certificate file the worker could not read fails `config check` naming it."""
+    missing = tmp_path / "absent.pem"
+    config = write_config(
+        openauth=[{"name": "o365", "client_type": "office365", "service": "graph",
+                   "service_identity": "n@contoso.com"}],
+        integrated_services={"graph": {"account_type": "service", "tenant_id": "t",
+                                       "client_id": "c", "certificate_file": str(missing),
+                                       "private_key_file": str(missing)}},
+    )  # fmt: skip
+    result = mailworker("config", "check", "--no-broker", config=config)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "integrated_services.graph.private_key_file" in one_line_cause(result)
+
+
+def test_config_check_exits_4_when_the_broker_does_not_answer(write_config):
+    """An unreachable broker fails `config check` with 4; --no-broker skips the check."""
+    dead = f"redis://:deadpw987@127.0.0.1:{free_port()}/0"
+    config = write_config(broker_url=dead, smtp=_services({})[1:])
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 4
+    assert result.stdout == ""
+    cause = one_line_cause(result)
+    assert f"broker {dead.replace('deadpw987', '***')} unreachable" in cause
+    assert "deadpw987" not in cause
+    skipped = mailworker("config", "check", "--no-broker", config=config)
+    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.stdout.splitlines()[1].endswith(": not checked (--no-broker)")
+
+
+def test_config_check_exits_4_when_the_broker_refuses_the_password(
+    private_redis, write_config
+):
+    """A broker that refuses the password fails `config check` with 4, saying so."""
+    private_redis.client().config_set("requirepass", "the-right-one")
+    url = f"redis://:{BROKER_PASSWORD}@127.0.0.1:{private_redis.port}/0"
+    config = write_config(broker_url=url, smtp=_services({})[1:])
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 4
+    assert "refused the login" in one_line_cause(result)
+    assert BROKER_PASSWORD not in result.stderr
+
+
+def test_config_check_prints_resolved_modes_and_scopes_in_delivery_order(
+    redis_url, write_config, tmp_path
+):
+    """Each service is printed in delivery order (OpenAuth first) with its resolved
+    security, port, auth and scopes; a disabled one is marked; the broker answered."""
+    secret = tmp_path / "graph.secret"
+    secret.write_text("s3cret\n")
+    config = write_config(
+        smtp=[
+            {"name": "implicit", "from_address": "a@example.com", "server": "s",
+             "ssl": True, "port": 465},
+            {"name": "o365-smtp", "from_address": "n@contoso.com",
+             "server": "smtp.office365.com", "security": "starttls", "auth": "xoauth2",
+             "username": "n@contoso.com", "integrated_service": "graph"},
+            {"name": "plain", "from_address": "a@example.com", "server": "s",
+             "enabled": False},
+        ],
+        openauth=[{"name": "o365", "client_type": "office365", "service": "graph",
+                   "service_identity": "n@contoso.com"}],
+        integrated_services={"graph": {"account_type": "service", "tenant_id": "t",
+                                       "client_id": "c",
+                                       "client_secret_file": str(secret)}},
+    )  # fmt: skip
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].endswith(": answers")
+    names = [line.split('"')[1] for line in lines if line.startswith("name = ")]
+    assert names == ["o365", "implicit", "o365-smtp", "plain"]
+    resolved = [line for line in lines if line.startswith("# resolved: ")]
+    assert resolved == [
+        '# resolved: scopes = ["https://graph.microsoft.com/.default"]',
+        '# resolved: security = "tls", port = 465, auth = "none"',
+        '# resolved: security = "starttls", port = 587, auth = "xoauth2", '
+        'scopes = ["https://outlook.office365.com/.default"]',
+    ]
+    assert "# disabled: not in the delivery order" in lines
+    assert lines[-1] == (
+        "# delivery order: o365 (openauth) -> implicit (smtp) -> o365-smtp (smtp)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -352,6 +552,27 @@ def test_config_check_unknown_key_exits_2(write_config, data, key):
     cause = one_line_cause(result)
     assert key in cause
     assert "unknown key" in cause
+
+
+def test_config_check_reports_every_error_one_line_each(write_config):
+    """Several mistakes exit 2 with one stderr line each, each naming its field."""
+    config = write_config(
+        nmespace="x",
+        smtp={"name": "primary", "from_address": "a@example.com", "server": "s"},
+    )
+    env = {"MAILWORKER_SMTP__PRIMARY__PASWORD": "x"}
+    result = mailworker("config", "check", config=config, env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[:3] for line in lines] == [
+        ["mailworker", "configuration", "MAILWORKER_SMTP__PRIMARY__PASWORD"],
+        ["mailworker", "configuration", "smtp"],
+        ["mailworker", "configuration", "nmespace"],
+    ]
+    assert "no smtp service named 'primary'" in lines[0]
+    assert "write [[smtp]] (two brackets)" in lines[1]
+    assert "did you mean 'namespace'?" in lines[2]
 
 
 def test_config_check_unknown_variable_exits_2(write_config):

@@ -350,6 +350,38 @@ def test_invalid_job_on_the_wire_is_dead_with_the_field_named(
         assert dead["message"]["job"] == job
 
 
+def test_control_characters_on_the_wire_are_dead_naming_the_field(
+    worker_and_server, redis_client, namespace
+):
+    """Jobs written past the producer with a control character other than CR, LF and NUL
+    (VT, FF, ESC, DEL) in a header field are dead as `validation` naming the field, and
+    nothing of them reaches the SMTP server; the good job beside them is delivered."""
+    app, server = worker_and_server
+    base = {"to": ["a@example.org"], "subject": "s", "text": "t"}
+    cases = {
+        "subject": {**base, "subject": "Hi\x0bthere"},
+        "to[0]": {**base, "to": ["Eve\x0cExample <a@example.org>"]},
+        "headers.X-Tag": {**base, "headers": {"X-Tag": "\x1b[31mred"}},
+        "attachments[0].filename": {
+            **base,
+            "attachments": [{"filename": "a\x7f.pdf", "content": "aGk="}],
+        },
+    }
+    ids = {
+        field: wire_enqueue(redis_client, namespace, job)
+        for field, job in cases.items()
+    }
+    good = _good(redis_client, namespace)
+    app.broker.join("mail", timeout=30_000)
+    for field, job_id in ids.items():
+        record = app.status.get(job_id)
+        assert record["state"] == "dead" and record["reason"] == "validation", field
+        assert record["error"]["field"] == field
+        assert "control character" in record["error"]["message"]
+    assert app.status.get(good)["state"] == "sent"
+    assert [m.rcpt_tos for m in server.recorder.messages] == [["ok@example.org"]]
+
+
 def test_fifty_megabyte_attachment_is_refused_at_enqueue_and_in_the_worker(
     worker_and_server, redis_client, namespace
 ):

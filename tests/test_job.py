@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pydantic
 import pytest
 
 from producers import JobValidationError, Notification, parse_job
-from producers.job import SCHEMA_VERSION, Attachment
+from producers.job import SCHEMA_VERSION, Attachment, Mailbox
 from settings import Limits
 
 PDF = b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n"
@@ -218,6 +220,42 @@ def test_line_break_in_an_attachment_filename_is_refused(bad):
     assert error.field == "attachments[0].filename"
 
 
+# Every C0 control but TAB (CR, LF and NUL are above), DEL, and the characters that
+# str.splitlines() takes for line breaks.
+CONTROLS = [
+    chr(c) for c in [*range(1, 9), *range(11, 13), *range(14, 32), 0x7F, 0x85]
+] + ["\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=[f"U+{ord(c):04X}" for c in CONTROLS])
+def test_control_characters_are_refused_in_every_header_field(char):
+    """A control character (not only CR, LF, NUL) in the subject, a display name, an
+    address, a header value or an attachment filename is refused, naming that field."""
+    cases = [
+        ({"subject": f"Approval{char}needed"}, "subject"),
+        ({"to": [f"Eve{char}Example <eve@example.com>"]}, "to[0]"),
+        ({"cc": [{"address": "eve@example.com", "name": f"Eve{char}"}]}, "cc[0].name"),
+        ({"bcc": [f"eve{char}@example.com"]}, "bcc[0]"),
+        ({"reply_to": [{"address": f"eve{char}@example.com"}]}, "reply_to[0].address"),
+        ({"headers": {"X-Workflow": f"wf{char}7"}}, "headers.X-Workflow"),
+        (
+            {"attachments": [{"filename": f"a{char}.pdf", "content": _b64(PDF)}]},
+            "attachments[0].filename",
+        ),
+    ]
+    for fields, field in cases:
+        error = _refused(**fields)
+        assert error.field == field, (fields, error)
+        assert "control character" in str(error)
+
+
+def test_tab_is_allowed_in_header_text():
+    """TAB is whitespace RFC 5322 allows: it is kept in a subject and a display name."""
+    job = parse_job(_job(subject="a\tb", to=["Ann\tExample <ann@example.com>"]))
+    assert job.subject == "a\tb"
+    assert job.to[0].name == "Ann\tExample"
+
+
 # ---------------------------------------------------------------- headers
 
 
@@ -399,6 +437,75 @@ def test_nested_metadata_value_is_refused():
 def test_oversized_metadata_is_refused():
     """Metadata larger than 4 KiB is refused."""
     assert _refused(metadata={"blob": "x" * 5000}).field == "metadata"
+
+
+# ---------------------------------------------------------------- however a job is built
+
+
+BUILDERS = {
+    "constructor": lambda fields: Notification(**fields),
+    "model_validate": Notification.model_validate,
+    "model_validate_json": lambda fields: Notification.model_validate_json(
+        json.dumps(fields)
+    ),
+    "parse_job": parse_job,
+}
+
+
+@pytest.mark.parametrize("build", BUILDERS.values(), ids=BUILDERS.keys())
+@pytest.mark.parametrize(
+    ("fields", "field", "reason"),
+    [
+        ({"to": ["bad"]}, "to[0].address", "'bad' is not an e-mail address"),
+        (
+            {"metadata": {"task": {"id": 1}}},
+            "metadata.task",
+            "must be a string, number, boolean or null, not dict",
+        ),
+        ({"priority": "urgent"}, "priority", "must be 'high', 'normal' or 'bulk'"),
+        ({"subject": 7}, "subject", "must be a valid string"),
+        ({"colour": "blue"}, "colour", "unknown field"),
+        ({"attachments": [7]}, "attachments[0]", "must be an object"),
+    ],
+)
+def test_an_invalid_job_raises_job_validation_error_however_it_is_built(
+    build, fields, field, reason
+):
+    """Constructor, model_validate, model_validate_json and parse_job all raise
+    JobValidationError with the field and one reason, never pydantic's ValidationError."""
+    with pytest.raises(JobValidationError) as info:
+        build(_job(**fields))
+    error = info.value
+    assert (error.field, error.reason) == (field, reason)
+    assert str(error) == f"{field}: {reason}"
+    assert not isinstance(error, pydantic.ValidationError)
+    assert "pydantic" not in str(error)
+    assert isinstance(error, ValueError)  # code that caught ValueError still does
+
+
+def test_invalid_parts_raise_job_validation_error_when_built_alone():
+    """Mailbox and Attachment built on their own raise JobValidationError too."""
+    with pytest.raises(JobValidationError) as info:
+        Mailbox(address="nobody")
+    assert info.value.field == "address"
+    with pytest.raises(JobValidationError) as info:
+        Attachment(filename="a/b.pdf", content=b"x")
+    assert info.value.field == "filename"
+    with pytest.raises(JobValidationError) as info:
+        Notification.model_validate_json(b"{not json")
+    assert info.value.field == "job" and "not valid JSON" in info.value.reason
+
+
+def test_job_validation_error_survives_pickling():
+    """A JobValidationError crosses a process pool with its field and reason."""
+    with pytest.raises(JobValidationError) as info:
+        Notification(to=["bad"], subject="s", text="t")
+    copy = pickle.loads(pickle.dumps(info.value))  # noqa: S301 - our own bytes
+    assert (copy.field, copy.reason, str(copy)) == (
+        info.value.field,
+        info.value.reason,
+        str(info.value),
+    )
 
 
 # ---------------------------------------------------------------- limits

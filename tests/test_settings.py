@@ -125,6 +125,100 @@ def test_ssl_that_disagrees_with_security_is_an_error_naming_both(tmp_path, keys
     assert "security" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("keys", "words"),
+    [
+        (
+            'ssl = true\nsecurity = "starttls"\nport = 465',
+            "ssl = true on port 465 means security = 'tls', which contradicts "
+            "security = 'starttls'",
+        ),
+        (
+            'ssl = true\nsecurity = "tls"\nport = 587',
+            "ssl = true on port 587 means security = 'starttls', which contradicts "
+            "security = 'tls'",
+        ),
+    ],
+)
+def test_ssl_that_implies_another_mode_on_its_port_is_refused(tmp_path, keys, words):
+    """ssl = true means tls on 465 and starttls elsewhere: a security that says
+    otherwise for the port is refused naming both keys and the port."""
+    error = _refused(tmp_path, _smtp(extra=keys))
+    assert error.field == "smtp[primary]"
+    assert words in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "hint"),
+    [
+        (
+            '[smtp]\nname = "a"\nfrom_address = "a@example.com"\nserver = "s"\n',
+            "smtp",
+            "write [[smtp]] (two brackets) above each connection, not [smtp]",
+        ),
+        (
+            '[openauth]\nname = "a"\n',
+            "openauth",
+            "write [[openauth]] (two brackets) above each service, not [openauth]",
+        ),
+        (
+            "[[integrated_services]]\naccount_type = 'service'\n",
+            "integrated_services",
+            "write [integrated_services.NAME] above each, not [[integrated_services]]",
+        ),
+        ("[[retry]]\nmax_attempts = 3\n", "retry", "write [retry], not [[retry]]"),
+    ],
+)
+def test_wrong_table_brackets_get_a_hint(tmp_path, text, field, hint):
+    """[smtp] for [[smtp]] (and the like) is refused with the brackets to write."""
+    error = _refused(tmp_path, text)
+    assert error.field == field
+    assert hint in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "guess"),
+    [
+        ('nmespace = "x"\n', "nmespace", "namespace"),
+        ("[retyr]\nmax_attempts = 3\n", "retyr", "retry"),
+        ("[retry]\nmax_atempts = 3\n", "retry.max_atempts", "max_attempts"),
+        (_smtp(extra='pasword = "x"'), "smtp[primary].pasword", "password"),
+        (
+            OPENAUTH + _integrated() + 'client_secrt = "x"\n',
+            "integrated_services.graph-mailer.client_secrt",
+            "client_secret",
+        ),
+    ],
+)
+def test_unknown_key_gets_a_did_you_mean(tmp_path, text, field, guess):
+    """An unknown key close to a known one is refused with that one suggested."""
+    error = _refused(tmp_path, text)
+    assert field in [f for f, _ in error.problems]
+    assert f"unknown key (did you mean {guess!r}?)" in str(error)
+
+
+def test_every_error_is_reported_one_line_each(tmp_path):
+    """Several mistakes are all reported, one line each, each naming its field."""
+    text = (
+        'nmespace = "x"\n'
+        + _smtp(extra="port = 0")
+        + _smtp("backup").replace("noreply@example.com", "not an address")
+    )
+    error = _refused(tmp_path, text, {"MAILWORKER_BROKERURL": "x"})
+    fields = [field for field, _ in error.problems]
+    assert fields == [
+        "MAILWORKER_BROKERURL",  # the environment first, then the file's keys
+        "smtp[primary].port",
+        "smtp[backup].from_address",
+        "nmespace",  # unknown keys come last
+    ]
+    lines = str(error).splitlines()
+    assert len(lines) == 4
+    assert all(
+        line.startswith(f"{field}: ") for line, field in zip(lines, fields, strict=True)
+    )
+
+
 def test_unknown_security_value_is_refused(tmp_path):
     """A security mode other than none, starttls or tls is a ConfigError naming the key."""
     error = _refused(tmp_path, _smtp(extra='security = "ssl"'))
@@ -276,6 +370,16 @@ def test_password_and_password_file_together_are_refused(tmp_path):
     assert "password " in str(error)
 
 
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1b", "\x7f", "\u2028"])
+def test_control_character_in_from_display_name_is_refused(tmp_path, char):
+    """from_display_name goes into the From header: a control character is refused."""
+    escaped = f"\\u{ord(char):04x}"  # TOML's escape of the character
+    text = _smtp(extra=f'from_display_name = "Notify{escaped}"')
+    error = _refused(tmp_path, text)
+    assert error.field == "smtp[primary].from_display_name"
+    assert "control character" in str(error)
+
+
 # ---------------------------------------------------------------- environment
 
 
@@ -407,11 +511,90 @@ def test_variable_naming_an_absent_service_is_an_error(tmp_path):
     assert error.field == "MAILWORKER_SMTP__SECONDARY__PASSWORD"
 
 
-def test_variable_setting_an_unknown_key_is_an_error_naming_the_key(tmp_path):
-    """A variable for a key a service does not have is refused like that key in the file."""
-    env = {"MAILWORKER_SMTP__PRIMARY__HOSTNAME": "x"}
+def test_variable_setting_an_unknown_key_is_an_error_naming_the_variable(tmp_path):
+    """A variable for a key a service does not have is refused naming the variable
+    (not as an unknown key of the file), with the variable it was probably meant to be."""
+    env = {"MAILWORKER_SMTP__PRIMARY__PASWORD": "x"}
+    error = _refused(tmp_path, _smtp(extra='username = "mailer"'), env)
+    assert error.field == "MAILWORKER_SMTP__PRIMARY__PASWORD"
+    assert str(error) == (
+        "MAILWORKER_SMTP__PRIMARY__PASWORD: smtp[primary].pasword: unknown key "
+        "(did you mean MAILWORKER_SMTP__PRIMARY__PASSWORD?)"
+    )
+    assert "mailworker.toml" not in str(error)
+
+
+def test_invalid_value_from_a_variable_names_the_variable(tmp_path):
+    """A bad value set through a variable is refused naming the variable and the key."""
+    env = {"MAILWORKER_SMTP__PRIMARY__PORT": "abc"}
     error = _refused(tmp_path, _smtp(), env)
-    assert error.field == "smtp[primary].hostname"
+    assert error.field == "MAILWORKER_SMTP__PRIMARY__PORT"
+    assert str(error).startswith("MAILWORKER_SMTP__PRIMARY__PORT: smtp[primary].port: ")
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("MAILWORKER_BROKERURL", "MAILWORKER_BROKER_URL"),
+        ("MAILWORKER_SMPT__PRIMARY__PASSWORD", "MAILWORKER_SMTP__PRIMARY__PASSWORD"),
+    ],
+)
+def test_misspelt_variable_gets_a_did_you_mean(tmp_path, variable, meant):
+    """A misspelt MAILWORKER_* variable is refused naming it and the one it resembles."""
+    error = _refused(tmp_path, _smtp(), {variable: "x"})
+    assert error.field == variable
+    assert f"(did you mean {meant}?)" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("secret", "file_key", "env_key", "text"),
+    [
+        (
+            "password",
+            "password_file",
+            "MAILWORKER_SMTP__PRIMARY__PASSWORD",
+            _smtp(extra='username = "mailer"\npassword_file = "/run/secrets/smtp"'),
+        ),
+        (
+            "password_file",
+            "password",
+            "MAILWORKER_SMTP__PRIMARY__PASSWORD_FILE",
+            _smtp(extra='username = "mailer"\npassword = "from-the-file"'),
+        ),
+        (
+            "client_secret",
+            "client_secret_file",
+            "MAILWORKER_INTEGRATED_SERVICES__GRAPH_MAILER__CLIENT_SECRET",
+            OPENAUTH + _integrated() + 'client_secret_file = "/run/secrets/graph"\n',
+        ),
+    ],
+    ids=["password-over-file", "file-over-password", "client-secret-over-file"],
+)
+def test_secret_from_the_environment_replaces_the_files_other_form(
+    tmp_path, secret, file_key, env_key, text
+):
+    """The README's example has password_file; MAILWORKER_SMTP__PRIMARY__PASSWORD still
+    overrides it: a secret from the environment replaces the file's other form."""
+    settings = _load(
+        tmp_path, text, {env_key: "/from/env" if "FILE" in env_key else "env"}
+    )
+    section = (
+        settings.smtp[0]
+        if settings.smtp
+        else settings.integrated_services["graph-mailer"]
+    )
+    assert getattr(section, file_key) is None
+    assert getattr(section, secret) is not None
+
+
+def test_both_forms_of_a_secret_from_the_environment_are_refused(tmp_path):
+    """Both forms given through the environment are still 'not both'."""
+    env = {
+        "MAILWORKER_SMTP__PRIMARY__PASSWORD": "a",
+        "MAILWORKER_SMTP__PRIMARY__PASSWORD_FILE": "/run/secrets/smtp",
+    }
+    error = _refused(tmp_path, _smtp(extra='username = "mailer"'), env)
+    assert "not both" in str(error)
 
 
 # ---------------------------------------------------------------- references

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import orjson
@@ -20,15 +21,19 @@ from producers.cli import (
     EXIT_FAILED,
     EXIT_NOT_FOUND,
     EXIT_USAGE,
+    defaults_in_use,
     fail,
     send,
 )
-from producers.enqueue import connect
+from producers.enqueue import broker_error, connect
 from producers.keys import QUEUES
 from settings import ConfigError, Settings, config_path, load_settings, public_url
 from worker.cli_dead import dead
 from worker.middleware import POLL_ENV
 from worker.render import render_config, render_status
+
+if TYPE_CHECKING:
+    from worker.delivery import Service
 
 __all__ = ["main"]
 
@@ -264,10 +269,7 @@ def _check_worker(settings: Settings) -> None:
     try:
         client.ping()
     except redis.RedisError as exc:
-        fail(
-            EXIT_BROKER,
-            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
-        )
+        fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     client.close()
 
 
@@ -327,12 +329,15 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
     try:
         record = store.get(job_id)
     except redis.RedisError as exc:
-        fail(
-            EXIT_BROKER,
-            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
-        )
+        fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     if record is None:
-        fail(EXIT_NOT_FOUND, f"no job {job_id} (unknown, or expired after status.ttl)")
+        where = f"{public_url(url)} namespace {settings.namespace!r}"
+        if defaults_in_use(broker_url):
+            where += " (the defaults: no configuration file, no MAILWORKER_BROKER_URL)"
+        fail(
+            EXIT_NOT_FOUND,
+            f"no job {job_id} in {where}: unknown, or expired after status.ttl",
+        )
     if as_json:
         click.echo(orjson.dumps(record).decode())
     else:
@@ -400,10 +405,7 @@ def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
             connect(url, ca_bundle=settings.broker_ca_bundle), settings.namespace
         )
     except redis.RedisError as exc:
-        fail(
-            EXIT_BROKER,
-            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
-        )
+        fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     if as_json:
         click.echo(orjson.dumps(stats).decode())
         return
@@ -424,18 +426,62 @@ def config() -> None:
 
 
 @config.command("check")
-def config_check() -> None:
-    """Validate the configuration, print it with every secret masked, and the delivery order."""
-    from worker.app import secrets_of
+@click.option(
+    "--no-broker",
+    is_flag=True,
+    help="Do not connect to the broker (offline checks only).",
+)
+def config_check(no_broker: bool) -> None:
+    """Check the configuration as `mailworker worker` would, and the broker.
+
+    Reads every secret and key file, builds every enabled service, and pings the broker;
+    then prints the configuration with every secret masked, each service's resolved
+    security, port, auth and scopes, in delivery order.
+
+    Exit codes: 0 the worker would start with it; 2 it would refuse it (every problem
+    named); 4 the broker is unreachable or refuses the login.
+    """
+    from worker.app import build_services, secrets_of
 
     settings = _settings()
+    url = settings.broker_url.get_secret_value()
+    client = connect(url, ca_bundle=settings.broker_ca_bundle)
     try:
         secrets_of(settings)  # every secret file must be readable
+        services = build_services(settings, client)  # what the worker refuses
     except ConfigError as exc:
         fail(EXIT_USAGE, f"configuration: {exc}")
+    for service in services:
+        service.transport.close()
+    broker = f"{public_url(url)}, namespace {settings.namespace!r}"
+    if no_broker:
+        broker += ": not checked (--no-broker)"
+    else:
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
+        broker += ": answers"
+    client.close()
     path = config_path()
     click.echo(f"# configuration: {path if path else '(no file: defaults)'}")
-    click.echo("\n".join(render_config(settings)))
+    click.echo(f"# broker: {broker}")
+    click.echo("\n".join(render_config(settings, scopes=_scopes(services))))
+
+
+def _scopes(services: list[Service]) -> dict[str, list[str]]:
+    """The OAuth scopes each built service asks for (Graph, or SMTP with XOAUTH2)."""
+    from worker.transports.smtp import OUTLOOK_SCOPE, SmtpTransport
+
+    scopes: dict[str, list[str]] = {}
+    for service in services:
+        transport = service.transport
+        if isinstance(transport, SmtpTransport):
+            if transport.conn.effective_auth == "xoauth2":
+                scopes[service.name] = [OUTLOOK_SCOPE]
+        else:
+            scopes[service.name] = list(getattr(transport, "scopes", []))
+    return scopes
 
 
 # ---------------------------------------------------------------- health
@@ -518,10 +564,7 @@ def health(
             min_processes=min_processes,
         )
     except redis.RedisError as exc:
-        fail(
-            EXIT_BROKER,
-            f"broker {public_url(url)} unreachable: {exc.__class__.__name__}",
-        )
+        fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     finally:
         client.close()
     if as_json:

@@ -10,7 +10,7 @@ import orjson
 import redis
 
 from producers.cli import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
-from producers.enqueue import connect
+from producers.enqueue import broker_error, connect
 from settings import ConfigError, Settings, load_settings, public_url
 from settings.durations import parse_duration
 from worker.deadletter import REASONS, DeadLetters, Filters, RequeueRefusedError
@@ -96,7 +96,7 @@ def list_command(
     try:
         entries = store.entries(_filters(since, reason, service))
     except redis.RedisError as exc:
-        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+        fail(EXIT_BROKER, str(broker_error(label, exc)))
     if entries and not as_json:
         click.echo(
             f"{'ID':<36}  {'DEAD AT':<25}  {'REASON':<17} {'SERVICE':<12} "
@@ -145,7 +145,7 @@ def show_command(job_id: str, as_json: bool, broker_url: str | None) -> None:
     try:
         record = store.show(job_id)
     except redis.RedisError as exc:
-        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+        fail(EXIT_BROKER, str(broker_error(label, exc)))
     if record is None:
         fail(EXIT_NOT_FOUND, f"no dead letter {job_id}")
     if as_json:
@@ -193,7 +193,7 @@ def requeue_command(
                 refused += 1
                 click.echo(f"mailworker: requeue refused: {exc}", err=True)
     except redis.RedisError as exc:
-        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+        fail(EXIT_BROKER, str(broker_error(label, exc)))
     if job_id and refused and store.show(job_id) is None:
         raise SystemExit(EXIT_NOT_FOUND)
     if refused:
@@ -231,7 +231,7 @@ def purge_command(
         )
         purged = sum(store.purge(i) for i in ids if i)
     except redis.RedisError as exc:
-        fail(EXIT_BROKER, f"broker {label} unreachable: {exc.__class__.__name__}")
+        fail(EXIT_BROKER, str(broker_error(label, exc)))
     if job_id and not purged:
         fail(EXIT_NOT_FOUND, f"no dead letter {job_id}")
     click.echo(f"purged {purged} dead letter(s)")

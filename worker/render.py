@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ _MASK = "***"
 
 
 def render_status(record: dict[str, Any]) -> list[str]:
-    """A status record (DESIGN §6) as aligned lines."""
+    """A status record (the README's "Status") as aligned lines."""
     lines = [f"{'job':<16}{record['id']}", f"{'state':<16}{record['state']}"]
     for key in (
         "reason",
@@ -25,33 +26,43 @@ def render_status(record: dict[str, Any]) -> list[str]:
         "created_at",
         "updated_at",
         "next_attempt_at",
+        "dead_at",
     ):
         if record.get(key) not in (None, ""):
             lines.append(f"{key:<16}{record[key]}")
     if record.get("error"):
         error = record["error"]
-        code = f" {error['code']}" if error.get("code") else ""
-        lines.append(f"{'error':<16}{error.get('type')}{code}: {error.get('message')}")
+        reply = _reply(error.get("code"), error.get("message"))
+        lines.append(f"{'error':<16}{error.get('type')}: {reply}")
     if record.get("metadata"):
         lines.append(f"{'metadata':<16}{orjson.dumps(record['metadata']).decode()}")
     if record.get("recipients"):
         lines.append("recipients")
         for r in record["recipients"]:
-            code = f" {r['code']}" if r.get("code") else ""
-            lines.append(
-                f"  {r['address']:<40} {r['state']}{code} {r.get('message') or ''}".rstrip()
-            )
+            reply = _reply(r.get("code"), r.get("message"))
+            lines.append(f"  {r['address']:<40} {r['state']} {reply}".rstrip())
     for skip in record.get("skipped") or []:
         lines.append(
             f"{'skipped':<16}{skip['service']}: {skip['reason']} ({skip.get('message', '')})"
         )
     for entry in record.get("history") or []:
-        extra = entry.get("reason") or entry.get("service") or ""
-        lines.append(
-            f"{'history':<16}{entry.get('at')} attempt {entry.get('attempt')} "
-            f"{entry.get('event')} {extra}".rstrip()
-        )
+        attempt = entry.get("attempt")
+        words = [
+            entry.get("at"),
+            f"attempt {attempt}" if attempt is not None else None,
+            entry.get("event"),
+            entry.get("reason") or entry.get("service"),
+        ]
+        lines.append(f"{'history':<16}" + " ".join(str(w) for w in words if w))
     return lines
+
+
+def _reply(code: object, message: object) -> str:
+    """A reply's code and text, the code once (an SMTP reply's text starts with it)."""
+    text = str(message or "")
+    if code in (None, "") or text.startswith(str(code)):
+        return text
+    return f"{code} {text}".rstrip()
 
 
 def _toml(value: Any) -> str:
@@ -78,16 +89,33 @@ def _masked(model: Any) -> dict[str, Any]:
     return data
 
 
-def render_config(settings: Settings) -> list[str]:
-    """The effective configuration as TOML, secrets masked, then the delivery order."""
+def render_config(
+    settings: Settings, *, scopes: Mapping[str, list[str]] | None = None
+) -> list[str]:
+    """The effective configuration as TOML, secrets masked, services in delivery order.
+
+    Each service is followed by a ``# resolved:`` comment (the TLS mode, port and auth
+    the security rule gives an SMTP connection, and the OAuth scopes in ``scopes``), a
+    disabled one by ``# disabled``; the last line is the delivery order.
+    """
+    scopes = scopes or {}
     root = _masked(settings)
     root["broker_url"] = public_url(settings.broker_url.get_secret_value())
     lines = _table({k: v for k, v in root.items() if not isinstance(v, dict | list)})
     for section in ("limits", "retry", "breaker", "status"):
         lines += ["", f"[{section}]", *_table(root[section])]
-    for kind, entries in (("smtp", settings.smtp), ("openauth", settings.openauth)):
-        for entry in entries:
-            lines += ["", f"[[{kind}]]", *_table(_masked(entry))]
+    for oa in settings.openauth:  # OpenAuth services go first (delivery order)
+        lines += ["", "[[openauth]]", *_table(_masked(oa))]
+        lines.append(_resolved(oa.enabled, {"scopes": scopes.get(oa.name)}))
+    for conn in settings.smtp:
+        lines += ["", "[[smtp]]", *_table(_masked(conn))]
+        resolved: dict[str, Any] = {
+            "security": conn.effective_security,
+            "port": conn.effective_port,
+            "auth": conn.effective_auth,
+            "scopes": scopes.get(conn.name),
+        }
+        lines.append(_resolved(conn.enabled, resolved))
     for name, svc in settings.integrated_services.items():
         lines += ["", f"[integrated_services.{name}]", *_table(_masked(svc))]
     kinds = {s.name: "openauth" for s in settings.openauth} | {
@@ -96,3 +124,10 @@ def render_config(settings: Settings) -> list[str]:
     order = " -> ".join(f"{name} ({kinds[name]})" for name in settings.delivery_order)
     lines += ["", f"# delivery order: {order or 'no enabled service'}"]
     return lines
+
+
+def _resolved(enabled: bool, values: dict[str, Any]) -> str:
+    if not enabled:
+        return "# disabled: not in the delivery order"
+    shown = ", ".join(f"{k} = {_toml(v)}" for k, v in values.items() if v is not None)
+    return f"# resolved: {shown}"
