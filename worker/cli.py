@@ -58,7 +58,7 @@ def main() -> None:
 
     Configuration: MAILWORKER_CONFIG, else ./mailworker.toml; MAILWORKER_BROKER_URL
     overrides broker_url. Exit codes: 0 ok, 1 operation failed, 2 usage or configuration
-    error, 3 id not found, 4 broker unreachable.
+    error, 3 id not found, 4 broker unreachable or refusing the login.
     """
 
 
