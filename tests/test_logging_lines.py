@@ -69,3 +69,21 @@ def test_a_line_longer_than_pipe_buf_is_written_alone():
         lines.write(long)
         lines.write(_line(2))
     assert raw.writes == [_line(1), long, _line(2)]
+
+
+class Broken(Raw):
+    """A stream whose reader went away (``mailworker worker | tee`` killed first)."""
+
+    def write(self, data: bytes) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_stream_that_cannot_take_a_line_never_raises():
+    """A log line that cannot be written is dropped and counted: raised, it would break
+    off a job after its send, lose its record and have it sent again."""
+    lines = _Lines(Broken())
+    lines.write(_line(1))
+    with lines.together():
+        for i in range(40):  # past one 4 KB piece
+            lines.write(_line(i))
+    assert lines.lost == 41

@@ -121,3 +121,40 @@ def test_a_redis_outage_during_a_bulk_send_sends_no_job_twice(
     sent = Counter(m.rcpt_tos[0] for m in server.recorder.messages)
     assert len(sent) == 20
     assert set(sent.values()) == {1}
+
+
+def test_after_an_outage_no_live_process_is_robbed(
+    make_settings, redis_client, namespace, smtp_server
+):
+    """A process that could not beat for longer than the timeout (Redis away) does not
+    take back the jobs of the others at once: their beats are just as stale, and they are
+    alive. Once they had a timeout to beat, a really dead one is reaped again."""
+    from producers.keys import QUEUES
+    from worker.reliability import Heartbeat
+
+    server = smtp_server()
+    settings = make_settings(smtp=[server.smtp_section()])
+    a, b = (build(settings, client=redis_client) for _ in range(2))
+    beat_a, beat_b = (Heartbeat(timeout=1.0, ttl=60) for _ in range(2))
+    Producer(redis_client, namespace=namespace).enqueue(
+        Notification(to=["x@example.org"], subject="s", text="t")
+    )
+    consumer = b.broker.consume(QUEUES["normal"], prefetch=1, timeout=50)
+    try:
+        assert wait_for(lambda: next(consumer)) is not None  # in b's hands
+        beat_a.beat(a.broker)
+        beat_b.beat(b.broker)
+        time.sleep(1.5)  # neither could beat: as while Redis was away
+        assert beat_a.beat(a.broker) == 0  # b's beat is stale, but so was a's own
+        beat_b.beat(b.broker)
+        # Then b dies (beats no more) while a goes on beating: reaped once a timeout
+        # has passed since the outage and since b's last beat.
+        moved = []
+        for _ in range(10):
+            time.sleep(0.4)
+            moved.append(beat_a.beat(a.broker))
+        assert moved[0] == 0 and sum(moved) == 1
+    finally:
+        consumer.close()
+        a.close()
+        b.close()

@@ -208,8 +208,17 @@ class Deliverer:
             groups.setdefault(self.services.index(service), []).append(index)
         for position, indexes in groups.items():
             service = self.services[position]
-            messages = [self._message(service, parcels[i]) for i in indexes]
-            sent = service.transport.send_many(messages, stop=stop)  # type: ignore[attr-defined]
+            try:
+                messages = [self._message(service, parcels[i]) for i in indexes]
+                sent = service.transport.send_many(messages, stop=stop)  # type: ignore[attr-defined]
+            except Exception as exc:  # a bug: the other services' results are kept
+                log.error(
+                    "bulk_send_failed_unexpectedly",
+                    service=service.name,
+                    error_type=type(exc).__name__,
+                    exc_info=True,
+                )
+                continue  # its jobs are tried one by one below
             for index, result in zip(indexes, sent, strict=True):
                 firsts[index] = result
         stopping = stop or (lambda: False)

@@ -183,6 +183,9 @@ class Breaker:
         # name → (read at, count, open until)
         self._cache: dict[str, tuple[float, int, float]] = {}
         self._lock = threading.Lock()
+        # Until then Redis is taken to be away: no call waits on it (a partitioned Redis
+        # costs its connect timeout per call, for every job of a bulk message).
+        self._away_until = 0.0
 
     def _key(self, service: str) -> str:
         return f"{self._ns}:breaker:{service}"
@@ -202,6 +205,8 @@ class Breaker:
     def allow(self, service: str) -> bool:
         """True when the service may be tried: closed, or this caller holds the probe
         (or Redis cannot say)."""
+        if self._away():
+            return True
         try:
             _, until = self._state(service)
             if until == 0:
@@ -219,6 +224,8 @@ class Breaker:
 
     def success(self, service: str) -> None:
         """Close the breaker (one write, only when it had counted failures)."""
+        if self._away():
+            return
         try:
             count, until = self._state(service)
             if count or until:
@@ -234,6 +241,8 @@ class Breaker:
     def failure(self, service: str, *, hold: float | None = None) -> bool:
         """Count a failed delivery; open the breaker at the threshold, or at once for
         ``hold`` seconds (a quota error). Returns True when it is now open."""
+        if self._away():
+            return False
         try:
             return self._count_failure(service, hold)
         except redis.RedisError as exc:
@@ -266,8 +275,11 @@ class Breaker:
             )
         return True
 
-    @staticmethod
-    def _unavailable(service: str, exc: redis.RedisError) -> None:
+    def _away(self) -> bool:
+        return self._away_until > time.monotonic()
+
+    def _unavailable(self, service: str, exc: redis.RedisError) -> None:
+        self._away_until = time.monotonic() + self._refresh
         log.warning(
             "breaker_unavailable", service=service, error_type=type(exc).__name__
         )

@@ -116,11 +116,12 @@ class _Lines:
     def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
         self._local = threading.local()
+        self.lost = 0  # lines the stream could not take
 
     def write(self, data: bytes) -> int:
         pending: list[bytes] | None = getattr(self._local, "pending", None)
         if pending is None:
-            return self._raw.write(data)
+            return self._out(data)
         if pending and self._local.size + len(data) > _PIPE_BUF:
             self._write_out()
         pending.append(data)
@@ -145,9 +146,19 @@ class _Lines:
     def _write_out(self) -> None:
         pending: list[bytes] = self._local.pending
         if pending:
-            self._raw.write(b"".join(pending))
+            self._out(b"".join(pending))
             pending.clear()
             self._local.size = 0
+
+    def _out(self, data: bytes) -> int:
+        """Write, and never raise: a log line that cannot be written (a closed pipe, a
+        full disk) is dropped, never allowed to break off a delivery after its send,
+        which would lose its record and send it again."""
+        try:
+            return self._raw.write(data)
+        except (OSError, ValueError):
+            self.lost += data.count(b"\n")
+            return len(data)
 
 
 _lines: _Lines | None = None  # the JSON stream, once configure() has made it

@@ -233,6 +233,10 @@ class Heartbeat(Middleware):
         self._host = host
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat_at: float | None = (
+            None  # monotonic time of the last beat that landed
+        )
+        self._reap_after = 0.0
 
     @property
     def host(self) -> str:
@@ -276,6 +280,16 @@ class Heartbeat(Middleware):
             int(self.timeout * 4000),
             HOST_RECORD_TTL,
         )
+        at = time.monotonic()
+        if self._beat_at is not None and at - self._beat_at > self.timeout:
+            # This process could not beat for longer than the timeout (Redis away): nor
+            # could any other, so every heartbeat looks stale now. Reap again only once
+            # the live ones had a timeout to beat, or their jobs would be sent twice.
+            self._reap_after = at + self.timeout
+            log.warning("heartbeat_resumed", after_s=round(at - self._beat_at, 1))
+        self._beat_at = at
+        if at < self._reap_after:
+            return 0
         queues = sorted({*broker.queues, *(dq_name(q) for q in broker.queues)})
         moved = int(
             client.eval(

@@ -31,22 +31,25 @@ _INT_FIELDS = ("attempts",)
 # Writes many records and, optionally, acknowledges the broker message they came in.
 # Key names are derived from the namespace as in producers/keys.py (status_key & co.).
 # ARGV: namespace, ttl, now (ms), record count, then per record: job id, history entry
-#       ("" none), dead payload ("" none), n, n field/value arguments, m, m accepted
-#       recipients to add to the marker; then, for an ack: queue, broker id, message id.
+#       ("" none), dead payload ("" none), guard ("1": skipped when the job is `sent`),
+#       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
+#       for an ack: queue, broker id, message id.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
 _WRITE = """
 local ns, ttl, now, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local i = 5
 for _ = 1, count do
-  local id, event, dead, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local n = tonumber(ARGV[i + 4])
   local key = ns .. ':job:' .. id
-  i = i + 4
+  i = i + 5
   local first, last = i, i + n - 1
   i = i + n
   local m = tonumber(ARGV[i])
   i = i + 1
-  -- A job that was sent never dies (a bulk message Dramatiq gave up on after it).
-  if dead == '' or redis.call('HGET', key, 'state') ~= 'sent' then
+  -- A job that was sent never dies, nor goes back to `queued` (a bulk message Dramatiq
+  -- gave up on after it, or that a stopping worker hands back).
+  if guard == '' or redis.call('HGET', key, 'state') ~= 'sent' then
     redis.call('HSET', key, unpack(ARGV, first, last))
     redis.call('EXPIRE', key, ttl)
     if m > 0 then
@@ -271,10 +274,12 @@ class StatusStore:
             else:
                 pairs.append("" if value is None else str(value))
         marker = accepted or ()
+        guarded = dead_payload is not None or fields.get("state") == "queued"
         return [
             job_id,
             orjson.dumps({"at": now, **event}) if event is not None else "",
             dead_payload if dead_payload is not None else "",
+            "1" if guarded else "",
             len(pairs),
             *pairs,
             len(marker),

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import redis
+
 from settings import SmtpConnection
 from worker.errors import (
     DeliveryError,
@@ -194,7 +196,14 @@ class SmtpTransport:
         """A lease of ``max_connections_total`` (sessions across all workers), if capped."""
         if self._total is None:
             return None
-        lease = self._total.acquire(self.conn.timeout)
+        try:
+            lease = self._total.acquire(self.conn.timeout)
+        except redis.RedisError as exc:  # a passing failure of this send, never a crash
+            raise TransientDeliveryError(
+                "cannot take a max_connections_total lease: the broker's Redis "
+                f"answered {type(exc).__name__}",
+                service=self.name,
+            ) from exc
         if lease is None:
             raise TransientDeliveryError(
                 f"all {self._total.limit} sessions across workers are in use "
