@@ -277,6 +277,26 @@ def smtp_server(server_tls: ssl.SSLContext) -> Iterator[Callable[..., SmtpServer
         controller.stop()
 
 
+@pytest.fixture
+def connect(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Any]]:
+    """``connect(server)``: an open ``SmtpClient`` session to one of ``smtp_server``'s
+    servers, closed at the end."""
+    from worker.transports.smtp_client import SmtpClient
+
+    clients: list[SmtpClient] = []
+
+    def open_client(server: SmtpServer) -> SmtpClient:
+        conn = make_settings(smtp=[server.smtp_section()]).smtp[0]
+        client = SmtpClient(conn, None)
+        client.open()
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        client.close()
+
+
 # ---------------------------------------------------------------- Microsoft stand-in
 
 
@@ -347,8 +367,15 @@ def run_worker(redis_client: redis.Redis) -> Iterator[Callable[..., Any]]:
 
     started: list[tuple[WorkerApp, Worker]] = []
 
-    def run(settings: Settings, *, threads: int = 2, **build_options: Any) -> WorkerApp:
-        app = build(settings, client=redis_client, backoff=0.01, **build_options)
+    def run(
+        settings: Settings,
+        *,
+        threads: int = 2,
+        client: redis.Redis | None = None,
+        **build_options: Any,
+    ) -> WorkerApp:
+        client = client if client is not None else redis_client
+        app = build(settings, client=client, backoff=0.01, **build_options)
         app.broker.emit_after("process_boot")
         worker = Worker(app.broker, worker_timeout=50, worker_threads=threads)
         worker.start()

@@ -8,11 +8,10 @@ import time
 from collections import Counter
 
 import pytest
-from dramatiq import Worker
 
 from producers import Notification, Producer
 from tests.helpers import wait_for
-from worker.app import WorkerApp, build
+from worker.app import build
 
 pytestmark = pytest.mark.slow
 
@@ -20,27 +19,19 @@ NS = "mw"
 
 
 @pytest.fixture
-def outage_worker(private_redis, make_settings):
+def outage_worker(private_redis, make_settings, run_worker):
     """``start(smtp_section, **settings)``: the real app on the private Redis, run by a
     real Dramatiq worker in threads; stopped at the end."""
-    started: list[tuple[WorkerApp, Worker]] = []
+    from producers.enqueue import connect
 
     def start(section, *, threads=2, **data):
         data.setdefault("breaker", {"failures": 1000})
         settings = make_settings(
             smtp=[section], broker_url=private_redis.url, namespace=NS, **data
         )
-        app = build(settings, backoff=0.01)
-        app.broker.emit_after("process_boot")
-        worker = Worker(app.broker, worker_timeout=50, worker_threads=threads)
-        worker.start()
-        started.append((app, worker))
-        return app
+        return run_worker(settings, threads=threads, client=connect(private_redis.url))
 
-    yield start
-    for app, worker in started:
-        worker.stop(timeout=10_000)
-        app.close()
+    return start
 
 
 def _states(client, job_ids):

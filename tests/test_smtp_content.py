@@ -11,27 +11,10 @@ import pytest
 from producers.job import Mailbox, Notification
 from worker.message import Mime, render_message
 from worker.transports.base import Receipt
-from worker.transports.smtp_client import SmtpClient
 
 FROM = Mailbox(address="noreply@example.com", name="Example Notifications")
 RCPT = ("ann@example.org",)
 BIG = bytes(range(256)) * 1200  # 300 KiB: encoded block by block on the way out
-
-
-@pytest.fixture
-def connect(make_settings):
-    clients: list[SmtpClient] = []
-
-    def open_client(server) -> SmtpClient:
-        conn = make_settings(smtp=[server.smtp_section()]).smtp[0]
-        client = SmtpClient(conn, None)
-        client.open()
-        clients.append(client)
-        return client
-
-    yield open_client
-    for client in clients:
-        client.close()
 
 
 def _rendered(index: int = 0) -> tuple[Notification, Mime]:

@@ -15,7 +15,6 @@ from worker.errors import MessageRefusedError, TransientDeliveryError
 from worker.message import render
 from worker.transports.base import OutgoingMessage, Receipt
 from worker.transports.smtp import SmtpTransport
-from worker.transports.smtp_client import SmtpClient
 
 FROM = Mailbox(address="noreply@example.com", name="Example Notifications")
 
@@ -55,22 +54,6 @@ def _envelopes(
     messages: list[OutgoingMessage],
 ) -> list[tuple[str, tuple[str, ...], bytes]]:
     return [(m.sender, m.recipients, m.data) for m in messages]
-
-
-@pytest.fixture
-def connect(make_settings):
-    clients: list[SmtpClient] = []
-
-    def open_client(server) -> SmtpClient:
-        conn = make_settings(smtp=[server.smtp_section()]).smtp[0]
-        client = SmtpClient(conn, None)
-        client.open()
-        clients.append(client)
-        return client
-
-    yield open_client
-    for client in clients:
-        client.close()
 
 
 def _subjects(recorder: Recorder) -> list[str]:
