@@ -23,15 +23,10 @@ from typing import IO, Any
 import psutil
 import redis
 
+from common.sockets import free_port
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _SETPRIV = shutil.which("setpriv")
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _with_pdeathsig(argv: Sequence[str]) -> list[str]:

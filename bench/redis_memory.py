@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # `python bench/redis_memory.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.infra import AioSink, RedisInstance, spawn, stop_tree
+from common.keys import accepted_key, history_key, idempotency_key, status_key
 from producers import Notification, Producer
-from producers.keys import accepted_key, history_key, idempotency_key, status_key
 from worker.queues import queue_stats
 
 NAMESPACE = "mwmem"

@@ -10,13 +10,16 @@ import threading
 import warnings
 from collections.abc import Iterable
 
-from producers.enqueue import (
+from producers.enqueue import Producer
+from producers.job import SCHEMA_VERSION, Attachment, Mailbox, Notification, parse_job
+from settings import (
     BrokerAuthenticationError,
     BrokerUnavailableError,
-    Producer,
+    JobValidationError,
+    config_path,
+    load_settings,
+    public_url,
 )
-from producers.job import SCHEMA_VERSION, Attachment, Mailbox, Notification, parse_job
-from settings import JobValidationError, config_path, load_settings, public_url
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -11,8 +11,7 @@ from typing import Any
 
 import orjson
 
-from producers.job import Notification
-from producers.keys import (
+from common.keys import (
     BATCH_ACTOR_NAME,
     QUEUES,
     WAKE_LUA,
@@ -23,6 +22,7 @@ from producers.keys import (
     wake_channel,
     wake_gate_key,
 )
+from producers.job import Notification
 
 __all__ = ["BATCH_SCRIPT", "batch_call", "claim_key", "payload_digest", "queued_record"]
 

@@ -13,10 +13,10 @@ from typing import IO
 import click
 import orjson
 
-from producers.enqueue import BrokerUnavailableError, Producer
+from common.keys import BATCH_SIZE
+from producers.enqueue import Producer
 from producers.job import Notification, parse_job
-from producers.keys import BATCH_SIZE
-from settings import JobValidationError
+from settings import BrokerUnavailableError, JobValidationError
 
 __all__ = ["BrokerUnavailableError", "BulkSummary", "report", "send_bulk"]
 

@@ -6,14 +6,16 @@ import mimetypes
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import orjson
 
-from producers.enqueue import BrokerUnavailableError, Producer
+from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_USAGE, fail
+from producers.enqueue import Producer
 from producers.job import Notification, parse_job
 from settings import (
+    BrokerUnavailableError,
     ConfigError,
     JobValidationError,
     config_path,
@@ -22,30 +24,10 @@ from settings import (
 )
 
 __all__ = [
-    "EXIT_BROKER",
-    "EXIT_FAILED",
-    "EXIT_NOT_FOUND",
-    "EXIT_USAGE",
     "defaults_in_use",
-    "fail",
     "make_producer",
     "send",
 ]
-
-EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BROKER = 1, 2, 3, 4
-
-
-def fail(code: int, message: str) -> NoReturn:
-    """Print the cause on stderr, one line per problem, and exit with ``code``.
-
-    A ``ConfigError`` with several problems is one line each: the lines after the first
-    get its ``configuration:`` label too, so every line stands alone.
-    """
-    first, *rest = message.splitlines() or [""]
-    label = "configuration: " if first.startswith("configuration: ") else ""
-    for line in [first, *(label + more for more in rest)]:
-        click.echo(f"mailworker: {line}", err=True)
-    sys.exit(code)
 
 
 def make_producer(broker_url: str | None) -> Producer:

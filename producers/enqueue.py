@@ -13,21 +13,8 @@ from typing import Any
 import orjson
 import redis
 
-from producers.batch import (
-    BATCH_SCRIPT,
-    batch_call,
-    claim_key,
-    payload_digest,
-    queued_record,
-)
-from producers.broker import (
-    BrokerAuthenticationError,
-    BrokerUnavailableError,
-    broker_error,
-    connect,
-)
-from producers.job import Notification
-from producers.keys import (
+from common.broker import broker_error, connect
+from common.keys import (
     ACTOR_NAME,
     BATCH_SIZE,
     QUEUES,
@@ -38,6 +25,14 @@ from producers.keys import (
     wake_channel,
     wake_gate_key,
 )
+from producers.batch import (
+    BATCH_SCRIPT,
+    batch_call,
+    claim_key,
+    payload_digest,
+    queued_record,
+)
+from producers.job import Notification
 from settings import (
     ConfigError,
     JobValidationError,
@@ -47,14 +42,7 @@ from settings import (
 )
 from settings.models import NAMESPACE
 
-__all__ = [
-    "BrokerAuthenticationError",
-    "BrokerUnavailableError",
-    "Producer",
-    "broker_error",
-    "connect",
-    "wire_message",
-]
+__all__ = ["Producer", "wire_message"]
 
 # KEYS: queue list, queue hash, status hash, idempotency key ("" for none)
 # ARGV: redis message id, payload, job id, status fields (JSON), status ttl, idem ttl, payload hash

@@ -1,6 +1,12 @@
 """Configuration models and loading; imports nothing else of mailworker."""
 
-from settings.errors import ConfigError, JobValidationError, MailworkerError
+from settings.errors import (
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    ConfigError,
+    JobValidationError,
+    MailworkerError,
+)
 from settings.loading import config_path, load_settings, public_url, read_secret
 from settings.models import (
     Breaker,
@@ -15,6 +21,8 @@ from settings.models import (
 
 __all__ = [
     "Breaker",
+    "BrokerAuthenticationError",
+    "BrokerUnavailableError",
     "ConfigError",
     "IntegratedService",
     "JobValidationError",

@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ConfigError", "JobValidationError", "MailworkerError"]
+__all__ = [
+    "BrokerAuthenticationError",
+    "BrokerUnavailableError",
+    "ConfigError",
+    "JobValidationError",
+    "MailworkerError",
+]
 
 
 class MailworkerError(Exception):
@@ -59,3 +65,12 @@ class JobValidationError(MailworkerError, ValueError):
     def __reduce__(self) -> tuple[type[JobValidationError], tuple[str, str]]:
         # Pickled (e.g. by a process pool) with the two arguments it is built from.
         return type(self), (self.field, self.reason)
+
+
+class BrokerUnavailableError(MailworkerError):
+    """The broker (Redis) cannot be reached or used; nothing was enqueued (CLI exit 4)."""
+
+
+class BrokerAuthenticationError(BrokerUnavailableError):
+    """The broker refused the login of ``broker_url`` (password or ACL user), or the ACL
+    user may not run a command mailworker needs; nothing was enqueued (CLI exit 4)."""

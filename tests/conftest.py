@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import ssl
 import threading
 import uuid
@@ -23,6 +22,7 @@ from aiosmtpd.smtp import SMTP as SmtpProtocol  # noqa: N811 - aiosmtpd names it
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from dramatiq import Worker
 
+from common.sockets import free_port
 from settings import Settings, load_settings
 
 HOST = "127.0.0.1"
@@ -31,17 +31,11 @@ CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 # ---------------------------------------------------------------- Redis
 
 
 def _real_redis() -> redis.Redis | None:
-    from producers.enqueue import connect
+    from common.broker import connect
 
     client = connect(REDIS_URL)  # as the worker and producers connect
     try:

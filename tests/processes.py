@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import CI, free_port
+from common.sockets import free_port
+from tests.conftest import CI
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
 
@@ -148,5 +149,4 @@ __all__ = [
     "RedisServer",
     "WorkerProcess",
     "clean_env",
-    "free_port",
 ]

@@ -381,7 +381,7 @@ def test_bulk_messages_kept_back_go_back_to_the_queue_when_the_worker_stops(
     its queue, its jobs `queued` again, when the worker stops; a new worker sends it."""
     from dramatiq import Worker
 
-    from producers.keys import QUEUES, queue_key
+    from common.keys import QUEUES, queue_key
     from worker.app import build
 
     server = smtp_server()
@@ -415,7 +415,7 @@ def test_a_thread_is_kept_free_only_while_single_jobs_come_in():
     from dramatiq import Message, Worker
     from dramatiq.brokers.stub import StubBroker
 
-    from producers.keys import BATCH_ACTOR_NAME
+    from common.keys import BATCH_ACTOR_NAME
     from worker.express import BulkSlots
 
     def bulk_message(n):
@@ -473,7 +473,7 @@ def test_bulk_messages_kept_back_survive_a_lost_redis_in_the_process(
     back on the queue: the queue's next consumer in the process hands them over."""
     from dramatiq import Worker
 
-    from producers.keys import QUEUES
+    from common.keys import QUEUES
     from worker.app import build
 
     server = smtp_server()

@@ -17,9 +17,10 @@ import orjson
 import pytest
 import redis
 
+from common.keys import queue_key, queue_messages_key
+from common.sockets import free_port
 from producers import Notification, Producer
-from producers.keys import queue_key, queue_messages_key
-from tests.conftest import HOST, PASSWORD, REDIS_URL, free_port, write_toml
+from tests.conftest import HOST, PASSWORD, REDIS_URL, write_toml
 
 MAILWORKER = Path(sys.executable).parent / "mailworker"
 TIMEOUT = 60  # seconds per command: generous, but a hang fails instead of blocking

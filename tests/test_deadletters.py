@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from common.keys import wake_channel
+from common.sockets import free_port
 from producers import Notification, Producer
-from producers.keys import wake_channel
-from tests.conftest import free_port, write_toml
+from tests.conftest import write_toml
 from tests.helpers import wire_enqueue
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")

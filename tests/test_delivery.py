@@ -7,8 +7,8 @@ from email import message_from_bytes, policy
 import pytest
 import structlog.testing
 
+from common.sockets import free_port
 from producers import Notification, Producer
-from tests.conftest import free_port
 from tests.helpers import wait_for, wire_enqueue
 
 NS_QUEUE = "mail"

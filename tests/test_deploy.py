@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from producers.keys import QUEUES, queue_messages_key
+from common.keys import QUEUES, queue_messages_key
 from settings import Limits, load_settings
 from tests.conftest import CI, write_toml
 from tests.helpers import wait_for

@@ -17,8 +17,9 @@ from typing import Any, BinaryIO
 import pytest
 import redis
 
+from common.sockets import free_port
 from producers import Notification, Producer
-from tests.conftest import free_port, write_toml
+from tests.conftest import write_toml
 from tests.helpers import wait_for
 from tests.processes import WorkerProcess
 

@@ -12,6 +12,8 @@ import pytest
 import redis
 
 import producers
+from common.keys import BATCH_SIZE
+from common.sockets import free_port
 from producers import (
     BrokerAuthenticationError,
     BrokerUnavailableError,
@@ -19,9 +21,7 @@ from producers import (
     Notification,
     Producer,
 )
-from producers.keys import BATCH_SIZE
 from settings import ConfigError, Settings
-from tests.conftest import free_port
 from tests.helpers import wait_for, wire_enqueue
 from worker.status import StatusStore
 

@@ -22,7 +22,7 @@ NS = "mw"
 def outage_worker(private_redis, make_settings, run_worker):
     """``start(smtp_section, **settings)``: the real app on the private Redis, run by a
     real Dramatiq worker in threads; stopped at the end."""
-    from producers.enqueue import connect
+    from common.broker import connect
 
     def start(section, *, threads=2, **data):
         data.setdefault("breaker", {"failures": 1000})
@@ -120,7 +120,7 @@ def test_after_an_outage_no_live_process_is_robbed(
     """A process that could not beat for longer than the timeout (Redis away) does not
     take back the jobs of the others at once: their beats are just as stale, and they are
     alive. Once they had a timeout to beat, a really dead one is reaped again."""
-    from producers.keys import QUEUES
+    from common.keys import QUEUES
     from worker.reliability import Heartbeat
 
     server = smtp_server()

@@ -1,4 +1,4 @@
-"""Timeouts kept by the kernel (``producers.sockets``): plain-TCP SMTP and Redis sockets
+"""Timeouts kept by the kernel (``common.sockets``): plain-TCP SMTP and Redis sockets
 are blocking, with SO_RCVTIMEO/SO_SNDTIMEO, and a stalled peer still fails the call."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producers.enqueue import connect
-from producers.sockets import KernelTimeoutConnection, supported
+from common.broker import connect
+from common.sockets import KernelTimeoutConnection, supported
 from worker.errors import TransientDeliveryError
 from worker.transports.smtp_client import SmtpClient
 
@@ -159,7 +159,7 @@ def test_pooled_connections_stay_blocking_after_the_pool_peeks_at_them(redis_url
 
 
 def test_tls_and_other_platforms_keep_python_timeouts(monkeypatch):
-    from producers import sockets
+    from common import sockets
 
     assert "rediss" not in str(connect("rediss://127.0.0.1:1").connection_pool)
     assert connect("rediss://127.0.0.1:1").connection_pool.connection_class is not (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.cli import EXIT_USAGE
+from common.exits import EXIT_USAGE
 from settings import load_settings
 from tests.conftest import CI, write_toml
 from tests.processes import MAILWORKER

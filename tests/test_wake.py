@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
+from common.keys import wake_channel
 from producers import Notification, Producer
-from producers.keys import wake_channel
 from tests.helpers import wait_for
 from worker.app import build
 from worker.wake import CLIENT_NAME

@@ -15,8 +15,8 @@ import dramatiq
 import structlog
 from dramatiq.middleware import CurrentMessage
 
+from common.keys import ACTOR_NAME
 from producers.job import Notification, parse_job
-from producers.keys import ACTOR_NAME
 from settings import JobValidationError, Settings
 from worker import records
 from worker.deadletter import content_size

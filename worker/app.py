@@ -14,8 +14,8 @@ import redis
 from dramatiq.middleware import CurrentMessage
 from pydantic import SecretStr
 
-from producers.enqueue import connect
-from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
+from common.broker import connect
+from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
 from worker.actors import JobHandler
 from worker.broker import DeadLetterCapture, MailBroker

@@ -24,7 +24,7 @@ from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 from dramatiq.message import Message
 from dramatiq.middleware import MiddlewareError
 
-from producers.keys import ACTOR_NAME, BATCH_ACTOR_NAME
+from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME
 from worker.clock import iso_millis
 from worker.deadletter import DeadLetters
 from worker.direct import DirectScript

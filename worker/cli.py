@@ -16,17 +16,10 @@ import click
 import orjson
 import redis
 
-from producers.cli import (
-    EXIT_BROKER,
-    EXIT_FAILED,
-    EXIT_NOT_FOUND,
-    EXIT_USAGE,
-    defaults_in_use,
-    fail,
-    send,
-)
-from producers.enqueue import broker_error, connect
-from producers.keys import QUEUES
+from common.broker import broker_error, connect
+from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
+from common.keys import QUEUES
+from producers.cli import defaults_in_use, send
 from settings import ConfigError, Settings, config_path, load_settings, public_url
 from worker.cli_dead import dead
 from worker.middleware import POLL_ENV

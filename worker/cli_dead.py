@@ -9,8 +9,8 @@ import click
 import orjson
 import redis
 
-from producers.cli import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
-from producers.enqueue import broker_error, connect
+from common.broker import broker_error, connect
+from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
 from settings import ConfigError, Settings, load_settings, public_url
 from settings.durations import parse_duration
 from worker.deadletter import REASONS, DeadLetters, Filters, RequeueRefusedError

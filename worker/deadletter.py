@@ -20,8 +20,7 @@ import orjson
 import redis
 from redis.typing import EncodableT
 
-from producers.job import parse_job
-from producers.keys import (
+from common.keys import (
     WAKE_LUA,
     dead_index_key,
     dead_payload_key,
@@ -31,6 +30,7 @@ from producers.keys import (
     wake_channel,
     wake_gate_key,
 )
+from producers.job import parse_job
 from settings import JobValidationError, Limits
 from worker.status import StatusStore, now_iso
 

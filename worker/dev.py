@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -14,18 +13,13 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from fakeredis import TcpFakeServer
 
+from common.sockets import free_port
 from settings import Settings
 
 __all__ = ["CaptureMailbox", "EmbeddedBroker", "dev_settings"]
 
 HOST = "127.0.0.1"
 DEV_FROM = "noreply@mailworker.test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedBroker:
@@ -84,7 +78,7 @@ class CaptureMailbox:
         self, outbox: Path, *, on_message: Callable[[Path], None] = lambda p: None
     ) -> None:
         outbox.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.writer = _Writer(outbox, on_message)
         self._controller = Controller(self.writer, hostname=HOST, port=self.port)
 

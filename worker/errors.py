@@ -17,8 +17,12 @@ catches a library's own exceptions.
 
 from __future__ import annotations
 
-from producers.enqueue import BrokerUnavailableError
-from settings.errors import ConfigError, JobValidationError, MailworkerError
+from settings.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    JobValidationError,
+    MailworkerError,
+)
 
 __all__ = [
     "BrokerUnavailableError",

@@ -36,7 +36,7 @@ from typing import Any
 from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 
-from producers.keys import BATCH_ACTOR_NAME
+from common.keys import BATCH_ACTOR_NAME
 
 __all__ = ["PAUSE_LIMIT", "BulkSlots", "Express"]
 

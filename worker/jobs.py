@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from producers.keys import ACTOR_NAME
+from common.keys import ACTOR_NAME
 from settings import Limits, MailworkerError
 from worker.deadletter import kept_payload
 

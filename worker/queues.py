@@ -6,7 +6,7 @@ from typing import Any
 
 import redis
 
-from producers.keys import QUEUES, dead_index_key
+from common.keys import QUEUES, dead_index_key
 
 __all__ = ["queue_stats"]
 

@@ -11,7 +11,7 @@ import orjson
 import redis
 from redis.typing import EncodableT
 
-from producers.keys import (
+from common.keys import (
     QUEUES,
     history_key,
     queue_messages_key,

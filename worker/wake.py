@@ -16,8 +16,8 @@ import redis
 import structlog
 from dramatiq import Broker, Middleware, Worker
 
-from producers.keys import wake_channel
-from producers.sockets import KernelTimeoutConnection
+from common.keys import wake_channel
+from common.sockets import KernelTimeoutConnection
 
 __all__ = ["Waker"]
 

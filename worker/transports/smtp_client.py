@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from producers.sockets import kernel_timeouts
+from common.sockets import kernel_timeouts
 from settings import SmtpConnection
 from worker.errors import (
     DeliveryError,
@@ -219,7 +219,7 @@ def _receipt(recipients: tuple[str, ...], replies: list[tuple[int, bytes]]) -> R
 
 class _KernelTimeoutReader(socket.SocketIO):
     """smtplib's reply reader for a socket whose receive timeout the kernel keeps
-    (``producers.sockets``): a read that ends in ``EAGAIN`` timed out. ``SocketIO``
+    (``common.sockets``): a read that ends in ``EAGAIN`` timed out. ``SocketIO``
     would report it as "no data yet", which smtplib takes for a closed connection."""
 
     def __init__(self, sock: socket.socket) -> None:

@@ -8,24 +8,10 @@ from urllib.parse import urlsplit
 
 import redis
 
-from producers import sockets
-from settings import MailworkerError
+from common import sockets
+from settings import BrokerAuthenticationError, BrokerUnavailableError
 
-__all__ = [
-    "BrokerAuthenticationError",
-    "BrokerUnavailableError",
-    "broker_error",
-    "connect",
-]
-
-
-class BrokerUnavailableError(MailworkerError):
-    """The broker (Redis) cannot be reached or used; nothing was enqueued (CLI exit 4)."""
-
-
-class BrokerAuthenticationError(BrokerUnavailableError):
-    """The broker refused the login of ``broker_url`` (password or ACL user), or the ACL
-    user may not run a command mailworker needs; nothing was enqueued (CLI exit 4)."""
+__all__ = ["broker_error", "connect"]
 
 
 def broker_error(label: str, exc: redis.RedisError) -> BrokerUnavailableError:

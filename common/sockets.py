@@ -1,4 +1,4 @@
-"""Socket timeouts kept by the kernel rather than by Python.
+"""Socket timeouts kept by the kernel rather than by Python, and free loopback ports.
 
 CPython polls a socket that has a timeout before every send and every receive: one more
 system call and one more release and re-acquire of the GIL per I/O. With eight worker
@@ -21,7 +21,14 @@ from typing import Any
 
 import redis
 
-__all__ = ["KernelTimeoutConnection", "kernel_timeouts", "supported"]
+__all__ = ["KernelTimeoutConnection", "free_port", "kernel_timeouts", "supported"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def supported() -> bool:
