@@ -84,7 +84,7 @@ def namespace(redis_client: redis.Redis) -> Iterator[str]:
 def private_redis(tmp_path: Path) -> Iterator[Any]:
     """A redis-server of this test's own (AOF on), for tests that stop or restart Redis:
     the machine's shared server on 6379 is never touched."""
-    from tests.processes import RedisServer
+    from tests.support.processes import RedisServer
 
     server = RedisServer(tmp_path)
     server.start()
@@ -297,7 +297,7 @@ def connect(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., An
 @pytest.fixture
 def fake_microsoft(server_tls: ssl.SSLContext) -> Iterator[Any]:
     """A stand-in Entra ID token endpoint and Graph sendMail over HTTPS on loopback."""
-    from tests.fake_microsoft import FakeMicrosoft
+    from tests.support.fake_microsoft import FakeMicrosoft
 
     fake = FakeMicrosoft(server_tls)
     fake.start()

@@ -13,7 +13,7 @@ import pytest
 from dramatiq.broker import MessageProxy
 
 from producers import JobValidationError, Notification, Producer
-from tests.helpers import wait_for
+from tests.support.helpers import wait_for
 from worker.deadletter import DeadLetters
 from worker.express import Express
 
@@ -234,7 +234,7 @@ def test_send_bulk_enqueues_every_valid_line_and_summarises(
     import subprocess
 
     from tests.conftest import write_toml
-    from tests.processes import MAILWORKER, clean_env
+    from tests.support.processes import MAILWORKER, clean_env
 
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]))
@@ -272,7 +272,7 @@ def test_a_worker_holds_few_delayed_messages_in_memory(
 ):
     """Retries waiting for their time stay in Redis: a worker process prefetches at most
     25 delayed messages per thread (Dramatiq's default is 1,000 per thread)."""
-    from tests.helpers import wait_for
+    from tests.support.helpers import wait_for
     from worker.middleware import DELAY_PREFETCH
 
     server = smtp_server()

@@ -12,7 +12,7 @@ from dramatiq import Middleware
 from dramatiq.middleware import MiddlewareError
 
 from tests.conftest import Recorder
-from tests.helpers import wait_for, wire_enqueue
+from tests.support.helpers import wait_for, wire_enqueue
 from worker.deadletter import DeadLetters
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import pytest
 
 from producers import Notification, Producer
 from tests.conftest import Recorder, write_toml
-from tests.helpers import wait_for
-from tests.processes import MAILWORKER, WorkerProcess, clean_env
+from tests.support.helpers import wait_for
+from tests.support.processes import MAILWORKER, WorkerProcess, clean_env
 from worker.status import StatusStore
 
 MESSAGE_ID = re.compile(rb"Message-ID: <([^@>]+)@")

@@ -9,7 +9,7 @@ import structlog.testing
 
 from common.sockets import free_port
 from producers import Notification, Producer
-from tests.helpers import wait_for, wire_enqueue
+from tests.support.helpers import wait_for, wire_enqueue
 
 NS_QUEUE = "mail"
 

@@ -24,8 +24,8 @@ import yaml
 from common.keys import QUEUES, queue_messages_key
 from settings import Limits, load_settings
 from tests.conftest import CI, write_toml
-from tests.helpers import wait_for
-from tests.processes import MAILWORKER, clean_env
+from tests.support.helpers import wait_for
+from tests.support.processes import MAILWORKER, clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"

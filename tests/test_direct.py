@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.helpers import wait_for
+from tests.support.helpers import wait_for
 from worker.direct import DirectScript, close_connections
 
 BODY = "redis.call('INCR', ARGV[1]) return redis.call('GET', ARGV[1])"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from tests.fake_microsoft import FakeMicrosoft
+from tests.support.fake_microsoft import FakeMicrosoft
 
 GRAPH_SCOPE = ["https://graph.microsoft.com/.default"]
 MAILBOX = "svc@contoso.com"

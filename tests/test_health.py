@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import write_toml
-from tests.helpers import wait_for
-from tests.processes import MAILWORKER, WorkerProcess, clean_env
+from tests.support.helpers import wait_for
+from tests.support.processes import MAILWORKER, WorkerProcess, clean_env
 
 pytestmark = pytest.mark.slow
 

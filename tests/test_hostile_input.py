@@ -13,7 +13,7 @@ import pytest
 from dramatiq import Middleware
 
 from producers import JobValidationError, Notification, Producer
-from tests.helpers import wire_enqueue
+from tests.support.helpers import wire_enqueue
 from worker.deadletter import DeadLetters
 
 

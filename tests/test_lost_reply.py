@@ -17,8 +17,8 @@ import redis
 from producers import Notification, Producer
 from producers.job import Mailbox
 from tests.conftest import write_toml
-from tests.helpers import wait_for
-from tests.processes import WorkerProcess
+from tests.support.helpers import wait_for
+from tests.support.processes import WorkerProcess
 from worker.errors import TransientDeliveryError
 from worker.message import Base64Lines, Mime, render
 from worker.status import StatusStore

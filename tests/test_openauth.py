@@ -543,7 +543,7 @@ def test_two_processes_never_exceed_max_concurrent_requests(
     from pathlib import Path
 
     from tests.conftest import write_toml
-    from tests.helpers import wait_for
+    from tests.support.helpers import wait_for
 
     fake_microsoft.delay = 0.15
     config = write_toml(

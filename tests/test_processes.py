@@ -20,8 +20,8 @@ import redis
 from common.sockets import free_port
 from producers import Notification, Producer
 from tests.conftest import write_toml
-from tests.helpers import wait_for
-from tests.processes import WorkerProcess
+from tests.support.helpers import wait_for
+from tests.support.processes import WorkerProcess
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"

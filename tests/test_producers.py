@@ -22,7 +22,7 @@ from producers import (
     Producer,
 )
 from settings import ConfigError, Settings
-from tests.helpers import wait_for, wire_enqueue
+from tests.support.helpers import wait_for, wire_enqueue
 from worker.status import StatusStore
 
 

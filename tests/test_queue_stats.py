@@ -7,8 +7,8 @@ import subprocess
 
 from producers import Notification, Producer
 from tests.conftest import write_toml
-from tests.helpers import wire_enqueue
-from tests.processes import MAILWORKER, clean_env
+from tests.support.helpers import wire_enqueue
+from tests.support.processes import MAILWORKER, clean_env
 from worker.queues import queue_stats
 
 

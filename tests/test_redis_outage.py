@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from producers import Notification, Producer
-from tests.helpers import wait_for
+from tests.support.helpers import wait_for
 from worker.app import build
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD, write_toml
-from tests.helpers import wait_for
+from tests.support.helpers import wait_for
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
 WRONG_CLIENT_SECRET = "wrong-client-secret-987"

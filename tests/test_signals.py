@@ -14,8 +14,8 @@ import pytest
 
 from producers import Notification, Producer
 from tests.conftest import Recorder, write_toml
-from tests.helpers import wait_for
-from tests.processes import WorkerProcess
+from tests.support.helpers import wait_for
+from tests.support.processes import WorkerProcess
 from worker.status import StatusStore
 
 MESSAGE_ID = re.compile(rb"Message-ID: <([^@>]+)@")

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.helpers import wait_for
-from tests.processes import WorkerProcess
+from tests.support.helpers import wait_for
+from tests.support.processes import WorkerProcess
 from tests.test_crash import SlowRecorder, _config, _enqueue
 from worker.status import StatusStore
 

@@ -13,7 +13,7 @@ import pytest
 from common.exits import EXIT_USAGE
 from settings import load_settings
 from tests.conftest import CI, write_toml
-from tests.processes import MAILWORKER
+from tests.support.processes import MAILWORKER
 from worker.app import secrets_of
 from worker.cli import worker
 

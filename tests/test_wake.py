@@ -11,7 +11,7 @@ import redis
 
 from common.keys import wake_channel
 from producers import Notification, Producer
-from tests.helpers import wait_for
+from tests.support.helpers import wait_for
 from worker.app import build
 from worker.wake import CLIENT_NAME
 
