@@ -1,16 +1,13 @@
-"""Real servers for the tests: Redis (the machine's, else fakeredis), aiosmtpd SMTP
-servers with trustme certificates and AUTH, and real Dramatiq workers."""
+"""Fixtures for the tests: Redis (the machine's, else fakeredis), aiosmtpd SMTP servers
+with trustme certificates and AUTH, the Microsoft stand-in, and real Dramatiq workers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
-import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +15,13 @@ import pytest
 import redis
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as SmtpProtocol  # noqa: N811 - aiosmtpd names it SMTP
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from dramatiq import Worker
 
 from common.sockets import free_port
 from settings import Settings, load_settings
-
-HOST = "127.0.0.1"
-USER, PASSWORD = "mailer", "s3cret-smtp-pw"
-CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
+from tests.support.config import write_toml
+from tests.support.env import CI, HOST, REDIS_URL
+from tests.support.smtp import Recorder, SmtpServer, authenticator
 
 # ---------------------------------------------------------------- Redis
 
@@ -117,128 +109,6 @@ def server_tls(ca: trustme.CA) -> ssl.SSLContext:
 # ---------------------------------------------------------------- SMTP
 
 
-@dataclass
-class Received:
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-
-
-@dataclass
-class Recorder:
-    """An aiosmtpd handler that records messages; tests change its replies."""
-
-    messages: list[Received] = field(default_factory=list)
-    rcpt_replies: dict[str, str] = field(default_factory=dict)  # address → reply
-    data_replies: list[str] = field(default_factory=list)  # popped per message
-    commands: list[str] = field(default_factory=list)
-    pipelining: bool = (
-        True  # advertise RFC 2920 (aiosmtpd reads pipelined commands fine)
-    )
-    ehlos: int = 0  # EHLO count: one per session (two with STARTTLS)
-    # address → event: RCPT for it is answered only once the test sets the event
-    holds: dict[str, threading.Event] = field(default_factory=dict)
-    held: set[str] = field(default_factory=set)  # addresses being held now
-
-    async def handle_EHLO(
-        self,
-        server: SmtpProtocol,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        self.ehlos += 1
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return responses
-
-    async def handle_MAIL(
-        self,
-        server: SmtpProtocol,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        options: list[str],
-    ) -> str:
-        self.commands.append(f"MAIL {address}")
-        envelope.mail_from = address
-        return "250 OK"
-
-    async def handle_RCPT(
-        self,
-        server: SmtpProtocol,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        options: list[str],
-    ) -> str:
-        self.commands.append(f"RCPT {address}")
-        hold = self.holds.get(address)
-        if hold is not None:
-            self.held.add(address)
-            for _ in range(3000):  # at most 30 s: a forgotten hold fails, never hangs
-                if hold.is_set():
-                    break
-                await asyncio.sleep(0.01)
-            self.held.discard(address)
-        reply = self.rcpt_replies.get(address)
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(
-        self, server: SmtpProtocol, session: Session, envelope: Envelope
-    ) -> str:
-        if self.data_replies:
-            return self.data_replies.pop(0)
-        content = envelope.original_content or b""
-        self.messages.append(
-            Received(envelope.mail_from or "", list(envelope.rcpt_tos), content)
-        )
-        return "250 2.0.0 Queued"
-
-
-def _authenticator(
-    server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-) -> AuthResult:
-    ok = (
-        isinstance(auth_data, LoginPassword)
-        and auth_data.login == USER.encode()
-        and auth_data.password == PASSWORD.encode()
-    )
-    # handled=False on failure, or aiosmtpd sends no reply and the client hangs.
-    return AuthResult(success=True) if ok else AuthResult(success=False, handled=False)
-
-
-@dataclass
-class SmtpServer:
-    port: int
-    mode: str
-    recorder: Recorder
-    auth: bool
-
-    def smtp_section(self, name: str = "primary", **overrides: Any) -> dict[str, Any]:
-        """An [[smtp]] table pointing at this server."""
-        section: dict[str, Any] = {
-            "name": name,
-            "from_address": "noreply@example.com",
-            "from_display_name": "Example Notifications",
-            "server": "localhost" if self.mode != "plain" else HOST,
-            "port": self.port,
-            "security": {"plain": "none", "starttls": "starttls", "tls": "tls"}[
-                self.mode
-            ],
-            "timeout": "5s",
-        }
-        if self.auth:
-            section.update(username=USER, password=PASSWORD)
-        section.update(overrides)
-        return section
-
-
 @pytest.fixture
 def smtp_server(server_tls: ssl.SSLContext) -> Iterator[Callable[..., SmtpServer]]:
     """Start aiosmtpd servers: ``smtp_server(mode="plain|starttls|tls", auth=False)``."""
@@ -252,7 +122,7 @@ def smtp_server(server_tls: ssl.SSLContext) -> Iterator[Callable[..., SmtpServer
         port = free_port()
         kwargs: dict[str, Any] = {"hostname": HOST, "port": port}
         if auth:
-            kwargs.update(authenticator=_authenticator, auth_required=True)
+            kwargs.update(authenticator=authenticator, auth_required=True)
         if mode == "starttls":
             kwargs.update(tls_context=server_tls, require_starttls=True)
         elif mode == "tls":
@@ -307,37 +177,6 @@ def fake_microsoft(server_tls: ssl.SSLContext) -> Iterator[Any]:
 
 
 # ---------------------------------------------------------------- settings and workers
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    lines: list[str] = []
-    tables: list[str] = []
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "integrated_services":
-            tables.append(f"[{key}]")
-            tables += [f"{k} = {toml_value(v)}" for k, v in value.items()]
-        elif key == "integrated_services":
-            for name, svc in value.items():
-                tables.append(f"[integrated_services.{name}]")
-                tables += [f"{k} = {toml_value(v)}" for k, v in svc.items()]
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            for entry in value:
-                tables.append(f"[[{key}]]")
-                tables += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
-        else:
-            lines.append(f"{key} = {toml_value(value)}")
-    path.write_text("\n".join(lines + tables) + "\n")
-    return path
 
 
 @pytest.fixture

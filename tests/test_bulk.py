@@ -233,7 +233,7 @@ def test_send_bulk_enqueues_every_valid_line_and_summarises(
     numbers and reasons, writes the job ids to a file, and exits 1 when any was refused."""
     import subprocess
 
-    from tests.conftest import write_toml
+    from tests.support.config import write_toml
     from tests.support.processes import MAILWORKER, clean_env
 
     server = smtp_server()

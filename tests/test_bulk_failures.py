@@ -11,8 +11,8 @@ import pytest
 from dramatiq import Middleware
 from dramatiq.middleware import MiddlewareError
 
-from tests.conftest import Recorder
 from tests.support.helpers import wait_for, wire_enqueue
+from tests.support.smtp import Recorder
 from worker.deadletter import DeadLetters
 
 pytestmark = pytest.mark.slow

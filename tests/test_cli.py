@@ -20,7 +20,9 @@ import redis
 from common.keys import queue_key, queue_messages_key
 from common.sockets import free_port
 from producers import Notification, Producer
-from tests.conftest import HOST, PASSWORD, REDIS_URL, write_toml
+from tests.support.config import write_toml
+from tests.support.env import HOST, REDIS_URL
+from tests.support.smtp import PASSWORD
 
 MAILWORKER = Path(sys.executable).parent / "mailworker"
 TIMEOUT = 60  # seconds per command: generous, but a hang fails instead of blocking

@@ -16,7 +16,7 @@ import pytest
 from common.keys import wake_channel
 from common.sockets import free_port
 from producers import Notification, Producer
-from tests.conftest import write_toml
+from tests.support.config import write_toml
 from tests.support.helpers import wire_enqueue
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")

@@ -23,7 +23,8 @@ import yaml
 
 from common.keys import QUEUES, queue_messages_key
 from settings import Limits, load_settings
-from tests.conftest import CI, write_toml
+from tests.support.config import write_toml
+from tests.support.env import CI
 from tests.support.helpers import wait_for
 from tests.support.processes import MAILWORKER, clean_env
 

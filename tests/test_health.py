@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_toml
+from tests.support.config import write_toml
 from tests.support.helpers import wait_for
 from tests.support.processes import MAILWORKER, WorkerProcess, clean_env
 

@@ -16,7 +16,7 @@ import redis
 
 from producers import Notification, Producer
 from producers.job import Mailbox
-from tests.conftest import write_toml
+from tests.support.config import write_toml
 from tests.support.helpers import wait_for
 from tests.support.processes import WorkerProcess
 from worker.errors import TransientDeliveryError

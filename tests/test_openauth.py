@@ -14,7 +14,7 @@ import structlog
 import structlog.testing
 
 from producers import Notification, Producer
-from tests.conftest import Recorder
+from tests.support.smtp import Recorder
 
 IDENTITY = "notifications@contoso.com"
 
@@ -308,7 +308,7 @@ def test_certificate_credential(
     o365, fake_microsoft, run_worker, redis_client, tmp_path
 ):
     """A private key and public certificate (MSAL's SHA-256 form) authenticate the app."""
-    from tests.test_fake_microsoft import self_signed
+    from tests.support.certificates import self_signed
 
     key_pem, cert_pem = self_signed()
     (tmp_path / "key.pem").write_text(key_pem)
@@ -542,7 +542,7 @@ def test_two_processes_never_exceed_max_concurrent_requests(
     import sys
     from pathlib import Path
 
-    from tests.conftest import write_toml
+    from tests.support.config import write_toml
     from tests.support.helpers import wait_for
 
     fake_microsoft.delay = 0.15

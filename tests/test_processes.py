@@ -19,7 +19,7 @@ import redis
 
 from common.sockets import free_port
 from producers import Notification, Producer
-from tests.conftest import write_toml
+from tests.support.config import write_toml
 from tests.support.helpers import wait_for
 from tests.support.processes import WorkerProcess
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 from producers import Notification, Producer
-from tests.conftest import write_toml
+from tests.support.config import write_toml
 from tests.support.helpers import wire_enqueue
 from tests.support.processes import MAILWORKER, clean_env
 from worker.queues import queue_stats

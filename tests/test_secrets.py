@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD, write_toml
+from tests.support.config import write_toml
 from tests.support.helpers import wait_for
+from tests.support.smtp import PASSWORD
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
 WRONG_CLIENT_SECRET = "wrong-client-secret-987"

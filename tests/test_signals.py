@@ -13,9 +13,10 @@ import subprocess
 import pytest
 
 from producers import Notification, Producer
-from tests.conftest import Recorder, write_toml
+from tests.support.config import write_toml
 from tests.support.helpers import wait_for
 from tests.support.processes import WorkerProcess
+from tests.support.smtp import Recorder
 from worker.status import StatusStore
 
 MESSAGE_ID = re.compile(rb"Message-ID: <([^@>]+)@")

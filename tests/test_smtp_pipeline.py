@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from producers.job import Mailbox, Notification
-from tests.conftest import Recorder
+from tests.support.smtp import Recorder
 from worker.errors import MessageRefusedError, TransientDeliveryError
 from worker.message import render
 from worker.transports.base import OutgoingMessage, Receipt

@@ -12,7 +12,8 @@ import pytest
 
 from common.exits import EXIT_USAGE
 from settings import load_settings
-from tests.conftest import CI, write_toml
+from tests.support.config import write_toml
+from tests.support.env import CI
 from tests.support.processes import MAILWORKER
 from worker.app import secrets_of
 from worker.cli import worker

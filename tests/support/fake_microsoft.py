@@ -36,7 +36,8 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-HOST = "127.0.0.1"
+from tests.support.env import HOST
+
 # Graph: "The maximum request length supported is 4MB"; a longer body gets 413.
 GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

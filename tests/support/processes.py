@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from common.sockets import free_port
-from tests.conftest import CI
+from tests.support.env import CI
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
 
