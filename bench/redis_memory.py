@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # `python bench/redis_memory.py`
 from bench.infra import AioSink, RedisInstance, spawn, stop_tree
 from common.keys import accepted_key, history_key, idempotency_key, status_key
 from producers import Notification, Producer
-from worker.queues import queue_stats
+from worker.cli.stats import queue_stats
 
 NAMESPACE = "mwmem"
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")

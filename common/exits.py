@@ -7,7 +7,16 @@ from typing import NoReturn
 
 import click
 
-__all__ = ["EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_USAGE", "fail"]
+from settings import ConfigError, Settings, load_settings
+
+__all__ = [
+    "EXIT_BROKER",
+    "EXIT_FAILED",
+    "EXIT_NOT_FOUND",
+    "EXIT_USAGE",
+    "fail",
+    "settings_or_fail",
+]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BROKER = 1, 2, 3, 4
 
@@ -23,3 +32,11 @@ def fail(code: int, message: str) -> NoReturn:
     for line in [first, *(label + more for more in rest)]:
         click.echo(f"mailworker: {line}", err=True)
     sys.exit(code)
+
+
+def settings_or_fail() -> Settings:
+    """The configuration; a command exits 2, naming each problem, when it is invalid."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        fail(EXIT_USAGE, f"configuration: {exc}")

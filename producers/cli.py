@@ -11,15 +11,13 @@ from typing import Any
 import click
 import orjson
 
-from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_USAGE, fail
+from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_USAGE, fail, settings_or_fail
 from producers.enqueue import Producer
 from producers.job import Notification, parse_job
 from settings import (
     BrokerUnavailableError,
-    ConfigError,
     JobValidationError,
     config_path,
-    load_settings,
     public_url,
 )
 
@@ -35,10 +33,7 @@ def make_producer(broker_url: str | None) -> Producer:
 
     Notes on stderr when it falls back to the default broker (see ``defaults_in_use``).
     """
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        fail(EXIT_USAGE, f"configuration: {exc}")
+    settings = settings_or_fail()
     if defaults_in_use(broker_url):
         click.echo(
             "mailworker: note: no configuration file and no MAILWORKER_BROKER_URL: "

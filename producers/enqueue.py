@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -14,6 +13,7 @@ import orjson
 import redis
 
 from common.broker import broker_error, connect
+from common.envelope import envelope
 from common.keys import (
     ACTOR_NAME,
     BATCH_SIZE,
@@ -76,15 +76,13 @@ _CHUNK = 500
 def wire_message(job_id: str, queue: str, job: dict[str, Any]) -> tuple[str, bytes]:
     """Return (redis message id, payload) of the Dramatiq message for one job."""
     redis_message_id = str(uuid.uuid4())
-    message = {
-        "queue_name": queue,
-        "actor_name": ACTOR_NAME,
-        "args": [],
-        "kwargs": {"job": job},
-        "options": {"redis_message_id": redis_message_id},
-        "message_id": job_id,
-        "message_timestamp": int(time.time() * 1000),
-    }
+    message = envelope(
+        job_id,
+        queue,
+        ACTOR_NAME,
+        {"job": job},
+        options={"redis_message_id": redis_message_id},
+    )
     return redis_message_id, orjson.dumps(message)
 
 

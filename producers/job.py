@@ -210,7 +210,18 @@ class Notification(JobModel):
         return list(seen)
 
     def check_limits(self, limits: Limits) -> None:
-        """Refuse a notification over ``[limits]``.
+        """Refuse a notification over ``[limits]``, or one whose ``not_after`` passed.
+
+        Raises:
+            JobValidationError: too many recipients, surely larger than allowed, or
+                expired.
+        """
+        self.check_size(limits)
+        if self.not_after is not None and self.not_after <= datetime.now(UTC):
+            raise JobValidationError("not_after", "is in the past")
+
+    def check_size(self, limits: Limits) -> None:
+        """Refuse a notification with more recipients or bytes than ``[limits]`` allow.
 
         Raises:
             JobValidationError: too many recipients, or surely larger than allowed.
@@ -221,8 +232,6 @@ class Notification(JobModel):
                 "to",
                 f"{count} recipients; at most {limits.max_recipients} (limits.max_recipients)",
             )
-        if self.not_after is not None and self.not_after <= datetime.now(UTC):
-            raise JobValidationError("not_after", "is in the past")
         size = self.estimated_size()
         if size > limits.max_message_bytes:
             raise JobValidationError(

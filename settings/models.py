@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -120,6 +121,15 @@ class Retry(_Section):
         if self.min_backoff > self.max_backoff:
             raise ValueError("min_backoff must not be greater than max_backoff")
         return self
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1 for the first).
+
+        Exponential from ``min_backoff``, up to half again at random, so that jobs that
+        failed together (an outage) come back spread out; never above ``max_backoff``.
+        """
+        base = self.min_backoff * 2 ** min(max(attempt - 1, 0), 32)
+        return min(self.max_backoff, random.uniform(base, 1.5 * base))
 
 
 class Breaker(_Section):

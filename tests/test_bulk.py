@@ -14,8 +14,8 @@ from dramatiq.broker import MessageProxy
 
 from producers import JobValidationError, Notification, Producer
 from tests.support.helpers import wait_for
+from worker.bulk import SingleJobs
 from worker.deadletter import DeadLetters
-from worker.express import Express
 
 
 def _single_job_sent(producer, app):
@@ -273,7 +273,7 @@ def test_a_worker_holds_few_delayed_messages_in_memory(
     """Retries waiting for their time stay in Redis: a worker process prefetches at most
     25 delayed messages per thread (Dramatiq's default is 1,000 per thread)."""
     from tests.support.helpers import wait_for
-    from worker.middleware import DELAY_PREFETCH
+    from worker.middleware.tuning import DELAY_PREFETCH
 
     server = smtp_server()
     app = run_worker(make_settings(smtp=[server.smtp_section()]), threads=1)
@@ -299,7 +299,7 @@ def test_a_bulk_message_waits_while_a_single_job_of_its_process_runs(
     settings = make_settings(
         smtp=[bulk.smtp_section("primary"), slow.smtp_section("slow")]
     )
-    app = run_worker(settings, threads=2, express=Express(limit=30))
+    app = run_worker(settings, threads=2, single_jobs=SingleJobs(limit=30))
     producer = Producer(redis_client, namespace=namespace)
     try:
         urgent = producer.enqueue(
@@ -322,7 +322,7 @@ def test_a_bulk_message_waits_while_a_single_job_of_its_process_runs(
 
 
 def test_the_wait_for_single_jobs_is_bounded_and_ends_with_them():
-    express = Express(limit=30)
+    express = SingleJobs(limit=30)
     assert express.wait(10) == 0.0  # no single job runs: no wait at all
     started, finish = threading.Event(), threading.Event()
 
@@ -416,7 +416,7 @@ def test_a_thread_is_kept_free_only_while_single_jobs_come_in():
     from dramatiq.brokers.stub import StubBroker
 
     from common.keys import BATCH_ACTOR_NAME
-    from worker.express import BulkSlots
+    from worker.middleware.bulk_slots import BulkSlots
 
     def bulk_message(n):
         message = Message(
@@ -428,7 +428,7 @@ def test_a_thread_is_kept_free_only_while_single_jobs_come_in():
         )
         return MessageProxy(message)
 
-    express = Express()
+    express = SingleJobs()
     slots = BulkSlots(express, keep_free_for=30)
     broker = StubBroker()
     slots.before_worker_boot(broker, Worker(broker, worker_threads=3))

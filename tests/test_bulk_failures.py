@@ -151,12 +151,13 @@ def test_a_bulk_message_dramatiq_gives_up_on_leaves_each_job_its_own_dead_letter
 def test_a_sent_job_handed_back_or_given_up_on_stays_sent(redis_client, namespace):
     """Neither a stopping worker's hand-back nor a dead letter turns a sent job back
     into `queued` or `dead`."""
+    from worker.broker.envelope import JobRef
     from worker.status import StatusStore
 
     status = StatusStore(redis_client, namespace=namespace, ttl=60)
     job_id = str(uuid.uuid4())
     status.write(job_id, {"id": job_id, "state": "sent", "attempts": 1})
-    status.unbegin([(job_id, 2, "mail", "r")])
+    status.unbegin([JobRef(job_id, 2, "mail", "r")])
     status.write(job_id, {"state": "dead"}, dead_payload=b"{}")
     record = status.get(job_id)
     assert (record["state"], record["attempts"]) == ("sent", 1)

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tests.support.helpers import wait_for
-from worker.direct import DirectScript, close_connections
+from worker.broker.scripts import ThreadLocalScript, close_connections
 
 BODY = "redis.call('INCR', ARGV[1]) return redis.call('GET', ARGV[1])"
 
@@ -33,7 +33,7 @@ def _ours(client: redis.Redis) -> list[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def _called_from_another_thread(script: DirectScript) -> Iterator[None]:
+def _called_from_another_thread(script: ThreadLocalScript) -> Iterator[None]:
     """Inside the block, another thread has called ``script`` and is still alive (a
     thread's connection lives as long as the thread)."""
     called, done = threading.Event(), threading.Event()
@@ -55,7 +55,7 @@ def _called_from_another_thread(script: DirectScript) -> Iterator[None]:
 
 def test_a_server_without_the_script_gets_it_with_eval(client):
     client.script_flush()
-    count = DirectScript(client, BODY)
+    count = ThreadLocalScript(client, BODY)
     assert count("n") == b"1"  # EVALSHA said NOSCRIPT; EVAL ran it
     assert client.script_exists(count._sha) == [True]
     assert count("n") == b"2"
@@ -64,7 +64,7 @@ def test_a_server_without_the_script_gets_it_with_eval(client):
 def test_each_thread_has_its_own_connection_and_a_dead_one_is_replaced(
     client,
 ):
-    count = DirectScript(client, BODY)
+    count = ThreadLocalScript(client, BODY)
     assert count("n") == b"1"
     ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
     assert len(ours) == 1
@@ -77,7 +77,7 @@ def test_errors_of_the_script_itself_are_raised_and_the_connection_kept(
     client,
 ):
     client.set("s", "text")
-    incr = DirectScript(client, "return redis.call('INCR', ARGV[1])")
+    incr = ThreadLocalScript(client, "return redis.call('INCR', ARGV[1])")
     with pytest.raises(redis.ResponseError, match="not an integer"):
         incr("s")
     assert incr("t") == 1
@@ -87,8 +87,8 @@ def test_errors_of_the_script_itself_are_raised_and_the_connection_kept(
 def test_scripts_of_one_pool_share_each_threads_connection_and_take_keys(
     client,
 ):
-    count = DirectScript(client, BODY)
-    keyed = DirectScript(client, "return redis.call('SET', KEYS[1], ARGV[1])")
+    count = ThreadLocalScript(client, BODY)
+    keyed = ThreadLocalScript(client, "return redis.call('SET', KEYS[1], ARGV[1])")
     assert keyed.run(["k"], ["v"]) == b"OK"
     assert count("n") == b"1"
     assert client.get("k") == b"v"
@@ -101,7 +101,7 @@ def test_scripts_of_one_pool_share_each_threads_connection_and_take_keys(
 def test_a_script_that_may_not_run_twice_is_not_retried_when_its_reply_is_lost(
     client,
 ):
-    push = DirectScript(
+    push = ThreadLocalScript(
         client, "return redis.call('RPUSH', KEYS[1], ARGV[1])", idempotent=False
     )
     assert push.run(["l"], ["a"]) == 1
@@ -114,7 +114,7 @@ def test_a_script_that_may_not_run_twice_is_not_retried_when_its_reply_is_lost(
 
 
 def test_an_idle_connection_the_server_closed_is_replaced_before_use(client):
-    push = DirectScript(
+    push = ThreadLocalScript(
         client, "return redis.call('RPUSH', KEYS[1], ARGV[1])", idempotent=False
     )
     assert push.run(["l"], ["a"]) == 1
@@ -126,7 +126,7 @@ def test_an_idle_connection_the_server_closed_is_replaced_before_use(client):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_never_uses_the_parents_connection(client):
-    count = DirectScript(client, BODY)
+    count = ThreadLocalScript(client, BODY)
     assert count("n") == b"1"
     parent = count._local.conn
     read, write = os.pipe()
@@ -146,7 +146,7 @@ def test_a_forked_child_never_uses_the_parents_connection(client):
 
 
 def test_close_connections_closes_every_threads_connection(client):
-    count = DirectScript(client, BODY)
+    count = ThreadLocalScript(client, BODY)
     count("n")
     with _called_from_another_thread(count):
         assert len(_ours(client)) == 2

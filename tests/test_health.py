@@ -167,7 +167,8 @@ def test_a_beat_records_its_process_and_forgets_dead_ones(make_settings, redis_c
     """Each heartbeat writes the process's line into its host's record and drops lines
     silent for four redelivery timeouts; the record expires a day after the last beat."""
     from worker.app import build
-    from worker.reliability import HOST_RECORD_TTL, Heartbeat, host_beats, host_key
+    from worker.broker.heartbeats import HOST_RECORD_TTL, host_beats, host_key
+    from worker.middleware.heartbeat import Heartbeat
 
     settings = make_settings(
         smtp=[

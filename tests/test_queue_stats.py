@@ -9,7 +9,7 @@ from producers import Notification, Producer
 from tests.support.config import write_toml
 from tests.support.helpers import wire_enqueue
 from tests.support.processes import MAILWORKER, clean_env
-from worker.queues import queue_stats
+from worker.cli.stats import queue_stats
 
 
 def test_stats_count_ready_delayed_and_dead_per_priority(

@@ -121,7 +121,7 @@ def test_after_an_outage_no_live_process_is_robbed(
     take back the jobs of the others at once: their beats are just as stale, and they are
     alive. Once they had a timeout to beat, a really dead one is reaped again."""
     from common.keys import QUEUES
-    from worker.reliability import Heartbeat
+    from worker.middleware.heartbeat import Heartbeat
 
     server = smtp_server()
     settings = make_settings(smtp=[server.smtp_section()])

@@ -223,7 +223,7 @@ def test_a_plain_smtp_send_that_cannot_write_times_out(make_settings):
 def test_the_wake_listener_keeps_python_timeouts(redis_url):
     """redis-py's pub/sub waits on the socket timeout with poll() in places, which
     SO_RCVTIMEO does not bound: the listener's connection keeps Python's timeout."""
-    from worker.wake import _listener_client
+    from worker.middleware.wake import _listener_client
 
     listener = _listener_client(connect(redis_url))
     pool = listener.connection_pool
@@ -237,9 +237,9 @@ def test_the_wake_listener_keeps_python_timeouts(redis_url):
 
 
 def test_direct_script_refuses_what_redis_cannot_take(redis_url):
-    from worker.direct import DirectScript
+    from worker.broker.scripts import ThreadLocalScript
 
-    script = DirectScript(connect(redis_url), "return ARGV[1]")
+    script = ThreadLocalScript(connect(redis_url), "return ARGV[1]")
     assert script("fine") == b"fine"
     with pytest.raises(redis.DataError):
         script(None)

@@ -16,7 +16,7 @@ from tests.support.config import write_toml
 from tests.support.env import CI
 from tests.support.processes import MAILWORKER
 from worker.app import secrets_of
-from worker.cli import worker
+from worker.cli.main import worker
 
 UNIT = (
     Path(__file__).parent.parent / "deploy" / "systemd" / "mailworker-worker@.service"

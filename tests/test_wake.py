@@ -13,7 +13,7 @@ from common.keys import wake_channel
 from producers import Notification, Producer
 from tests.support.helpers import wait_for
 from worker.app import build
-from worker.wake import CLIENT_NAME
+from worker.middleware.wake import CLIENT_NAME
 
 LONG_POLL_MS = 120_000  # no test waits this long: only a wake-up ends the wait
 

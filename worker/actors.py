@@ -2,44 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
-import random
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import dramatiq
 import structlog
 from dramatiq.middleware import CurrentMessage
 
+from common.envelope import envelope
 from common.keys import ACTOR_NAME
 from producers.job import Notification, parse_job
 from settings import JobValidationError, Settings
 from worker import records
+from worker.attempt import Job
+from worker.broker.attached import PackedWrite, attached
+from worker.bulk import SingleJobs
 from worker.deadletter import content_size
 from worker.delivery import Deliverer, Outcome, Parcel
-from worker.express import Express
-from worker.jobs import JOB_ID_RULE, DeadLetterError, Job, is_job_id, single_message
-from worker.logging import lines_together, show_address
-from worker.reliability import attach_enqueue, attach_write
-from worker.status import JobStart, PackedWrite, StatusStore
+from worker.logging import show_address
+from worker.status import ErrorRecord, JobStart, RecordFields, StatusStore
 
-__all__ = ["JobHandler"]
+__all__ = ["JobHandler", "Prepared"]
 
 log = structlog.get_logger("mailworker.job")
 
-# A bulk message that has run this long sends no more of its jobs: the rest go back to
-# the queue as single jobs. There is no other time limit: each step of a send is bounded
-# by its service's timeout, and cutting a send off (Dramatiq's TimeLimit raises into the
-# thread wherever it is) would leave its outcome unknown.
-BULK_TIME_LIMIT = 600.0
-
 
 @dataclass(slots=True)
-class _Ready:
+class Prepared:
     """A job validated and begun: its earlier outcomes, whom it is for, what to send."""
 
     start: JobStart
@@ -48,17 +38,15 @@ class _Ready:
 
 
 class JobHandler:
-    """Runs one attempt of one job.
+    """Runs one attempt of one job: the ``deliver`` actor.
 
     Args:
         settings: the configuration.
         status: the status store.
         deliverer: the services in delivery order.
         broker: where a job waiting for a budget is put back.
-        draining: set when the worker stops: a bulk message hands its rest back.
-        express: the single jobs running in this process, which bulk messages wait for.
-        bulk_time_limit: seconds a bulk message without a ``time_limit`` option may run
-            before the jobs it has not begun go back to the queue.
+        single_jobs: the single jobs running in this process, which bulk messages
+            wait for.
     """
 
     def __init__(
@@ -68,14 +56,10 @@ class JobHandler:
         status: StatusStore,
         deliverer: Deliverer,
         broker: dramatiq.Broker,
-        draining: threading.Event | None = None,
-        express: Express | None = None,
-        bulk_time_limit: float = BULK_TIME_LIMIT,
+        single_jobs: SingleJobs | None = None,
     ) -> None:
-        self._bulk_time_limit = bulk_time_limit
         self._broker = broker
-        self._draining = draining or threading.Event()
-        self._express = express or Express()
+        self._single_jobs = single_jobs or SingleJobs()
         self._settings = settings
         self._status = status
         self._deliverer = deliverer
@@ -90,177 +74,18 @@ class JobHandler:
         """
         message = CurrentMessage.get_current_message()
         assert message is not None, "the CurrentMessage middleware is required"
-        job = Job(
-            id=message.message_id,
-            attempt=int(message.options.get("retries", 0)) + 1,
-            queue=message.queue_name.removesuffix(".DQ"),
-            timestamp_ms=message.message_timestamp,
-            redis_id=str(message.options.get("redis_message_id", "")),
-            message=message.asdict(),
-        )
-        with self._express.running(), contextlib.suppress(DeadLetterError):
+        job = Job.from_message(message)
+        with self._single_jobs.running():
             if args or set(kwargs) != {"job"}:
-                self._invalid(
-                    job,
-                    JobValidationError(
-                        "kwargs", "expected one keyword argument, 'job'"
-                    ),
-                )
+                error = "expected one keyword argument, 'job'"
+                self.invalid(job, JobValidationError("kwargs", error))
+                return
             self._run(job, kwargs["job"])
 
-    def batch(self, *args: Any, **kwargs: Any) -> None:
-        """The ``deliver_batch`` actor: many jobs in one broker message (``enqueue_many``).
-
-        Each job keeps its own id, status record, marker, retries and dead letter: a job
-        to be retried later is put back on the queue as a single job.
-        """
-        message = CurrentMessage.get_current_message()
-        assert message is not None, "the CurrentMessage middleware is required"
-        queue = message.queue_name.removesuffix(".DQ")
-        items = kwargs.get("jobs")
-        whole = Job(
-            message.message_id,
-            int(message.options.get("retries", 0)) + 1,
-            queue,
-            message.message_timestamp,
-            str(message.options.get("redis_message_id", "")),
-            message.asdict(),
-        )
-        if args or set(kwargs) != {"jobs"} or not isinstance(items, list):
-            with contextlib.suppress(DeadLetterError):
-                self._invalid(
-                    whole, JobValidationError("jobs", "expected a list of jobs")
-                )
-            return
-        jobs = self._with_ids(items, whole)
-        if self._draining.is_set():
-            self._hand_back(jobs, whole)
-            return
-        ready: list[tuple[Any, Job, _Ready]] = []
-        for item in jobs:
-            job = Job(
-                id=item["id"],
-                attempt=whole.attempt,
-                queue=queue,
-                timestamp_ms=message.message_timestamp,
-                redis_id=whole.redis_id,
-                message=single_message(
-                    item["id"], queue, item.get("job"), message.message_timestamp
-                ),
-                single=False,
-            )
-            with contextlib.suppress(DeadLetterError):
-                ready.append((item, job, self._prepare(job, item.get("job"))))
-        # First tries go out as one pipelined run, which stops early when the worker
-        # stops and, before each message, lets the process' running single jobs finish
-        # first; what follows (retries, failover, records) is job by job.
-        sending = [i for i, (_, _, r) in enumerate(ready) if r.parcel.recipients]
-        parcels = [ready[i][2].parcel for i in sending]
-        outcomes = dict(
-            zip(
-                sending,
-                self._deliverer.deliver_many(
-                    parcels, stop=self._pausing(self._time_limit(message))
-                ),
-                strict=True,
-            )
-        )
-        unsent = []
-        # The jobs' lines are written together (their records too go out together, with
-        # the message's ack).
-        with lines_together():
-            for index, (item, job, r) in enumerate(ready):
-                outcome = outcomes.get(index, Outcome())
-                if outcome is None:
-                    unsent.append(item)
-                    continue
-                structlog.contextvars.bind_contextvars(job_id=job.id)
-                with contextlib.suppress(DeadLetterError):
-                    self._finish(job, r, outcome)
-        if unsent:
-            self._hand_back(unsent, whole)
-
-    def _with_ids(self, items: list[Any], whole: Job) -> list[dict[str, Any]]:
-        """The jobs of a bulk message that have a usable id of their own, each once.
-
-        The others can have no record of their own: the bulk message is dead-lettered
-        for them (``validation``, the field of the first named), and the rest go on.
-        """
-        usable: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        bad: list[tuple[int, bool]] = []  # index, whether its id repeats an earlier one
-        for index, item in enumerate(items):
-            job_id = item.get("id") if isinstance(item, dict) else None
-            if is_job_id(job_id) and job_id not in seen:
-                seen.add(job_id)
-                usable.append(item)
-            else:
-                bad.append((index, isinstance(job_id, str) and job_id in seen))
-        if bad:
-            index, repeated = bad[0]
-            problem = (
-                "repeats an earlier job's id" if repeated else f"is not {JOB_ID_RULE}"
-            )
-            with contextlib.suppress(DeadLetterError):
-                self._invalid(
-                    whole,
-                    JobValidationError(
-                        f"jobs[{index}].id",
-                        f"{problem} ({len(bad)} of {len(items)} jobs without a usable "
-                        "id; the others go on)",
-                    ),
-                )
-        return usable
-
-    def _pausing(self, time_limit: float) -> Callable[[], bool]:
-        """For one bulk message, what to call before each of its messages: True when
-        the worker stops or the message has run ``time_limit`` seconds (its jobs not yet
-        sent go back to the queue: a message once begun is never cut off mid-send); first
-        it waits while single jobs of this process run, up to ``Express.limit`` in all
-        (see ``worker.express``)."""
-        budget = self._express.limit
-        deadline = time.monotonic() + time_limit
-
-        def next_message() -> bool:
-            nonlocal budget
-            if self._draining.is_set():
-                return True
-            budget -= self._express.wait(budget)
-            if time.monotonic() >= deadline:
-                return True
-            return self._draining.is_set()
-
-        return next_message
-
-    def _time_limit(self, message: dramatiq.Message[Any]) -> float:
-        """Seconds a bulk message may run: its ``time_limit`` option (ms) if it has
-        one, else the worker's (``BULK_TIME_LIMIT``)."""
-        limit = message.options.get("time_limit")
-        return limit / 1000 if limit else self._bulk_time_limit
-
-    def _hand_back(self, items: list[Any], whole: Job) -> None:
-        """The worker is stopping, or the bulk message ran out of time: put the jobs not
-        yet started back as single jobs."""
-        for item in items:
-            message = single_message(
-                item["id"], whole.queue, item.get("job"), whole.timestamp_ms
-            )
-            job = Job(
-                item["id"],
-                whole.attempt,
-                whole.queue,
-                whole.timestamp_ms,
-                whole.redis_id,
-                message,
-            )
-            self._reschedule(job, 0, count=False)
-        jobs = [(i["id"], whole.attempt, whole.queue, whole.redis_id) for i in items]
-        for packed in self._status.unbegin_writes(jobs):
-            self._record(packed)
-        log.info("bulk_handed_back", jobs=len(items))
-
     def _run(self, job: Job, data: Any) -> None:
-        ready = self._prepare(job, data)
+        ready = self.prepare(job, data)
+        if ready is None:
+            return
         parcel = ready.parcel
         outcome = (
             self._deliverer.deliver(
@@ -272,35 +97,36 @@ class JobHandler:
             if parcel.recipients
             else Outcome()
         )
-        self._finish(job, ready, outcome)
+        self.finish(job, ready, outcome)
 
-    def _prepare(self, job: Job, data: Any) -> _Ready:
+    def prepare(self, job: Job, data: Any) -> Prepared | None:
         """Validate, begin, and work out whom this attempt still sends to.
 
-        Raises:
-            DeadLetterError: the job is invalid, expired, too old or redelivered too often.
+        Returns:
+            What to send, or None when the job ended in the dead letters: invalid,
+            expired, too old or redelivered too often.
         """
         try:
             notification = self._validate(data)
         except JobValidationError as exc:
-            self._invalid(job, exc)
+            self.invalid(job, exc)
+            return None
         if (
             notification.not_after is not None
             and notification.not_after <= datetime.now(UTC)
         ):
             self._dead(job, "expired", records.error("expired", "not_after has passed"))
+            return None
         if job.age > self._settings.retry.max_age:
-            self._dead(
-                job, "max_age", records.error("max_age", f"job is {job.age:.0f}s old")
-            )
-        start = self._status.begin(
-            job.id, attempt=job.attempt, queue=job.queue, redis_id=job.redis_id
-        )
+            error = records.error("max_age", f"job is {job.age:.0f}s old")
+            self._dead(job, "max_age", error)
+            return None
+        start = self._status.begin(job.ref)
         if start.redeliveries >= self._settings.retry.redelivery_limit:
             message = f"its worker died {start.redeliveries} times"
-            self._dead(
-                job, "redelivery_limit", records.error("redelivery_limit", message)
-            )
+            error = records.error("redelivery_limit", message)
+            self._dead(job, "redelivery_limit", error)
+            return None
         if start.in_doubt(job.attempt):
             # The last process died between sending and recording: a server may have it.
             log.warning(
@@ -316,12 +142,12 @@ class JobHandler:
             if redirect
             else None
         )
-        return _Ready(start, wanted, Parcel(job.id, notification, pending, headers))
+        return Prepared(start, wanted, Parcel(job.id, notification, pending, headers))
 
-    def _invalid(self, job: Job, exc: JobValidationError) -> NoReturn:
-        self._dead(
-            job, "validation", records.error("validation", str(exc), field=exc.field)
-        )
+    def invalid(self, job: Job, exc: JobValidationError) -> None:
+        """End ``job`` in the dead letters as invalid, naming the field at fault."""
+        error = records.error("validation", str(exc), field=exc.field)
+        self._dead(job, "validation", error)
 
     def _validate(self, data: Any) -> Notification:
         limits = self._settings.limits
@@ -332,19 +158,11 @@ class JobHandler:
                 "attachments", "larger than limits.max_message_bytes"
             )
         notification = parse_job(data)
-        count = len(notification.to) + len(notification.cc) + len(notification.bcc)
-        if count > limits.max_recipients:
-            raise JobValidationError(
-                "to", f"{count} recipients; at most {limits.max_recipients}"
-            )
-        if notification.estimated_size() > limits.max_message_bytes:
-            raise JobValidationError(
-                "attachments", "larger than limits.max_message_bytes"
-            )
+        notification.check_size(limits)
         self._deliverer.order(notification)  # a `sender` naming no service is invalid
         return notification
 
-    def _finish(self, job: Job, ready: _Ready, outcome: Outcome) -> None:
+    def finish(self, job: Job, ready: Prepared, outcome: Outcome) -> None:
         """Record what the attempt achieved and map it to sent, dead, wait or retry."""
         if ready.start.previous_state == "sent" and not ready.parcel.recipients:
             log.info("job_already_sent", job_id=job.id)  # redelivered after its record
@@ -359,18 +177,21 @@ class JobHandler:
         # Before the attempt's own entry, and like it with the message's ack.
         for doubt in records.in_doubt_events(job.attempt, outcome):
             self._write(job.id, {}, event=doubt)
-        fields: dict[str, Any] = {
+        fields: RecordFields = {
             "recipients": recipients,
             "counts": counts,
             # Some recipients have it, others not (refused, or not yet): never reads as
             # a plain success or a plain failure.
             "partial": 0 < counts["accepted"] < len(recipients),
-            "skipped": outcome.skipped,
+            # Typed in delivery once its Outcome carries SkipRecords.
+            "skipped": outcome.skipped,  # type: ignore[typeddict-item]
             "attempts": job.attempt,
             "metadata": notification.metadata,
         }
         if outcome.service and outcome.receipt.accepted:
-            fields.update(service=outcome.service, message_id=outcome.message_id)
+            fields.update(
+                {"service": outcome.service, "message_id": outcome.message_id}
+            )
             log.info(
                 "delivery_succeeded",
                 service=outcome.service,
@@ -383,12 +204,17 @@ class JobHandler:
         accepted = outcome.receipt.accepted
         if outcome.finished:
             if counts["accepted"]:
-                fields.update(state="sent", reason="", error=None, next_attempt_at="")
+                fields.update(
+                    {
+                        "state": "sent",
+                        "reason": "",
+                        "error": None,
+                        "next_attempt_at": "",
+                    }
+                )
                 if counts["refused"]:
-                    fields.update(
-                        reason="partial",
-                        error=records.partial_error(recipients, outcome.service),
-                    )
+                    fields["reason"] = "partial"
+                    fields["error"] = records.partial_error(recipients, outcome.service)
                 self._write(
                     job.id,
                     fields,
@@ -396,32 +222,38 @@ class JobHandler:
                     event=records.event(job.attempt, "sent", outcome),
                 )
                 return
-            fields["error"] = error or records.refused_error(outcome)
+            fields["error"] = error = error or records.refused_error(outcome)
             self._write(job.id, fields, accepted=accepted)
-            self._dead(job, "permanent", fields["error"])
+            self._dead(job, "permanent", error)
+            return
         if outcome.only_waiting:
             self._wait(job, outcome, fields)
             return
-        fields["error"] = error or records.deferred_error(outcome)
-        self._retry(job, outcome, fields, accepted)
+        fields["error"] = error = error or records.deferred_error(outcome)
+        self._retry(job, outcome, fields, accepted, error)
 
-    def _wait(self, job: Job, outcome: Outcome, fields: dict[str, Any]) -> None:
+    def _wait(self, job: Job, outcome: Outcome, fields: RecordFields) -> None:
         """Every service is spent or cooling down: come back later; not an attempt."""
         delay = max(1.0, outcome.wait or 0.0)
         reason = outcome.skipped[-1]["reason"] if outcome.skipped else "budget"
         if job.age + delay > self._settings.retry.max_age:
             self._write(job.id, fields)
-            self._dead(
-                job, "max_age", records.error(reason, "waited past retry.max_age")
-            )
+            error = records.error(reason, "waited past retry.max_age")
+            self._dead(job, "max_age", error)
+            return
         next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
             timespec="seconds"
         )
         # Put it back with the same retry count; if that fails the actor raises and the
         # broker retries the message: nothing is lost.
-        self._reschedule(job, delay, count=False)
+        self.reschedule(job, delay, count=False)
         fields.update(
-            state="retrying", reason=reason, next_attempt_at=next_at, error=None
+            {
+                "state": "retrying",
+                "reason": reason,
+                "next_attempt_at": next_at,
+                "error": None,
+            }
         )
         self._write(
             job.id,
@@ -431,27 +263,32 @@ class JobHandler:
         log.info("job_waiting", reason=reason, delay_s=round(delay, 1))
 
     def _retry(
-        self, job: Job, outcome: Outcome, fields: dict[str, Any], accepted: list[str]
+        self,
+        job: Job,
+        outcome: Outcome,
+        fields: RecordFields,
+        accepted: list[str],
+        error: ErrorRecord,
     ) -> None:
         policy = self._settings.retry
         if job.attempt >= policy.max_attempts:
             self._write(job.id, fields, accepted=accepted)
-            self._dead(job, "retries_exhausted", fields["error"])
-        # Up to half again at random: jobs that failed together (an outage) come back
-        # spread out, never below min_backoff, never above max_backoff.
-        base = policy.min_backoff * 2 ** (job.attempt - 1)
-        delay = max(
-            min(policy.max_backoff, random.uniform(base, 1.5 * base)),
-            outcome.retry_after or 0.0,
-        )
+            self._dead(job, "retries_exhausted", error)
+            return
+        delay = max(policy.backoff(job.attempt), outcome.retry_after or 0.0)
         if job.age + delay > policy.max_age:
             self._write(job.id, fields, accepted=accepted)
-            self._dead(job, "max_age", fields["error"])
+            self._dead(job, "max_age", error)
+            return
         next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
             timespec="seconds"
         )
         fields.update(
-            state="retrying", reason="retry_scheduled", next_attempt_at=next_at
+            {
+                "state": "retrying",
+                "reason": "retry_scheduled",
+                "next_attempt_at": next_at,
+            }
         )
         self._write(
             job.id,
@@ -459,22 +296,20 @@ class JobHandler:
             accepted=accepted,
             event={
                 **records.event(job.attempt, "retrying", outcome),
-                "error": fields["error"],
+                "error": error,
             },
         )
         log.warning(
             "job_retry_scheduled",
             job_id=job.id,
             delay_s=round(delay, 1),
-            error=fields["error"]["message"],
+            error=error["message"],
         )
         if job.single:
-            raise dramatiq.Retry(
-                message=fields["error"]["message"], delay=int(delay * 1000)
-            )
-        self._reschedule(job, delay, count=True)
+            raise dramatiq.Retry(message=error["message"], delay=int(delay * 1000))
+        self.reschedule(job, delay, count=True)
 
-    def _reschedule(self, job: Job, delay: float, *, count: bool) -> None:
+    def reschedule(self, job: Job, delay: float, *, count: bool) -> None:
         """Put the job back as a single job after ``delay`` seconds; ``count`` says whether
         the attempt just made counts toward ``max_attempts``."""
         options = {
@@ -483,25 +318,25 @@ class JobHandler:
             if k not in ("eta", "redis_message_id", "traceback")
         }
         options["retries"] = job.attempt if count else job.attempt - 1
-        message: dramatiq.Message[Any] = dramatiq.Message(
-            queue_name=job.queue,
-            actor_name=ACTOR_NAME,
-            args=(),
-            kwargs=job.message["kwargs"],
+        fields = envelope(
+            job.id,
+            job.queue,
+            ACTOR_NAME,
+            job.message["kwargs"],
             options=options,
-            message_id=job.id,
-            message_timestamp=job.timestamp_ms,
+            timestamp_ms=job.timestamp_ms,
         )
+        message: dramatiq.Message[Any] = dramatiq.Message(**{**fields, "args": ()})
         current = CurrentMessage.get_current_message()
         if current is None:
             self._broker.enqueue(message, delay=int(delay * 1000))
         else:
-            attach_enqueue(current, (message, int(delay * 1000)))
+            attached(current).enqueues.append((message, int(delay * 1000)))
 
     def _write(
         self,
         job_id: str,
-        fields: dict[str, Any],
+        fields: RecordFields,
         *,
         accepted: list[str] | None = None,
         event: dict[str, Any] | None = None,
@@ -511,7 +346,7 @@ class JobHandler:
         in the same round trip and inside Dramatiq's loop that tries again until Redis
         answers; outside a worker, at once. Once a message went out nothing here needs
         Redis, so nothing can raise and lose what became of it."""
-        self._record(
+        self.record(
             self._status.pack(
                 job_id,
                 fields,
@@ -521,14 +356,16 @@ class JobHandler:
             )
         )
 
-    def _record(self, packed: PackedWrite) -> None:
+    def record(self, packed: PackedWrite) -> None:
+        """Apply ``packed`` with the current message's ack, or at once outside a worker."""
         message = CurrentMessage.get_current_message()
         if message is None:
             self._status.write_many([packed])
         else:
-            attach_write(message, packed)
+            attached(message).writes.append(packed)
 
-    def _dead(self, job: Job, reason: str, error: dict[str, Any]) -> NoReturn:
+    def _dead(self, job: Job, reason: str, error: ErrorRecord) -> None:
+        """End ``job`` in the dead letters: its record, history entry and message."""
         self._write(
             job.id,
             {
@@ -554,4 +391,3 @@ class JobHandler:
             reason=reason,
             error=error.get("message"),
         )
-        raise DeadLetterError(reason, str(error.get("message")))

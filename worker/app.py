@@ -18,26 +18,26 @@ from common.broker import connect
 from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
 from worker.actors import JobHandler
-from worker.broker import DeadLetterCapture, MailBroker
+from worker.broker.broker import MailBroker
+from worker.broker.scripts import close_connections
+from worker.bulk import BulkHandler, SingleJobs
 from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
-from worker.direct import close_connections
-from worker.express import BulkSlots, Express
-from worker.jobs import DeadLetterError
 from worker.limits import Breaker
-from worker.middleware import Draining, LogContext, WorkerTuning
-from worker.reliability import Heartbeat, ReliableRetries
+from worker.middleware.bulk_slots import BulkSlots
+from worker.middleware.dead_letters import DeadLetterCapture
+from worker.middleware.draining import Draining
+from worker.middleware.heartbeat import Heartbeat
+from worker.middleware.log_context import LogContext
+from worker.middleware.retries import ReliableRetries
+from worker.middleware.tuning import WorkerTuning
+from worker.middleware.wake import Waker
 from worker.services import build_services
 from worker.status import StatusStore
 from worker.transports.base import Transport
-from worker.wake import Waker
 
-__all__ = [
-    "WorkerApp",
-    "build",
-    "build_services",
-    "secrets_of",
-]  # build_services: re-export
+# build_services: a re-export
+__all__ = ["WorkerApp", "build", "build_services", "secrets_of"]
 
 
 @dataclass
@@ -97,7 +97,7 @@ def build(
     client: redis.Redis | None = None,
     backoff: float = 0.5,
     sleep: Callable[[float], None] = time.sleep,
-    express: Express | None = None,
+    single_jobs: SingleJobs | None = None,
 ) -> WorkerApp:
     """Create the worker's broker, middleware, transports and actor.
 
@@ -106,7 +106,7 @@ def build(
         client: a Redis client to use instead of one from ``broker_url`` (tests, dev).
         backoff: the first in-process retry wait, in seconds.
         sleep: how in-process retries wait.
-        express: how bulk messages wait for single jobs (``worker.express``).
+        single_jobs: how bulk messages wait for single jobs (``worker.bulk``).
 
     Returns:
         The application; its broker has the ``deliver`` actor and every priority queue.
@@ -119,14 +119,16 @@ def build(
     )
     services = build_services(settings, client)
     policy = settings.retry
-    draining = Draining()
+    status = StatusStore(client, namespace=settings.namespace, ttl=settings.status.ttl)
     dead_letters = DeadLetters(
-        client, namespace=settings.namespace, ttl=settings.status.ttl
+        client, namespace=settings.namespace, ttl=settings.status.ttl, status=status
     )
+    draining = Draining()
     waker = Waker(client, settings.namespace)
-    express = express or Express()
-    bulk_slots = BulkSlots(express)
+    single_jobs = single_jobs or SingleJobs()
+    bulk_slots = BulkSlots(single_jobs)
     broker = MailBroker(
+        status=status,
         dead_letters=dead_letters,
         waker=waker,
         stopping=draining.event,
@@ -139,12 +141,8 @@ def build(
         middleware=[
             CurrentMessage(),
             LogContext(),
-            ReliableRetries(
-                max_attempts=policy.max_attempts,
-                min_backoff=int(policy.min_backoff * 1000),
-                max_backoff=int(policy.max_backoff * 1000),
-            ),
-            DeadLetterCapture(),
+            ReliableRetries(policy),
+            DeadLetterCapture(status),
             Heartbeat(timeout=policy.redelivery_timeout, ttl=settings.status.ttl),
             draining,
             WorkerTuning(),
@@ -152,7 +150,6 @@ def build(
             waker,
         ],
     )
-    status = dead_letters.status
     breaker = Breaker(
         client,
         settings.namespace,
@@ -167,22 +164,25 @@ def build(
         status=status,
         deliverer=deliverer,
         broker=broker,
+        single_jobs=single_jobs,
+    )
+    bulk = BulkHandler(
+        handler,
+        status=status,
+        deliverer=deliverer,
         draining=draining.event,
-        express=express,
+        single_jobs=single_jobs,
     )
 
     def deliver(*args: object, **kwargs: object) -> None:
         handler(*args, **kwargs)
 
     actor: dramatiq.Actor[..., None] = dramatiq.actor(
-        broker=broker,
-        actor_name=ACTOR_NAME,
-        queue_name=QUEUES["normal"],
-        throws=(DeadLetterError,),
+        broker=broker, actor_name=ACTOR_NAME, queue_name=QUEUES["normal"]
     )(deliver)
 
     def deliver_batch(*args: object, **kwargs: object) -> None:
-        handler.batch(*args, **kwargs)
+        bulk(*args, **kwargs)
 
     dramatiq.actor(
         broker=broker,
@@ -190,7 +190,6 @@ def build(
         queue_name=QUEUES["bulk"],
         # Within a process, single jobs (high priority ones too) go before bulk messages.
         priority=10,
-        throws=(DeadLetterError,),
     )(deliver_batch)
     for queue in QUEUES.values():
         broker.declare_queue(queue)

@@ -1,4 +1,4 @@
-"""Dead letters an operator can work with: list, show, requeue, purge (DESIGN §6).
+"""Dead letters an operator can work with: list, show, requeue, purge.
 
 A dead letter is an entry in ``{ns}:dead`` (job id → time of death), the full message in
 ``{ns}:dead:{id}`` and the job's status record (reason, last error, attempts, recipients).
@@ -31,8 +31,15 @@ from common.keys import (
     wake_gate_key,
 )
 from producers.job import parse_job
-from settings import JobValidationError, Limits
-from worker.status import StatusStore, now_iso
+from settings import JobValidationError, Limits, MailworkerError
+from worker.broker.keys import q_name
+from worker.status import (
+    ErrorRecord,
+    RecordFields,
+    StatusRecord,
+    StatusStore,
+    now_iso,
+)
 
 __all__ = [
     "DROPPED",
@@ -45,7 +52,7 @@ __all__ = [
 ]
 
 RAW_LIMIT = 64 * 1024  # undecodable messages are kept raw up to this many bytes
-# Why a job can be dead (DESIGN §6): the values of a dead letter's ``reason``.
+# Why a job can be dead (README, Dead letters): the values of a dead letter's ``reason``.
 REASONS = (
     "validation",
     "expired",
@@ -157,7 +164,7 @@ def _attachment_metadata(item: Any) -> Any:
     return shown | {"size": size, "sha256": digest.hexdigest()}
 
 
-class RequeueRefusedError(Exception):
+class RequeueRefusedError(MailworkerError):
     """The dead letter cannot be sent again as it is; the message says why."""
 
 
@@ -169,15 +176,15 @@ class Filters:
     reason: str | None = None
     service: str | None = None
 
-    def match(self, record: dict[str, Any], dead_at: float) -> bool:
+    def match(self, record: StatusRecord, dead_at: float) -> bool:
         """True when the dead letter passes every filter given."""
         if self.since is not None and dead_at < self.since:
             return False
         if self.reason is not None and record.get("reason") != self.reason:
             return False
         if self.service is not None:
-            error = record.get("error") or {}
-            services = {error.get("service"), record.get("service")} | {
+            error = record["error"]
+            services = {error["service"] if error else None, record["service"]} | {
                 s.get("service") for s in record["skipped"]
             }
             if self.service not in services:
@@ -241,13 +248,27 @@ def _elide_job(job: Any) -> Any:
 
 
 class DeadLetters:
-    """Reads and changes the dead letters of one namespace."""
+    """Reads and changes the dead letters of one namespace.
 
-    def __init__(self, client: redis.Redis, *, namespace: str, ttl: float) -> None:
+    Args:
+        client: a Redis client (bytes replies).
+        namespace: the key prefix shared with producers.
+        ttl: seconds a dead letter is kept (``status.ttl``).
+        status: the status store of the records (one on ``client`` when omitted).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str,
+        ttl: float,
+        status: StatusStore | None = None,
+    ) -> None:
         self._client = client
         self._ns = namespace
         self._ttl = int(ttl)
-        self.status = StatusStore(client, namespace=namespace, ttl=ttl)
+        self.status = status or StatusStore(client, namespace=namespace, ttl=ttl)
         self._requeue = client.register_script(_REQUEUE)
 
     def sweep(self) -> int:
@@ -267,9 +288,14 @@ class DeadLetters:
                 "error": error,
             }
         )
-        record = {"type": "poison", "code": None, "service": None, "message": error}
+        record: ErrorRecord = {
+            "type": "poison",
+            "code": None,
+            "service": None,
+            "message": error,
+        }
         now = now_iso()
-        fields = {
+        fields: RecordFields = {
             "id": redis_id,
             "state": "dead",
             "reason": "poison",
@@ -285,7 +311,7 @@ class DeadLetters:
             dead_payload=payload,
         )
 
-    def entries(self, filters: Filters) -> list[tuple[str, float, dict[str, Any]]]:
+    def entries(self, filters: Filters) -> list[tuple[str, float, StatusRecord]]:
         """Dead letters matching ``filters``, oldest first: (job id, dead at, record)."""
         self.sweep()
         index = cast(
@@ -311,9 +337,10 @@ class DeadLetters:
         record = self.status.get(job_id)
         if score is None or record is None:
             return None
-        record["dead_at"] = record.get("dead_at") or score
-        record["message"] = elide(payload) if payload is not None else None
-        return record
+        shown: dict[str, Any] = dict(record)
+        shown["dead_at"] = record["dead_at"] or score
+        shown["message"] = elide(payload) if payload is not None else None
+        return shown
 
     def requeue(self, job_id: str, limits: Limits) -> None:
         """Send a dead letter again under the same job id, after validating it again.
@@ -345,7 +372,7 @@ class DeadLetters:
             notification.check_limits(limits)
         except JobValidationError as exc:
             raise RequeueRefusedError(f"{job_id} is invalid: {exc}") from None
-        queue = str(message["queue_name"]).removesuffix(".DQ")
+        queue = q_name(str(message["queue_name"]))
         redis_id = str(uuid.uuid4())
         message.update(
             queue_name=queue,

@@ -17,12 +17,17 @@ catches a library's own exceptions.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from settings.errors import (
     BrokerUnavailableError,
     ConfigError,
     JobValidationError,
     MailworkerError,
 )
+
+if TYPE_CHECKING:
+    from worker.records import ErrorRecord
 
 __all__ = [
     "BrokerUnavailableError",
@@ -54,7 +59,7 @@ class DeliveryError(MailworkerError):
         self.service = service
         self.code = code
 
-    def as_record(self) -> dict[str, object]:
+    def as_record(self) -> ErrorRecord:
         """The ``error`` object of a status record (DESIGN §6)."""
         return {
             "type": self.kind,

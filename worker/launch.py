@@ -12,7 +12,7 @@ def main() -> None:
     """Import the command line with the collector paused, then run it."""
     gc.disable()
     try:
-        from worker.cli import main as cli
+        from worker.cli.main import main as cli
     finally:
         gc.enable()
     cli()

@@ -1,13 +1,20 @@
-"""Pure helpers that turn an attempt's outcome into status-record fields."""
+"""The status record's types, and pure helpers that turn an outcome into its fields."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
-from worker.delivery import Outcome
-from worker.status import JobStart
+if TYPE_CHECKING:
+    from worker.delivery import Outcome
+    from worker.status import JobStart
 
 __all__ = [
+    "Counts",
+    "ErrorRecord",
+    "RecipientRecord",
+    "RecordFields",
+    "SkipRecord",
+    "StatusRecord",
     "counts",
     "deferred_error",
     "error",
@@ -19,12 +26,99 @@ __all__ = [
 ]
 
 
-def error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+class ErrorRecord(TypedDict):
+    """The ``error`` of a status record: why the job is not (yet) sent."""
+
+    type: str
+    code: int | None
+    service: str | None
+    message: str
+    field: NotRequired[str]
+
+
+class RecipientRecord(TypedDict):
+    """What became of one recipient: ``accepted``, ``refused`` or ``deferred``."""
+
+    address: str
+    state: str
+    code: int | None
+    message: str
+
+
+class SkipRecord(TypedDict):
+    """A service an attempt passed over, and why (``budget``, ``breaker_open``, ...)."""
+
+    service: str
+    reason: str
+    message: str
+
+
+class Counts(TypedDict):
+    """How many recipients are in each state."""
+
+    accepted: int
+    refused: int
+    deferred: int
+
+
+class RecordFields(TypedDict, total=False):
+    """The fields one status write sets (``StatusStore.pack``)."""
+
+    id: str
+    state: str
+    reason: str
+    error: ErrorRecord | None
+    queue: str
+    attempts: int
+    service: str | None
+    message_id: str | None
+    recipients: list[RecipientRecord]
+    counts: Counts
+    partial: bool
+    skipped: list[SkipRecord]
+    metadata: dict[str, Any]
+    created_at: str
+    next_attempt_at: str
+    dead_at: str
+
+
+class StatusRecord(TypedDict):
+    """A job's status record as ``StatusStore.get`` returns it (README, Status)."""
+
+    id: str
+    state: str
+    service: str | None
+    attempts: int
+    error: ErrorRecord | None
+    reason: str | None
+    recipients: list[RecipientRecord]
+    counts: Counts | None
+    partial: bool
+    skipped: list[SkipRecord]
+    message_id: str | None
+    queue: str | None
+    created_at: str | None
+    updated_at: str | None
+    next_attempt_at: str | None
+    dead_at: str | None
+    metadata: dict[str, Any]
+    history: NotRequired[list[dict[str, Any]]]
+
+
+def error(kind: str, message: str, *, field: str | None = None) -> ErrorRecord:
     """An ``error`` object of a status record (DESIGN §6)."""
-    return {"type": kind, "code": None, "service": None, "message": message, **extra}
+    record: ErrorRecord = {
+        "type": kind,
+        "code": None,
+        "service": None,
+        "message": message,
+    }
+    if field is not None:
+        record["field"] = field
+    return record
 
 
-def deferred_error(outcome: Outcome) -> dict[str, Any]:
+def deferred_error(outcome: Outcome) -> ErrorRecord:
     """The error of an attempt whose server deferred some recipients (4xx to RCPT)."""
     deferred = outcome.receipt.deferred
     if not deferred:
@@ -38,7 +132,7 @@ def deferred_error(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def refused_error(outcome: Outcome) -> dict[str, Any]:
+def refused_error(outcome: Outcome) -> ErrorRecord:
     """The error of an attempt whose server refused every recipient for good: it names
     that service and the first refusal's code, as a refused message's error does."""
     refused = outcome.receipt.refused
@@ -75,11 +169,11 @@ def in_doubt_events(attempt: int, outcome: Outcome) -> list[dict[str, Any]]:
 
 def merge_recipients(
     start: JobStart, wanted: list[str], outcome: Outcome
-) -> list[dict[str, Any]]:
+) -> list[RecipientRecord]:
     """Per-recipient outcomes so far: earlier ones, then this attempt's."""
     previous = {r["address"]: r for r in start.recipients}
     receipt = outcome.receipt
-    merged = []
+    merged: list[RecipientRecord] = []
     for address in wanted:
         if address in start.accepted or address in receipt.accepted:
             entry = previous.get(address) if address in start.accepted else None
@@ -107,20 +201,24 @@ def merge_recipients(
     return merged
 
 
-def counts(recipients: list[dict[str, Any]]) -> dict[str, int]:
+def counts(recipients: list[RecipientRecord]) -> Counts:
     """How many recipients were accepted, refused for good, and are still deferred: the
     record's ``counts``, so that a job some but not all recipients got is seen at once."""
-    out = {"accepted": 0, "refused": 0, "deferred": 0}
+    out: Counts = {"accepted": 0, "refused": 0, "deferred": 0}
     for recipient in recipients:
         state = recipient.get("state")
-        if state in out:
-            out[state] += 1
+        if state == "accepted":
+            out["accepted"] += 1
+        elif state == "refused":
+            out["refused"] += 1
+        elif state == "deferred":
+            out["deferred"] += 1
     return out
 
 
 def partial_error(
-    recipients: list[dict[str, Any]], service: str | None
-) -> dict[str, Any]:
+    recipients: list[RecipientRecord], service: str | None
+) -> ErrorRecord:
     """The error of a job sent to some recipients while others were refused for good."""
     refused = [r for r in recipients if r.get("state") == "refused"]
     first = refused[0]

@@ -1,4 +1,4 @@
-"""Status records (DESIGN §6) and the delivery marker, each write one Redis round trip."""
+"""Status records and the delivery marker, each write one Redis round trip."""
 
 from __future__ import annotations
 
@@ -11,31 +11,46 @@ import orjson
 import redis
 from redis.typing import EncodableT
 
-from common.keys import (
-    QUEUES,
-    history_key,
-    queue_messages_key,
-    status_key,
-)
+from common.keys import QUEUES, history_key, queue_messages_key, status_key
+from worker.broker.attached import PackedWrite
+from worker.broker.envelope import JobRef, message_id_of
+from worker.broker.keys import LUA, dq_name
+from worker.broker.scripts import ThreadLocalScript
 from worker.clock import iso_millis
-from worker.direct import DirectScript
+from worker.records import (
+    Counts,
+    ErrorRecord,
+    RecipientRecord,
+    RecordFields,
+    SkipRecord,
+    StatusRecord,
+)
 
-__all__ = ["JobStart", "PackedWrite", "StatusStore", "message_id_of", "now_iso"]
-
-# One status write as ``StatusStore.pack`` prepares it.
-PackedWrite = list[EncodableT]
+__all__ = [
+    "Counts",
+    "ErrorRecord",
+    "JobStart",
+    "RecipientRecord",
+    "RecordFields",
+    "SkipRecord",
+    "StatusRecord",
+    "StatusStore",
+    "now_iso",
+]
 
 _JSON_FIELDS = ("error", "recipients", "counts", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
-# Key names are derived from the namespace as in producers/keys.py (status_key & co.).
+# Key names are derived from the namespace as in common/keys.py (status_key & co.).
 # ARGV: namespace, ttl, now (ms), record count, then per record: job id, history entry
 #       ("" none), dead payload ("" none), guard ("1": skipped when the job is `sent`),
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
-_WRITE = """
+_WRITE = (
+    LUA
+    + """
 local ns, ttl, now, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local i = 5
 for _ = 1, count do
@@ -70,13 +85,12 @@ for _ = 1, count do
 end
 if ARGV[i] then
   local queue, broker, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  redis.call('ZADD', ns .. ':__heartbeats__', now, broker)
-  if redis.call('SREM', ns .. ':__acks__.' .. broker .. '.' .. queue, rid) > 0 then
-    redis.call('HDEL', ns .. ':' .. queue .. '.msgs', rid)
-  end
+  redis.call('ZADD', heartbeats_key(ns), now, broker)
+  dramatiq_ack(ns, broker, queue, rid)
 end
 return 1
 """
+)
 
 # ARGV: namespace, ttl, now, then per job: job id, attempt, queue, redis message id.
 # Reads each job's earlier state and marker, then marks it `sending` (a job already
@@ -123,7 +137,7 @@ class JobStart:
     def __init__(
         self,
         accepted: set[str],
-        recipients: list[dict[str, Any]],
+        recipients: list[RecipientRecord],
         *,
         previous_state: str = "",
         previous_attempts: int = 0,
@@ -137,7 +151,7 @@ class JobStart:
 
     def in_doubt(self, attempt: int) -> bool:
         """True when this attempt already ran and its process died while sending: a server
-        may have accepted the message without the marker saying so (DESIGN §5)."""
+        may have accepted the message without the marker saying so."""
         return self.previous_state == "sending" and self.previous_attempts == attempt
 
     @property
@@ -161,35 +175,31 @@ class StatusStore:
         self._ttl = int(ttl)
         self._lock = threading.Lock()
         self._prefetched: dict[tuple[str, str], tuple[float, JobStart]] = {}
-        self._write = DirectScript(client, _WRITE)
-        self._begin = DirectScript(client, _BEGIN)
+        self._write = ThreadLocalScript(client, _WRITE)
+        self._begin = ThreadLocalScript(client, _BEGIN)
 
-    def begin(
-        self, job_id: str, *, attempt: int, queue: str, redis_id: str = ""
-    ) -> JobStart:
+    def begin(self, job: JobRef) -> JobStart:
         """Mark the job ``sending`` and read its marker and earlier outcomes.
 
         Costs nothing when the consumer already did it for the whole fetched batch
-        (``begin_many``); otherwise one round trip.
+        (``prefetch``); otherwise one round trip.
         """
         with self._lock:
-            ready = self._prefetched.pop((job_id, redis_id), None)
+            ready = self._prefetched.pop((job.id, job.redis_id), None)
         if ready is not None:
             return ready[1]
-        return self.begin_many([(job_id, attempt, queue, redis_id)])[(job_id, redis_id)]
+        return self.begin_many([job])[(job.id, job.redis_id)]
 
-    def begin_many(
-        self, jobs: list[tuple[str, int, str, str]]
-    ) -> dict[tuple[str, str], JobStart]:
-        """``begin`` for many jobs (id, attempt, queue, redis message id): one round trip."""
+    def begin_many(self, jobs: list[JobRef]) -> dict[tuple[str, str], JobStart]:
+        """``begin`` for many jobs: one round trip."""
         args: list[EncodableT] = [self._ns, self._ttl, now_iso()]
         for job in jobs:
             args.extend(job)
         replies = self._begin(*args)
         out = {}
-        for (job_id, _, _, redis_id), reply in zip(jobs, replies, strict=True):
+        for job, reply in zip(jobs, replies, strict=True):
             state, attempts, recipients, redeliveries, accepted = reply
-            out[(job_id, redis_id)] = JobStart(
+            out[(job.id, job.redis_id)] = JobStart(
                 {a.decode() for a in accepted},
                 orjson.loads(recipients) if recipients else [],
                 previous_state=state.decode() if state else "",
@@ -198,7 +208,7 @@ class StatusStore:
             )
         return out
 
-    def prefetch(self, jobs: list[tuple[str, int, str, str]]) -> None:
+    def prefetch(self, jobs: list[JobRef]) -> None:
         """``begin`` now, in one round trip, for jobs a consumer has just fetched; their
         ``begin`` calls then cost nothing. Entries not used within 5 minutes are dropped."""
         now = time.monotonic()
@@ -210,32 +220,30 @@ class StatusStore:
             for key, start in started.items():
                 self._prefetched[key] = (now, start)
 
-    def unbegin(self, jobs: list[tuple[str, int, str, str]]) -> None:
+    def unbegin(self, jobs: list[JobRef]) -> None:
         """Jobs begun by a prefetch but handed back unstarted are `queued` again."""
         if jobs:
             self.write_many(self.unbegin_writes(jobs))
 
-    def unbegin_writes(
-        self, jobs: list[tuple[str, int, str, str]]
-    ) -> list[PackedWrite]:
+    def unbegin_writes(self, jobs: list[JobRef]) -> list[PackedWrite]:
         """``unbegin``'s writes, to be applied later (with a message's ack)."""
         with self._lock:
-            for job_id, _, _, redis_id in jobs:
-                self._prefetched.pop((job_id, redis_id), None)
+            for job in jobs:
+                self._prefetched.pop((job.id, job.redis_id), None)
         return [
-            self.pack(job_id, {"state": "queued", "attempts": attempt - 1})
-            for job_id, attempt, _, _ in jobs
+            self.pack(job.id, {"state": "queued", "attempts": job.attempt - 1})
+            for job in jobs
         ]
 
-    def prefetched(self, job_id: str, redis_id: str) -> bool:
+    def prefetched(self, job: JobRef) -> bool:
         """Whether ``begin`` for this job and broker message is already done."""
         with self._lock:
-            return (job_id, redis_id) in self._prefetched
+            return (job.id, job.redis_id) in self._prefetched
 
     def write(
         self,
         job_id: str,
-        fields: Mapping[str, Any],
+        fields: RecordFields,
         *,
         accepted: list[str] | None = None,
         event: Mapping[str, Any] | None = None,
@@ -258,7 +266,7 @@ class StatusStore:
     def pack(
         self,
         job_id: str,
-        fields: Mapping[str, Any],
+        fields: RecordFields,
         *,
         accepted: list[str] | None = None,
         event: Mapping[str, Any] | None = None,
@@ -303,8 +311,8 @@ class StatusStore:
             args.extend(ack)
         self._write(*args)
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        """The record of DESIGN §6, or None when the id is unknown or expired.
+    def get(self, job_id: str) -> StatusRecord | None:
+        """The job's status record, or None when the id is unknown or expired.
 
         A job still on a queue with no record (enqueued by a wire-format producer) is
         reported ``queued``.
@@ -320,10 +328,10 @@ class StatusStore:
         record["history"] = [orjson.loads(h) for h in history]
         return record
 
-    def _queued_without_record(self, job_id: str) -> dict[str, Any] | None:
+    def _queued_without_record(self, job_id: str) -> StatusRecord | None:
         needle = job_id.encode()
         for queue in QUEUES.values():
-            for name in (queue, f"{queue}.DQ"):
+            for name in (queue, dq_name(queue)):
                 for _, payload in self._client.hscan_iter(
                     queue_messages_key(self._ns, name)
                 ):
@@ -338,37 +346,28 @@ class StatusStore:
         return None
 
 
-def message_id_of(payload: bytes) -> str | None:
-    """The ``message_id`` of an encoded Dramatiq message, or None if it cannot be read."""
-    try:
-        message = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    return message.get("message_id") if isinstance(message, dict) else None
-
-
-def _decode(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
+def _decode(raw: Mapping[bytes, bytes]) -> StatusRecord:
     data = {k.decode(): v.decode() for k, v in raw.items()}
-    record: dict[str, Any] = {
+
+    def parsed(name: str, empty: Any) -> Any:
+        return orjson.loads(data[name]) if data.get(name) else empty
+
+    return {
         "id": data.get("id", ""),
         "state": data.get("state", "queued"),
         "service": data.get("service") or None,
         "attempts": int(data.get("attempts") or 0),
-        "error": None,
+        "error": parsed("error", None),
         "reason": data.get("reason") or None,
-        "recipients": [],
-        "counts": None,
+        "recipients": parsed("recipients", []),
+        "counts": parsed("counts", None),
         "partial": data.get("partial") == "True",
-        "skipped": [],
+        "skipped": parsed("skipped", []),
         "message_id": data.get("message_id") or None,
         "queue": data.get("queue") or None,
         "created_at": data.get("created_at") or None,
         "updated_at": data.get("updated_at") or None,
         "next_attempt_at": data.get("next_attempt_at") or None,
         "dead_at": data.get("dead_at") or None,
-        "metadata": {},
+        "metadata": parsed("metadata", {}),
     }
-    for name in _JSON_FIELDS:
-        if data.get(name):
-            record[name] = orjson.loads(data[name])
-    return record

@@ -14,6 +14,7 @@ from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, f
 from settings import ConfigError, Settings, load_settings, public_url
 from settings.durations import parse_duration
 from worker.deadletter import REASONS, DeadLetters, Filters, RequeueRefusedError
+from worker.status import StatusRecord
 
 __all__ = ["dead"]
 
@@ -103,8 +104,8 @@ def list_command(
             f"{'ACCEPTED':<8} ERROR"
         )
     for job_id, dead_at, record in entries:
-        error = record.get("error") or {}
-        named = error.get("service") or record.get("service")
+        error: dict[str, Any] = dict(record["error"] or {})
+        named = error.get("service") or record["service"]
         if as_json:
             line = {
                 "id": job_id,
@@ -127,12 +128,12 @@ def list_command(
         click.echo(f"{len(entries)} dead letter(s)", err=True)
 
 
-def _got(record: dict[str, Any]) -> str:
+def _got(record: StatusRecord) -> str:
     """How many recipients have the message, of how many ("1/2": a partial delivery,
     not a job nobody received)."""
-    counts = record.get("counts") or {}
-    total = len(record.get("recipients") or [])
-    return f"{counts.get('accepted', 0)}/{total}" if total else "-"
+    counts = record["counts"]
+    total = len(record["recipients"])
+    return f"{counts['accepted'] if counts else 0}/{total}" if total else "-"
 
 
 @dead.command("show")
@@ -151,7 +152,7 @@ def show_command(job_id: str, as_json: bool, broker_url: str | None) -> None:
     if as_json:
         click.echo(orjson.dumps(record).decode())
         return
-    from worker.render import render_status
+    from worker.cli.output import render_status
 
     click.echo("\n".join(render_status(record)))
     click.echo("message")

@@ -2,10 +2,10 @@
 
 A worker thread's status write (with every acknowledgement) and a consumer thread's
 fetches (Dramatiq's ``dispatch`` script, also while a queue is idle) are the Redis calls
-made most often. Through the client each also pays the pool's bookkeeping: a connection
-taken and given back, a readiness check (one ``select`` system call), the retry and
-deprecation wrappers: an empty fetch took 154-210 µs of CPU on this machine that way,
-62-80 µs here. Every thread keeps one connection of its own per pool, shared by all scripts.
+made most often. Through the client each would also pay the pool's bookkeeping: a
+connection taken and given back, a readiness check, the retry and deprecation wrappers
+(docs/benchmarks.md has the cost). Every thread keeps one connection of its own per
+pool, shared by all scripts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import hiredis
 import redis
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ["DirectScript", "close_connections"]
+__all__ = ["DispatchScript", "ThreadLocalScript", "close_connections"]
 
 _LOCAL = "_mailworker_threads"  # the attribute of a pool that holds its threads' own
 
@@ -45,8 +45,8 @@ _CHECK_AFTER_IDLE = 1.0
 _lock = threading.Lock()  # guards the bookkeeping below (connections are made rarely)
 
 
-class _Own:
-    """The connections DirectScripts made on one pool: each thread's, and all of them."""
+class _ThreadConnections:
+    """The connections ThreadLocalScripts made on one pool: each thread's, and all of them."""
 
     def __init__(self) -> None:
         self.local = threading.local()
@@ -54,9 +54,9 @@ class _Own:
 
 
 def close_connections(client: redis.Redis) -> None:
-    """Close every connection DirectScripts made on ``client``'s pool, once the threads
+    """Close every connection ThreadLocalScripts made on ``client``'s pool, once the threads
     that use them have stopped (a thread that calls one again later reconnects)."""
-    own: _Own | None = getattr(client.connection_pool, _LOCAL, None)
+    own: _ThreadConnections | None = getattr(client.connection_pool, _LOCAL, None)
     if own is None:
         return
     with _lock:
@@ -74,7 +74,7 @@ def _closed(conn: Any) -> bool:
         return True
 
 
-class DirectScript:
+class ThreadLocalScript:
     """``body`` run with EVALSHA (EVAL when the server does not have it yet).
 
     Args:
@@ -91,14 +91,14 @@ class DirectScript:
         self._body = body.encode() if isinstance(body, str) else body
         self._sha = hashlib.sha1(self._body).hexdigest()  # noqa: S324 - Redis' script id
         self._idempotent = idempotent
-        # Each thread's own connection, shared by every DirectScript of this pool (it
+        # Each thread's own connection, shared by every ThreadLocalScript of this pool (it
         # lives as long as the pool).
         with _lock:
             own = getattr(self._pool, _LOCAL, None)
             if own is None:
-                own = _Own()
+                own = _ThreadConnections()
                 setattr(self._pool, _LOCAL, own)
-        self._own: _Own = own
+        self._own: _ThreadConnections = own
         self._local: Any = own.local
         # redis-py's packer first walks every argument in Python; ours are only str, int
         # and bytes, which hiredis packs directly (a bulk ack carries ~30 a job). The
@@ -181,3 +181,20 @@ class DirectScript:
             conn.send_packed_command([packed])
         else:
             conn.send_command(*command)
+
+
+class DispatchScript:
+    """A ``ThreadLocalScript`` called as Dramatiq calls its scripts: ``(args=, keys=)``.
+
+    A timeout is raised as ``redis.ConnectionError``, the error Dramatiq's consumer, ack
+    and requeue recover from (reconnecting, trying again).
+    """
+
+    def __init__(self, script: ThreadLocalScript) -> None:
+        self._script = script
+
+    def __call__(self, args: list[Any], keys: list[Any]) -> Any:
+        try:
+            return self._script.run(keys, args)
+        except redis.TimeoutError as exc:
+            raise redis.ConnectionError(str(exc)) from exc

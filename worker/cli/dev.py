@@ -1,22 +1,29 @@
-"""``mailworker dev``: an embedded broker, the worker and a capture mailbox, on loopback."""
+"""``mailworker dev``: an embedded broker, the worker and a capture mailbox, on loopback.
+
+fakeredis and aiosmtpd are imported only when ``dev`` runs: other commands start faster.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import shutil
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import Controller
-from fakeredis import TcpFakeServer
+import click
 
+from common.exits import settings_or_fail
 from common.sockets import free_port
 from settings import Settings
 
-__all__ = ["CaptureMailbox", "EmbeddedBroker", "dev_settings"]
+__all__ = ["CaptureMailbox", "EmbeddedBroker", "dev", "dev_settings"]
 
 HOST = "127.0.0.1"
 DEV_FROM = "noreply@mailworker.test"
@@ -26,6 +33,8 @@ class EmbeddedBroker:
     """fakeredis's TCP server on loopback: a Redis that serves Dramatiq (Lua via lupa)."""
 
     def __init__(self, port: int = 0) -> None:
+        from fakeredis import TcpFakeServer
+
         self._server = TcpFakeServer((HOST, port), server_type="redis")
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
@@ -80,6 +89,8 @@ class CaptureMailbox:
         outbox.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.writer = _Writer(outbox, on_message)
+        from aiosmtpd.controller import Controller
+
         self._controller = Controller(self.writer, hostname=HOST, port=self.port)
 
     def start(self) -> None:
@@ -112,3 +123,81 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
         }
     ]
     return Settings(**data)
+
+
+@click.command()
+@click.option(
+    "--outbox",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("outbox"),
+    show_default=True,
+    help="Where captured messages are written as .eml files.",
+)
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the embedded broker (default: a free one).",
+)
+def dev(outbox: Path, threads: int, port: int) -> None:
+    """Run everything on loopback: an embedded broker, the worker, a capture mailbox.
+
+    Configured services are ignored; every message is written into OUTBOX and never
+    sent anywhere. Prints the MAILWORKER_BROKER_URL for producers in another terminal.
+    """
+    from dramatiq import Worker
+
+    from worker.app import build
+    from worker.logging import configure
+
+    base = settings_or_fail()
+    broker = EmbeddedBroker(port)
+    broker.start()
+    import structlog
+
+    log = structlog.get_logger("mailworker.dev")
+    mailbox = CaptureMailbox(
+        outbox, on_message=lambda p: log.info("message_captured", file=str(p))
+    )
+    mailbox.start()
+    settings = dev_settings(base, broker_url=broker.url, smtp_port=mailbox.port)
+    configure(
+        log_format=settings.log_format, log_recipients=settings.log_recipients, dev=True
+    )
+    app = build(settings)
+    app.broker.emit_after("process_boot")
+    # Poll an idle queue every 50 ms so a message arrives well within a second.
+    worker = Worker(app.broker, worker_threads=threads, worker_timeout=50)
+    worker.start()
+    me = (
+        sys.argv[0]
+        if shutil.which("mailworker") != os.path.abspath(sys.argv[0])
+        else "mailworker"
+    )
+    click.echo(
+        f"mailworker dev: broker {broker.url} (embedded), capture mailbox "
+        f"127.0.0.1:{mailbox.port} -> {outbox.resolve()}/",
+        err=True,
+    )
+    click.echo("In another terminal, paste:", err=True)
+    click.echo(f"export MAILWORKER_BROKER_URL={broker.url}")
+    click.echo(
+        f"{shlex.quote(me)} send --to someone@example.com --subject 'Hello from mailworker' "
+        "--text 'It works.'"
+    )
+    sys.stdout.flush()
+    _wait_for_signal()
+    click.echo("mailworker dev: stopping", err=True)
+    worker.stop(timeout=5000)
+    app.close()
+    mailbox.stop()
+    broker.stop()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass

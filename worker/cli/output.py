@@ -14,7 +14,7 @@ __all__ = ["render_config", "render_status"]
 _MASK = "***"
 
 
-def render_status(record: dict[str, Any]) -> list[str]:
+def render_status(record: Mapping[str, Any]) -> list[str]:
     """A status record (the README's "Status") as aligned lines."""
     lines = [f"{'job':<16}{record['id']}", f"{'state':<16}{record['state']}"]
     for key in (

@@ -1,67 +1,19 @@
-"""Dramatiq middleware of our own: bound log context per job, draining, worker tuning."""
+"""Worker settings Dramatiq reads too early: the idle poll, delayed prefetch, malloc."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-import threading
-from typing import Any
 
-import structlog
 from dramatiq import Broker, Middleware, Worker
-from dramatiq.broker import MessageProxy
 
 __all__ = [
     "DELAY_PREFETCH",
     "MMAP_THRESHOLD",
     "POLL_ENV",
-    "Draining",
-    "LogContext",
     "WorkerTuning",
     "fix_mmap_threshold",
 ]
-
-
-class LogContext(Middleware):
-    """Binds ``job_id``, ``actor``, ``attempt`` and the job's ``metadata`` to every log line."""
-
-    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-        metadata = job.get("metadata") if isinstance(job, dict) else None
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(
-            job_id=message.message_id,
-            actor=message.actor_name,
-            attempt=message.options.get("retries", 0) + 1,
-            **({"metadata": metadata} if isinstance(metadata, dict) else {}),
-        )
-
-    def after_process_message(
-        self,
-        broker: Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        structlog.contextvars.clear_contextvars()
-
-    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
-        structlog.contextvars.clear_contextvars()
-
-
-class Draining(Middleware):
-    """Sets ``event`` when the worker begins to shut down, so a bulk message in progress
-    can hand its remaining jobs back to the queue instead of outliving the stop timeout."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
-        self.event.clear()
-
-    def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
-        self.event.set()
 
 
 # Dramatiq's own environment variable for the idle poll (ms); lower case is its spelling.
@@ -83,8 +35,8 @@ def fix_mmap_threshold() -> bool:
     first large block is freed: then every block over 128 KiB (a large message's
     payload, its decoded attachment, the temporary copies on the way) is mapped on its
     own and returned to the system when freed, instead of staying in a heap arena.
-    Measured with ``python -m bench.memory`` (4 x 18 MB in flight): peak RSS 3.1 MB per
-    MB in flight against 4.3. A no-op where there is no glibc ``mallopt``.
+    ``python -m bench.memory`` measures the effect (docs/benchmarks.md). A no-op where
+    there is no glibc ``mallopt``.
 
     Returns:
         True when the threshold was set.

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
-import shlex
-import shutil
-import signal
 import sys
-import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -17,13 +12,22 @@ import orjson
 import redis
 
 from common.broker import broker_error, connect
-from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
+from common.exits import (
+    EXIT_BROKER,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    fail,
+    settings_or_fail,
+)
 from common.keys import QUEUES
 from producers.cli import defaults_in_use, send
-from settings import ConfigError, Settings, config_path, load_settings, public_url
-from worker.cli_dead import dead
-from worker.middleware import POLL_ENV
-from worker.render import render_config, render_status
+from settings import ConfigError, Settings, config_path, public_url
+from worker.cli.dead import dead
+from worker.cli.dev import dev
+from worker.cli.output import render_config, render_status
+from worker.cli.stats import queue
+from worker.middleware.tuning import POLL_ENV
 
 if TYPE_CHECKING:
     from worker.delivery import Service
@@ -35,13 +39,6 @@ BROKER_URL_ENV = "MAILWORKER_BROKER_URL"
 
 # The collector's thresholds in worker processes (see worker()).
 GC_THRESHOLD = (10_000, 10, 10)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        fail(EXIT_USAGE, f"configuration: {exc}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,85 +54,8 @@ def main() -> None:
 
 main.add_command(send)
 main.add_command(dead)
-
-
-@main.command()
-@click.option(
-    "--outbox",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("outbox"),
-    show_default=True,
-    help="Where captured messages are written as .eml files.",
-)
-@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=0,
-    help="Port of the embedded broker (default: a free one).",
-)
-def dev(outbox: Path, threads: int, port: int) -> None:
-    """Run everything on loopback: an embedded broker, the worker, a capture mailbox.
-
-    Configured services are ignored; every message is written into OUTBOX and never
-    sent anywhere. Prints the MAILWORKER_BROKER_URL for producers in another terminal.
-    """
-    from dramatiq import Worker
-
-    from worker.app import build
-    from worker.dev import CaptureMailbox, EmbeddedBroker, dev_settings
-    from worker.logging import configure
-
-    base = _settings()
-    broker = EmbeddedBroker(port)
-    broker.start()
-    import structlog
-
-    log = structlog.get_logger("mailworker.dev")
-    mailbox = CaptureMailbox(
-        outbox, on_message=lambda p: log.info("message_captured", file=str(p))
-    )
-    mailbox.start()
-    settings = dev_settings(base, broker_url=broker.url, smtp_port=mailbox.port)
-    configure(
-        log_format=settings.log_format, log_recipients=settings.log_recipients, dev=True
-    )
-    app = build(settings)
-    app.broker.emit_after("process_boot")
-    # Poll an idle queue every 50 ms so a message arrives well within a second.
-    worker = Worker(app.broker, worker_threads=threads, worker_timeout=50)
-    worker.start()
-    me = (
-        sys.argv[0]
-        if shutil.which("mailworker") != os.path.abspath(sys.argv[0])
-        else "mailworker"
-    )
-    click.echo(
-        f"mailworker dev: broker {broker.url} (embedded), capture mailbox "
-        f"127.0.0.1:{mailbox.port} -> {outbox.resolve()}/",
-        err=True,
-    )
-    click.echo("In another terminal, paste:", err=True)
-    click.echo(f"export MAILWORKER_BROKER_URL={broker.url}")
-    click.echo(
-        f"{shlex.quote(me)} send --to someone@example.com --subject 'Hello from mailworker' "
-        "--text 'It works.'"
-    )
-    sys.stdout.flush()
-    _wait_for_signal()
-    click.echo("mailworker dev: stopping", err=True)
-    worker.stop(timeout=5000)
-    app.close()
-    mailbox.stop()
-    broker.stop()
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+main.add_command(dev)
+main.add_command(queue)
 
 
 def _queue_names(queues: tuple[str, ...]) -> list[str]:
@@ -205,7 +125,7 @@ def worker(
     if broker_url:
         # The worker processes load the configuration again, from the environment.
         os.environ[BROKER_URL_ENV] = broker_url
-    settings = _settings()
+    settings = settings_or_fail()
     names = _queue_names(queues)
     _check_worker(settings)
     _log_start(
@@ -312,7 +232,7 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
     """Show the status record of one job (exit 3 when unknown or expired)."""
     from worker.status import StatusStore
 
-    settings = _settings()
+    settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
     store = StatusStore(
         connect(url, ca_bundle=settings.broker_ca_bundle),
@@ -345,9 +265,9 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
 def test_connection_command(service: str | None, to: str) -> None:
     """Send a real test message through a service, reporting each step; never fails over."""
     from producers.job import parse_mailbox
-    from worker.testconn import describe, probe, services_to_test
+    from worker.cli.testconn import describe, probe, services_to_test
 
-    settings = _settings()
+    settings = settings_or_fail()
     box = parse_mailbox(to)
     if not isinstance(box, dict) or "@" not in str(box.get("address", "")):
         fail(EXIT_USAGE, f"--to: {to!r} is not an e-mail address")
@@ -376,44 +296,6 @@ def test_connection_command(service: str | None, to: str) -> None:
 
 
 @main.group()
-def queue() -> None:
-    """Inspect the queues."""
-
-
-@queue.command("stats")
-@click.option(
-    "--json", "as_json", is_flag=True, help="One JSON object (for autoscalers)."
-)
-@click.option(
-    "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
-)
-def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
-    """Jobs ready, in flight and delayed per priority, and dead letters."""
-    from worker.queues import queue_stats
-
-    settings = _settings()
-    url = broker_url or settings.broker_url.get_secret_value()
-    try:
-        stats = queue_stats(
-            connect(url, ca_bundle=settings.broker_ca_bundle), settings.namespace
-        )
-    except redis.RedisError as exc:
-        fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
-    if as_json:
-        click.echo(orjson.dumps(stats).decode())
-        return
-    click.echo(
-        f"{'priority':<10}{'queue':<12}{'ready':>8}{'in flight':>11}{'delayed':>9}"
-    )
-    for priority, row in stats["queues"].items():
-        click.echo(
-            f"{priority:<10}{row['queue']:<12}{row['ready']:>8}{row['in_flight']:>11}"
-            f"{row['delayed']:>9}"
-        )
-    click.echo(f"dead letters: {stats['dead']}")
-
-
-@main.group()
 def config() -> None:
     """Inspect the configuration."""
 
@@ -436,7 +318,7 @@ def config_check(no_broker: bool) -> None:
     """
     from worker.app import build_services, secrets_of
 
-    settings = _settings()
+    settings = settings_or_fail()
     url = settings.broker_url.get_secret_value()
     client = connect(url, ca_bundle=settings.broker_ca_bundle)
     try:
@@ -528,9 +410,9 @@ def health(
     import socket
 
     from settings.durations import parse_duration
-    from worker.reliability import check_host
+    from worker.broker.heartbeats import check_host
 
-    settings = _settings()
+    settings = settings_or_fail()
     try:
         limit = (
             settings.retry.redelivery_timeout
