@@ -53,7 +53,19 @@ from bench.common import FROM_ADDRESS, TO_ADDRESS, delete_prefix
 from bench.infra import RedisInstance, spawn, stop_tree
 
 REPO = Path(__file__).resolve().parent.parent
-PRODUCT = ("settings", "producers", "worker")
+# The product's packages; commits before common/ existed have only the other three.
+PRODUCT = ("settings", "common", "producers", "worker")
+
+
+def product_at(rev: str) -> list[str]:
+    """The product's packages that exist at commit ``rev``."""
+    listed = subprocess.run(
+        [shutil.which("git") or "git", "-C", str(REPO), "ls-tree", "--name-only", rev],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    return [p for p in PRODUCT if p in listed]
+
+
 MB = 1024 * 1024
 _HELD = 1 * MB  # messages at least this large are held until all have arrived
 
@@ -187,7 +199,7 @@ def _extract(rev: str, target: Path) -> str:
     """The product's packages at commit ``rev``, unpacked into ``target``."""
     git = shutil.which("git") or "git"
     archive = subprocess.run(
-        [git, "-C", str(REPO), "archive", "--format=tar", rev, "--", *PRODUCT],
+        [git, "-C", str(REPO), "archive", "--format=tar", rev, "--", *product_at(rev)],
         capture_output=True, timeout=60, check=True,
     )  # fmt: skip
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:

@@ -168,7 +168,7 @@ def _product_line(data: dict[str, Any]) -> str:
     product = data.get("product") or {}
     changed = product.get("uncommitted") or []
     state = f"commit {product.get('head')}" + (
-        f" + {len(changed)} uncommitted change(s) in settings/producers/worker"
+        f" + {len(changed)} uncommitted change(s) in the product"
         if changed else ""
     )  # fmt: skip
     path = (

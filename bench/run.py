@@ -226,7 +226,17 @@ def _workers(args: argparse.Namespace, ctx: Context) -> dict[str, str]:
     return shown
 
 
-PRODUCT = ("settings", "producers", "worker")
+# The product's packages; commits before common/ existed have only the other three.
+PRODUCT = ("settings", "common", "producers", "worker")
+
+
+def product_at(rev: str) -> list[str]:
+    """The product's packages that exist at commit ``rev``."""
+    listed = subprocess.run(
+        [shutil.which("git") or "git", "-C", str(REPO), "ls-tree", "--name-only", rev],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    return [p for p in PRODUCT if p in listed]
 
 
 def snapshot(workdir: Path, rev: str | None) -> tuple[str, dict[str, Any]]:
@@ -238,7 +248,7 @@ def snapshot(workdir: Path, rev: str | None) -> tuple[str, dict[str, Any]]:
     if rev:
         target.mkdir()
         archive = subprocess.run(
-            [*git, "archive", "--format=tar", rev, "--", *PRODUCT],
+            [*git, "archive", "--format=tar", rev, "--", *product_at(rev)],
             capture_output=True, timeout=60, check=True,
         )  # fmt: skip
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:

@@ -1,7 +1,25 @@
-"""The root of mailworker's error tree, shared by every room.
+"""The root of mailworker's error tree, and the tree itself.
 
-Only the two errors that the lowest rooms raise live here; ``worker.errors`` builds
-the rest of the tree on top of them (settings ← producers ← worker).
+Every error mailworker raises on purpose descends from ``MailworkerError``::
+
+    MailworkerError
+    ├── ConfigError(ValueError)        settings: names the key; never retried (CLI exit 2)
+    ├── JobValidationError(ValueError) settings: names the field; dead-lettered at once
+    ├── BrokerUnavailableError         settings: Redis unreachable or refusing (exit 4)
+    │   └── BrokerAuthenticationError  the login or an ACL refused
+    ├── RequeueRefusedError            worker.deadletter: this dead letter cannot be sent
+    ├── MalformedMessageError          worker.broker.envelope: a broker message of the
+    │                                  wrong shape (also Dramatiq's DecodeError)
+    └── DeliveryError                  worker.errors: .service, .code; no secrets
+        ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
+        ├── MessageRefusedError        this service can't carry this message: next one
+        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now
+        ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after
+        └── BudgetExhaustedError       a sending budget is spent; .wait
+
+docs/design.md §5 says what each delivery class does to a job. Dramatiq's own
+``ConnectionClosed`` and ``DecodeError`` are raised only to Dramatiq, which handles them.
+The root lives here because the lowest room, ``settings``, imports nothing of ours.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ``mailworker`` command as a user runs it: real subprocesses, real config files,
-the real Redis and real aiosmtpd servers (DESIGN §3, §6, §7)."""
+the real Redis and real aiosmtpd servers (docs/design.md §3, §6, §7)."""
 
 from __future__ import annotations
 

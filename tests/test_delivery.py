@@ -1,4 +1,4 @@
-"""Delivery outcomes through a real worker and real SMTP servers: DESIGN §5's classes."""
+"""Delivery outcomes through a real worker and real SMTP servers (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ class _RetryAfterTooLong(stop_base):
 
 
 class Deliverer:
-    """Tries services in order until one takes the message (DESIGN §5).
+    """Tries services in order until one takes the message (docs/design.md §5).
 
     Args:
         services: enabled services in delivery order.

@@ -1,18 +1,8 @@
-"""mailworker's errors. The tree, one delivery class per row of DESIGN §5's table::
+"""The delivery errors: one class per row of docs/design.md §5.
 
-    MailworkerError
-    ├── ConfigError(MailworkerError, ValueError)        names the field; never retried
-    ├── JobValidationError(MailworkerError, ValueError) dead-lettered at once
-    ├── BrokerUnavailableError                          Redis unreachable (CLI exit 4)
-    └── DeliveryError                                   .service, .code; no secrets
-        ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
-        ├── MessageRefusedError        this service can't carry this message: next service
-        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now
-        ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after, .in_doubt
-        └── BudgetExhaustedError       a sending budget is spent; .wait, .overflow
-
-The transport that raises decides the class; nothing outside ``worker.transports``
-catches a library's own exceptions.
+The whole error tree is drawn in ``settings/errors.py``. The transport that raises
+decides the class; nothing outside ``worker.transports`` catches a library's own
+exceptions.
 """
 
 from __future__ import annotations
@@ -49,7 +39,7 @@ class DeliveryError(MailworkerError):
     Attributes:
         service: the configured service name.
         code: the SMTP reply code or HTTP status, when there was one.
-        kind: the DESIGN §5 class, as written in status records.
+        kind: the docs/design.md §5 class, as written in status records.
     """
 
     kind = "delivery"
@@ -60,7 +50,7 @@ class DeliveryError(MailworkerError):
         self.code = code
 
     def as_record(self) -> ErrorRecord:
-        """The ``error`` object of a status record (DESIGN §6)."""
+        """The ``error`` object of a status record (docs/design.md §6)."""
         return {
             "type": self.kind,
             "code": self.code,

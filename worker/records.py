@@ -106,7 +106,7 @@ class StatusRecord(TypedDict):
 
 
 def error(kind: str, message: str, *, field: str | None = None) -> ErrorRecord:
-    """An ``error`` object of a status record (DESIGN §6)."""
+    """An ``error`` object of a status record (docs/design.md §6)."""
     record: ErrorRecord = {
         "type": kind,
         "code": None,

@@ -67,7 +67,7 @@ class _Accounts:
 
 
 def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
-    """Enabled services in delivery order (DESIGN §5): OpenAuth first, then SMTP.
+    """Enabled services in delivery order (docs/design.md §5): OpenAuth first, then SMTP.
 
     Args:
         settings: the configuration.

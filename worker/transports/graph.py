@@ -154,7 +154,7 @@ class GraphTransport:
         try:
             yield
         except requests.Timeout as exc:
-            # In doubt: Graph may have taken it. Retrying may duplicate (DESIGN §5).
+            # In doubt: Graph may have taken it. Retrying may duplicate (docs/design.md §5).
             raise TransientDeliveryError(
                 f"Graph timed out after {self.service.timeout:g}s", service=self.name
             ) from exc

@@ -65,7 +65,7 @@ def _reply(code: int, text: bytes | str) -> str:
 
 
 def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
-    """DESIGN §5 for a whole-message SMTP reply."""
+    """docs/design.md §5 for a whole-message SMTP reply."""
     detail = f"{what}: {text}"
     if 400 <= code < 500:
         return TransientDeliveryError(detail, service=service, code=code)
@@ -89,7 +89,10 @@ def _tls_hint(conn: SmtpConnection, exc: ssl.SSLError) -> str:
 
 @contextmanager
 def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
-    """Turn smtplib, ssl and socket errors into DESIGN §5's classes, naming host and step."""
+    """Turn smtplib, ssl and socket errors into docs/design.md §5's classes.
+
+    Each message names host, port and step, never a credential.
+    """
     where = f"{conn.server}:{conn.effective_port}"
     name = conn.name
     try:
