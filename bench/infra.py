@@ -25,6 +25,21 @@ import redis
 
 from common.sockets import free_port
 
+REPO = Path(__file__).resolve().parent.parent
+
+# The product's packages; commits before common/ existed have only the other three.
+PRODUCT = ("settings", "common", "producers", "worker")
+
+
+def product_at(rev: str) -> list[str]:
+    """The product's packages that exist at commit ``rev``."""
+    listed = subprocess.run(
+        [shutil.which("git") or "git", "-C", str(REPO), "ls-tree", "--name-only", rev],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    return [p for p in PRODUCT if p in listed]
+
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _SETPRIV = shutil.which("setpriv")
 

@@ -50,20 +50,9 @@ import psutil
 import redis
 
 from bench.common import FROM_ADDRESS, TO_ADDRESS, delete_prefix
-from bench.infra import RedisInstance, spawn, stop_tree
+from bench.infra import RedisInstance, product_at, spawn, stop_tree
 
 REPO = Path(__file__).resolve().parent.parent
-# The product's packages; commits before common/ existed have only the other three.
-PRODUCT = ("settings", "common", "producers", "worker")
-
-
-def product_at(rev: str) -> list[str]:
-    """The product's packages that exist at commit ``rev``."""
-    listed = subprocess.run(
-        [shutil.which("git") or "git", "-C", str(REPO), "ls-tree", "--name-only", rev],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout.split()  # fmt: skip
-    return [p for p in PRODUCT if p in listed]
 
 
 MB = 1024 * 1024

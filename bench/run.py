@@ -35,7 +35,15 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.infra import SMTP_SINK, AioSink, PostfixSink, RedisInstance, Sink
+from bench.infra import (
+    PRODUCT,
+    SMTP_SINK,
+    AioSink,
+    PostfixSink,
+    RedisInstance,
+    Sink,
+    product_at,
+)
 from bench.report import report, summarize, targets
 from bench.scenarios import (
     MAILWORKER,
@@ -224,19 +232,6 @@ def _workers(args: argparse.Namespace, ctx: Context) -> dict[str, str]:
     if {"latency", "priority"} & set(args.only):
         shown.setdefault("mailworker", MAILWORKER.config(ctx))
     return shown
-
-
-# The product's packages; commits before common/ existed have only the other three.
-PRODUCT = ("settings", "common", "producers", "worker")
-
-
-def product_at(rev: str) -> list[str]:
-    """The product's packages that exist at commit ``rev``."""
-    listed = subprocess.run(
-        [shutil.which("git") or "git", "-C", str(REPO), "ls-tree", "--name-only", rev],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout.split()  # fmt: skip
-    return [p for p in PRODUCT if p in listed]
 
 
 def snapshot(workdir: Path, rev: str | None) -> tuple[str, dict[str, Any]]:

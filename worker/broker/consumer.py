@@ -246,7 +246,7 @@ class SafeConsumer(_RedisConsumer):
     def _take(self) -> MessageProxy | None:
         """Dramatiq's ``_RedisConsumer.__next__``, with two changes.
 
-        - An empty queue is waited for on the queue's event (``worker.wake``) rather
+        - An empty queue is waited for on the queue's event (``Waker``) rather
           than slept on: a job enqueued while the consumer idles is fetched at once.
         - Messages are fetched in batches: once ``prefetch`` are outstanding, the next
           fetch waits until half of them are done (an ack sets the event), instead of

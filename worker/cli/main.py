@@ -160,10 +160,9 @@ def worker(
     # forked worker from scanning it again and again (and from copying its pages).
     gc.freeze()
     # A bulk message decodes into thousands of small containers, and at CPython's default
-    # (a young-generation pass every 700 allocations) the collector runs very often.
-    # 20,000-job bulk drains, 11 alternating pairs: 189 against 210 µs of user CPU per
-    # job on average (noisy: the new setting was faster in 8 of the 11). Cyclic garbage
-    # is still collected, in larger batches.
+    # (a young-generation pass every 700 allocations) the collector runs very often; a
+    # larger threshold saves CPU per job (docs/benchmarks.md). Cyclic garbage is still
+    # collected, in larger batches.
     gc.set_threshold(*GC_THRESHOLD)
     parser = dramatiq.cli.make_argument_parser()  # type: ignore[no-untyped-call]
     sys.exit(dramatiq.cli.main(parser.parse_args(args)))  # type: ignore[no-untyped-call]
