@@ -7,7 +7,7 @@
     └── DeliveryError                                   .service, .code; no secrets
         ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
         ├── MessageRefusedError        this service can't carry this message: next service
-        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now
+        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now; .auth
         ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after, .in_doubt
         └── BudgetExhaustedError       a sending budget is spent; .wait, .overflow
 
@@ -45,9 +45,16 @@ class DeliveryError(MailworkerError):
         service: the configured service name.
         code: the SMTP reply code or HTTP status, when there was one.
         kind: the DESIGN §5 class, as written in status records.
+        retry_after: seconds the far end asked us to wait (transient errors).
+        in_doubt: the message may have been delivered (transient errors).
+        auth: the service refused its credentials (unavailable errors).
     """
 
     kind = "delivery"
+    # The subclass that carries a field sets it; the others keep these defaults.
+    retry_after: float | None = None
+    in_doubt: bool = False
+    auth: bool = False
 
     def __init__(self, message: str, *, service: str, code: int | None = None) -> None:
         super().__init__(message)
@@ -78,13 +85,20 @@ class MessageRefusedError(DeliveryError):
 
 class TransportUnavailableError(DeliveryError):
     """The service cannot be used now (connect, TLS, AUTH): try the next at once.
+
     ``auth``: its credentials were refused (AUTH 535, a token request refused for the
-    client, Graph 401/403): nothing will go through it until someone mends them."""
+    client, Graph 401/403). Nothing will go through it until someone mends them.
+    """
 
     kind = "unavailable"
 
     def __init__(
-        self, message: str, *, service: str, code: int | None = None, auth: bool = False
+        self,
+        message: str,
+        *,
+        service: str,
+        code: int | None = None,
+        auth: bool = False,
     ) -> None:
         super().__init__(message, service=service, code=code)
         self.auth = auth

@@ -21,12 +21,11 @@ from worker.errors import (
     TransportUnavailableError,
 )
 from worker.message import Mime
-from worker.transports.base import Receipt, Sent
+from worker.transports.base import Receipt, SendResult
 
 __all__ = [
     "Content",
     "Envelope",
-    "Sent",
     "SmtpClient",
     "StepReporter",
     "map_errors",
@@ -435,7 +434,7 @@ class SmtpClient:
 
     def send_many(
         self, messages: Sequence[Envelope], *, stop: Callable[[], bool] | None = None
-    ) -> list[Sent]:
+    ) -> list[SendResult]:
         """Many transactions in a row on this session, pipelined across messages: each
         message's content goes in one write with the next transaction's MAIL, RCPT and
         DATA (RFC 2920 lets the content lead a command group), so a message costs one
@@ -451,7 +450,7 @@ class SmtpClient:
         assert smtp is not None, "open() first"
         if not self.pipelining:
             return self._send_each(messages, stop)
-        results: list[Sent] = [None] * len(messages)
+        results: list[SendResult] = [None] * len(messages)
         tail: Content | None = None  # the content of the message in flight, unwritten
         flight: tuple[int, Receipt] | None = None  # that message and its receipt
         reset = False  # the last transaction failed: RSET before the next
@@ -503,7 +502,7 @@ class SmtpClient:
 
     def _send_each(
         self, messages: Sequence[Envelope], stop: Callable[[], bool] | None
-    ) -> list[Sent]:
+    ) -> list[SendResult]:
         """``send_many`` without pipelining: one ``send`` after another."""
         return [
             None if stop and stop() else self._send_or_error(*message)
@@ -512,7 +511,7 @@ class SmtpClient:
 
     def _send_or_error(
         self, sender: str, recipients: tuple[str, ...], data: Content
-    ) -> Sent:
+    ) -> SendResult:
         if self.broken:
             return None
         try:
@@ -524,7 +523,7 @@ class SmtpClient:
             return exc
 
     def _land(
-        self, smtp: smtplib.SMTP, flight: tuple[int, Receipt], results: list[Sent]
+        self, smtp: smtplib.SMTP, flight: tuple[int, Receipt], results: list[SendResult]
     ) -> None:
         """Read the reply to the content in flight: the message's receipt, or its own
         error (index -1: an empty DATA ended after every recipient was refused)."""
