@@ -379,7 +379,7 @@ class Deliverer:
         if not isinstance(exc, MessageRefusedError):
             outcome.retryable = True
             if self._breaker is not None:
-                self._breaker.failure(service.name, hold=_quota_hold(exc))
+                self._breaker.failure(service.name, hold=exc.hold)
         if isinstance(exc, TransientDeliveryError) and exc.retry_after is not None:
             outcome.retry_after = max(outcome.retry_after or 0.0, exc.retry_after)
         if exc.auth and service.name not in self._refused:
@@ -436,15 +436,3 @@ class Deliverer:
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
         return _backoff(error, state.attempt_number, self._backoff)
-
-
-# A quota error holds the breaker open this long (Exchange's daily quota is a sliding 24 h;
-# a probe every hour finds out when it has cleared).
-QUOTA_HOLD = 3600.0
-
-
-def _quota_hold(exc: DeliveryError) -> float | None:
-    text = str(exc)
-    if exc.code == 554 and ("5.2.0" in text or "Quota" in text):
-        return QUOTA_HOLD
-    return None

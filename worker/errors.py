@@ -7,7 +7,8 @@
     └── DeliveryError                                   .service, .code; no secrets
         ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
         ├── MessageRefusedError        this service can't carry this message: next service
-        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now; .auth
+        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now;
+        │                              .auth, .hold (a quota)
         ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after, .in_doubt
         └── BudgetExhaustedError       a sending budget is spent; .wait, .overflow
 
@@ -48,6 +49,7 @@ class DeliveryError(MailworkerError):
         retry_after: seconds the far end asked us to wait (transient errors).
         in_doubt: the message may have been delivered (transient errors).
         auth: the service refused its credentials (unavailable errors).
+        hold: seconds the circuit breaker stays open at once (unavailable errors).
     """
 
     kind = "delivery"
@@ -55,6 +57,7 @@ class DeliveryError(MailworkerError):
     retry_after: float | None = None
     in_doubt: bool = False
     auth: bool = False
+    hold: float | None = None
 
     def __init__(self, message: str, *, service: str, code: int | None = None) -> None:
         super().__init__(message)
@@ -88,6 +91,8 @@ class TransportUnavailableError(DeliveryError):
 
     ``auth``: its credentials were refused (AUTH 535, a token request refused for the
     client, Graph 401/403). Nothing will go through it until someone mends them.
+    ``hold``: the transport knows the service stays closed this long (a quota), so
+    the circuit breaker opens at once for that many seconds.
     """
 
     kind = "unavailable"
@@ -99,9 +104,11 @@ class TransportUnavailableError(DeliveryError):
         service: str,
         code: int | None = None,
         auth: bool = False,
+        hold: float | None = None,
     ) -> None:
         super().__init__(message, service=service, code=code)
         self.auth = auth
+        self.hold = hold
 
 
 class TransientDeliveryError(DeliveryError):

@@ -24,6 +24,7 @@ from worker.message import Mime
 from worker.transports.base import Receipt, SendResult
 
 __all__ = [
+    "QUOTA_HOLD",
     "Content",
     "Envelope",
     "SmtpClient",
@@ -41,10 +42,11 @@ _WRITE = 64 * 1024  # a message goes out in writes of at least this size
 # whole message and may have taken it (RFC 5321 6.1).
 _FINAL_REPLY = "the reply to the final dot (the message may have been delivered)"
 _LOCAL_HOSTNAME = socket.gethostname() or "localhost"
-_QUOTA = (
-    "5.2.0",
-    "5.2.2",
-)  # Exchange daily quota / mailbox full: the service, not the message
+# Exchange's daily quota (5.2.0) or a full mailbox (5.2.2): the service, not the message
+_QUOTA = ("5.2.0", "5.2.2")
+# Exchange's daily quota is a sliding 24 h: its reply holds the circuit breaker open
+# this long, and a probe every hour finds out when it has cleared.
+QUOTA_HOLD = 3600.0
 
 
 def tls_context(conn: SmtpConnection) -> ssl.SSLContext:
@@ -63,6 +65,22 @@ def _reply(code: int, text: bytes | str) -> str:
     return f"{code} {' '.join(message.split())}"[:300]
 
 
+def _quota_hold(code: int, detail: str) -> float | None:
+    """How long Exchange's daily-quota reply (554 5.2.0) keeps the service closed."""
+    if code == 554 and ("5.2.0" in detail or "Quota" in detail):
+        return QUOTA_HOLD
+    return None
+
+
+def _unavailable(
+    detail: str, *, service: str, code: int, auth: bool = False
+) -> TransportUnavailableError:
+    """The service cannot be used now, held closed when the reply was a quota."""
+    return TransportUnavailableError(
+        detail, service=service, code=code, auth=auth, hold=_quota_hold(code, detail)
+    )
+
+
 def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
     """DESIGN §5 for a whole-message SMTP reply."""
     detail = f"{what}: {text}"
@@ -70,7 +88,7 @@ def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
         return TransientDeliveryError(detail, service=service, code=code)
     if code == 530 or any(mark in text for mark in _QUOTA):
         # 530: TLS or AUTH required (our configuration); 5.2.0: the service's quota.
-        return TransportUnavailableError(detail, service=service, code=code)
+        return _unavailable(detail, service=service, code=code)
     return MessageRefusedError(detail, service=service, code=code)
 
 
@@ -96,7 +114,7 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
     except DeliveryError:
         raise
     except smtplib.SMTPAuthenticationError as exc:
-        raise TransportUnavailableError(
+        raise _unavailable(
             f"authentication failed at {where}: {_reply(exc.smtp_code, exc.smtp_error)}",
             service=name,
             code=exc.smtp_code,
@@ -131,7 +149,7 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         if step in ("connect", "ehlo", "auth") and not isinstance(
             error, TransientDeliveryError
         ):
-            error = TransportUnavailableError(str(error), service=name, code=code)
+            error = _unavailable(str(error), service=name, code=code)
         raise error from exc
     except TimeoutError as exc:
         raise TransientDeliveryError(
@@ -374,7 +392,7 @@ class SmtpClient:
 
         Raises:
             MessageRefusedError: the sender or the message was refused for good.
-            TransportUnavailableError: a quota reply (5.2.0).
+            TransportUnavailableError: a quota reply (5.2.0); ``hold`` for 554 5.2.0.
             TransientDeliveryError: a 4xx reply, a timeout or a lost connection;
                 ``in_doubt`` when it came after the whole message was written.
         """
