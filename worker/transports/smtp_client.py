@@ -212,11 +212,17 @@ def _write_content(smtp: smtplib.SMTP, data: Content, after: bytes = b"") -> Non
     smtp.send(b"".join(out))
 
 
-def _commands(sender: str, recipients: tuple[str, ...], size: int, reset: bool) -> str:
-    """[RSET,] MAIL FROM (with SIZE unless ``size`` is 0), RCPT TO each, DATA."""
-    mail = f"MAIL FROM:<{sender}>{f' SIZE={size}' if size else ''}\r\n"
-    rcpts = "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
-    return ("RSET\r\n" if reset else "") + mail + rcpts + "DATA\r\n"
+def _commands(
+    sender: str, recipients: tuple[str, ...], size: int | None, *, reset: bool = False
+) -> list[str]:
+    """[RSET,] MAIL FROM (with SIZE unless ``size`` is None), RCPT TO each, DATA."""
+    mail = f"MAIL FROM:<{sender}>{'' if size is None else f' SIZE={size}'}\r\n"
+    return [
+        *(("RSET\r\n",) if reset else ()),
+        mail,
+        *(f"RCPT TO:<{r}>\r\n" for r in recipients),
+        "DATA\r\n",
+    ]
 
 
 def _receipt(recipients: tuple[str, ...], replies: list[tuple[int, bytes]]) -> Receipt:
@@ -399,12 +405,11 @@ class SmtpClient:
         smtp = self._smtp
         assert smtp is not None, "open() first"
         with map_errors(self.conn, "send"):
-            size = f" SIZE={_size(data)}" if smtp.has_extn("size") else ""
-            commands = [f"MAIL FROM:<{sender}>{size}\r\n"]
-            commands += [f"RCPT TO:<{r}>\r\n" for r in recipients]
+            size = _size(data) if smtp.has_extn("size") else None
+            commands = _commands(sender, recipients, size)
             if self.pipelining:
-                smtp.send("".join(commands) + "DATA\r\n")
-                replies = [smtp.getreply() for _ in range(len(commands) + 1)]
+                smtp.send("".join(commands))
+                replies = [smtp.getreply() for _ in commands]
             else:
                 replies = self._lockstep(smtp, commands)
             return self._finish(smtp, recipients, replies, data)
@@ -412,7 +417,7 @@ class SmtpClient:
     @staticmethod
     def _lockstep(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int, bytes]]:
         replies = []
-        for command in [*commands, "DATA\r\n"]:
+        for command in commands:
             smtp.send(command)
             replies.append(smtp.getreply())
             if replies[0][0] != 250:
@@ -472,13 +477,14 @@ class SmtpClient:
         tail: Content | None = None  # the content of the message in flight, unwritten
         flight: tuple[int, Receipt] | None = None  # that message and its receipt
         reset = False  # the last transaction failed: RSET before the next
-        size = smtp.has_extn("size")
+        sized = smtp.has_extn("size")
         try:
             with map_errors(self.conn, "send"):
                 for index, (sender, recipients, data) in enumerate(messages):
                     if stop is not None and stop():
                         break
-                    head = _commands(sender, recipients, size and _size(data), reset)
+                    size = _size(data) if sized else None
+                    head = "".join(_commands(sender, recipients, size, reset=reset))
                     self._write(smtp, tail, head.encode(smtp.command_encoding))
                     tail = None
                     if flight is not None:
