@@ -9,18 +9,18 @@ from settings.errors import (
 )
 from settings.loading import config_path, load_settings, public_url, read_secret
 from settings.models import (
-    Breaker,
+    BreakerSettings,
     IntegratedService,
     Limits,
     OpenAuthService,
-    Retry,
+    RetryPolicy,
     Settings,
     SmtpConnection,
-    Status,
+    StatusSettings,
 )
 
 __all__ = [
-    "Breaker",
+    "BreakerSettings",
     "BrokerAuthenticationError",
     "BrokerUnavailableError",
     "ConfigError",
@@ -29,10 +29,10 @@ __all__ = [
     "Limits",
     "MailworkerError",
     "OpenAuthService",
-    "Retry",
+    "RetryPolicy",
     "Settings",
     "SmtpConnection",
-    "Status",
+    "StatusSettings",
     "config_path",
     "load_settings",
     "public_url",

@@ -13,8 +13,10 @@ Every error mailworker raises on purpose descends from ``MailworkerError``::
     └── DeliveryError                  worker.errors: .service, .code; no secrets
         ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
         ├── MessageRefusedError        this service can't carry this message: next one
-        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now
-        ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after
+        ├── TransportUnavailableError  connect, TLS, AUTH, token: next service now;
+        │                              .auth, .hold (a quota's breaker hold)
+        ├── TransientDeliveryError     4xx, 429, HTTP 5xx, timeouts; .retry_after,
+        │                              .in_doubt
         └── BudgetExhaustedError       a sending budget is spent; .wait
 
 docs/design.md §5 says what each delivery class does to a job. Dramatiq's own

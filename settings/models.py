@@ -24,14 +24,14 @@ from pydantic_settings import (
 from settings.durations import Duration
 
 __all__ = [
-    "Breaker",
+    "BreakerSettings",
     "IntegratedService",
     "Limits",
     "OpenAuthService",
-    "Retry",
+    "RetryPolicy",
     "Settings",
     "SmtpConnection",
-    "Status",
+    "StatusSettings",
     "header_text",
 ]
 
@@ -98,7 +98,7 @@ class Limits(_Section):
     max_recipients: int = Field(500, ge=1)
 
 
-class Retry(_Section):
+class RetryPolicy(_Section):
     """``[retry]``: broker attempts, backoff and in-process retries."""
 
     max_attempts: int = Field(8, ge=1)
@@ -111,13 +111,13 @@ class Retry(_Section):
     redelivery_timeout: Duration = 15.0
 
     @model_validator(mode="after")
-    def _redelivery(self) -> Retry:
+    def _redelivery(self) -> RetryPolicy:
         if self.redelivery_timeout < 1:
             raise ValueError("redelivery_timeout must be at least 1s")
         return self
 
     @model_validator(mode="after")
-    def _backoff_order(self) -> Retry:
+    def _backoff_order(self) -> RetryPolicy:
         if self.min_backoff > self.max_backoff:
             raise ValueError("min_backoff must not be greater than max_backoff")
         return self
@@ -132,14 +132,14 @@ class Retry(_Section):
         return min(self.max_backoff, random.uniform(base, 1.5 * base))
 
 
-class Breaker(_Section):
+class BreakerSettings(_Section):
     """``[breaker]``: when a failing service is skipped, and for how long."""
 
     failures: int = Field(5, ge=1)
     cooldown: Duration = 60.0
 
 
-class Status(_Section):
+class StatusSettings(_Section):
     """``[status]``: how long status records, dead letters and idempotency keys live."""
 
     ttl: Duration = 7 * 86400.0
@@ -289,9 +289,9 @@ class Settings(BaseSettings):
     log_recipients: Literal["full", "domain", "hash"] = "full"
     redirect_all_to: Address = ""
     limits: Limits = Field(default_factory=Limits)
-    retry: Retry = Field(default_factory=Retry)
-    breaker: Breaker = Field(default_factory=Breaker)
-    status: Status = Field(default_factory=Status)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    status: StatusSettings = Field(default_factory=StatusSettings)
     smtp: list[SmtpConnection] = Field(default_factory=list)
     openauth: list[OpenAuthService] = Field(default_factory=list)
     integrated_services: dict[ServiceName, IntegratedService] = Field(

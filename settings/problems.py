@@ -10,14 +10,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from settings.models import (
-    Breaker,
+    BreakerSettings,
     IntegratedService,
     Limits,
     OpenAuthService,
-    Retry,
+    RetryPolicy,
     Settings,
     SmtpConnection,
-    Status,
+    StatusSettings,
 )
 
 __all__ = ["problems_of"]
@@ -26,9 +26,9 @@ __all__ = ["problems_of"]
 # The model behind each section, for "did you mean" on an unknown key.
 _SECTIONS: dict[str, type[BaseModel]] = {
     "limits": Limits,
-    "retry": Retry,
-    "breaker": Breaker,
-    "status": Status,
+    "retry": RetryPolicy,
+    "breaker": BreakerSettings,
+    "status": StatusSettings,
     "smtp": SmtpConnection,
     "openauth": OpenAuthService,
     "integrated_services": IntegratedService,

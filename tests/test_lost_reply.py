@@ -20,7 +20,7 @@ from tests.support.config import write_toml
 from tests.support.helpers import wait_for
 from tests.support.processes import WorkerProcess
 from worker.errors import TransientDeliveryError
-from worker.message import Base64Lines, Mime, render
+from worker.mime import Base64Lines, Mime, render
 from worker.status import StatusStore
 from worker.transports.base import Receipt
 from worker.transports.smtp_client import SmtpClient

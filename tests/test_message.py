@@ -1,4 +1,4 @@
-"""The MIME writer (worker.message): every shape parses back with the stdlib parser."""
+"""The MIME writer (worker.mime): every shape parses back with the stdlib parser."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from producers import Mailbox, Notification, parse_job
 from worker.clock import iso_micros
-from worker.message import Base64Lines, Mime, render, render_body, render_message
+from worker.mime import Base64Lines, Mime, render, render_body, render_message
 from worker.status import now_iso
 
 FROM = Mailbox(address="noreply@notify.example.org", name="Example Notifications")

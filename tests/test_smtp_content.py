@@ -9,7 +9,7 @@ from email import message_from_bytes, policy
 import pytest
 
 from producers.job import Mailbox, Notification
-from worker.message import Mime, render_message
+from worker.mime import Mime, render_message
 from worker.transports.base import Receipt
 
 FROM = Mailbox(address="noreply@example.com", name="Example Notifications")

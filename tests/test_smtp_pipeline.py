@@ -12,7 +12,7 @@ import pytest
 from producers.job import Mailbox, Notification
 from tests.support.smtp import Recorder
 from worker.errors import MessageRefusedError, TransientDeliveryError
-from worker.message import render
+from worker.mime import render
 from worker.transports.base import OutgoingMessage, Receipt
 from worker.transports.smtp import SmtpTransport
 

@@ -183,8 +183,7 @@ class JobHandler:
             # Some recipients have it, others not (refused, or not yet): never reads as
             # a plain success or a plain failure.
             "partial": 0 < counts["accepted"] < len(recipients),
-            # Typed in delivery once its Outcome carries SkipRecords.
-            "skipped": outcome.skipped,  # type: ignore[typeddict-item]
+            "skipped": outcome.skipped,
             "attempts": job.attempt,
             "metadata": notification.metadata,
         }

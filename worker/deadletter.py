@@ -374,12 +374,11 @@ class DeadLetters:
             raise RequeueRefusedError(f"{job_id} is invalid: {exc}") from None
         queue = q_name(str(message["queue_name"]))
         redis_id = str(uuid.uuid4())
+        # max_age counts from the requeue.
         message.update(
             queue_name=queue,
             options={"redis_message_id": redis_id},
-            message_timestamp=int(
-                time.time() * 1000
-            ),  # max_age counts from the requeue
+            message_timestamp=int(time.time() * 1000),
         )
         accepted = [r for r in record["recipients"] if r.get("state") == "accepted"]
         fields = {

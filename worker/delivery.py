@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 from tenacity import (
@@ -18,7 +18,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from producers.job import Mailbox, Notification
-from settings import JobValidationError, Retry
+from settings import JobValidationError, RetryPolicy
 from worker.errors import (
     BudgetExhaustedError,
     DeliveryError,
@@ -27,8 +27,17 @@ from worker.errors import (
     TransientDeliveryError,
 )
 from worker.limits import Breaker
-from worker.message import Mime, message_id, render_body, render_message
-from worker.transports.base import OutgoingMessage, Receipt, Sent, Transport
+from worker.mime import Mime, message_id, render_body, render_message
+
+if TYPE_CHECKING:
+    from worker.records import SkipRecord
+from worker.transports.base import (
+    BatchTransport,
+    OutgoingMessage,
+    Receipt,
+    SendResult,
+    Transport,
+)
 
 __all__ = ["Deliverer", "Outcome", "Parcel", "Service"]
 
@@ -73,7 +82,7 @@ class Outcome:
     service: str | None = None
     message_id: str | None = None
     receipt: Receipt = field(default_factory=Receipt)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
     last_error: DeliveryError | None = None
     retry_after: float | None = None
     retryable: bool = False
@@ -85,7 +94,7 @@ class Outcome:
     def note_in_doubt(self, error: DeliveryError, job_id: str) -> None:
         """Record a try of job ``job_id`` that ended in doubt
         (``TransientDeliveryError.in_doubt``)."""
-        if getattr(error, "in_doubt", False):
+        if error.in_doubt:
             reason = str(error)
             self.in_doubt.append({"service": error.service, "reason": reason})
             log.warning(
@@ -103,15 +112,20 @@ class Outcome:
         return not self.receipt.deferred and not self.retryable and self.wait is None
 
 
+def _retry_after(error: BaseException | None) -> float | None:
+    """The wait the far end asked for, when the error says."""
+    return error.retry_after if isinstance(error, DeliveryError) else None
+
+
 def _too_long(error: BaseException | None, limit: float) -> bool:
     """The far end asked for a longer wait than we may sleep in-process."""
-    wait = getattr(error, "retry_after", None)
+    wait = _retry_after(error)
     return wait is not None and wait > limit
 
 
 def _backoff(error: BaseException | None, attempt: int, base: float) -> float:
     """The wait before the next try: the far end's Retry-After, else doubling from ``base``."""
-    wait = getattr(error, "retry_after", None)
+    wait = _retry_after(error)
     return float(wait) if wait is not None else float(base * 2 ** (attempt - 1))
 
 
@@ -141,7 +155,7 @@ class Deliverer:
         self,
         services: Sequence[Service],
         *,
-        retry: Retry,
+        retry: RetryPolicy,
         backoff: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
         breaker: Breaker | None = None,
@@ -153,6 +167,12 @@ class Deliverer:
         self._breaker = breaker
         # Services whose credentials were refused, said once at error level each.
         self._refused: set[str] = set()
+        # Decided once: a runtime protocol check is too slow to repeat for every job.
+        self._batch: dict[str, BatchTransport] = {
+            s.name: s.transport
+            for s in self.services
+            if isinstance(s.transport, BatchTransport)
+        }
         # Shared by all threads: tenacity keeps each call's state in thread-local storage.
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientDeliveryError),
@@ -197,11 +217,11 @@ class Deliverer:
         Raises:
             JobValidationError: a ``sender`` names no enabled service.
         """
-        firsts: list[Sent] = [None] * len(parcels)
+        firsts: list[SendResult] = [None] * len(parcels)
         groups: dict[int, list[int]] = {}
         for index, parcel in enumerate(parcels):
             service = self.order(parcel.notification)[0]
-            if not hasattr(service.transport, "send_many"):
+            if service.name not in self._batch:
                 continue
             if self._breaker is not None and not self._breaker.allow(service.name):
                 continue
@@ -210,7 +230,7 @@ class Deliverer:
             service = self.services[position]
             try:
                 messages = [self._message(service, parcels[i]) for i in indexes]
-                sent = service.transport.send_many(messages, stop=stop)  # type: ignore[attr-defined]
+                sent = self._batch[service.name].send_many(messages, stop=stop)
             except Exception as exc:  # a bug: the other services' results are kept
                 log.error(
                     "bulk_send_failed_unexpectedly",
@@ -247,7 +267,7 @@ class Deliverer:
             Parcel(job_id, notification, tuple(recipients), extra_headers)
         )
 
-    def _guarded(self, parcel: Parcel, first: Sent = None) -> Outcome:
+    def _guarded(self, parcel: Parcel, first: SendResult = None) -> Outcome:
         """``_deliver``, which never raises once a message may have gone out: an
         unexpected error (a bug, Redis away under a transport's own bookkeeping) is a
         passing failure of the attempt, and what a server accepted before it is kept."""
@@ -275,7 +295,7 @@ class Deliverer:
             )
             return outcome
 
-    def _deliver(self, parcel: Parcel, *, first: Sent = None) -> Outcome:
+    def _deliver(self, parcel: Parcel, *, first: SendResult = None) -> Outcome:
         """``deliver``; ``first``: the result of the first service's first try when
         ``deliver_many`` already made it."""
         outcome = Outcome()
@@ -329,7 +349,7 @@ class Deliverer:
     @staticmethod
     def _message(service: Service, parcel: Parcel) -> OutgoingMessage:
         data: bytes | Mime = b""
-        if getattr(service.transport, "needs_mime", True):
+        if service.transport.needs_mime:
             data = render_message(
                 parcel.notification,
                 job_id=parcel.job_id,
@@ -362,10 +382,10 @@ class Deliverer:
         if not isinstance(exc, MessageRefusedError):
             outcome.retryable = True
             if self._breaker is not None:
-                self._breaker.failure(service.name, hold=_quota_hold(exc))
+                self._breaker.failure(service.name, hold=exc.hold)
         if isinstance(exc, TransientDeliveryError) and exc.retry_after is not None:
             outcome.retry_after = max(outcome.retry_after or 0.0, exc.retry_after)
-        if getattr(exc, "auth", False) and service.name not in self._refused:
+        if exc.auth and service.name not in self._refused:
             self._refused.add(service.name)
             log.error(
                 "service_cannot_authenticate",
@@ -383,7 +403,11 @@ class Deliverer:
         )
 
     def _send_with_retries(
-        self, service: Service, parcel: Parcel, outcome: Outcome, first: Sent = None
+        self,
+        service: Service,
+        parcel: Parcel,
+        outcome: Outcome,
+        first: SendResult = None,
     ) -> Receipt:
         def send(message: OutgoingMessage) -> Receipt:
             try:
@@ -415,15 +439,3 @@ class Deliverer:
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
         return _backoff(error, state.attempt_number, self._backoff)
-
-
-# A quota error holds the breaker open this long (Exchange's daily quota is a sliding 24 h;
-# a probe every hour finds out when it has cleared).
-QUOTA_HOLD = 3600.0
-
-
-def _quota_hold(exc: DeliveryError) -> float | None:
-    text = str(exc)
-    if exc.code == 554 and ("5.2.0" in text or "Quota" in text):
-        return QUOTA_HOLD
-    return None

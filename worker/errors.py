@@ -40,9 +40,18 @@ class DeliveryError(MailworkerError):
         service: the configured service name.
         code: the SMTP reply code or HTTP status, when there was one.
         kind: the docs/design.md §5 class, as written in status records.
+        retry_after: seconds the far end asked us to wait (transient errors).
+        in_doubt: the message may have been delivered (transient errors).
+        auth: the service refused its credentials (unavailable errors).
+        hold: seconds the circuit breaker stays open at once (unavailable errors).
     """
 
     kind = "delivery"
+    # The subclass that carries a field sets it; the others keep these defaults.
+    retry_after: float | None = None
+    in_doubt: bool = False
+    auth: bool = False
+    hold: float | None = None
 
     def __init__(self, message: str, *, service: str, code: int | None = None) -> None:
         super().__init__(message)
@@ -73,16 +82,27 @@ class MessageRefusedError(DeliveryError):
 
 class TransportUnavailableError(DeliveryError):
     """The service cannot be used now (connect, TLS, AUTH): try the next at once.
+
     ``auth``: its credentials were refused (AUTH 535, a token request refused for the
-    client, Graph 401/403): nothing will go through it until someone mends them."""
+    client, Graph 401/403). Nothing will go through it until someone mends them.
+    ``hold``: the transport knows the service stays closed this long (a quota), so
+    the circuit breaker opens at once for that many seconds.
+    """
 
     kind = "unavailable"
 
     def __init__(
-        self, message: str, *, service: str, code: int | None = None, auth: bool = False
+        self,
+        message: str,
+        *,
+        service: str,
+        code: int | None = None,
+        auth: bool = False,
+        hold: float | None = None,
     ) -> None:
         super().__init__(message, service=service, code=code)
         self.auth = auth
+        self.hold = hold
 
 
 class TransientDeliveryError(DeliveryError):

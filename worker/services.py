@@ -34,9 +34,8 @@ def _password_reader(conn: SmtpConnection) -> Callable[[], str | None]:
     def current() -> str | None:
         if conn.password_file is None:
             return first.get_secret_value() if first is not None else None
-        secret = read_secret(
-            None, conn.password_file, field_name
-        )  # may have been rotated
+        # Read again: it may have been rotated.
+        secret = read_secret(None, conn.password_file, field_name)
         return secret.get_secret_value() if secret is not None else None
 
     return current

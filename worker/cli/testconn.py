@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from producers.job import Mailbox, Notification
 from settings import OpenAuthService, Settings, SmtpConnection, read_secret
 from worker.errors import DeliveryError
-from worker.message import render
+from worker.mime import render
 from worker.transports.base import OutgoingMessage
 from worker.transports.graph import GraphTransport
 from worker.transports.oauth import HttpClient, TokenProvider

@@ -13,7 +13,7 @@ import dramatiq
 from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
 
-from settings import Retry
+from settings import RetryPolicy
 from worker.broker.attached import attached
 
 __all__ = ["ReliableRetries"]
@@ -30,7 +30,7 @@ class ReliableRetries(Middleware):
         policy: the ``[retry]`` settings.
     """
 
-    def __init__(self, policy: Retry) -> None:
+    def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
         self.max_attempts = policy.max_attempts
 

@@ -1,5 +1,11 @@
 """Transports: the only code that talks to mail services."""
 
-from worker.transports.base import OutgoingMessage, Receipt, Transport
+from worker.transports.base import (
+    BatchTransport,
+    OutgoingMessage,
+    Receipt,
+    SendResult,
+    Transport,
+)
 
-__all__ = ["OutgoingMessage", "Receipt", "Transport"]
+__all__ = ["BatchTransport", "OutgoingMessage", "Receipt", "SendResult", "Transport"]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from producers.job import Notification
 from worker.errors import DeliveryError
-from worker.message import Mime
+from worker.mime import Mime
 
-__all__ = ["OutgoingMessage", "Receipt", "Sent", "Transport"]
+__all__ = ["BatchTransport", "OutgoingMessage", "Receipt", "SendResult", "Transport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +50,17 @@ class Receipt:
     response: str = ""
 
 
+# What became of one message sent among many: its Receipt, its own error, or None when
+# it was not sent at all.
+SendResult = Receipt | DeliveryError | None
+
+
 class Transport(Protocol):
     """A configured service that can send a message. Called from worker threads."""
 
     name: str
+    # Whether ``OutgoingMessage.data`` must be the rendered MIME message.
+    needs_mime: bool
 
     def send(self, message: OutgoingMessage) -> Receipt:
         """Send ``message``; raise a ``DeliveryError`` subclass when the message as a
@@ -64,6 +72,20 @@ class Transport(Protocol):
         ...
 
 
-# What became of one message sent among many: its Receipt, its own error, or None when
-# it was not sent at all.
-Sent = Receipt | DeliveryError | None
+@runtime_checkable
+class BatchTransport(Transport, Protocol):
+    """A transport that can also send many messages in one run (SMTP pipelining)."""
+
+    def send_many(
+        self,
+        messages: Sequence[OutgoingMessage],
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[SendResult]:
+        """Send ``messages`` in order; ``stop`` is checked before each one.
+
+        Returns:
+            Per message, its Receipt, the DeliveryError ``send`` would have raised, or
+            None when it was not sent because of ``stop``.
+        """
+        ...

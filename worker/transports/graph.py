@@ -23,20 +23,22 @@ from worker.errors import (
     TransportUnavailableError,
 )
 from worker.limits import Budget, Slots
-from worker.message import render
+from worker.mime import render
 from worker.transports.base import OutgoingMessage, Receipt
 from worker.transports.oauth import HttpClient, TokenProvider
 
-__all__ = ["MAX_REQUEST_BYTES", "GraphTransport", "needs_mime"]
+__all__ = ["MAX_REQUEST_BYTES", "GraphTransport", "mime_required"]
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Graph's limit per REST request
-_MAX_JSON_HEADERS = (
-    4  # Graph takes 5 internetMessageHeaders; x-mailworker-job-id is one
-)
+# Graph takes 5 internetMessageHeaders; x-mailworker-job-id is one.
+_MAX_JSON_HEADERS = 4
 
 
-def needs_mime(notification: Notification) -> bool:
-    """JSON cannot carry headers that are not ``x-`` headers, nor more than four of them."""
+def mime_required(notification: Notification) -> bool:
+    """Whether the job goes to Graph as MIME rather than JSON.
+
+    JSON cannot carry headers that are not ``x-`` headers, nor more than four of them.
+    """
     headers = notification.headers
     return len(headers) > _MAX_JSON_HEADERS or any(
         not name.lower().startswith("x-") for name in headers
@@ -64,7 +66,8 @@ class GraphTransport:
         budget: ``messages_per_minute`` and ``recipients_per_day`` of the mailbox.
     """
 
-    needs_mime = False  # JSON by default; the MIME form is written here when needed
+    # JSON by default; this transport writes the MIME form itself when required.
+    needs_mime = False
 
     def __init__(
         self,
@@ -198,7 +201,7 @@ class GraphTransport:
 
     def _payload(self, message: OutgoingMessage) -> tuple[bytes, str]:
         notification = message.notification
-        if needs_mime(notification):
+        if mime_required(notification):
             return base64.b64encode(self._mime(message)), "text/plain"
         return orjson.dumps(self._json(message)), "application/json"
 

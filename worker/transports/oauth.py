@@ -79,9 +79,8 @@ class TokenProvider:
         self._http = http
         self._lock = threading.Lock()
         self._app: msal.ConfidentialClientApplication | None = None
-        self.requests = (
-            0  # token requests sent to the identity provider (for tests, stats)
-        )
+        # Token requests sent to the identity provider (for tests, stats).
+        self.requests = 0
 
     def __repr__(self) -> str:
         return f"TokenProvider({self.name!r}, tenant={self.service.tenant_id!r})"

@@ -16,7 +16,7 @@ from worker.errors import (
     TransportUnavailableError,
 )
 from worker.limits import Slots
-from worker.transports.base import OutgoingMessage, Receipt, Sent
+from worker.transports.base import OutgoingMessage, Receipt, SendResult
 from worker.transports.smtp_client import SmtpClient
 
 if TYPE_CHECKING:  # msal and requests load only where OpenAuth is configured
@@ -47,6 +47,8 @@ class SmtpTransport:
         total: ``max_connections_total`` leases shared by every worker, when capped.
         password: a callable returning the current password (re-read after an AUTH failure).
     """
+
+    needs_mime = True
 
     def __init__(
         self,
@@ -94,7 +96,7 @@ class SmtpTransport:
         messages: Sequence[OutgoingMessage],
         *,
         stop: Callable[[], bool] | None = None,
-    ) -> list[Sent]:
+    ) -> list[SendResult]:
         """Send many messages on one pooled session, pipelined across messages
         (``SmtpClient.send_many``); those the session could not take are sent one by one
         as ``send`` does.
@@ -103,7 +105,7 @@ class SmtpTransport:
             Per message, its Receipt, the DeliveryError ``send`` would have raised, or
             None when ``stop`` became true before it was sent.
         """
-        results: list[Sent] = [None] * len(messages)
+        results: list[SendResult] = [None] * len(messages)
         if self._slots.acquire(timeout=self.conn.timeout):
             try:
                 client, _ = self._checkout()
@@ -117,7 +119,7 @@ class SmtpTransport:
                 pass  # connecting failed: each message finds out on its own below
             finally:
                 self._slots.release()
-        out: list[Sent] = []
+        out: list[SendResult] = []
         for message, result in zip(messages, results, strict=True):
             if result is None and not (stop and stop()):
                 try:

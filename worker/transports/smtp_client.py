@@ -20,13 +20,13 @@ from worker.errors import (
     TransientDeliveryError,
     TransportUnavailableError,
 )
-from worker.message import Mime
-from worker.transports.base import Receipt, Sent
+from worker.mime import Mime
+from worker.transports.base import Receipt, SendResult
 
 __all__ = [
+    "QUOTA_HOLD",
     "Content",
     "Envelope",
-    "Sent",
     "SmtpClient",
     "StepReporter",
     "map_errors",
@@ -42,10 +42,11 @@ _WRITE = 64 * 1024  # a message goes out in writes of at least this size
 # whole message and may have taken it (RFC 5321 6.1).
 _FINAL_REPLY = "the reply to the final dot (the message may have been delivered)"
 _LOCAL_HOSTNAME = socket.gethostname() or "localhost"
-_QUOTA = (
-    "5.2.0",
-    "5.2.2",
-)  # Exchange daily quota / mailbox full: the service, not the message
+# Exchange's daily quota (5.2.0) or a full mailbox (5.2.2): the service, not the message
+_QUOTA = ("5.2.0", "5.2.2")
+# Exchange's daily quota is a sliding 24 h: its reply holds the circuit breaker open
+# this long, and a probe every hour finds out when it has cleared.
+QUOTA_HOLD = 3600.0
 
 
 def tls_context(conn: SmtpConnection) -> ssl.SSLContext:
@@ -64,6 +65,22 @@ def _reply(code: int, text: bytes | str) -> str:
     return f"{code} {' '.join(message.split())}"[:300]
 
 
+def _quota_hold(code: int, detail: str) -> float | None:
+    """How long Exchange's daily-quota reply (554 5.2.0) keeps the service closed."""
+    if code == 554 and ("5.2.0" in detail or "Quota" in detail):
+        return QUOTA_HOLD
+    return None
+
+
+def _unavailable(
+    detail: str, *, service: str, code: int, auth: bool = False
+) -> TransportUnavailableError:
+    """The service cannot be used now, held closed when the reply was a quota."""
+    return TransportUnavailableError(
+        detail, service=service, code=code, auth=auth, hold=_quota_hold(code, detail)
+    )
+
+
 def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
     """docs/design.md §5 for a whole-message SMTP reply."""
     detail = f"{what}: {text}"
@@ -71,7 +88,7 @@ def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
         return TransientDeliveryError(detail, service=service, code=code)
     if code == 530 or any(mark in text for mark in _QUOTA):
         # 530: TLS or AUTH required (our configuration); 5.2.0: the service's quota.
-        return TransportUnavailableError(detail, service=service, code=code)
+        return _unavailable(detail, service=service, code=code)
     return MessageRefusedError(detail, service=service, code=code)
 
 
@@ -100,7 +117,7 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
     except DeliveryError:
         raise
     except smtplib.SMTPAuthenticationError as exc:
-        raise TransportUnavailableError(
+        raise _unavailable(
             f"authentication failed at {where}: {_reply(exc.smtp_code, exc.smtp_error)}",
             service=name,
             code=exc.smtp_code,
@@ -135,7 +152,7 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         if step in ("connect", "ehlo", "auth") and not isinstance(
             error, TransientDeliveryError
         ):
-            error = TransportUnavailableError(str(error), service=name, code=code)
+            error = _unavailable(str(error), service=name, code=code)
         raise error from exc
     except TimeoutError as exc:
         raise TransientDeliveryError(
@@ -198,11 +215,17 @@ def _write_content(smtp: smtplib.SMTP, data: Content, after: bytes = b"") -> Non
     smtp.send(b"".join(out))
 
 
-def _commands(sender: str, recipients: tuple[str, ...], size: int, reset: bool) -> str:
-    """[RSET,] MAIL FROM (with SIZE unless ``size`` is 0), RCPT TO each, DATA."""
-    mail = f"MAIL FROM:<{sender}>{f' SIZE={size}' if size else ''}\r\n"
-    rcpts = "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
-    return ("RSET\r\n" if reset else "") + mail + rcpts + "DATA\r\n"
+def _commands(
+    sender: str, recipients: tuple[str, ...], size: int | None, *, reset: bool = False
+) -> list[str]:
+    """[RSET,] MAIL FROM (with SIZE unless ``size`` is None), RCPT TO each, DATA."""
+    mail = f"MAIL FROM:<{sender}>{'' if size is None else f' SIZE={size}'}\r\n"
+    return [
+        *(("RSET\r\n",) if reset else ()),
+        mail,
+        *(f"RCPT TO:<{r}>\r\n" for r in recipients),
+        "DATA\r\n",
+    ]
 
 
 def _receipt(recipients: tuple[str, ...], replies: list[tuple[int, bytes]]) -> Receipt:
@@ -362,9 +385,8 @@ class SmtpClient:
             code, text = smtp.docmd(
                 "AUTH", "XOAUTH2 " + base64.b64encode(sasl.encode()).decode()
             )
-            if (
-                code == 334
-            ):  # an error challenge (JSON); an empty line gets the final reply
+            # An error challenge (JSON): an empty line gets the final reply.
+            if code == 334:
                 code, text = smtp.docmd("")
             if code != 235:
                 raise smtplib.SMTPAuthenticationError(code, text)
@@ -378,19 +400,18 @@ class SmtpClient:
 
         Raises:
             MessageRefusedError: the sender or the message was refused for good.
-            TransportUnavailableError: a quota reply (5.2.0).
+            TransportUnavailableError: a quota reply (5.2.0); ``hold`` for 554 5.2.0.
             TransientDeliveryError: a 4xx reply, a timeout or a lost connection;
                 ``in_doubt`` when it came after the whole message was written.
         """
         smtp = self._smtp
         assert smtp is not None, "open() first"
         with map_errors(self.conn, "send"):
-            size = f" SIZE={_size(data)}" if smtp.has_extn("size") else ""
-            commands = [f"MAIL FROM:<{sender}>{size}\r\n"]
-            commands += [f"RCPT TO:<{r}>\r\n" for r in recipients]
+            size = _size(data) if smtp.has_extn("size") else None
+            commands = _commands(sender, recipients, size)
             if self.pipelining:
-                smtp.send("".join(commands) + "DATA\r\n")
-                replies = [smtp.getreply() for _ in range(len(commands) + 1)]
+                smtp.send("".join(commands))
+                replies = [smtp.getreply() for _ in commands]
             else:
                 replies = self._lockstep(smtp, commands)
             return self._finish(smtp, recipients, replies, data)
@@ -398,7 +419,7 @@ class SmtpClient:
     @staticmethod
     def _lockstep(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int, bytes]]:
         replies = []
-        for command in [*commands, "DATA\r\n"]:
+        for command in commands:
             smtp.send(command)
             replies.append(smtp.getreply())
             if replies[0][0] != 250:
@@ -438,7 +459,7 @@ class SmtpClient:
 
     def send_many(
         self, messages: Sequence[Envelope], *, stop: Callable[[], bool] | None = None
-    ) -> list[Sent]:
+    ) -> list[SendResult]:
         """Many transactions in a row on this session, pipelined across messages: each
         message's content goes in one write with the next transaction's MAIL, RCPT and
         DATA (RFC 2920 lets the content lead a command group), so a message costs one
@@ -454,17 +475,18 @@ class SmtpClient:
         assert smtp is not None, "open() first"
         if not self.pipelining:
             return self._send_each(messages, stop)
-        results: list[Sent] = [None] * len(messages)
+        results: list[SendResult] = [None] * len(messages)
         tail: Content | None = None  # the content of the message in flight, unwritten
         flight: tuple[int, Receipt] | None = None  # that message and its receipt
         reset = False  # the last transaction failed: RSET before the next
-        size = smtp.has_extn("size")
+        sized = smtp.has_extn("size")
         try:
             with map_errors(self.conn, "send"):
                 for index, (sender, recipients, data) in enumerate(messages):
                     if stop is not None and stop():
                         break
-                    head = _commands(sender, recipients, size and _size(data), reset)
+                    size = _size(data) if sized else None
+                    head = "".join(_commands(sender, recipients, size, reset=reset))
                     self._write(smtp, tail, head.encode(smtp.command_encoding))
                     tail = None
                     if flight is not None:
@@ -506,7 +528,7 @@ class SmtpClient:
 
     def _send_each(
         self, messages: Sequence[Envelope], stop: Callable[[], bool] | None
-    ) -> list[Sent]:
+    ) -> list[SendResult]:
         """``send_many`` without pipelining: one ``send`` after another."""
         return [
             None if stop and stop() else self._send_or_error(*message)
@@ -515,7 +537,7 @@ class SmtpClient:
 
     def _send_or_error(
         self, sender: str, recipients: tuple[str, ...], data: Content
-    ) -> Sent:
+    ) -> SendResult:
         if self.broken:
             return None
         try:
@@ -527,7 +549,7 @@ class SmtpClient:
             return exc
 
     def _land(
-        self, smtp: smtplib.SMTP, flight: tuple[int, Receipt], results: list[Sent]
+        self, smtp: smtplib.SMTP, flight: tuple[int, Receipt], results: list[SendResult]
     ) -> None:
         """Read the reply to the content in flight: the message's receipt, or its own
         error (index -1: an empty DATA ended after every recipient was refused)."""

@@ -1,9 +1,9 @@
 """Write a notification as MIME, fast: no ``email.message`` in the per-job path.
 
 The stdlib ``EmailMessage`` costs about a hundred times as much per message as writing
-the bytes directly (docs/benchmarks.md). A large attachment is encoded block by block while the message
-is written to the socket, never as a whole (``Mime``). Tests parse every shape back with
-``email.parser`` as the oracle.
+the bytes directly (docs/benchmarks.md). A large attachment is encoded block by block
+while the message is written to the socket, never as a whole (``Mime``). Tests parse
+every shape back with ``email.parser`` as the oracle.
 """
 
 from __future__ import annotations
