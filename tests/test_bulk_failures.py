@@ -96,11 +96,16 @@ def test_an_unexpected_error_is_tried_max_attempts_times(
         retry={"max_attempts": 3, "min_backoff": "1s", "max_backoff": "1s"},
     )
     app = run_worker(settings)
-    job_id = wire_enqueue(
-        redis_client, namespace, {"to": ["a@example.org"], "subject": "s", "text": "t"}
-    )
+    job_id = str(uuid.uuid4())
+    # Before the enqueue: a worker woken at once must not run the job without it.
     failing = _Failing(job_id)
     app.broker.add_middleware(failing)
+    wire_enqueue(
+        redis_client,
+        namespace,
+        {"to": ["a@example.org"], "subject": "s", "text": "t"},
+        job_id=job_id,
+    )
     wait_for(lambda: _state(app, job_id) == "dead", timeout=30)
     record = app.status.get(job_id)
     assert record["reason"] == "unhandled" and failing.runs == 3

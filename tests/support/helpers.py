@@ -18,11 +18,12 @@ def wire_enqueue(
     kwargs: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     wake: bool = False,
+    job_id: str | None = None,
 ) -> str:
     """Enqueue the way the README tells non-Python producers to: plain Redis commands
     (``options``: Dramatiq message options beside the required redis message id; with
     ``wake``, also its ``PUBLISH`` of the queue's name to idle workers)."""
-    redis_message_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
+    redis_message_id, job_id = str(uuid.uuid4()), job_id or str(uuid.uuid4())
     payload = json.dumps(
         {
             "queue_name": queue,
