@@ -162,7 +162,7 @@ def event(attempt: int, name: str, outcome: Outcome) -> dict[str, Any]:
 
 
 def in_doubt_events(attempt: int, outcome: Outcome) -> list[dict[str, Any]]:
-    """History entries for the tries of this attempt that lost the reply to the final dot.
+    """History entries for this attempt's tries that lost the reply to the final dot.
 
     The server may have delivered what was sent again after them.
     """
