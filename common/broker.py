@@ -64,7 +64,7 @@ def connect(url: str, *, ca_bundle: Path | None = None) -> redis.Redis:
         ca_bundle: extra trust for ``rediss://``.
 
     Returns:
-        A client; it connects lazily.
+        A client. It connects lazily.
     """
     options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 10}
     if ca_bundle is not None and url.startswith("rediss://"):

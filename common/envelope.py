@@ -25,7 +25,7 @@ def envelope(
         actor: the actor name (``ACTOR_NAME`` or ``BATCH_ACTOR_NAME``).
         kwargs: the actor's keyword arguments (``{"job": ...}`` or ``{"jobs": [...]}``).
         options: Dramatiq's options (``redis_message_id``, ``retries``, ...).
-        timestamp_ms: when it was first enqueued; now when omitted.
+        timestamp_ms: when it was first enqueued, now when omitted.
     """
     return {
         "queue_name": queue,

@@ -35,7 +35,10 @@ def fail(code: int, message: str) -> NoReturn:
 
 
 def settings_or_fail() -> Settings:
-    """The configuration; a command exits 2, naming each problem, when it is invalid."""
+    """The configuration.
+
+    A command exits 2, naming each problem, when it is invalid.
+    """
     try:
         return load_settings()
     except ConfigError as exc:

@@ -25,7 +25,7 @@ __all__ = [
 ACTOR_NAME = "deliver"
 BATCH_ACTOR_NAME = "deliver_batch"  # many jobs in one broker message (enqueue_many)
 BATCH_SIZE = 20  # small enough that a thread is soon free for a high-priority job
-# priority → Dramatiq queue; each its own queue so a bulk send never delays `high`.
+# priority → Dramatiq queue. Each has its own queue so a bulk send never delays `high`.
 QUEUES = {"high": "mail-high", "normal": "mail", "bulk": "mail-bulk"}
 
 
@@ -83,8 +83,8 @@ def wake_gate_key(namespace: str, queue: str) -> str:
 # At most one wake-up per queue every 5 ms: a worker that is woken fetches everything
 # enqueued by then, and one busy enough to miss a later job polls again within ms.
 WAKE_GATE_MS = 5
-# Lua for the scripts that enqueue: wake(gate key, channel, queue name); and
-# pairs_of(table), a record's fields as one flat list, so that one HSET writes them all.
+# Lua for the scripts that enqueue. wake(gate key, channel, queue name) wakes a queue.
+# pairs_of(table) gives a record's fields as one flat list, so one HSET writes them all.
 WAKE_LUA = f"""
 local function wake(gate, channel, queue)
   if redis.call('SET', gate, '1', 'PX', {WAKE_GATE_MS}, 'NX') then

@@ -2,7 +2,7 @@
 
 CPython polls a socket that has a timeout before every send and every receive: one more
 system call and one more release and re-acquire of the GIL per I/O. With eight worker
-threads a process, each GIL hand-off tends to be a context switch; per message that was
+threads a process, each GIL hand-off tends to be a context switch. Per message that was
 about 8 polls. A blocking socket with ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` keeps the same
 bound: a stalled peer still fails the call after the timeout, as ``EAGAIN`` (which the
 callers below turn into a timeout error).
@@ -40,7 +40,7 @@ def kernel_timeouts(sock: socket.socket, seconds: float | None) -> bool:
     """Make ``sock`` blocking, with send and receive bounded by the kernel.
 
     Returns:
-        True when applied; False (nothing changed) for a TLS socket, no timeout or a
+        True when applied. False (nothing changed) for a TLS socket, no timeout or a
         platform without support.
     """
     if (
@@ -61,9 +61,9 @@ def kernel_timeouts(sock: socket.socket, seconds: float | None) -> bool:
 class KernelTimeoutConnection(redis.Connection):
     """A plain-TCP Redis connection whose read and write timeout the kernel enforces.
 
-    redis-py is given no ``socket_timeout`` (its socket stays blocking, including after
-    the non-blocking peeks it makes when a pooled connection is taken); ``io_timeout``
-    is set with ``SO_RCVTIMEO``/``SO_SNDTIMEO`` instead. A stalled server fails a call
+    redis-py is given no ``socket_timeout``, so its socket stays blocking, including after
+    the non-blocking peeks it makes when a pooled connection is taken. ``io_timeout`` is
+    set with ``SO_RCVTIMEO``/``SO_SNDTIMEO`` instead. A stalled server fails a call
     after ``io_timeout`` with ``redis.ConnectionError`` ("Error while reading from
     socket"), which redis-py and Dramatiq retry as they do a lost connection.
     """

@@ -98,7 +98,9 @@ def enqueue_many(
     bulk: bool = True,
     producer: Producer | None = None,
 ) -> list[str]:
-    """Enqueue many notifications in few round trips; return their job ids in order.
+    """Enqueue many notifications in few round trips.
+
+    Returns their job ids in order.
 
     ``bulk=False`` enqueues one broker message per job (see ``Producer.enqueue_many``).
     Without ``producer``, the process-wide ``default_producer()`` is used.

@@ -1,5 +1,8 @@
-"""Bulk enqueue: many jobs in one broker message, each keeping its own job id, status
-record and idempotency claim, all written by one Lua script per message (atomic)."""
+"""Bulk enqueue: many jobs in one broker message.
+
+Each job keeps its own job id, status record and idempotency claim. One Lua script per
+message writes them all (atomic).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""``mailworker send --bulk FILE.jsonl``: many notifications, one per line; a refused line
-never stops the rest."""
+"""``mailworker send --bulk FILE.jsonl``: many notifications, one per line.
+
+A refused line never stops the rest.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ def _lines(stream: IO[bytes]) -> Iterator[tuple[int, Notification | str]]:
 def _enqueue_batch(
     producer: Producer, batch: list[tuple[int, Notification]], summary: BulkSummary
 ) -> None:
-    """One bulk message; a line whose idempotency key conflicts is refused, the rest sent."""
+    """One bulk message.
+
+    A line whose idempotency key conflicts is refused, and the rest are sent.
+    """
     while batch:
         try:
             ids = producer.enqueue_many([n for _, n in batch])

@@ -45,8 +45,11 @@ def make_producer(broker_url: str | None) -> Producer:
 
 
 def defaults_in_use(broker_url: str | None) -> bool:
-    """True when no ``--broker-url``, ``MAILWORKER_BROKER_URL`` or configuration file
-    chooses the broker, so a command talks to the default one."""
+    """True when a command talks to the default broker.
+
+    That is when no ``--broker-url``, ``MAILWORKER_BROKER_URL`` or configuration file
+    chooses the broker.
+    """
     return (
         not broker_url
         and not os.environ.get("MAILWORKER_BROKER_URL")
@@ -169,10 +172,10 @@ def send(
     ids_out: Path | None,
     **options: Any,
 ) -> None:
-    """Enqueue one notification; print its job id alone on the last line.
+    """Enqueue one notification and print its job id alone on the last line.
 
-    With --bulk FILE.jsonl (one job per line, as --json takes it; - for stdin) every valid
-    line is enqueued and a summary printed; a refused line never stops the rest.
+    With --bulk FILE.jsonl (one job per line, as --json takes it, - for stdin) every valid
+    line is enqueued and a summary printed. A refused line never stops the rest.
 
     Exit codes: 0 enqueued (with --bulk: every line), 1 some --bulk lines refused,
     2 invalid job (the field is named), 4 broker unreachable.

@@ -1,5 +1,8 @@
-"""Enqueue notifications: the Dramatiq wire format, the idempotency claim and the
-``queued`` status record, written together by one Lua script."""
+"""Enqueue notifications.
+
+One Lua script writes the Dramatiq wire format, the idempotency claim and the ``queued``
+status record together.
+"""
 
 from __future__ import annotations
 
@@ -87,7 +90,10 @@ def wire_message(job_id: str, queue: str, job: dict[str, Any]) -> tuple[str, byt
 
 
 class Producer:
-    """Enqueues notifications on one broker. Thread-safe; build one per process."""
+    """Enqueues notifications on one broker.
+
+    It is thread-safe. Build one per process.
+    """
 
     def __init__(
         self,
@@ -176,7 +182,7 @@ class Producer:
         Raises:
             JobValidationError: the job breaks ``[limits]`` or reuses an idempotency key
                 with another payload.
-            BrokerUnavailableError: Redis cannot be reached; nothing was enqueued.
+            BrokerUnavailableError: Redis cannot be reached. Nothing was enqueued.
         """
         return self.enqueue_many([notification])[0]
 
@@ -187,15 +193,16 @@ class Producer:
 
         Args:
             notifications: the jobs.
-            bulk: carry up to ``BATCH_SIZE`` jobs per broker message (the fast path; each
-                job still has its own id, status record, marker, retries and dead letter);
-                False enqueues one broker message per job, as ``enqueue`` does.
+            bulk: carry up to ``BATCH_SIZE`` jobs per broker message. This is the fast
+                path, and each job still has its own id, status record, marker, retries
+                and dead letter. False enqueues one broker message per job, as
+                ``enqueue`` does.
 
         Returns:
             The job ids, in order.
 
         Raises:
-            JobValidationError: one is invalid (``field`` starts with its index); none
+            JobValidationError: one is invalid (``field`` starts with its index). None
                 was enqueued. For a conflicting idempotency key the ones before it were.
             BrokerUnavailableError: Redis cannot be reached.
         """

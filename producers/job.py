@@ -113,7 +113,10 @@ def _decode_content(value: object) -> object:
 
 
 class Attachment(JobModel):
-    """A file attached to the notification; ``content`` is bytes (base64 on the wire)."""
+    """A file attached to the notification.
+
+    ``content`` is bytes (base64 on the wire).
+    """
 
     filename: Annotated[Line, Field(min_length=1, max_length=255)]
     content_type: str = "application/octet-stream"
@@ -140,7 +143,7 @@ class Notification(JobModel):
     """One notification job (the README's "The job").
 
     Raises:
-        JobValidationError: on construction or validation of an invalid job; ``field``
+        JobValidationError: on construction or validation of an invalid job. ``field``
             names the part at fault (``to[0].address``, ``metadata.task``) and ``reason``
             says why, in one line.
     """
@@ -274,7 +277,7 @@ def parse_job(data: object) -> Notification:
         The notification.
 
     Raises:
-        JobValidationError: the job is malformed; ``field`` names the part at fault.
+        JobValidationError: the job is malformed. ``field`` names the part at fault.
     """
     if not isinstance(data, dict):
         raise JobValidationError(

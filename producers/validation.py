@@ -1,5 +1,7 @@
-"""Job models that raise ``JobValidationError`` (never pydantic's error), and the mapping
-of pydantic's first error to the field at fault and one reason."""
+"""Job models that raise ``JobValidationError``, never pydantic's error.
+
+Also the mapping of pydantic's first error to the field at fault and one reason.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ __all__ = ["JobModel", "validation_error"]
 
 
 class JobModel(BaseModel):
-    """A part of a job: invalid input raises ``JobValidationError`` naming the field,
-    however the model is built (constructor, ``model_validate``, ``model_validate_json``,
-    ``model_validate_strings``), never pydantic's ``ValidationError``."""
+    """A part of a job whose invalid input raises ``JobValidationError``.
+
+    The error names the field, however the model is built (constructor,
+    ``model_validate``, ``model_validate_json``, ``model_validate_strings``). It is never
+    pydantic's ``ValidationError``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,10 +39,10 @@ class JobModel(BaseModel):
 
     @classmethod
     def model_validate(cls, obj: Any, **options: Any) -> Self:
-        """Validate ``obj`` (a dict, or an instance); see pydantic's ``model_validate``.
+        """Validate ``obj`` (a dict, or an instance), as pydantic's ``model_validate``.
 
         Raises:
-            JobValidationError: it is not a valid job part; ``field`` names the part.
+            JobValidationError: it is not a valid job part. ``field`` names the part.
         """
         try:
             if options:
@@ -51,7 +56,7 @@ class JobModel(BaseModel):
     def model_validate_json(
         cls, json_data: str | bytes | bytearray, **options: Any
     ) -> Self:
-        """Validate a JSON document; see pydantic's ``model_validate_json``.
+        """Validate a JSON document, as pydantic's ``model_validate_json``.
 
         Raises:
             JobValidationError: it is not valid JSON or not a valid job part.
@@ -63,7 +68,7 @@ class JobModel(BaseModel):
 
     @classmethod
     def model_validate_strings(cls, obj: Any, **options: Any) -> Self:
-        """Validate string data; see pydantic's ``model_validate_strings``.
+        """Validate string data, as pydantic's ``model_validate_strings``.
 
         Raises:
             JobValidationError: it is not a valid job part.

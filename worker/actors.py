@@ -232,7 +232,10 @@ class JobHandler:
         self._retry(job, outcome, fields, accepted, error)
 
     def _wait(self, job: Job, outcome: Outcome, fields: RecordFields) -> None:
-        """Every service is spent or cooling down: come back later; not an attempt."""
+        """Every service is spent or cooling down, so come back later.
+
+        Waiting is not an attempt.
+        """
         delay = max(1.0, outcome.wait or 0.0)
         reason = outcome.skipped[-1]["reason"] if outcome.skipped else "budget"
         if job.age + delay > self._settings.retry.max_age:
@@ -243,8 +246,8 @@ class JobHandler:
         next_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(
             timespec="seconds"
         )
-        # Put it back with the same retry count; if that fails the actor raises and the
-        # broker retries the message: nothing is lost.
+        # Put it back with the same retry count. If that fails the actor raises and the
+        # broker retries the message, so nothing is lost.
         self.reschedule(job, delay, count=False)
         fields.update(
             {
@@ -309,8 +312,10 @@ class JobHandler:
         self.reschedule(job, delay, count=True)
 
     def reschedule(self, job: Job, delay: float, *, count: bool) -> None:
-        """Put the job back as a single job after ``delay`` seconds; ``count`` says whether
-        the attempt just made counts toward ``max_attempts``."""
+        """Put the job back as a single job after ``delay`` seconds.
+
+        ``count`` says whether the attempt just made counts toward ``max_attempts``.
+        """
         options = {
             k: v
             for k, v in job.message.get("options", {}).items()
@@ -341,10 +346,12 @@ class JobHandler:
         event: dict[str, Any] | None = None,
         dead_payload: bytes | None = None,
     ) -> None:
-        """Write a job's record with the ack (or nack) of the broker message it came in,
-        in the same round trip and inside Dramatiq's loop that tries again until Redis
-        answers; outside a worker, at once. Once a message went out nothing here needs
-        Redis, so nothing can raise and lose what became of it."""
+        """Write a job's record with the ack (or nack) of its broker message.
+
+        Both go in the same round trip, inside Dramatiq's loop that tries again until
+        Redis answers. Outside a worker the record is written at once. Once a message
+        went out nothing here needs Redis, so nothing can raise and lose what became of it.
+        """
         self.record(
             self._status.pack(
                 job_id,

@@ -1,5 +1,8 @@
-"""The composition root: ``build(settings)`` makes the broker, middleware, transports
-and the actor, and nothing else constructs them."""
+"""The composition root.
+
+``build(settings)`` makes the broker, middleware, transports and the actor. Nothing else
+constructs them.
+"""
 
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def secrets_of(settings: Settings) -> list[str]:
     """Every secret value the configuration holds, for the log redaction filter.
 
     Raises:
-        ConfigError: a secret file cannot be read; names the ``*_file`` key.
+        ConfigError: a secret file cannot be read. It names the ``*_file`` key.
     """
     pairs: list[tuple[SecretStr | None, Path | None, str]] = []
     for conn in settings.smtp:
@@ -109,7 +112,7 @@ def build(
         single_jobs: how bulk messages wait for single jobs (``worker.bulk``).
 
     Returns:
-        The application; its broker has the ``deliver`` actor and every priority queue.
+        The application. Its broker has the ``deliver`` actor and every priority queue.
 
     Raises:
         ConfigError: the configuration cannot run a worker.

@@ -51,7 +51,9 @@ BULK_TIME_LIMIT = 600.0
 
 
 class SingleJobs:
-    """Counts the single jobs running in this process; bulk sends wait while any does.
+    """Counts the single jobs running in this process.
+
+    Bulk sends wait while any does.
 
     Args:
         limit: the longest a bulk message waits in all, in seconds.
@@ -79,7 +81,7 @@ class SingleJobs:
                     self._idle.notify_all()
 
     def wait(self, limit: float) -> float:
-        """Return when no single job runs, or after ``limit`` seconds; the seconds waited."""
+        """Return the seconds waited, once no single job runs or after ``limit`` seconds."""
         if not self._running or limit <= 0:  # the common case: no lock, no clock
             return 0.0
         began = time.monotonic()
@@ -143,9 +145,9 @@ class BulkHandler:
             prepared = self._jobs.prepare(job, item.get("job"))
             if prepared is not None:
                 ready.append((item, job, prepared))
-        # First tries go out as one pipelined run, which stops early when the worker
-        # stops and, before each message, lets the process' running single jobs finish
-        # first; what follows (retries, failover, records) is job by job.
+        # First tries go out as one pipelined run. It stops early when the worker stops,
+        # and before each message it lets the process' running single jobs finish first.
+        # What follows (retries, failover, records) is job by job.
         sending = [i for i, (_, _, r) in enumerate(ready) if r.parcel.recipients]
         parcels = [ready[i][2].parcel for i in sending]
         outcomes = dict(
@@ -201,11 +203,13 @@ class BulkHandler:
         return usable
 
     def _pausing(self, time_limit: float) -> Callable[[], bool]:
-        """For one bulk message, what to call before each of its messages: True when
-        the worker stops or the message has run ``time_limit`` seconds (its jobs not yet
-        sent go back to the queue: a message once begun is never cut off mid-send); first
-        it waits while single jobs of this process run, up to ``SingleJobs.limit`` in
-        all."""
+        """For one bulk message, what to call before each of its messages.
+
+        It returns True when the worker stops or the message has run ``time_limit``
+        seconds. The jobs not yet sent then go back to the queue, so a message once begun
+        is never cut off mid-send. First it waits while single jobs of this process run,
+        up to ``SingleJobs.limit`` in all.
+        """
         budget = self._single_jobs.limit
         deadline = time.monotonic() + time_limit
 
@@ -221,14 +225,19 @@ class BulkHandler:
         return next_message
 
     def _time_limit(self, message: dramatiq.Message[Any]) -> float:
-        """Seconds a bulk message may run: its ``time_limit`` option (ms) if it has
-        one, else the worker's (``BULK_TIME_LIMIT``)."""
+        """Seconds a bulk message may run.
+
+        That is its ``time_limit`` option (ms) if it has one, else the worker's
+        (``BULK_TIME_LIMIT``).
+        """
         limit = message.options.get("time_limit")
         return limit / 1000 if limit else self._bulk_time_limit
 
     def _hand_back(self, items: list[Any], bulk: Job) -> None:
-        """The worker is stopping, or the bulk message ran out of time: put the jobs not
-        yet started back as single jobs."""
+        """Put the jobs not yet started back as single jobs.
+
+        This runs when the worker is stopping or the bulk message ran out of time.
+        """
         jobs = [bulk.item(item["id"], item.get("job")) for item in items]
         for job in jobs:
             self._jobs.reschedule(job, 0, count=False)

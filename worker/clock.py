@@ -1,6 +1,6 @@
 """ISO 8601 UTC timestamps for status records and log lines, cheaply.
 
-The whole second is formatted once; each call adds only its fraction, a few times
+The whole second is formatted once. Each call adds only its fraction, a few times
 cheaper than ``datetime.now(UTC).isoformat()`` (docs/benchmarks.md).
 """
 
@@ -23,14 +23,19 @@ def _second(second: int) -> str:
 
 
 def iso_millis() -> str:
-    """Now with milliseconds: ``...T12:00:00.123+00:00``, as ``datetime.isoformat``
-    writes it."""
+    """Now with milliseconds.
+
+    The form is ``...T12:00:00.123+00:00``, as ``datetime.isoformat`` writes it.
+    """
     ms = time.time_ns() // 1_000_000
     return f"{_second(ms // 1000)}.{ms % 1000:03d}+00:00"
 
 
 def iso_micros() -> str:
-    """Now with microseconds: ``...T12:00:00.123456Z``, as structlog's ``TimeStamper(
-    fmt="iso", utc=True)`` writes it (but always with the fraction)."""
+    """Now with microseconds.
+
+    The form is ``...T12:00:00.123456Z``, as structlog's ``TimeStamper(fmt="iso",
+    utc=True)`` writes it (but always with the fraction).
+    """
     us = time.time_ns() // 1000
     return f"{_second(us // 1_000_000)}.{us % 1_000_000:06d}Z"

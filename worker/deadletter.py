@@ -2,7 +2,7 @@
 
 A dead letter is an entry in ``{ns}:dead`` (job id → time of death), the full message in
 ``{ns}:dead:{id}`` and the job's status record (reason, last error, attempts, recipients).
-All three live ``status.ttl``; ``sweep`` drops index entries whose time has passed, so
+All three live ``status.ttl``. ``sweep`` drops index entries whose time has passed, so
 nothing depends on Dramatiq's random maintenance passes.
 """
 
@@ -90,11 +90,14 @@ return 1
 
 
 def kept_payload(message: dict[str, Any], limits: Limits) -> bytes:
-    """A single-job message as its dead letter keeps it: whole when requeue could send
-    it again; when the job is larger than ``limits.max_message_bytes`` (or the payload
-    larger than that and 1 MiB), the envelope and the job's fields, each attachment as
-    its name, type, size and sha256, text and html cut to 64 Ki characters, and
-    ``DROPPED`` saying what was dropped. Such a dead letter cannot be requeued."""
+    """A single-job message as its dead letter keeps it.
+
+    It is kept whole when requeue could send it again. A job larger than
+    ``limits.max_message_bytes`` (or a payload larger than that and 1 MiB) keeps the
+    envelope and the job's fields. Each attachment is then kept as its name, type, size
+    and sha256, text and html are cut to 64 Ki characters, and ``DROPPED`` says what was
+    dropped. Such a dead letter cannot be requeued.
+    """
     job = (message.get("kwargs") or {}).get("job")
     cap = limits.max_message_bytes
     if not isinstance(job, dict) or content_size(job) <= cap:
@@ -117,8 +120,11 @@ def kept_payload(message: dict[str, Any], limits: Limits) -> bytes:
 
 
 def content_size(job: dict[str, Any]) -> int:
-    """At most the size the worker's limit is checked against (``estimated_size``), and
-    close to it, from the job as it travels, without decoding anything."""
+    """A close upper bound of the size the worker's limit is checked against.
+
+    That size is ``estimated_size``. The bound comes from the job as it travels, without
+    decoding anything.
+    """
     raw = sum(len(job[k]) for k in ("text", "html") if isinstance(job.get(k), str))
     attachments = job.get("attachments")
     for item in attachments if isinstance(attachments, list) else []:
@@ -165,7 +171,7 @@ def _attachment_metadata(item: Any) -> Any:
 
 
 class RequeueRefusedError(MailworkerError):
-    """The dead letter cannot be sent again as it is; the message says why."""
+    """The dead letter cannot be sent again as it is. The message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +199,11 @@ class Filters:
 
 
 def elide(payload: bytes) -> dict[str, Any]:
-    """The stored message for display: attachments as name, type, size and sha256; a
-    bulk message's jobs each so. Whatever shape a hostile producer gave it is shown."""
+    """The stored message for display.
+
+    Attachments are shown as name, type, size and sha256, in each job of a bulk message
+    too. Whatever shape a hostile producer gave it is shown.
+    """
     try:
         message = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -272,7 +281,7 @@ class DeadLetters:
         self._requeue = client.register_script(_REQUEUE)
 
     def sweep(self) -> int:
-        """Drop index entries older than ``status.ttl``; return how many."""
+        """Drop index entries older than ``status.ttl`` and return how many."""
         cutoff = int((time.time() - self._ttl) * 1000)
         return int(
             self._client.zremrangebyscore(dead_index_key(self._ns), "-inf", cutoff)
@@ -345,7 +354,7 @@ class DeadLetters:
     def requeue(self, job_id: str, limits: Limits) -> None:
         """Send a dead letter again under the same job id, after validating it again.
 
-        Refused and deferred recipients are reset; the delivery marker still stops a
+        Refused and deferred recipients are reset. The delivery marker still stops a
         resend to anyone a server already accepted.
 
         Raises:
@@ -412,7 +421,7 @@ class DeadLetters:
         self.status.write(job_id, {}, event={"event": "requeued"})
 
     def purge(self, job_id: str) -> bool:
-        """Delete one dead letter; its status record stays until it expires."""
+        """Delete one dead letter. Its status record stays until it expires."""
         with self._client.pipeline(transaction=True) as pipe:
             pipe.zrem(dead_index_key(self._ns), job_id)
             pipe.delete(dead_payload_key(self._ns, job_id))

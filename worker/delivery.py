@@ -46,8 +46,11 @@ log = structlog.get_logger("mailworker.delivery")
 
 @dataclass(slots=True)
 class Parcel:
-    """One job to deliver: its id, the notification, the recipients still to send to,
-    and headers to add (``redirect_all_to``)."""
+    """One job to deliver.
+
+    It holds the id, the notification, the recipients still to send to, and headers to
+    add (``redirect_all_to``).
+    """
 
     job_id: str
     notification: Notification
@@ -88,7 +91,7 @@ class Outcome:
     retryable: bool = False
     wait: float | None = None  # a budget or breaker to wait for: not an attempt
     # {service, reason} of each try whose reply to the final dot was lost (RFC 5321
-    # 6.1): the server may have the message; a retry may deliver it twice.
+    # 6.1). The server may have the message, and a retry may deliver it twice.
     in_doubt: list[dict[str, str]] = field(default_factory=list)
 
     def note_in_doubt(self, error: DeliveryError, job_id: str) -> None:
@@ -146,9 +149,9 @@ class Deliverer:
     Args:
         services: enabled services in delivery order.
         retry: the ``[retry]`` settings (``transport_retries``, ``max_in_process_wait``).
-        backoff: first in-process wait in seconds; doubles per retry.
+        backoff: first in-process wait in seconds. It doubles per retry.
         sleep: how to wait (injectable so tests need not wait).
-        breaker: the shared circuit breaker; None turns it off.
+        breaker: the shared circuit breaker, or None to turn it off.
     """
 
     def __init__(
@@ -203,13 +206,15 @@ class Deliverer:
     def deliver_many(
         self, parcels: Sequence[Parcel], *, stop: Callable[[], bool] | None = None
     ) -> list[Outcome | None]:
-        """``deliver`` for many jobs. The first try of every job whose first service can
-        send many at once (SMTP) is one pipelined run on one session per service; what
-        follows (in-process retries, failover) is ``deliver``'s, job by job.
+        """``deliver`` for many jobs.
+
+        Some first services can send many at once (SMTP). The first try of every job
+        with such a service is one pipelined run on one session per service. What follows
+        (in-process retries, failover) is ``deliver``'s, job by job.
 
         Args:
             parcels: the jobs.
-            stop: checked between messages; once true, nothing more is sent.
+            stop: checked between messages. Once true, nothing more is sent.
 
         Returns:
             Per job its outcome, or None when it was not tried because of ``stop``.
@@ -258,7 +263,8 @@ class Deliverer:
         """Send to ``recipients`` through the first service that takes the message.
 
         Returns:
-            The outcome; ``retryable`` when every service failed for a passing reason.
+            The outcome. It is ``retryable`` when every service failed for a passing
+            reason.
 
         Raises:
             JobValidationError: ``sender`` names no enabled service.
@@ -268,9 +274,11 @@ class Deliverer:
         )
 
     def _guarded(self, parcel: Parcel, first: SendResult = None) -> Outcome:
-        """``_deliver``, which never raises once a message may have gone out: an
-        unexpected error (a bug, Redis away under a transport's own bookkeeping) is a
-        passing failure of the attempt, and what a server accepted before it is kept."""
+        """``_deliver``, which never raises once a message may have gone out.
+
+        An unexpected error (a bug, Redis away under a transport's own bookkeeping) is a
+        passing failure of the attempt. What a server accepted before it is kept.
+        """
         try:
             return self._deliver(parcel, first=first)
         except JobValidationError:
@@ -296,8 +304,10 @@ class Deliverer:
             return outcome
 
     def _deliver(self, parcel: Parcel, *, first: SendResult = None) -> Outcome:
-        """``deliver``; ``first``: the result of the first service's first try when
-        ``deliver_many`` already made it."""
+        """``deliver``, given the first try when ``deliver_many`` already made it.
+
+        ``first`` is the result of the first service's first try.
+        """
         outcome = Outcome()
         services = self.order(parcel.notification)
         for index, service in enumerate(services):

@@ -17,8 +17,10 @@ _Handler = Callable[[int, FrameType | None], Any]
 
 
 class _StopOnce:
-    """A worker process's handler for SIGTERM, SIGHUP and SIGINT: the first of them
-    stops the process gracefully, and further SIGTERMs and SIGHUPs do nothing more.
+    """A worker process's handler for SIGTERM, SIGHUP and SIGINT.
+
+    The first of them stops the process gracefully. Further SIGTERMs and SIGHUPs do
+    nothing more.
 
     A supervisor that signals the whole group (systemd's default
     ``KillMode=control-group``, foreman, honcho, ``kill -TERM -PGID``) reaches each
@@ -28,7 +30,7 @@ class _StopOnce:
     ``--shutdown-timeout``, the longest a stopping process waits for its jobs).
 
     Only a second SIGINT kills: Ctrl-C twice at a terminal means "hurry up" (a
-    terminal sends SIGINT to the group; the main process forwards it as SIGTERM).
+    terminal sends SIGINT to the group, and the main process forwards it as SIGTERM).
     """
 
     def __init__(self, dramatiq_handler: _Handler) -> None:
@@ -48,7 +50,7 @@ class _StopOnce:
 def _stop_once() -> None:
     # Relies on one Dramatiq internal (minor version pinned): dramatiq.cli's
     # worker_process installs its SIGTERM handler, the same for SIGHUP, before it
-    # imports this module; that handler stops the process on its first call and kills
+    # imports this module. That handler stops the process on its first call and kills
     # it on its second. There is no hook before that, so the handler is wrapped here,
     # before the slow part of the import. Anywhere else (SIGTERM not handled by a
     # function) nothing changes.

@@ -1,7 +1,7 @@
 """The delivery errors: one class per row of docs/design.md §5.
 
 The whole error tree is drawn in ``settings/errors.py``. The transport that raises
-decides the class; nothing outside ``worker.transports`` catches a library's own
+decides the class. Nothing outside ``worker.transports`` catches a library's own
 exceptions.
 """
 
@@ -47,7 +47,7 @@ class DeliveryError(MailworkerError):
     """
 
     kind = "delivery"
-    # The subclass that carries a field sets it; the others keep these defaults.
+    # The subclass that carries a field sets it. The others keep these defaults.
     retry_after: float | None = None
     in_doubt: bool = False
     auth: bool = False
@@ -130,10 +130,11 @@ class TransientDeliveryError(DeliveryError):
 
 
 class BudgetExhaustedError(DeliveryError):
-    """A sending budget of the service is spent; it has room again in ``wait`` seconds.
+    """A sending budget of the service is spent.
 
-    Not a failure of the service: it never counts toward the circuit breaker, and waiting
-    for it is not an attempt. ``overflow`` is the service's ``failover`` or ``wait``.
+    It has room again in ``wait`` seconds. This is not a failure of the service. It never
+    counts toward the circuit breaker, and waiting for it is not an attempt. ``overflow``
+    is the service's ``failover`` or ``wait``.
     """
 
     kind = "budget"

@@ -1,5 +1,8 @@
-"""Limits shared by every worker process and host through Redis: concurrency slots with
-leases that expire, sliding-window budgets, and the circuit breaker."""
+"""Limits shared by every worker process and host through Redis.
+
+They are concurrency slots with leases that expire, sliding-window budgets, and the
+circuit breaker.
+"""
 
 from __future__ import annotations
 
@@ -80,14 +83,14 @@ class Slots:
         self._acquire = client.register_script(_ACQUIRE)
 
     def try_acquire(self) -> str | None:
-        """Take a slot now if one is free; return its token."""
+        """Take a slot now if one is free and return its token."""
         token = uuid.uuid4().hex
         now = _now_ms()
         args: list[EncodableT] = [now, self.limit, now + self._lease_ms, token]
         return token if self._acquire(keys=[self.key], args=args) == 1 else None
 
     def acquire(self, timeout: float) -> str | None:
-        """Wait up to ``timeout`` seconds for a slot; never overflow."""
+        """Wait up to ``timeout`` seconds for a slot, never overflowing."""
         deadline = time.monotonic() + timeout
         pause = 0.005
         while True:
@@ -98,8 +101,11 @@ class Slots:
             pause = min(pause * 2, 0.1)
 
     def release(self, token: str) -> None:
-        """Give a slot back. Never raises: with Redis away the lease expires instead
-        (a release runs after a message went out, where an error would lose its outcome)."""
+        """Give a slot back.
+
+        It never raises: with Redis away the lease expires instead. A release runs after
+        a message went out, where an error would lose its outcome.
+        """
         try:
             self._client.zrem(self.key, token)
         except redis.RedisError as exc:
@@ -109,7 +115,10 @@ class Slots:
 
     @contextmanager
     def held(self, timeout: float) -> Iterator[bool]:
-        """Hold a slot for the block; yields False when none came free in time."""
+        """Hold a slot for the block.
+
+        It yields False when none came free in time.
+        """
         token = self.acquire(timeout)
         try:
             yield token is not None
@@ -135,8 +144,11 @@ class Budget:
         return self.per_minute == 0 and self.per_day == 0
 
     def spend(self, recipients: int) -> float:
-        """Spend one message and ``recipients``; return 0, or seconds until there is room
-        (``inf`` when the message alone is larger than the daily budget)."""
+        """Spend one message and ``recipients``.
+
+        Returns 0, or the seconds until there is room (``inf`` when the message alone is
+        larger than the daily budget).
+        """
         if self.unlimited:
             return 0.0
         keys = [f"{self.key}:minute", f"{self.key}:day"]
@@ -157,7 +169,7 @@ class Breaker:
     """A circuit breaker per service, shared through Redis.
 
     After ``failures`` consecutive failed deliveries a service is skipped for ``cooldown``
-    seconds; then one probe goes through, and a success closes it. The state is cached in
+    seconds. Then one probe goes through, and a success closes it. The state is cached in
     the process for ``refresh`` seconds so a healthy service costs no round trip per job.
 
     The breaker is advice: with Redis away it lets every service be tried and forgets
@@ -203,8 +215,11 @@ class Breaker:
         return state
 
     def allow(self, service: str) -> bool:
-        """True when the service may be tried: closed, or this caller holds the probe
-        (or Redis cannot say)."""
+        """True when the service may be tried.
+
+        That is when the breaker is closed, this caller holds the probe, or Redis cannot
+        say.
+        """
         if self._away():
             return True
         try:
@@ -239,8 +254,11 @@ class Breaker:
             self._unavailable(service, exc)
 
     def failure(self, service: str, *, hold: float | None = None) -> bool:
-        """Count a failed delivery; open the breaker at the threshold, or at once for
-        ``hold`` seconds (a quota error). Returns True when it is now open."""
+        """Count a failed delivery.
+
+        It opens the breaker at the threshold, or at once for ``hold`` seconds (a quota
+        error). Returns True when it is now open.
+        """
         if self._away():
             return False
         try:

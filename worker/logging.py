@@ -108,10 +108,13 @@ _PIPE_BUF = 4096
 
 
 class _Lines:
-    """The JSON log stream of structlog's logger: one write(2) a line, except in
-    ``together()``, where a thread's lines are gathered and written in pieces of at
-    most ``_PIPE_BUF`` bytes cut between lines (a line of another process never lands
-    inside one). A piece goes out as soon as it is full, so little is ever held back."""
+    """The JSON log stream of structlog's logger.
+
+    It makes one write(2) a line, except in ``together()``. There a thread's lines are
+    gathered and written in pieces of at most ``_PIPE_BUF`` bytes, cut between lines, so
+    a line of another process never lands inside one. A piece goes out as soon as it is
+    full, so little is ever held back.
+    """
 
     def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
@@ -151,9 +154,12 @@ class _Lines:
             self._local.size = 0
 
     def _out(self, data: bytes) -> int:
-        """Write, and never raise: a log line that cannot be written (a closed pipe, a
-        full disk) is dropped, never allowed to break off a delivery after its send,
-        which would lose its record and send it again."""
+        """Write, and never raise.
+
+        A log line that cannot be written (a closed pipe, a full disk) is dropped. It is
+        never allowed to break off a delivery after its send, which would lose its record
+        and send it again.
+        """
         try:
             return self._raw.write(data)
         except (OSError, ValueError):
@@ -165,9 +171,11 @@ _lines: _Lines | None = None  # the JSON stream, once configure() has made it
 
 
 def lines_together() -> contextlib.AbstractContextManager[None]:
-    """Write the log lines this thread makes inside the block together: a bulk message's
-    per-job lines in one write(2) per 4 KB instead of one each. A no-op for console
-    logs and before ``configure``."""
+    """Write the log lines this thread makes inside the block together.
+
+    A bulk message's per-job lines go in one write(2) per 4 KB instead of one each. It is
+    a no-op for console logs and before ``configure``.
+    """
     return _lines.together() if _lines is not None else contextlib.nullcontext()
 
 

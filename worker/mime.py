@@ -70,8 +70,10 @@ def _address_header(name: str, boxes: list[Mailbox]) -> bytes:
 
 
 class Base64Lines:
-    """An attachment's content as base64 in CRLF-ended lines of 76 characters, encoded a
-    block at a time as it is written: the whole encoded text never exists at once.
+    """An attachment's content as base64 in CRLF-ended lines of 76 characters.
+
+    It is encoded a block at a time as it is written, so the whole encoded text never
+    exists at once.
 
     Attributes:
         content: the bytes (the job's own, not a copy).
@@ -93,8 +95,10 @@ class Base64Lines:
 
 
 class Mime:
-    """A rendered message (or entity) as pieces: bytes, and attachments that are
-    encoded only while they are written (``Base64Lines``).
+    """A rendered message (or entity) as pieces.
+
+    The pieces are bytes, and attachments that are encoded only while they are written
+    (``Base64Lines``).
 
     Attributes:
         pieces: the bytes and attachments, in order.
@@ -139,10 +143,12 @@ def _b64(data: bytes | memoryview) -> bytes:
 
 
 def _text_content(text: str) -> tuple[bytes, str]:
-    """The text with CRLF line ends, in the lightest encoding that is safe for it, and
-    that encoding's name: 7bit when it is ASCII in lines of at most 998 characters,
-    quoted-printable when it is mostly ASCII, base64 otherwise. None of the three can
-    contain a boundary (``=_`` is kept out of 7bit text; the others never write it)."""
+    """The text with CRLF line ends in the lightest safe encoding, and its name.
+
+    The encoding is 7bit when the text is ASCII in lines of at most 998 characters,
+    quoted-printable when it is mostly ASCII, and base64 otherwise. None of the three can
+    contain a boundary. ``=_`` is kept out of 7bit text, and the others never write it.
+    """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():
         if (
@@ -162,9 +168,11 @@ def _text_content(text: str) -> tuple[bytes, str]:
 
 
 def _qp_ascii(text: str) -> bytes:
-    """Quoted-printable of ASCII text without control characters, LF line ends in and
-    CRLF out: what ``binascii.b2a_qp`` writes, in half its time (long HTML lines are
-    the common case)."""
+    """Quoted-printable of ASCII text without control characters.
+
+    LF line ends go in and CRLF come out. The result is what ``binascii.b2a_qp`` writes,
+    in half its time (long HTML lines are the common case).
+    """
     text = text.replace("=", "=3D")
     if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
         text = _TRAILING_BLANK.sub(lambda m: "=20" if m[0] == " " else "=09", text)
@@ -219,7 +227,7 @@ def _rfc2231(param: str, value: str) -> str:
 
 
 # Boundaries: "=_" never occurs in base64 or quoted-printable and is kept out of 7bit
-# text, so the parts' content cannot contain one; a random prefix per start and a
+# text, so the parts' content cannot contain one. A random prefix per start and a
 # counter make each boundary unique.
 _BOUNDARY_PREFIX = f"=_{uuid.uuid4().hex[:16]}."
 _boundaries = itertools.count()
@@ -237,8 +245,11 @@ def _date_header() -> bytes:
 
 
 def _multipart(subtype: str, parts: list[list[Piece]]) -> list[Piece]:
-    """The entity: its header, then each part after a delimiter. A delimiter begins
-    with CRLF (RFC 2046), so a part's content keeps its own last line end."""
+    """The entity: its header, then each part after a delimiter.
+
+    A delimiter begins with CRLF (RFC 2046), so a part's content keeps its own last line
+    end.
+    """
     boundary = f"{_BOUNDARY_PREFIX}{next(_boundaries):x}"
     out: list[Piece] = [
         f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode()
@@ -251,8 +262,10 @@ def _multipart(subtype: str, parts: list[list[Piece]]) -> list[Piece]:
 
 
 def _joined(pieces: list[Piece]) -> list[Piece]:
-    """Runs of bytes joined into one piece: a message without large attachments is one
-    piece of body."""
+    """Runs of bytes joined into one piece.
+
+    A message without large attachments is one piece of body.
+    """
     out: list[Piece] = []
     run: list[bytes] = []
     for piece in pieces:
@@ -332,10 +345,10 @@ def render_message(
         body: ``render_body(notification)`` when already made (it is per job, not per service).
         extra_headers: headers added by mailworker itself (e.g. for redirected staging mail).
         bcc: write a Bcc header, for a service that takes recipients from the headers
-            and strips Bcc itself (Graph's MIME form); SMTP never gets one.
+            and strips Bcc itself (Graph's MIME form). SMTP never gets one.
 
     Returns:
-        The message, CRLF line ends, every line at most 998 bytes; its attachments
+        The message, CRLF line ends, every line at most 998 bytes. Its attachments
         are encoded as it is written.
     """
     head = [

@@ -133,8 +133,10 @@ def deferred_error(outcome: Outcome) -> ErrorRecord:
 
 
 def refused_error(outcome: Outcome) -> ErrorRecord:
-    """The error of an attempt whose server refused every recipient for good: it names
-    that service and the first refusal's code, as a refused message's error does."""
+    """The error of an attempt whose server refused every recipient for good.
+
+    It names that service and the first refusal's code, as a refused message's error does.
+    """
     refused = outcome.receipt.refused
     if not refused:
         return error("permanent", "every recipient was refused")
@@ -160,8 +162,10 @@ def event(attempt: int, name: str, outcome: Outcome) -> dict[str, Any]:
 
 
 def in_doubt_events(attempt: int, outcome: Outcome) -> list[dict[str, Any]]:
-    """History entries for the tries of this attempt whose reply to the final dot was
-    lost: the server may have delivered what was sent again after them."""
+    """History entries for this attempt's tries that lost the reply to the final dot.
+
+    The server may have delivered what was sent again after them.
+    """
     return [
         {"attempt": attempt, "event": "in_doubt", **doubt} for doubt in outcome.in_doubt
     ]
@@ -202,8 +206,11 @@ def merge_recipients(
 
 
 def counts(recipients: list[RecipientRecord]) -> Counts:
-    """How many recipients were accepted, refused for good, and are still deferred: the
-    record's ``counts``, so that a job some but not all recipients got is seen at once."""
+    """How many recipients were accepted, refused for good, and are still deferred.
+
+    These are the record's ``counts``, so that a job some but not all recipients got is
+    seen at once.
+    """
     out: Counts = {"accepted": 0, "refused": 0, "deferred": 0}
     for recipient in recipients:
         state = recipient.get("state")

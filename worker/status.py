@@ -118,8 +118,10 @@ return out
 
 
 def now_iso() -> str:
-    """The current time as ISO 8601 UTC with milliseconds (``...T12:00:00.123+00:00``,
-    as ``datetime.isoformat`` writes it)."""
+    """The current time as ISO 8601 UTC with milliseconds.
+
+    The form is ``...T12:00:00.123+00:00``, as ``datetime.isoformat`` writes it.
+    """
     return iso_millis()
 
 
@@ -150,8 +152,10 @@ class JobStart:
         self.redeliveries = redeliveries
 
     def in_doubt(self, attempt: int) -> bool:
-        """True when this attempt already ran and its process died while sending: a server
-        may have accepted the message without the marker saying so."""
+        """True when this attempt already ran and its process died while sending.
+
+        A server may then have accepted the message without the marker saying so.
+        """
         return self.previous_state == "sending" and self.previous_attempts == attempt
 
     @property
@@ -182,7 +186,7 @@ class StatusStore:
         """Mark the job ``sending`` and read its marker and earlier outcomes.
 
         Costs nothing when the consumer already did it for the whole fetched batch
-        (``prefetch``); otherwise one round trip.
+        (``prefetch``). Otherwise it costs one round trip.
         """
         with self._lock:
             ready = self._prefetched.pop((job.id, job.redis_id), None)
@@ -209,8 +213,11 @@ class StatusStore:
         return out
 
     def prefetch(self, jobs: list[JobRef]) -> None:
-        """``begin`` now, in one round trip, for jobs a consumer has just fetched; their
-        ``begin`` calls then cost nothing. Entries not used within 5 minutes are dropped."""
+        """``begin`` now, in one round trip, for jobs a consumer has just fetched.
+
+        Their ``begin`` calls then cost nothing. Entries not used within 5 minutes are
+        dropped.
+        """
         now = time.monotonic()
         started = self.begin_many(jobs)
         with self._lock:
@@ -249,8 +256,11 @@ class StatusStore:
         event: Mapping[str, Any] | None = None,
         dead_payload: bytes | None = None,
     ) -> None:
-        """Update the record, add to the marker, append a history entry and, for a job that
-        died, keep its message as a dead letter: one round trip."""
+        """Write one attempt's outcome in one round trip.
+
+        It updates the record, adds to the marker, appends a history entry and, for a job
+        that died, keeps its message as a dead letter.
+        """
         self.write_many(
             [
                 self.pack(
@@ -297,8 +307,11 @@ class StatusStore:
     def write_many(
         self, writes: list[PackedWrite], *, ack: tuple[str, str, str] | None = None
     ) -> None:
-        """Apply packed writes and, with ``ack`` (queue, broker id, redis message id),
-        acknowledge that broker message: all in one script, one round trip."""
+        """Apply packed writes and, with ``ack``, acknowledge that broker message.
+
+        ``ack`` is (queue, broker id, redis message id). All of it is one script, one
+        round trip.
+        """
         args: list[EncodableT] = [
             self._ns,
             self._ttl,

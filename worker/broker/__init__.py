@@ -8,7 +8,7 @@
 - ``scripts``: Lua scripts over each thread's own Redis connection.
 - ``heartbeats``: heartbeats, host records and the reaper of dead workers' messages.
 
-The Dramatiq minor version is pinned; ``tests/test_dramatiq_layout.py`` fails when an
+The Dramatiq minor version is pinned. ``tests/test_dramatiq_layout.py`` fails when an
 upgrade changes what is mirrored here.
 """
 

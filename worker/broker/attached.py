@@ -1,6 +1,6 @@
 """What a job leaves on its broker message for the consumer's ack or nack to apply.
 
-The actor, the middleware and the consumer each hold the same ``MessageProxy``; this is
+The actor, the middleware and the consumer each hold the same ``MessageProxy``. This is
 the one typed place where they leave work for each other. Everything here is applied
 inside Dramatiq's ack loop, which tries again until Redis answers, so none of it is
 lost when Redis is away.

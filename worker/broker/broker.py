@@ -90,7 +90,7 @@ class MailBroker(RedisBroker):
         """The middleware methods that implement hook ``name``, in middleware order.
 
         Dramatiq calls every middleware's method for every signal, the base class's
-        no-ops included (about ten per message per signal here); this skips those.
+        no-ops included (about ten per message per signal here). This skips those.
         """
         hooks = self._hooks.get(name)
         if hooks is None:

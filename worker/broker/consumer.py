@@ -54,7 +54,7 @@ class SafeConsumer(_RedisConsumer):
         # Dramatiq's, untyped
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         # Bulk messages fetched and begun, kept back until a thread slot is free for
-        # them (``BulkSlots``); single jobs fetched after them go ahead. A consumer
+        # them (``BulkSlots``). Single jobs fetched after them go ahead. A consumer
         # restarted after a connection error starts with what its predecessor could
         # not put back.
         self._parked: list[MessageProxy] = self.broker.handed_over(self.queue_name)
@@ -108,9 +108,11 @@ class SafeConsumer(_RedisConsumer):
         self._done()
 
     def nack(self, message: MessageProxy) -> None:
-        """Apply the status writes the message left (jobs of a bulk message that were
-        sent before it failed, and its own dead letter from ``DeadLetterCapture``), then
-        let Dramatiq dead-letter it."""
+        """Apply the status writes the message left, then let Dramatiq dead-letter it.
+
+        The writes are those of a bulk message's jobs that were sent before it failed,
+        and its own dead letter from ``DeadLetterCapture``.
+        """
         try:
             self._apply(attached(message))
         except redis.RedisError as exc:
@@ -309,17 +311,21 @@ class SafeConsumer(_RedisConsumer):
             self._event.set()
 
     def _done(self) -> None:
-        """A message was acknowledged: if the consumer waits for room, and half of its
-        prefetch is free, let it fetch."""
+        """A message was acknowledged, so let a waiting consumer fetch when it may.
+
+        It may when it waits for room and half of its prefetch is free.
+        """
         if self._wanting and self.outstanding_message_count <= self.prefetch // 2:
             self._wanting = False
             if self._event is not None:
                 self._event.set()
 
     def _prefetch(self, message: MessageProxy) -> None:
-        """With the first message of a fetched batch, begin every job of the batch in one
-        round trip (status ``sending``, delivery marker, earlier outcomes), so that no
-        job pays a round trip of its own before it is sent."""
+        """Begin every job of a fetched batch in one round trip, with its first message.
+
+        Beginning sets status ``sending`` and reads the delivery marker and earlier
+        outcomes. So no job pays a round trip of its own before it is sent.
+        """
         if self._is_delay_queue:
             return  # delayed messages are begun when they come back on their queue
         status = self.broker.status

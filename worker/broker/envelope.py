@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # What a job id may be: it keys the job's records and goes into its Message-ID
-# (``<id@domain>``). Producers write uuid4s; a wire-format producer may write its own.
+# (``<id@domain>``). Producers write uuid4s. A wire-format producer may write its own.
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 JOB_ID_RULE = (
     "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"

@@ -71,7 +71,7 @@ HOST_RECORD_TTL = 86400
 
 # KEYS: none (names derived from the namespace, as _REAP does).
 # ARGV: namespace, host, own broker id, now (ms), pid, forget after (ms), record ttl (s)
-# Dramatiq's heartbeat, then this process's line in its host's record; lines of processes
+# Dramatiq's heartbeat, then this process's line in its host's record. Lines of processes
 # silent for longer than "forget after" (dead ones) are dropped.
 _BEAT = (
     LUA
@@ -92,8 +92,11 @@ return 1
 
 
 def host_key(namespace: str, host: str) -> str:
-    """The hash of broker id → ``"{last beat, ms} {pid}"`` of the worker processes that
-    run on ``host`` (its name, ``socket.gethostname()``: the pod's name on Kubernetes)."""
+    """The hash of broker id → ``"{last beat, ms} {pid}"`` of the processes on ``host``.
+
+    ``host`` is the machine's name, ``socket.gethostname()``, which on Kubernetes is the
+    pod's name.
+    """
     return f"{namespace}:hosts:{host}"
 
 
@@ -103,15 +106,17 @@ class ProcessBeat:
 
     broker_id: str
     pid: int
-    age: float  # seconds since the beat; negative if the clock went back
+    age: float  # seconds since the beat, negative if the clock went back
 
 
 def host_beats(
     client: Any, namespace: str, host: str, *, now: float | None = None
 ) -> list[ProcessBeat]:
-    """The processes that beat on ``host`` lately (dead ones are forgotten after four
-    ``redelivery_timeout``), freshest first. The ages are measured with this machine's
-    clock, so read them on the host itself: its workers beat with the same clock.
+    """The processes that beat on ``host`` lately, freshest first.
+
+    Dead ones are forgotten after four ``redelivery_timeout``. The ages are measured with
+    this machine's clock, so read them on the host itself, whose workers beat with the
+    same clock.
 
     Raises:
         redis.RedisError: the broker cannot be read.
@@ -233,9 +238,10 @@ def reap(
     timeout: float,
     ttl: int,
 ) -> int:
-    """Take back the messages of processes silent for ``timeout`` seconds; how many.
+    """Take back the messages of processes silent for ``timeout`` seconds.
 
-    ``queues`` are the canonical queue names; their delay queues are reaped too.
+    Returns how many were taken back. ``queues`` are the canonical queue names. Their
+    delay queues are reaped too.
     """
     canonical = list(queues)
     names = sorted({*canonical, *(dq_name(q) for q in canonical)})

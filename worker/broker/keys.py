@@ -1,6 +1,6 @@
 """Dramatiq's Redis key layout, named once for Python and for our Lua scripts.
 
-Dramatiq writes these keys in ``dramatiq/brokers/redis/dispatch.lua``; we read and
+Dramatiq writes these keys in ``dramatiq/brokers/redis/dispatch.lua``. We read and
 write some of them ourselves (acknowledging with a status write, taking back a dead
 worker's messages). ``tests/test_dramatiq_layout.py`` reads the installed Dramatiq and
 fails when the layout mirrored here changes.

@@ -54,8 +54,11 @@ class _ThreadConnections:
 
 
 def close_connections(client: redis.Redis) -> None:
-    """Close every connection ThreadLocalScripts made on ``client``'s pool, once the threads
-    that use them have stopped (a thread that calls one again later reconnects)."""
+    """Close every connection ThreadLocalScripts made on ``client``'s pool.
+
+    Call it once the threads that use them have stopped. A thread that calls one again
+    later reconnects.
+    """
     own: _ThreadConnections | None = getattr(client.connection_pool, _LOCAL, None)
     if own is None:
         return
@@ -66,8 +69,10 @@ def close_connections(client: redis.Redis) -> None:
 
 
 def _closed(conn: Any) -> bool:
-    """Whether the server closed ``conn`` (or sent something unasked): a non-blocking
-    look, as the pool takes before it lends a connection."""
+    """Whether the server closed ``conn`` (or sent something unasked).
+
+    It is a non-blocking look, as the pool takes before it lends a connection.
+    """
     try:
         return bool(conn.can_read())
     except (redis.ConnectionError, OSError):
@@ -100,7 +105,7 @@ class ThreadLocalScript:
                 setattr(self._pool, _LOCAL, own)
         self._own: _ThreadConnections = own
         self._local: Any = own.local
-        # redis-py's packer first walks every argument in Python; ours are only str, int
+        # redis-py's packer first walks every argument in Python. Ours are only str, int
         # and bytes, which hiredis packs directly (a bulk ack carries ~30 a job). The
         # embedded broker (fakeredis) keeps the client's own path.
         self._packed = not self._pool.connection_class.__module__.startswith(
@@ -116,9 +121,9 @@ class ThreadLocalScript:
 
         A connection idle for a second is checked first, and replaced when the server
         has closed it. A call that fails on the way out (nothing reached Redis) is sent
-        once more on a new connection. A call whose reply is lost drops its connection;
-        an idempotent script's call is then made once more on a new one, if the old one
-        had served calls before (Redis may have restarted since); any other is raised,
+        once more on a new connection. A call whose reply is lost drops its connection.
+        An idempotent script's call is then made once more on a new one, if the old one
+        had served calls before (Redis may have restarted since). Any other is raised,
         as the client would raise it.
 
         Raises:
@@ -158,7 +163,7 @@ class ThreadLocalScript:
                 self._send(conn, ("EVAL", self._body, *command))
                 return conn.read_response()
         except ResponseError:
-            raise  # the script failed; the connection is fine
+            raise  # the script failed, the connection is fine
         except BaseException:
             conn.disconnect()  # a reply may still be on its way: never reuse this one
             raise

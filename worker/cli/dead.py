@@ -129,8 +129,10 @@ def list_command(
 
 
 def _got(record: StatusRecord) -> str:
-    """How many recipients have the message, of how many ("1/2": a partial delivery,
-    not a job nobody received)."""
+    """How many recipients have the message, of how many.
+
+    "1/2" is a partial delivery, not a job nobody received.
+    """
     counts = record["counts"]
     total = len(record["recipients"])
     return f"{counts['accepted'] if counts else 0}/{total}" if total else "-"

@@ -104,8 +104,11 @@ class CaptureMailbox:
 
 
 def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings:
-    """The configuration ``dev`` runs with: the user's limits and retry policy, but only the
-    capture mailbox as a service and the embedded broker (configured services are ignored)."""
+    """The configuration ``dev`` runs with.
+
+    It keeps the user's limits and retry policy, but has only the capture mailbox as a
+    service and the embedded broker. Configured services are ignored.
+    """
     data = base.model_dump(
         exclude={"smtp", "openauth", "integrated_services", "broker_url"}
     )
@@ -143,7 +146,7 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
 def dev(outbox: Path, threads: int, port: int) -> None:
     """Run everything on loopback: an embedded broker, the worker, a capture mailbox.
 
-    Configured services are ignored; every message is written into OUTBOX and never
+    Configured services are ignored. Every message is written into OUTBOX and never
     sent anywhere. Prints the MAILWORKER_BROKER_URL for producers in another terminal.
     """
     from dramatiq import Worker

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-# The variable that overrides broker_url (settings.loading); the worker processes read it.
+# The variable that overrides broker_url (settings.loading). The worker processes read it.
 BROKER_URL_ENV = "MAILWORKER_BROKER_URL"
 
 # The collector's thresholds in worker processes (see worker()).
@@ -46,7 +46,7 @@ GC_THRESHOLD = (10_000, 10, 10)
 def main() -> None:
     """mailworker: a queue-driven background mail worker.
 
-    Configuration: MAILWORKER_CONFIG, else ./mailworker.toml; MAILWORKER_BROKER_URL
+    Configuration: MAILWORKER_CONFIG, else ./mailworker.toml. MAILWORKER_BROKER_URL
     overrides broker_url. Exit codes: 0 ok, 1 operation failed, 2 usage or configuration
     error, 3 id not found, 4 broker unreachable or refusing the login.
     """
@@ -160,7 +160,7 @@ def worker(
     # forked worker from scanning it again and again (and from copying its pages).
     gc.freeze()
     # A bulk message decodes into thousands of small containers, and at CPython's default
-    # (a young-generation pass every 700 allocations) the collector runs very often; a
+    # (a young-generation pass every 700 allocations) the collector runs very often. A
     # larger threshold saves CPU per job (docs/benchmarks.md). Cyclic garbage is still
     # collected, in larger batches.
     gc.set_threshold(*GC_THRESHOLD)
@@ -262,7 +262,10 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
 )
 @click.option("--to", "to", required=True, help="Recipient of the test message.")
 def test_connection_command(service: str | None, to: str) -> None:
-    """Send a real test message through a service, reporting each step; never fails over."""
+    """Send a real test message through a service, reporting each step.
+
+    It never fails over.
+    """
     from producers.job import parse_mailbox
     from worker.cli.testconn import describe, probe, services_to_test
 
@@ -308,12 +311,12 @@ def config() -> None:
 def config_check(no_broker: bool) -> None:
     """Check the configuration as `mailworker worker` would, and the broker.
 
-    Reads every secret and key file, builds every enabled service, and pings the broker;
-    then prints the configuration with every secret masked, each service's resolved
+    Reads every secret and key file, builds every enabled service, and pings the broker.
+    Then prints the configuration with every secret masked, each service's resolved
     security, port, auth and scopes, in delivery order.
 
-    Exit codes: 0 the worker would start with it; 2 it would refuse it (every problem
-    named); 4 the broker is unreachable or refuses the login.
+    Exit codes: 0 the worker would start with it, 2 it would refuse it (every problem
+    named), 4 the broker is unreachable or refuses the login.
     """
     from worker.app import build_services, secrets_of
 

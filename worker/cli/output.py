@@ -94,9 +94,9 @@ def render_config(
 ) -> list[str]:
     """The effective configuration as TOML, secrets masked, services in delivery order.
 
-    Each service is followed by a ``# resolved:`` comment (the TLS mode, port and auth
-    the security rule gives an SMTP connection, and the OAuth scopes in ``scopes``), a
-    disabled one by ``# disabled``; the last line is the delivery order.
+    Each service is followed by a ``# resolved:`` comment: the TLS mode, port and auth
+    the security rule gives an SMTP connection, and the OAuth scopes in ``scopes``. A
+    disabled one is followed by ``# disabled``. The last line is the delivery order.
     """
     scopes = scopes or {}
     root = _masked(settings)

@@ -18,10 +18,12 @@ __all__ = ["queue", "queue_stats"]
 
 
 def queue_stats(client: redis.Redis, namespace: str) -> dict[str, Any]:
-    """Per priority: ``ready`` (waiting to be fetched), ``in_flight`` (fetched, not yet
-    acknowledged), ``delayed`` (retries and waits not yet due); and ``dead`` overall.
+    """The broker's message counts, in one round trip.
+
+    Per priority: ``ready`` (waiting to be fetched), ``in_flight`` (fetched, not yet
+    acknowledged) and ``delayed`` (retries and waits not yet due). ``dead`` is overall.
     Counts are broker messages: a bulk message (``enqueue_many``) carries up to 20 jobs.
-    One round trip."""
+    """
     with client.pipeline(transaction=False) as pipe:
         for queue in QUEUES.values():
             pipe.llen(queue_key(namespace, queue))

@@ -181,7 +181,9 @@ def describe(service: Testable) -> str:
 def probe(
     settings: Settings, service: Testable, to: str, *, echo: Echo | None = None
 ) -> ConnectionReport:
-    """Send one test message through ``service``; a failed step is the verdict.
+    """Send one test message through ``service``.
+
+    A failed step is the verdict.
 
     Raises:
         ConfigError: a secret file cannot be read.

@@ -68,9 +68,12 @@ class BulkSlots(Middleware):
         return threads
 
     def take(self, message: MessageProxy) -> bool:
-        """Claim a slot for a bulk message about to be handed to the threads; False
-        when every slot is taken. Any other message needs none, nor does one with an
-        ``eta``: Dramatiq holds it back until then and puts it on its queue again."""
+        """Claim a slot for a bulk message about to be handed to the threads.
+
+        Returns False when every slot is taken. Any other message needs none, nor does
+        one with an ``eta``: Dramatiq holds it back until then and puts it on its queue
+        again.
+        """
         if message.actor_name != BATCH_ACTOR_NAME or "eta" in message.options:
             return True
         with self._lock:

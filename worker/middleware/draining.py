@@ -10,8 +10,11 @@ __all__ = ["Draining"]
 
 
 class Draining(Middleware):
-    """Sets ``event`` when the worker begins to shut down, so a bulk message in progress
-    can hand its remaining jobs back to the queue instead of outliving the stop timeout."""
+    """Sets ``event`` when the worker begins to shut down.
+
+    A bulk message in progress can then hand its remaining jobs back to the queue instead
+    of outliving the stop timeout.
+    """
 
     def __init__(self) -> None:
         self.event = threading.Event()

@@ -65,7 +65,10 @@ class Heartbeat(Middleware):
             log.warning("heartbeat_record_not_removed", error_type=type(exc).__name__)
 
     def beat(self, broker: Any) -> int:
-        """One heartbeat and one reaping pass; return how many messages were taken back."""
+        """One heartbeat and one reaping pass.
+
+        Returns how many messages were taken back.
+        """
         client = broker.client
         beat(
             client, broker.namespace, self.host, broker.broker_id, timeout=self.timeout

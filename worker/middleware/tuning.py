@@ -16,12 +16,12 @@ __all__ = [
 ]
 
 
-# Dramatiq's own environment variable for the idle poll (ms); lower case is its spelling.
+# Dramatiq's own environment variable for the idle poll (ms). Lower case is its spelling.
 POLL_ENV = "dramatiq_worker_timeout"
 
 # Delayed messages (retries waiting for their time) a worker process holds in memory per
 # thread. Dramatiq's default, 1,000 per thread, lets a backlog of retries grow a process
-# by hundreds of MB; the rest wait in Redis.
+# by hundreds of MB. The rest wait in Redis.
 DELAY_PREFETCH = 25
 
 
@@ -31,12 +31,13 @@ MMAP_THRESHOLD = 128 * 1024
 
 
 def fix_mmap_threshold() -> bool:
-    """Keep glibc's malloc from raising its mmap threshold (up to 32 MiB) after the
-    first large block is freed: then every block over 128 KiB (a large message's
-    payload, its decoded attachment, the temporary copies on the way) is mapped on its
-    own and returned to the system when freed, instead of staying in a heap arena.
-    ``python -m bench.memory`` measures the effect (docs/benchmarks.md). A no-op where
-    there is no glibc ``mallopt``.
+    """Keep glibc's malloc from raising its mmap threshold.
+
+    glibc raises it (up to 32 MiB) after the first large block is freed. With it fixed,
+    every block over 128 KiB (a large message's payload, its decoded attachment, the
+    temporary copies on the way) is mapped on its own and returned to the system when
+    freed, instead of staying in a heap arena. ``python -m bench.memory`` measures the
+    effect (docs/benchmarks.md). A no-op where there is no glibc ``mallopt``.
 
     Returns:
         True when the threshold was set.
@@ -49,10 +50,12 @@ def fix_mmap_threshold() -> bool:
 
 
 class WorkerTuning(Middleware):
-    """Sets, before a worker starts its consumers, its idle poll (``poll_interval`` ms,
-    else ``dramatiq_worker_timeout`` from the environment, as ``mailworker worker``
-    sets it), caps the delayed messages it prefetches (``DELAY_PREFETCH`` per thread)
-    and fixes malloc's mmap threshold (``fix_mmap_threshold``).
+    """Tunes a worker before it starts its consumers.
+
+    It sets the idle poll: ``poll_interval`` ms, else ``dramatiq_worker_timeout`` from
+    the environment, as ``mailworker worker`` sets it. It caps the delayed messages a
+    worker prefetches (``DELAY_PREFETCH`` per thread). It fixes malloc's mmap threshold
+    (``fix_mmap_threshold``).
 
     Dramatiq reads both from the environment once, when it is imported, which is too
     early for a command that imported it before it parsed its own options.

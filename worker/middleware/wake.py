@@ -1,9 +1,11 @@
-"""Wake-ups: an idle consumer sleeps until a producer says its queue has work, instead of
-until its next poll.
+"""Wake-ups for idle consumers.
+
+An idle consumer sleeps until a producer says its queue has work, instead of until its
+next poll.
 
 Producers publish the queue's name on ``wake_channel`` when they enqueue (at most once
 per ``WAKE_GATE_MS`` per queue). In each worker process one thread listens and sets the
-queue's event; ``SafeConsumer`` waits on that event where Dramatiq would sleep. Polling
+queue's event. ``SafeConsumer`` waits on that event where Dramatiq would sleep. Polling
 stays as it was: a lost wake-up (the listener reconnecting, a job enqueued by Dramatiq
 itself) costs at most one poll interval, never a job.
 """
@@ -28,8 +30,11 @@ CLIENT_NAME = "mailworker-wake"  # how the listener shows in Redis' CLIENT LIST
 
 
 def _listener_client(client: redis.Redis) -> redis.Redis:
-    """A client like ``client`` on a pool of its own, whose connection is named and
-    pinged every 30 s (a silently dropped connection is found and replaced)."""
+    """A client like ``client`` on a pool of its own.
+
+    Its connection is named and pinged every 30 s, so a silently dropped connection is
+    found and replaced.
+    """
     pool = client.connection_pool
     if pool.connection_class.__module__.startswith("fakeredis"):
         return client  # the embedded broker of `mailworker dev` and the tests
@@ -52,7 +57,7 @@ class Waker(Middleware):
     """Listens for wake-ups in each worker process and hands them to the consumers.
 
     Args:
-        client: Redis (the broker's); the listener uses a connection of its own.
+        client: Redis (the broker's). The listener uses a connection of its own.
         namespace: the key namespace.
     """
 

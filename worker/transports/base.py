@@ -63,8 +63,11 @@ class Transport(Protocol):
     needs_mime: bool
 
     def send(self, message: OutgoingMessage) -> Receipt:
-        """Send ``message``; raise a ``DeliveryError`` subclass when the message as a
-        whole failed, return a Receipt when the server answered per recipient."""
+        """Send ``message``.
+
+        Raise a ``DeliveryError`` subclass when the message as a whole failed. Return a
+        Receipt when the server answered per recipient.
+        """
         ...
 
     def close(self) -> None:
@@ -82,7 +85,7 @@ class BatchTransport(Transport, Protocol):
         *,
         stop: Callable[[], bool] | None = None,
     ) -> list[SendResult]:
-        """Send ``messages`` in order; ``stop`` is checked before each one.
+        """Send ``messages`` in order, checking ``stop`` before each one.
 
         Returns:
             Per message, its Receipt, the DeliveryError ``send`` would have raised, or

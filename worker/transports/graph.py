@@ -1,5 +1,8 @@
-"""The Microsoft Graph transport: ``POST /users/{identity}/sendMail`` as the service
-identity, with a token from the service account, inside Office 365's limits."""
+"""The Microsoft Graph transport.
+
+It sends with ``POST /users/{identity}/sendMail`` as the service identity, with a token
+from the service account, inside Office 365's limits.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from worker.transports.oauth import HttpClient, TokenProvider
 __all__ = ["MAX_REQUEST_BYTES", "GraphTransport", "mime_required"]
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Graph's limit per REST request
-# Graph takes 5 internetMessageHeaders; x-mailworker-job-id is one.
+# Graph takes 5 internetMessageHeaders, and x-mailworker-job-id is one.
 _MAX_JSON_HEADERS = 4
 
 
@@ -66,7 +69,7 @@ class GraphTransport:
         budget: ``messages_per_minute`` and ``recipients_per_day`` of the mailbox.
     """
 
-    # JSON by default; this transport writes the MIME form itself when required.
+    # JSON by default. This transport writes the MIME form itself when required.
     needs_mime = False
 
     def __init__(
@@ -93,7 +96,7 @@ class GraphTransport:
         return f"GraphTransport({self.name!r}, {self.service.service_identity})"
 
     def send(self, message: OutgoingMessage) -> Receipt:
-        """POST the message to Graph; 202 means every recipient was handed over.
+        """POST the message to Graph. A 202 means every recipient was handed over.
 
         Raises:
             BudgetExhaustedError: the mailbox's budget is spent (nothing was sent).
@@ -206,8 +209,8 @@ class GraphTransport:
         return orjson.dumps(self._json(message)), "application/json"
 
     def _mime(self, message: OutgoingMessage) -> bytes:
-        # Graph takes the recipients from the MIME headers: write only those still to
-        # send to (Bcc included; Graph does not transmit it).
+        # Graph takes the recipients from the MIME headers, so write only those still
+        # to send to. Bcc is included, and Graph does not transmit it.
         notification, wanted = message.notification, set(message.recipients)
         if {
             b.address for b in (*notification.to, *notification.cc, *notification.bcc)
@@ -261,7 +264,10 @@ class GraphTransport:
 
 
 def _recipients(n: Notification, message: OutgoingMessage) -> dict[str, list[Mailbox]]:
-    """to/cc/bcc limited to the envelope; envelope addresses in none (staging) go to ``to``."""
+    """to/cc/bcc limited to the envelope.
+
+    Envelope addresses in none of them (staging) go to ``to``.
+    """
     wanted = list(message.recipients)
     split: dict[str, list[Mailbox]] = {
         field: [b for b in getattr(n, field) if b.address in wanted]

@@ -1,5 +1,8 @@
-"""App-only tokens from MSAL's client-credentials flow, one MSAL app per integrated
-service per process, shared by every thread, one token request in flight at a time."""
+"""App-only tokens from MSAL's client-credentials flow.
+
+There is one MSAL app per integrated service per process, shared by every thread, with
+one token request in flight at a time.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +25,13 @@ from worker.errors import (
 
 __all__ = ["HttpClient", "Token", "TokenProvider"]
 
-# Entra's "retry the request" errors; everything else from the token endpoint is our config.
+# Entra's "retry the request" errors. All else from the token endpoint is our config.
 _RETRYABLE = {"temporarily_unavailable", "server_error", "slow_down"}
 
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """An access token; never logged, never part of a repr."""
+    """An access token. It is never logged and never part of a repr."""
 
     access_token: str
     expires_on: float

@@ -76,9 +76,9 @@ class SmtpTransport:
         """Send one message on a pooled session.
 
         Raises:
-            TransportUnavailableError: connect, TLS or AUTH failed; a quota reply.
+            TransportUnavailableError: connect, TLS or AUTH failed, or a quota reply.
             TransientDeliveryError: 4xx, timeout, lost connection, or no free session in
-                time; ``in_doubt`` when the reply to the final dot was lost.
+                time. ``in_doubt`` when the reply to the final dot was lost.
             MessageRefusedError: the sender or message was refused for good.
         """
         if not self._slots.acquire(timeout=self.conn.timeout):
@@ -97,9 +97,10 @@ class SmtpTransport:
         *,
         stop: Callable[[], bool] | None = None,
     ) -> list[SendResult]:
-        """Send many messages on one pooled session, pipelined across messages
-        (``SmtpClient.send_many``); those the session could not take are sent one by one
-        as ``send`` does.
+        """Send many messages on one pooled session, pipelined across messages.
+
+        This is ``SmtpClient.send_many``. Those the session could not take are sent one
+        by one as ``send`` does.
 
         Returns:
             Per message, its Receipt, the DeliveryError ``send`` would have raised, or
@@ -226,7 +227,7 @@ class SmtpTransport:
             self._idle.append((time.monotonic(), client))
 
     def close(self) -> None:
-        """QUIT every idle session; sessions in use close when returned."""
+        """QUIT every idle session. Sessions in use close when returned."""
         self._closed = True
         with self._lock:
             idle, self._idle = self._idle, []

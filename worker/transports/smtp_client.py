@@ -1,5 +1,8 @@
-"""One SMTP session over smtplib: connect, TLS by the security rule, AUTH, and a
-pipelined send (RFC 2920). Every library error is mapped here, in ``map_errors``."""
+"""One SMTP session over smtplib.
+
+It connects, uses TLS by the security rule, does AUTH, and sends pipelined (RFC 2920).
+Every library error is mapped here, in ``map_errors``.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ QUOTA_HOLD = 3600.0
 
 
 def tls_context(conn: SmtpConnection) -> ssl.SSLContext:
-    """Certificates verified unless the connection opts out; ``ca_bundle`` adds trust."""
+    """Certificates verified unless the connection opts out. ``ca_bundle`` adds trust."""
     context = ssl.create_default_context()
     if conn.ca_bundle is not None:
         context.load_verify_locations(cafile=str(conn.ca_bundle))
@@ -87,7 +90,7 @@ def _classify(code: int, text: str, service: str, what: str) -> DeliveryError:
     if 400 <= code < 500:
         return TransientDeliveryError(detail, service=service, code=code)
     if code == 530 or any(mark in text for mark in _QUOTA):
-        # 530: TLS or AUTH required (our configuration); 5.2.0: the service's quota.
+        # 530 is TLS or AUTH required (our configuration). 5.2.0 is the service's quota.
         return _unavailable(detail, service=service, code=code)
     return MessageRefusedError(detail, service=service, code=code)
 
@@ -174,8 +177,11 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
 
 
 def _stuffed(chunk: bytes, last: bytes) -> bytes:
-    """Dot-stuffing (RFC 5321 4.5.2) of one chunk of a message, ``last`` the last two
-    bytes written before it: a line may start in this chunk or at its first byte."""
+    """Dot-stuffing (RFC 5321 4.5.2) of one chunk of a message.
+
+    ``last`` holds the last two bytes written before it, since a line may start in this
+    chunk or at its first byte.
+    """
     if b"\r\n." in chunk:
         chunk = chunk.replace(b"\r\n.", b"\r\n..")
     if chunk[:1] == b"." and last == _CRLF:
@@ -193,9 +199,9 @@ def _write_content(smtp: smtplib.SMTP, data: Content, after: bytes = b"") -> Non
     """Write a message dot-stuffed, its final dot, then ``after`` (the next commands).
 
     Chunks are gathered into writes of at least ``_WRITE`` bytes, so a small message,
-    its dot and what follows go in one write (two small writes in a row meet Nagle's
-    algorithm and the peer's delayed ACK, a stall of up to 40 ms); a large one goes out
-    as its attachments are encoded, never whole.
+    its dot and what follows go in one write. Two small writes in a row meet Nagle's
+    algorithm and the peer's delayed ACK, a stall of up to 40 ms. A large message goes
+    out as its attachments are encoded, never whole.
     """
     out: list[bytes] = []
     held = 0
@@ -244,9 +250,12 @@ def _receipt(recipients: tuple[str, ...], replies: list[tuple[int, bytes]]) -> R
 
 
 class _KernelTimeoutReader(socket.SocketIO):
-    """smtplib's reply reader for a socket whose receive timeout the kernel keeps
-    (``common.sockets``): a read that ends in ``EAGAIN`` timed out. ``SocketIO``
-    would report it as "no data yet", which smtplib takes for a closed connection."""
+    """smtplib's reply reader for a socket whose receive timeout the kernel keeps.
+
+    Such sockets come from ``common.sockets``. A read that ends in ``EAGAIN`` timed out.
+    ``SocketIO`` would report it as "no data yet", which smtplib takes for a closed
+    connection.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock, "rb")
@@ -393,15 +402,17 @@ class SmtpClient:
         note("auth", f"{_reply(code, text)} XOAUTH2 as {conn.username}")
 
     def send(self, sender: str, recipients: tuple[str, ...], data: Content) -> Receipt:
-        """One transaction: MAIL, RCPT for each recipient, DATA; pipelined when offered.
+        """One transaction: MAIL, RCPT for each recipient, DATA.
+
+        It is pipelined when the server offers it.
 
         Returns:
-            Per-recipient outcomes; when none was accepted, no message was sent.
+            Per-recipient outcomes. When none was accepted, no message was sent.
 
         Raises:
             MessageRefusedError: the sender or the message was refused for good.
-            TransportUnavailableError: a quota reply (5.2.0); ``hold`` for 554 5.2.0.
-            TransientDeliveryError: a 4xx reply, a timeout or a lost connection;
+            TransportUnavailableError: a quota reply (5.2.0), with ``hold`` for 554 5.2.0.
+            TransientDeliveryError: a 4xx reply, a timeout or a lost connection.
                 ``in_doubt`` when it came after the whole message was written.
         """
         smtp = self._smtp
@@ -439,7 +450,7 @@ class SmtpClient:
         receipt = _receipt(recipients, replies)
         if mail_code != 250 or not receipt.accepted or data_code != 354:
             if data_code == 354:
-                # RFC 2920: DATA was accepted with nothing valid to send; end it empty.
+                # RFC 2920: DATA was accepted with nothing valid to send, so end it empty.
                 smtp.send(".\r\n")
                 smtp.getreply()
             self._quiet_rset(smtp)
@@ -460,15 +471,16 @@ class SmtpClient:
     def send_many(
         self, messages: Sequence[Envelope], *, stop: Callable[[], bool] | None = None
     ) -> list[SendResult]:
-        """Many transactions in a row on this session, pipelined across messages: each
-        message's content goes in one write with the next transaction's MAIL, RCPT and
-        DATA (RFC 2920 lets the content lead a command group), so a message costs one
+        """Many transactions in a row on this session, pipelined across messages.
+
+        Each message's content goes in one write with the next transaction's MAIL, RCPT
+        and DATA (RFC 2920 lets the content lead a command group). So a message costs one
         round trip instead of two.
 
         Returns:
             One entry per message: its Receipt, the DeliveryError of that message alone,
             or None for a message not sent because the session failed or ``stop`` (checked
-            before each message) became true; a message whose content was sent when the
+            before each message) became true. A message whose content was sent when the
             session failed gets that error (it is in doubt).
         """
         smtp = self._smtp
@@ -551,8 +563,11 @@ class SmtpClient:
     def _land(
         self, smtp: smtplib.SMTP, flight: tuple[int, Receipt], results: list[SendResult]
     ) -> None:
-        """Read the reply to the content in flight: the message's receipt, or its own
-        error (index -1: an empty DATA ended after every recipient was refused)."""
+        """Read the reply to the content in flight.
+
+        The result is the message's receipt, or its own error. Index -1 is an empty DATA
+        ended after every recipient was refused.
+        """
         index, receipt = flight
         if index < 0:
             smtp.getreply()
@@ -567,8 +582,11 @@ class SmtpClient:
         results[index] = receipt
 
     def _final_reply(self, smtp: smtplib.SMTP) -> tuple[int, bytes]:
-        """The reply to a message's final dot. A timeout or a lost connection now is
-        the in-doubt case of RFC 5321 6.1: the error says so (``in_doubt``)."""
+        """The reply to a message's final dot.
+
+        A timeout or a lost connection now is the in-doubt case of RFC 5321 6.1. The
+        error says so (``in_doubt``).
+        """
         try:
             with map_errors(self.conn, _FINAL_REPLY):
                 return smtp.getreply()
@@ -616,7 +634,7 @@ class SmtpClient:
             self._smtp.rset()
 
     def close(self) -> None:
-        """QUIT politely; never raises."""
+        """QUIT politely. It never raises."""
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
