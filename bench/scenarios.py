@@ -56,7 +56,10 @@ def product_poll_interval() -> tuple[int, bool]:
     """mailworker's default idle poll (ms) and whether ``mailworker worker`` takes
     ``--poll-interval``. Every Dramatiq contender gets the same poll, so all run with the
     same worker flags and environment."""
-    from worker.cli.main import worker as command
+    try:
+        from worker.cli.main import worker as command
+    except ImportError:  # versions before worker/cli/ was a package
+        from worker.cli import worker as command  # type: ignore[attr-defined,no-redef]
 
     for param in command.params:
         if param.name == "poll_interval":
