@@ -40,6 +40,19 @@ def product_at(rev: str) -> list[str]:
     return [p for p in PRODUCT if p in listed]
 
 
+def regular_packages(target: Path) -> None:
+    """Give each package of an extracted commit an ``__init__.py`` it lacks.
+
+    Before ``worker/`` was a regular package it was a namespace package, and a
+    namespace package loses to a regular one of the same name anywhere on
+    ``sys.path`` (the work tree's): the snapshot would not be the code that runs.
+    """
+    for package in PRODUCT:
+        folder = target / package
+        if folder.is_dir() and not (folder / "__init__.py").exists():
+            (folder / "__init__.py").write_text("")
+
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _SETPRIV = shutil.which("setpriv")
 

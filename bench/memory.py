@@ -50,7 +50,7 @@ import psutil
 import redis
 
 from bench.common import FROM_ADDRESS, TO_ADDRESS, delete_prefix
-from bench.infra import RedisInstance, product_at, spawn, stop_tree
+from bench.infra import RedisInstance, product_at, regular_packages, spawn, stop_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,6 +193,7 @@ def _extract(rev: str, target: Path) -> str:
     )  # fmt: skip
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(target, filter="data")
+    regular_packages(target)
     return str(target)
 
 

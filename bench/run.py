@@ -43,6 +43,7 @@ from bench.infra import (
     RedisInstance,
     Sink,
     product_at,
+    regular_packages,
 )
 from bench.report import report, summarize, targets
 from bench.scenarios import (
@@ -248,6 +249,7 @@ def snapshot(workdir: Path, rev: str | None) -> tuple[str, dict[str, Any]]:
         )  # fmt: skip
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             tar.extractall(target, filter="data")
+        regular_packages(target)
         state = {"head": _run([*git, "rev-parse", "--short", rev]), "uncommitted": []}
     else:
         for package in PRODUCT:
