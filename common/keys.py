@@ -13,6 +13,7 @@ __all__ = [
     "accepted_key",
     "dead_index_key",
     "dead_payload_key",
+    "events_key",
     "history_key",
     "idempotency_key",
     "queue_key",
@@ -68,6 +69,11 @@ def dead_index_key(namespace: str) -> str:
 def dead_payload_key(namespace: str, job_id: str) -> str:
     """The full message of one dead letter (what requeue sends again)."""
     return f"{namespace}:dead:{job_id}"
+
+
+def events_key(namespace: str) -> str:
+    """The stream of outcome events engines read (docs/design.md §9)."""
+    return f"{namespace}:events"
 
 
 def wake_channel(namespace: str) -> str:

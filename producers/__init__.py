@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable
 
 from producers.enqueue import Producer
+from producers.events import Event
 from producers.job import SCHEMA_VERSION, Attachment, Mailbox, Notification, parse_job
 from settings import (
     BrokerAuthenticationError,
@@ -27,14 +28,17 @@ __all__ = [
     "BrokerAuthenticationError",
     "BrokerUnavailableError",
     "DefaultConfigurationWarning",
+    "Event",
     "JobValidationError",
     "Mailbox",
     "Notification",
     "Producer",
+    "ack_events",
     "default_producer",
     "enqueue",
     "enqueue_many",
     "parse_job",
+    "read_events",
 ]
 
 _default: Producer | None = None
@@ -107,3 +111,31 @@ def enqueue_many(
     """
     chosen = producer or _default_producer()
     return chosen.enqueue_many(notifications, bulk=bulk)
+
+
+def read_events(
+    group: str,
+    consumer: str,
+    *,
+    count: int = 100,
+    block_ms: int = 0,
+    pending: bool = False,
+    producer: Producer | None = None,
+) -> list[Event]:
+    """Outcome events for ``consumer`` of the consumer group ``group``.
+
+    Each is a dict: ``type``, ``id``, ``job_id``, ``at``, ``data`` (decoded) and
+    ``stream_id`` (what ``ack_events`` takes). Without ``producer``, the process-wide
+    ``default_producer()`` is used.
+    """
+    chosen = producer or _default_producer()
+    return chosen.read_events(
+        group, consumer, count=count, block_ms=block_ms, pending=pending
+    )
+
+
+def ack_events(
+    group: str, stream_ids: list[str], *, producer: Producer | None = None
+) -> int:
+    """Acknowledge events ``group`` has handled; return how many were pending."""
+    return (producer or _default_producer()).ack_events(group, stream_ids)

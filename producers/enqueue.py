@@ -35,6 +35,7 @@ from producers.batch import (
     payload_digest,
     queued_record,
 )
+from producers.events import Event, ack_events, read_events
 from producers.job import Notification
 from settings import (
     ConfigError,
@@ -168,6 +169,33 @@ class Producer:
             status_ttl=status_ttl,
             idempotency_ttl=idempotency_ttl,
             broker_label=public_url(broker_url),
+        )
+
+    def read_events(
+        self,
+        group: str,
+        consumer: str,
+        *,
+        count: int = 100,
+        block_ms: int = 0,
+        pending: bool = False,
+    ) -> list[Event]:
+        """Outcome events for ``consumer`` of ``group`` (``producers.events``)."""
+        return read_events(
+            self._client,
+            self._namespace,
+            group,
+            consumer,
+            count=count,
+            block_ms=block_ms,
+            pending=pending,
+            label=self._label,
+        )
+
+    def ack_events(self, group: str, stream_ids: list[str]) -> int:
+        """Acknowledge events ``group`` has handled (``producers.events``)."""
+        return ack_events(
+            self._client, self._namespace, group, stream_ids, label=self._label
         )
 
     def enqueue(self, notification: Notification) -> str:

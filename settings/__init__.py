@@ -9,7 +9,9 @@ from settings.errors import (
 )
 from settings.loading import config_path, load_settings, public_url, read_secret
 from settings.models import (
+    EVENT_TYPES,
     BreakerSettings,
+    EventsSettings,
     IntegratedService,
     Limits,
     OpenAuthService,
@@ -20,10 +22,12 @@ from settings.models import (
 )
 
 __all__ = [
+    "EVENT_TYPES",
     "BreakerSettings",
     "BrokerAuthenticationError",
     "BrokerUnavailableError",
     "ConfigError",
+    "EventsSettings",
     "IntegratedService",
     "JobValidationError",
     "Limits",

@@ -24,7 +24,10 @@ from pydantic_settings import (
 from settings.durations import Duration
 
 __all__ = [
+    "EVENT_TYPES",
     "BreakerSettings",
+    "EventType",
+    "EventsSettings",
     "IntegratedService",
     "Limits",
     "OpenAuthService",
@@ -144,6 +147,30 @@ class StatusSettings(_Section):
 
     ttl: Duration = 7 * 86400.0
     idempotency_ttl: Duration = 86400.0
+
+
+# The kinds of event on the events stream (docs/design.md §9).
+EventType = Literal[
+    "delivery.sent",
+    "delivery.dead",
+    "delivery.bounced",
+    "action.accepted",
+    "action.refused",
+]
+EVENT_TYPES: tuple[EventType, ...] = (
+    "delivery.sent",
+    "delivery.dead",
+    "delivery.bounced",
+    "action.accepted",
+    "action.refused",
+)
+
+
+class EventsSettings(_Section):
+    """``[events]``: the outcome stream engines read (``{namespace}:events``)."""
+
+    max_len: int = Field(1_000_000, ge=1_000)
+    types: list[EventType] = Field(default_factory=lambda: list(EVENT_TYPES))
 
 
 Security = Literal["none", "starttls", "tls"]
@@ -292,6 +319,7 @@ class Settings(BaseSettings):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     status: StatusSettings = Field(default_factory=StatusSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
     smtp: list[SmtpConnection] = Field(default_factory=list)
     openauth: list[OpenAuthService] = Field(default_factory=list)
     integrated_services: dict[ServiceName, IntegratedService] = Field(

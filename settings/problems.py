@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from settings.models import (
     BreakerSettings,
+    EventsSettings,
     IntegratedService,
     Limits,
     OpenAuthService,
@@ -29,6 +30,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "retry": RetryPolicy,
     "breaker": BreakerSettings,
     "status": StatusSettings,
+    "events": EventsSettings,
     "smtp": SmtpConnection,
     "openauth": OpenAuthService,
     "integrated_services": IntegratedService,

@@ -14,6 +14,7 @@ from common.envelope import envelope
 from common.keys import ACTOR_NAME
 from producers.job import Notification, parse_job
 from settings import JobValidationError, Settings
+from settings.models import EventType
 from worker import records
 from worker.attempt import Job
 from worker.broker.attached import PackedWrite, attached
@@ -219,6 +220,7 @@ class JobHandler:
                     fields,
                     accepted=accepted,
                     event=records.event(job.attempt, "sent", outcome),
+                    outcome=("delivery.sent", records.sent_event(fields)),
                 )
                 return
             fields["error"] = error = error or records.refused_error(outcome)
@@ -345,6 +347,7 @@ class JobHandler:
         accepted: list[str] | None = None,
         event: dict[str, Any] | None = None,
         dead_payload: bytes | None = None,
+        outcome: tuple[EventType, dict[str, Any]] | None = None,
     ) -> None:
         """Write a job's record with the ack (or nack) of its broker message.
 
@@ -359,6 +362,7 @@ class JobHandler:
                 accepted=accepted,
                 event=event,
                 dead_payload=dead_payload,
+                outcome=outcome,
             )
         )
 
@@ -390,6 +394,10 @@ class JobHandler:
                 "error": error,
             },
             dead_payload=job.payload(self._settings.limits),
+            outcome=(
+                "delivery.dead",
+                records.dead_event(reason, error, job.attempt, _metadata(job)),
+            ),
         )
         log.error(
             "job_dead_lettered",
@@ -397,3 +405,10 @@ class JobHandler:
             reason=reason,
             error=error.get("message"),
         )
+
+
+def _metadata(job: Job) -> dict[str, Any]:
+    """The job's ``metadata`` as its producer wrote it, or {} (an invalid job)."""
+    data = (job.message.get("kwargs") or {}).get("job")
+    metadata = data.get("metadata") if isinstance(data, dict) else None
+    return metadata if isinstance(metadata, dict) else {}

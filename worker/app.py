@@ -122,7 +122,12 @@ def build(
     )
     services = build_services(settings, client)
     policy = settings.retry
-    status = StatusStore(client, namespace=settings.namespace, ttl=settings.status.ttl)
+    status = StatusStore(
+        client,
+        namespace=settings.namespace,
+        ttl=settings.status.ttl,
+        events=settings.events,
+    )
     dead_letters = DeadLetters(
         client, namespace=settings.namespace, ttl=settings.status.ttl, status=status
     )

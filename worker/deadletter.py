@@ -33,6 +33,7 @@ from common.keys import (
 from producers.job import parse_job
 from settings import JobValidationError, Limits, MailworkerError
 from worker.broker.keys import q_name
+from worker.records import dead_event
 from worker.status import (
     ErrorRecord,
     RecordFields,
@@ -318,6 +319,7 @@ class DeadLetters:
             fields,
             event={"event": "dead", "reason": "poison", "error": record},
             dead_payload=payload,
+            outcome=("delivery.dead", dead_event("poison", record, 0, {})),
         )
 
     def entries(self, filters: Filters) -> list[tuple[str, float, StatusRecord]]:

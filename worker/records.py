@@ -16,6 +16,7 @@ __all__ = [
     "SkipRecord",
     "StatusRecord",
     "counts",
+    "dead_event",
     "deferred_error",
     "error",
     "event",
@@ -23,6 +24,7 @@ __all__ = [
     "merge_recipients",
     "partial_error",
     "refused_error",
+    "sent_event",
 ]
 
 
@@ -103,6 +105,31 @@ class StatusRecord(TypedDict):
     dead_at: str | None
     metadata: dict[str, Any]
     history: NotRequired[list[dict[str, Any]]]
+
+
+def sent_event(fields: RecordFields) -> dict[str, Any]:
+    """The data of a ``delivery.sent`` event: who has the message, through what."""
+    return {
+        "service": fields.get("service"),
+        "message_id": fields.get("message_id"),
+        "attempts": fields.get("attempts"),
+        "partial": fields.get("partial", False),
+        "counts": fields.get("counts"),
+        "recipients": fields.get("recipients", []),
+        "metadata": fields.get("metadata", {}),
+    }
+
+
+def dead_event(
+    reason: str, error: ErrorRecord, attempts: int, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """The data of a ``delivery.dead`` event: why the job ended undelivered."""
+    return {
+        "reason": reason,
+        "error": error,
+        "attempts": attempts,
+        "metadata": metadata,
+    }
 
 
 def error(kind: str, message: str, *, field: str | None = None) -> ErrorRecord:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,8 @@ import redis
 from redis.typing import EncodableT
 
 from common.keys import QUEUES, history_key, queue_messages_key, status_key
+from settings import EventsSettings
+from settings.models import EventType
 from worker.broker.attached import PackedWrite
 from worker.broker.envelope import JobRef, message_id_of
 from worker.broker.keys import LUA, dq_name
@@ -43,21 +46,26 @@ _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
 # Key names are derived from the namespace as in common/keys.py (status_key & co.).
-# ARGV: namespace, ttl, now (ms), record count, then per record: job id, history entry
-#       ("" none), dead payload ("" none), guard ("1": skipped when the job is `sent`),
+# ARGV: namespace, ttl, now (ms), events' max length, record count, then per record:
+#       job id, history entry ("" none), dead payload ("" none), guard ("1": skipped
+#       when the job is `sent`), event type ("" none), event id, event time, event data,
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
+# An outcome's event is added to the events stream with its record, or not at all.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
 _WRITE = (
     LUA
     + """
-local ns, ttl, now, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local i = 5
+local ns, ttl, now, maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local count = tonumber(ARGV[5])
+local i = 6
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local n = tonumber(ARGV[i + 4])
+  local etype = ARGV[i + 4]
+  local e = i + 5
+  local n = tonumber(ARGV[i + 8])
   local key = ns .. ':job:' .. id
-  i = i + 5
+  i = i + 9
   local first, last = i, i + n - 1
   i = i + n
   local m = tonumber(ARGV[i])
@@ -79,6 +87,10 @@ for _ = 1, count do
       redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
       redis.call('ZADD', ns .. ':dead', now, id)
       redis.call('ZREMRANGEBYSCORE', ns .. ':dead', '-inf', now - tonumber(ttl) * 1000)
+    end
+    if etype ~= '' then
+      redis.call('XADD', ns .. ':events', 'MAXLEN', '~', maxlen, '*', 'type', etype,
+                 'id', ARGV[e], 'job_id', id, 'at', ARGV[e + 1], 'data', ARGV[e + 2])
     end
   end
   i = i + m
@@ -173,10 +185,20 @@ class StatusStore:
         ttl: seconds a record, its history and its marker are kept.
     """
 
-    def __init__(self, client: redis.Redis, *, namespace: str, ttl: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str,
+        ttl: float,
+        events: EventsSettings | None = None,
+    ) -> None:
         self._client = client
         self._ns = namespace
         self._ttl = int(ttl)
+        events = events or EventsSettings()
+        self._event_types = frozenset(events.types)
+        self._events_max_len = events.max_len
         self._lock = threading.Lock()
         self._prefetched: dict[tuple[str, str], tuple[float, JobStart]] = {}
         self._write = ThreadLocalScript(client, _WRITE)
@@ -255,6 +277,7 @@ class StatusStore:
         accepted: list[str] | None = None,
         event: Mapping[str, Any] | None = None,
         dead_payload: bytes | None = None,
+        outcome: tuple[EventType, Mapping[str, Any]] | None = None,
     ) -> None:
         """Write one attempt's outcome in one round trip.
 
@@ -269,6 +292,7 @@ class StatusStore:
                     accepted=accepted,
                     event=event,
                     dead_payload=dead_payload,
+                    outcome=outcome,
                 )
             ]
         )
@@ -281,8 +305,13 @@ class StatusStore:
         accepted: list[str] | None = None,
         event: Mapping[str, Any] | None = None,
         dead_payload: bytes | None = None,
+        outcome: tuple[EventType, Mapping[str, Any]] | None = None,
     ) -> PackedWrite:
-        """``write``'s arguments, ready for ``write_many`` (or to ride along with an ack)."""
+        """``write``'s arguments, ready for ``write_many`` (or to ride along with an ack).
+
+        ``outcome`` is the event (type, data) that goes on the events stream with the
+        record, unless ``[events] types`` leaves that type out.
+        """
         now = now_iso()
         pairs: list[EncodableT] = ["updated_at", now]
         for name, value in fields.items():
@@ -293,11 +322,17 @@ class StatusStore:
                 pairs.append("" if value is None else str(value))
         marker = accepted or ()
         guarded = dead_payload is not None or fields.get("state") == "queued"
+        if outcome is not None and outcome[0] in self._event_types:
+            kind, data = outcome
+            stream: list[EncodableT] = [kind, uuid.uuid4().hex, now, orjson.dumps(data)]
+        else:
+            stream = ["", "", "", ""]
         return [
             job_id,
             orjson.dumps({"at": now, **event}) if event is not None else "",
             dead_payload if dead_payload is not None else "",
             "1" if guarded else "",
+            *stream,
             len(pairs),
             *pairs,
             len(marker),
@@ -316,6 +351,7 @@ class StatusStore:
             self._ns,
             self._ttl,
             int(time.time() * 1000),
+            self._events_max_len,
             len(writes),
         ]
         for packed in writes:

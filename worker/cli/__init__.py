@@ -4,6 +4,7 @@
   check`` and ``health``.
 - ``dead``: ``dead list|show|requeue|purge``.
 - ``stats``: ``queue stats``.
+- ``events``: ``events tail``.
 - ``dev``: ``dev``, with its embedded broker and capture mailbox.
 - ``testconn``: the steps of ``test-connection``.
 - ``output``: how status records and the configuration are printed.

@@ -25,6 +25,7 @@ from producers.cli import defaults_in_use, send
 from settings import ConfigError, Settings, config_path, public_url
 from worker.cli.dead import dead
 from worker.cli.dev import dev
+from worker.cli.events import events
 from worker.cli.output import render_config, render_status
 from worker.cli.stats import queue
 from worker.middleware.tuning import POLL_ENV
@@ -56,6 +57,7 @@ main.add_command(send)
 main.add_command(dead)
 main.add_command(dev)
 main.add_command(queue)
+main.add_command(events)
 
 
 def _queue_names(queues: tuple[str, ...]) -> list[str]:

@@ -14,6 +14,7 @@ from worker.broker.attached import attached, exception_of
 from worker.broker.envelope import attempt_of, bulk_items, single_message
 from worker.broker.keys import q_name
 from worker.clock import iso_millis
+from worker.records import dead_event
 from worker.status import ErrorRecord, RecordFields, StatusStore
 
 __all__ = ["DeadLetterCapture"]
@@ -90,7 +91,11 @@ class DeadLetterCapture(Middleware):
                 "error": error,
             }
             packed = self._status.pack(
-                job_id, fields, event=event, dead_payload=payload
+                job_id,
+                fields,
+                event=event,
+                dead_payload=payload,
+                outcome=("delivery.dead", dead_event(reason, error, attempts, {})),
             )
             work.writes.append(packed)
         work.dead = (reason, error["message"])
