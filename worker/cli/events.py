@@ -53,7 +53,9 @@ def tail(
         last = reversed(
             cast("list[_Entry]", client.xrevrange(key, "+", "-", count=count))
         )
-        position = _show(list(last), types, as_json) or "$"
+        # An empty stream: everything from its start is new (a fixed "$" would miss
+        # what is added between two reads).
+        position = _show(list(last), types, as_json) or "0-0"
         while follow:
             replies = cast(
                 "list[tuple[bytes, list[_Entry]]] | None",
