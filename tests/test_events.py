@@ -9,9 +9,11 @@ import uuid
 from pathlib import Path
 
 import orjson
+import pytest
 
 from common.keys import events_key
 from producers import Notification, Producer
+from settings import ConfigError, load_settings
 from tests.support.config import write_toml
 from tests.support.env import REDIS_URL
 from tests.support.helpers import wait_for, wire_enqueue
@@ -188,3 +190,15 @@ def test_events_tail_prints_the_last_events_and_follows_new_ones(
         finally:
             follow.terminate()
             follow.wait(timeout=10)
+
+
+def test_a_bad_events_section_names_each_key_at_fault(tmp_path):
+    """An unknown event type, a too short stream and an unknown key are each named."""
+    path = write_toml(
+        tmp_path / "bad.toml",
+        {"events": {"types": ["delivery.snt"], "max_len": 5, "extra": 1}},
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    fields = {field for field, _ in caught.value.problems}
+    assert fields == {"events.types[0]", "events.max_len", "events.extra"}
