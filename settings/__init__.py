@@ -10,8 +10,10 @@ from settings.errors import (
 from settings.loading import config_path, load_settings, public_url, read_secret
 from settings.models import (
     EVENT_TYPES,
+    BouncesSettings,
     BreakerSettings,
     EventsSettings,
+    InboundSource,
     IntegratedService,
     Limits,
     OpenAuthService,
@@ -19,15 +21,18 @@ from settings.models import (
     Settings,
     SmtpConnection,
     StatusSettings,
+    Webhook,
 )
 
 __all__ = [
     "EVENT_TYPES",
+    "BouncesSettings",
     "BreakerSettings",
     "BrokerAuthenticationError",
     "BrokerUnavailableError",
     "ConfigError",
     "EventsSettings",
+    "InboundSource",
     "IntegratedService",
     "JobValidationError",
     "Limits",
@@ -37,6 +42,7 @@ __all__ = [
     "Settings",
     "SmtpConnection",
     "StatusSettings",
+    "Webhook",
     "config_path",
     "load_settings",
     "public_url",

@@ -24,6 +24,8 @@ _NAMED_SECTIONS = {
     "SMTP": "smtp",
     "OPENAUTH": "openauth",
     "INTEGRATED_SERVICES": "integrated_services",
+    "INBOUND": "inbound",
+    "WEBHOOK": "webhook",
 }
 
 

@@ -25,9 +25,11 @@ from settings.durations import Duration
 
 __all__ = [
     "EVENT_TYPES",
+    "BouncesSettings",
     "BreakerSettings",
     "EventType",
     "EventsSettings",
+    "InboundSource",
     "IntegratedService",
     "Limits",
     "OpenAuthService",
@@ -35,6 +37,7 @@ __all__ = [
     "Settings",
     "SmtpConnection",
     "StatusSettings",
+    "Webhook",
     "header_text",
 ]
 
@@ -252,6 +255,193 @@ class SmtpConnection(_Section):
         return "password" if self.username else "none"
 
 
+# Which keys belong to which kind of [[inbound]] source (the rest are refused).
+_INBOUND_KEYS: dict[str, frozenset[str]] = {
+    "graph": frozenset(
+        {"integrated_service", "mailbox", "folder", "processed_folder"}
+        | {"failed_folder", "poll_interval"}
+    ),
+    "imap": frozenset(
+        {"folder", "processed_folder", "failed_folder", "poll_interval", "server"}
+        | {"port", "security", "auth", "username", "password", "password_file"}
+        | {"integrated_service", "verify_certificates", "ca_bundle", "timeout"}
+    ),
+    "smtp": frozenset(
+        {"listen", "protocol", "accept", "max_message_bytes", "tls_certificate_file"}
+        | {"tls_key_file"}
+    ),
+}
+_COMMON_INBOUND_KEYS = frozenset({"name", "enabled", "kind"})
+
+
+def _listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:2525')")
+    return value
+
+
+class InboundSource(_Section):
+    """One ``[[inbound]]`` source of replies and bounces (docs/design.md §10).
+
+    ``kind`` says which keys apply: ``graph`` (an Office 365 mailbox read with the
+    service account's app-only token), ``imap`` (any IMAP server) or ``smtp`` (a
+    receiver the company's mail server forwards the reply address to).
+    """
+
+    name: ServiceName
+    enabled: bool = True
+    kind: Literal["graph", "imap", "smtp"]
+    # graph and imap
+    folder: Line = "inbox"
+    processed_folder: Line = "mailworker-processed"
+    failed_folder: Line = "mailworker-failed"
+    poll_interval: Duration = 30.0
+    integrated_service: str = ""
+    # graph
+    mailbox: Address = ""
+    # imap
+    server: Line = ""
+    port: Port | None = None
+    security: Security = "tls"
+    auth: Literal["password", "xoauth2"] = "password"
+    username: Line = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    verify_certificates: bool = True
+    ca_bundle: Path | None = None
+    timeout: Duration = 30.0
+    # smtp
+    listen: Annotated[str, AfterValidator(_listen_address)] = "127.0.0.1:2525"
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+    accept: list[Address] = Field(default_factory=list)
+    max_message_bytes: int = Field(10_485_760, ge=1024)
+    tls_certificate_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> InboundSource:
+        foreign = sorted(
+            self.model_fields_set - _INBOUND_KEYS[self.kind] - _COMMON_INBOUND_KEYS
+        )
+        if foreign:
+            raise ValueError(
+                f"{', '.join(foreign)}: not a key of kind = {self.kind!r} "
+                f"(its keys: {', '.join(sorted(_INBOUND_KEYS[self.kind]))})"
+            )
+        if self.poll_interval < 1:
+            raise ValueError("poll_interval must be at least 1s")
+        if self.kind == "graph":
+            self._graph_rules()
+        elif self.kind == "imap":
+            self._imap_rules()
+        else:
+            self._smtp_rules()
+        return self
+
+    def _graph_rules(self) -> None:
+        if not self.integrated_service:
+            raise ValueError("kind = 'graph' needs integrated_service")
+        if not self.mailbox:
+            raise ValueError("kind = 'graph' needs mailbox (the address to read)")
+        self._folders_differ()
+
+    def _imap_rules(self) -> None:
+        if not self.server:
+            raise ValueError("kind = 'imap' needs server")
+        if not self.username:
+            raise ValueError("kind = 'imap' needs username")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if self.auth == "password" and self.password is None and not self.password_file:
+            raise ValueError("auth = 'password' needs password or password_file")
+        if self.auth == "xoauth2" and not self.integrated_service:
+            raise ValueError("auth = 'xoauth2' needs integrated_service")
+        self._folders_differ()
+
+    def _smtp_rules(self) -> None:
+        if not self.accept:
+            raise ValueError(
+                "kind = 'smtp' needs accept: the addresses it receives for"
+            )
+        if (self.tls_certificate_file is None) != (self.tls_key_file is None):
+            raise ValueError("give tls_certificate_file and tls_key_file together")
+
+    def _folders_differ(self) -> None:
+        folders = [self.folder, self.processed_folder, self.failed_folder]
+        if len({f.lower() for f in folders}) != 3:
+            raise ValueError("folder, processed_folder and failed_folder must differ")
+
+    @property
+    def effective_port(self) -> int:
+        """The configured IMAP port, or the usual one for the TLS mode."""
+        if self.port is not None:
+            return self.port
+        return 993 if self.security == "tls" else 143
+
+    @property
+    def listen_host(self) -> str:
+        """The receiver's host, without brackets around an IPv6 address."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        """The receiver's port."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class BouncesSettings(_Section):
+    """``[bounces]``: the signed per-job return path SMTP sends use."""
+
+    return_path: Address = ""
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> BouncesSettings:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("give secret or secret_file, not both")
+        if self.return_path:
+            if "+" in self.return_path.partition("@")[0]:
+                raise ValueError(
+                    "return_path must not hold '+': the job's token is added after one"
+                )
+            if self.secret is None and self.secret_file is None:
+                raise ValueError(
+                    "return_path needs secret or secret_file (it signs each job's token)"
+                )
+        return self
+
+
+class Webhook(_Section):
+    """One ``[[webhook]]``: where worker processes POST events, signed."""
+
+    name: ServiceName
+    enabled: bool = True
+    url: Line
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    types: list[EventType] = Field(default_factory=lambda: list(EVENT_TYPES))
+    timeout: Duration = 10.0
+    ca_bundle: Path | None = None
+    allow_http: bool = False
+
+    @model_validator(mode="after")
+    def _rules(self) -> Webhook:
+        scheme = self.url.partition("://")[0].lower()
+        if scheme not in ("https", "http") or "://" not in self.url:
+            raise ValueError(f"url {self.url!r} must be an https:// URL")
+        if scheme == "http" and not self.allow_http:
+            raise ValueError(
+                "url must be https (set allow_http = true only for a loopback receiver)"
+            )
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("give secret or secret_file, not both")
+        if self.secret is None and self.secret_file is None:
+            raise ValueError("needs secret_file (the key that signs each delivery)")
+        return self
+
+
 class OpenAuthService(_Section):
     """One ``[[openauth]]`` service ("OpenAuth-Based E-Mail Services"); preferred over SMTP."""
 
@@ -320,11 +510,14 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     status: StatusSettings = Field(default_factory=StatusSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
+    bounces: BouncesSettings = Field(default_factory=BouncesSettings)
     smtp: list[SmtpConnection] = Field(default_factory=list)
     openauth: list[OpenAuthService] = Field(default_factory=list)
     integrated_services: dict[ServiceName, IntegratedService] = Field(
         default_factory=dict
     )
+    inbound: list[InboundSource] = Field(default_factory=list)
+    webhook: list[Webhook] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -360,7 +553,25 @@ class Settings(BaseSettings):
                     f"smtp[{conn.name}].integrated_service: "
                     f"no [integrated_services.{conn.integrated_service}]"
                 )
+        self._inbound_references()
         return self
+
+    def _inbound_references(self) -> None:
+        for kind, entries in (("inbound", self.inbound), ("webhook", self.webhook)):
+            seen: set[str] = set()
+            for entry in entries:
+                if entry.name in seen:
+                    raise ValueError(f"{kind} name {entry.name!r} is used twice")
+                seen.add(entry.name)
+        for source in self.inbound:
+            needs = source.kind == "graph" or (
+                source.kind == "imap" and source.auth == "xoauth2"
+            )
+            if needs and source.integrated_service not in self.integrated_services:
+                raise ValueError(
+                    f"inbound[{source.name}].integrated_service: "
+                    f"no [integrated_services.{source.integrated_service}]"
+                )
 
     @property
     def service_names(self) -> list[str]:

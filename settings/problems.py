@@ -10,8 +10,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from settings.models import (
+    BouncesSettings,
     BreakerSettings,
     EventsSettings,
+    InboundSource,
     IntegratedService,
     Limits,
     OpenAuthService,
@@ -19,6 +21,7 @@ from settings.models import (
     Settings,
     SmtpConnection,
     StatusSettings,
+    Webhook,
 )
 
 __all__ = ["problems_of"]
@@ -31,11 +34,19 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "breaker": BreakerSettings,
     "status": StatusSettings,
     "events": EventsSettings,
+    "bounces": BouncesSettings,
+    "inbound": InboundSource,
+    "webhook": Webhook,
     "smtp": SmtpConnection,
     "openauth": OpenAuthService,
     "integrated_services": IntegratedService,
 }
-_LISTS = {"smtp": "connection", "openauth": "service"}
+_LISTS = {
+    "smtp": "connection",
+    "openauth": "service",
+    "inbound": "source",
+    "webhook": "webhook",
+}
 
 
 def problems_of(
