@@ -1,0 +1,1 @@
+"""Mail that comes back: sources (Graph, IMAP, an SMTP/LMTP receiver), bounces, suppression."""
