@@ -16,9 +16,12 @@ __all__ = [
     "events_key",
     "history_key",
     "idempotency_key",
+    "inbound_index_key",
+    "inbound_key",
     "queue_key",
     "queue_messages_key",
     "status_key",
+    "suppressed_key",
     "wake_channel",
     "wake_gate_key",
 ]
@@ -74,6 +77,22 @@ def dead_payload_key(namespace: str, job_id: str) -> str:
 def events_key(namespace: str) -> str:
     """The stream of outcome events engines read (docs/design.md §9)."""
     return f"{namespace}:events"
+
+
+def suppressed_key(namespace: str) -> str:
+    """The suppression list: a hash of lowercased address → JSON entry."""
+    return f"{namespace}:suppressed"
+
+
+def inbound_key(namespace: str, key: str) -> str:
+    """The record of one inbound message (hashed: its key is a Message-ID or digest)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{namespace}:inbound:message:{digest}"
+
+
+def inbound_index_key(namespace: str) -> str:
+    """Recent inbound messages: a sorted set of record key → time received (ms)."""
+    return f"{namespace}:inbound:index"
 
 
 def wake_channel(namespace: str) -> str:

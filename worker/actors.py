@@ -21,6 +21,7 @@ from worker.broker.attached import PackedWrite, attached
 from worker.bulk import SingleJobs
 from worker.deadletter import content_size
 from worker.delivery import Deliverer, Outcome, Parcel
+from worker.inbound.suppression import Suppressed, SuppressionList
 from worker.logging import show_address
 from worker.status import ErrorRecord, JobStart, RecordFields, StatusStore
 
@@ -36,6 +37,7 @@ class Prepared:
     start: JobStart
     wanted: list[str]
     parcel: Parcel
+    suppressed: dict[str, Suppressed]
 
 
 class JobHandler:
@@ -48,6 +50,7 @@ class JobHandler:
         broker: where a job waiting for a budget is put back.
         single_jobs: the single jobs running in this process, which bulk messages
             wait for.
+        suppression: the suppression list recipients are looked up in.
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class JobHandler:
         deliverer: Deliverer,
         broker: dramatiq.Broker,
         single_jobs: SingleJobs | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         self._broker = broker
+        self._suppression = suppression
         self._single_jobs = single_jobs or SingleJobs()
         self._settings = settings
         self._status = status
@@ -138,12 +143,43 @@ class JobHandler:
         pending = tuple(
             r for r in wanted if r not in start.accepted and r not in start.refused
         )
+        suppressed: dict[str, Suppressed] = {}
+        if start.suppressing and self._suppression is not None and pending:
+            suppressed = self._suppression.check(pending)
+            pending = tuple(r for r in pending if r not in suppressed)
+            if not pending and not start.accepted.intersection(wanted):
+                self._all_suppressed(job, wanted, start, suppressed)
+                return None
         headers = (
             {"X-Mailworker-Redirected-From": ", ".join(notification.recipients)}
             if redirect
             else None
         )
-        return Prepared(start, wanted, Parcel(job.id, notification, pending, headers))
+        parcel = Parcel(job.id, notification, pending, headers)
+        return Prepared(start, wanted, parcel, suppressed)
+
+    def _all_suppressed(
+        self,
+        job: Job,
+        wanted: list[str],
+        start: JobStart,
+        suppressed: dict[str, Suppressed],
+    ) -> None:
+        """End a job none of whose recipients is left to send to, some suppressed."""
+        recipients = records.merge_recipients(start, wanted, Outcome())
+        for i, entry in enumerate(recipients):
+            hit = suppressed.get(entry["address"])
+            if hit is not None:
+                recipients[i] = records.suppressed_recipient(
+                    entry["address"], hit["reason"]
+                )
+        reason = "suppressed" if len(suppressed) == len(set(wanted)) else "permanent"
+        self._write(
+            job.id, {"recipients": recipients, "counts": records.counts(recipients)}
+        )
+        names = ", ".join(show_address(a) for a in suppressed)
+        message = f"every recipient is suppressed or refused ({names} suppressed)"
+        self._dead(job, reason, records.error(reason, message))
 
     def invalid(self, job: Job, exc: JobValidationError) -> None:
         """End ``job`` in the dead letters as invalid, naming the field at fault."""
@@ -174,6 +210,12 @@ class JobHandler:
             ready.parcel.notification,
         )
         recipients = records.merge_recipients(start, wanted, outcome)
+        for i, entry in enumerate(recipients):
+            hit = ready.suppressed.get(entry["address"])
+            if hit is not None:
+                recipients[i] = records.suppressed_recipient(
+                    entry["address"], hit["reason"]
+                )
         counts = records.counts(recipients)
         # Before the attempt's own entry, and like it with the message's ack.
         for doubt in records.in_doubt_events(job.attempt, outcome):

@@ -26,6 +26,7 @@ from worker.broker.scripts import close_connections
 from worker.bulk import BulkHandler, SingleJobs
 from worker.deadletter import DeadLetters
 from worker.delivery import Deliverer
+from worker.inbound.suppression import SuppressionList
 from worker.limits import Breaker
 from worker.middleware.bulk_slots import BulkSlots
 from worker.middleware.dead_letters import DeadLetterCapture
@@ -84,6 +85,14 @@ def secrets_of(settings: Settings) -> list[str]:
                 f"{prefix}.private_key_passphrase",
             )
         )
+    for source in settings.inbound:
+        pairs.append(
+            (source.password, source.password_file, f"inbound[{source.name}].password")
+        )
+    for hook in settings.webhook:
+        pairs.append((hook.secret, hook.secret_file, f"webhook[{hook.name}].secret"))
+    bounces = settings.bounces
+    pairs.append((bounces.secret, bounces.secret_file, "bounces.secret"))
     values = []
     for inline, path, field_name in pairs:
         # An error names the key the user wrote: `password_file` when a file is given.
@@ -173,6 +182,7 @@ def build(
         deliverer=deliverer,
         broker=broker,
         single_jobs=single_jobs,
+        suppression=SuppressionList(client, namespace=settings.namespace),
     )
     bulk = BulkHandler(
         handler,

@@ -30,6 +30,7 @@ from worker.limits import Breaker
 from worker.mime import Mime, message_id, render_body, render_message
 
 if TYPE_CHECKING:
+    from worker.inbound.returnpath import ReturnPath
     from worker.records import SkipRecord
 from worker.transports.base import (
     BatchTransport,
@@ -71,11 +72,19 @@ class Service:
 
     transport: Transport
     from_box: Mailbox
+    # SMTP with [bounces] return_path: the signed per-job envelope sender.
+    return_path: ReturnPath | None = None
 
     @property
     def name(self) -> str:
         """The configured service name."""
         return self.transport.name
+
+    def sender(self, job_id: str) -> str:
+        """The envelope sender (MAIL FROM) for ``job_id``."""
+        if self.return_path is None:
+            return self.from_box.address
+        return self.return_path.address(job_id)
 
 
 @dataclass(slots=True)
@@ -369,7 +378,7 @@ class Deliverer:
             )
         return OutgoingMessage(
             job_id=parcel.job_id,
-            sender=service.from_box.address,
+            sender=service.sender(parcel.job_id),
             recipients=parcel.recipients,
             data=data,
             notification=parcel.notification,

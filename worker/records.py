@@ -39,11 +39,12 @@ class ErrorRecord(TypedDict):
 
 
 class RecipientRecord(TypedDict):
-    """What became of one recipient: ``accepted``, ``refused`` or ``deferred``."""
+    """What became of one recipient: ``accepted``, ``refused``, ``deferred``, and later
+    ``suppressed`` (never tried) or ``bounced`` (``code`` is then the DSN's status)."""
 
     address: str
     state: str
-    code: int | None
+    code: int | str | None
     message: str
 
 
@@ -232,18 +233,33 @@ def merge_recipients(
     return merged
 
 
+# Recipient states that mean "will not get it": refused by a server, suppressed by us,
+# or accepted and then bounced.
+_REFUSED = frozenset({"refused", "suppressed", "bounced"})
+
+
+def suppressed_recipient(address: str, reason: str) -> RecipientRecord:
+    """The record of a recipient left out because the suppression list holds it."""
+    return {
+        "address": address,
+        "state": "suppressed",
+        "code": None,
+        "message": f"on the suppression list ({reason})",
+    }
+
+
 def counts(recipients: list[RecipientRecord]) -> Counts:
     """How many recipients were accepted, refused for good, and are still deferred.
 
     These are the record's ``counts``, so that a job some but not all recipients got is
-    seen at once.
+    seen at once. A suppressed or bounced recipient counts as refused.
     """
     out: Counts = {"accepted": 0, "refused": 0, "deferred": 0}
     for recipient in recipients:
         state = recipient.get("state")
         if state == "accepted":
             out["accepted"] += 1
-        elif state == "refused":
+        elif state in _REFUSED:
             out["refused"] += 1
         elif state == "deferred":
             out["deferred"] += 1
@@ -254,11 +270,12 @@ def partial_error(
     recipients: list[RecipientRecord], service: str | None
 ) -> ErrorRecord:
     """The error of a job sent to some recipients while others were refused for good."""
-    refused = [r for r in recipients if r.get("state") == "refused"]
+    refused = [r for r in recipients if r.get("state") in _REFUSED]
     first = refused[0]
+    code = first.get("code")
     return {
         "type": "recipient_refused",
-        "code": first.get("code"),
+        "code": code if isinstance(code, int) else None,
         "service": service,
         "message": f"{len(refused)} of {len(recipients)} recipient(s) refused: "
         f"{first.get('message') or ''}".rstrip(": "),

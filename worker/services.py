@@ -16,13 +16,14 @@ from settings import (
     read_secret,
 )
 from worker.delivery import Service
+from worker.inbound.returnpath import ReturnPath
 from worker.limits import Budget, Slots
 from worker.transports.smtp import SmtpTransport, lease_seconds
 
 if TYPE_CHECKING:
     from worker.transports.oauth import TokenProvider
 
-__all__ = ["build_services"]
+__all__ = ["Accounts", "build_services"]
 
 _TOKEN_TIMEOUT = 30.0
 
@@ -41,7 +42,7 @@ def _password_reader(conn: SmtpConnection) -> Callable[[], str | None]:
     return current
 
 
-class _Accounts:
+class Accounts:
     """One token provider per integrated service, shared by every service that uses it."""
 
     def __init__(self, settings: Settings) -> None:
@@ -49,6 +50,7 @@ class _Accounts:
         self._providers: dict[str, TokenProvider] = {}
 
     def get(self, name: str) -> TokenProvider:
+        """The provider of integrated service ``name``, made on first use."""
         if name not in self._providers:
             # msal, requests and cryptography (~70 ms of imports and ~10 MB per
             # process) load only when a configuration uses OpenAuth.
@@ -76,7 +78,7 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
         ConfigError: a secret file is unreadable, or no service is enabled.
     """
     ns = settings.namespace
-    accounts = _Accounts(settings)
+    accounts = Accounts(settings)
     services: list[Service] = []
     for oa in settings.openauth:
         if not oa.enabled:
@@ -111,6 +113,7 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
             ),
         )
         services.append(Service(transport, Mailbox(address=oa.service_identity)))
+    return_path = ReturnPath.from_settings(settings.bounces)
     for conn in settings.smtp:
         if not conn.enabled:
             continue
@@ -130,7 +133,7 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
             total=total,
         )
         from_box = Mailbox(address=conn.from_address, name=conn.from_display_name)
-        services.append(Service(smtp, from_box))
+        services.append(Service(smtp, from_box, return_path))
     if not services:
         raise ConfigError(
             "smtp", "no enabled service: configure an [[openauth]] or [[smtp]] service"

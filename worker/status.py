@@ -107,7 +107,8 @@ return 1
 # ARGV: namespace, ttl, now, then per job: job id, attempt, queue, redis message id.
 # Reads each job's earlier state and marker, then marks it `sending` (a job already
 # `sent` stays so: it is done). The jobs of a bulk message share their broker message,
-# whose redelivery count is read once.
+# whose redelivery count is read once. The last reply is the suppression list's size:
+# only when it is not empty do jobs look their recipients up in it.
 _BEGIN = """
 local ns, ttl, now = ARGV[1], ARGV[2], ARGV[3]
 local out, counts = {}, {}
@@ -125,6 +126,7 @@ for i = 4, #ARGV, 4 do
   end
   out[#out + 1] = {old[1], old[2], old[3], counts[rid], accepted}
 end
+out[#out + 1] = redis.call('HLEN', ns .. ':suppressed')
 return out
 """
 
@@ -146,6 +148,7 @@ class JobStart:
         "previous_state",
         "recipients",
         "redeliveries",
+        "suppressing",
     )
 
     def __init__(
@@ -156,12 +159,15 @@ class JobStart:
         previous_state: str = "",
         previous_attempts: int = 0,
         redeliveries: int = 0,
+        suppressing: bool = False,
     ) -> None:
         self.accepted = accepted
         self.recipients = recipients
         self.previous_state = previous_state
         self.previous_attempts = previous_attempts
         self.redeliveries = redeliveries
+        # The suppression list had entries when the job began: look its recipients up.
+        self.suppressing = suppressing
 
     def in_doubt(self, attempt: int) -> bool:
         """True when this attempt already ran and its process died while sending.
@@ -221,7 +227,7 @@ class StatusStore:
         args: list[EncodableT] = [self._ns, self._ttl, now_iso()]
         for job in jobs:
             args.extend(job)
-        replies = self._begin(*args)
+        *replies, suppressed = self._begin(*args)
         out = {}
         for job, reply in zip(jobs, replies, strict=True):
             state, attempts, recipients, redeliveries, accepted = reply
@@ -231,6 +237,7 @@ class StatusStore:
                 previous_state=state.decode() if state else "",
                 previous_attempts=int(attempts or 0),
                 redeliveries=int(redeliveries or 0),
+                suppressing=bool(suppressed),
             )
         return out
 

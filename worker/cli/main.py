@@ -26,8 +26,10 @@ from settings import ConfigError, Settings, config_path, public_url
 from worker.cli.dead import dead
 from worker.cli.dev import dev
 from worker.cli.events import events
+from worker.cli.inbound import inbound
 from worker.cli.output import render_config, render_status
 from worker.cli.stats import queue
+from worker.cli.suppress import suppress
 from worker.middleware.tuning import POLL_ENV
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ main.add_command(dead)
 main.add_command(dev)
 main.add_command(queue)
 main.add_command(events)
+main.add_command(inbound)
+main.add_command(suppress)
 
 
 def _queue_names(queues: tuple[str, ...]) -> list[str]:
