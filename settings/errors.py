@@ -10,6 +10,8 @@ Every error mailworker raises on purpose descends from ``MailworkerError``::
     ├── RequeueRefusedError            worker.deadletter: this dead letter cannot be sent
     ├── MalformedMessageError          worker.broker.envelope: a broker message of the
     │                                  wrong shape (also Dramatiq's DecodeError)
+    ├── UnreadableMessageError         worker.inbound.parse: inbound mail past a limit or
+    │                                  too malformed to read; .reason (classify catches it)
     └── DeliveryError                  worker.errors: .service, .code; no secrets
         ├── RecipientRefusedError      5xx to RCPT: those recipients, for good
         ├── MessageRefusedError        this service can't carry this message: next one

@@ -239,7 +239,8 @@ def _route_stdlib(shared: list[Any], renderer: Any, console: bool, level: int) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("mail.log", "msal", "httpx", "httpcore"):
+    # flufl.bounce logs every detector it runs at INFO.
+    for noisy in ("mail.log", "msal", "httpx", "httpcore", "flufl.bounce"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
