@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,10 +24,15 @@ from common.exits import settings_or_fail
 from common.sockets import free_port
 from settings import Settings
 
+if TYPE_CHECKING:
+    from worker.cli.dev_inbound import DevInbound
+
 __all__ = ["CaptureMailbox", "EmbeddedBroker", "dev", "dev_settings"]
 
 HOST = "127.0.0.1"
 DEV_FROM = "noreply@mailworker.test"
+RETURN_PATH = "bounces@mailworker.test"  # worker.cli.dev_inbound receives it
+BOUNCING_DOMAIN = "unknown.mailworker.test"
 
 
 class EmbeddedBroker:
@@ -64,10 +70,28 @@ class _Writer:
         self.outbox = outbox
         self.count = 0
         self._on_message = on_message
+        self.inbound: DevInbound | None = None  # set once the worker is built
 
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
         self, server: Any, session: Any, envelope: Any
     ) -> str:
+        content = envelope.original_content or b""
+        inbound = self.inbound
+        if inbound is not None and inbound.is_inbound(envelope.rcpt_tos):
+            loop = asyncio.get_running_loop()
+            try:
+                handled = await loop.run_in_executor(
+                    None,
+                    inbound.receive,
+                    content,
+                    envelope.mail_from,
+                    envelope.rcpt_tos,
+                )
+            except Exception:
+                return "451 4.3.0 cannot record the message now, try again later"
+            if handled.failed:
+                return f"554 5.6.0 not accepted: {' '.join(handled.reason.split())}"
+            return f"250 2.0.0 {handled.kind} {handled.outcome}"
         self.count += 1
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self.count:05d}.eml"
         path = self.outbox / name
@@ -75,8 +99,10 @@ class _Writer:
             f"X-Envelope-From: <{envelope.mail_from}>\r\n"
             f"X-Envelope-To: {', '.join(envelope.rcpt_tos)}\r\n"
         ).encode()
-        path.write_bytes(envelope_lines + (envelope.original_content or b""))
+        path.write_bytes(envelope_lines + content)
         self._on_message(path)
+        if inbound is not None:
+            inbound.bounce_later(content, envelope.mail_from, envelope.rcpt_tos)
         return "250 2.0.0 Captured"
 
 
@@ -107,13 +133,23 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
     """The configuration ``dev`` runs with.
 
     It keeps the user's limits and retry policy, but has only the capture mailbox as a
-    service and the embedded broker. Configured services are ignored.
+    service and the embedded broker. Configured services and inbound sources are
+    ignored. Bounces use dev's own return path, which the capture mailbox receives.
     """
     data = base.model_dump(
-        exclude={"smtp", "openauth", "integrated_services", "broker_url"}
+        exclude={
+            "smtp",
+            "openauth",
+            "integrated_services",
+            "broker_url",
+            "inbound",
+            "bounces",
+        }
     )
     data["broker_url"] = broker_url
     data["redirect_all_to"] = ""
+    # Bounces come back to the capture mailbox: a signed return path of dev's own.
+    data["bounces"] = {"return_path": RETURN_PATH, "secret": secrets.token_hex(16)}
     data["smtp"] = [
         {
             "name": "capture",
@@ -151,7 +187,10 @@ def dev(outbox: Path, threads: int, port: int) -> None:
     """
     from dramatiq import Worker
 
+    from common.broker import connect
     from worker.app import build
+    from worker.cli.dev_inbound import DevInbound
+    from worker.inbound.runner import build_inbound
     from worker.logging import configure
 
     base = settings_or_fail()
@@ -169,6 +208,8 @@ def dev(outbox: Path, threads: int, port: int) -> None:
         log_format=settings.log_format, log_recipients=settings.log_recipients, dev=True
     )
     app = build(settings)
+    client = connect(broker.url)
+    mailbox.writer.inbound = DevInbound(build_inbound(settings, client), app.status)
     app.broker.emit_after("process_boot")
     # Poll an idle queue every 50 ms so a message arrives well within a second.
     worker = Worker(app.broker, worker_threads=threads, worker_timeout=50)
@@ -188,6 +229,11 @@ def dev(outbox: Path, threads: int, port: int) -> None:
     click.echo(
         f"{shlex.quote(me)} send --to someone@example.com --subject 'Hello from mailworker' "
         "--text 'It works.'"
+    )
+    click.echo(
+        f"# a recipient at {BOUNCING_DOMAIN} bounces: see it with `status`, "
+        "`inbound list`, `suppress list`, `events tail`",
+        err=True,
     )
     sys.stdout.flush()
     _wait_for_signal()
