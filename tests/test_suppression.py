@@ -120,7 +120,9 @@ def test_a_long_job_id_keeps_the_local_part_within_64_octets():
     assert signer.token_of("bounces+x@elsewhere.example") is None
 
 
-def _cli(tmp_path: Path, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(
+    tmp_path: Path, namespace: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     config = write_toml(
         tmp_path / "mailworker.toml", {"namespace": namespace, "broker_url": REDIS_URL}
     )
