@@ -550,3 +550,30 @@ def test_a_whsec_secret_that_is_not_base64_is_a_configuration_error(
     with pytest.raises(ConfigError) as caught:
         signer_for(settings.webhook[0])
     assert caught.value.field == "webhook[engine].secret"
+
+
+def test_a_secret_from_the_environment_replaces_the_files_secret_file(tmp_path):
+    """``MAILWORKER_WEBHOOK__NAME__SECRET`` wins over the file's ``secret_file``, as the
+    other secrets' variables do."""
+    from settings import load_settings
+    from tests.support.config import write_toml
+
+    path = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "webhook": [
+                {
+                    "name": "my-hook",
+                    "url": "https://hooks.example.org/in",
+                    "secret_file": str(tmp_path / "missing"),
+                }
+            ]
+        },
+    )
+    settings = load_settings(
+        path, environ={"MAILWORKER_WEBHOOK__MY_HOOK__SECRET": SECRET}
+    )
+    [hook] = settings.webhook
+    assert hook.secret is not None and hook.secret.get_secret_value() == SECRET
+    assert hook.secret_file is None
+    assert repr(signer_for(hook)) == "Signer(key=***)"
