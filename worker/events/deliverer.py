@@ -87,6 +87,7 @@ class WebhookDeliverer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sweep_at = 0.0
+        self._acks: list[str] = []  # delivered first attempts, acknowledged per batch
 
     def __repr__(self) -> str:
         return f"WebhookDeliverer({self.name!r}, consumer={self.consumer!r})"
@@ -166,12 +167,18 @@ class WebhookDeliverer:
         over once the claim timeout has passed.
         """
         started, done = time.monotonic(), 0
-        for delivery in deliveries:
-            late = done > 0 and time.monotonic() - started > self._budget
-            if late or self._stop.is_set():
-                break
-            self._attempt(delivery)
-            done += 1
+        try:
+            for delivery in deliveries:
+                late = done > 0 and time.monotonic() - started > self._budget
+                if late or self._stop.is_set():
+                    break
+                self._attempt(delivery)
+                done += 1
+        finally:
+            # One XACK for the batch: a process that dies before it only sends those
+            # events again (at least once), and a round trip an event is saved.
+            acks, self._acks = self._acks, []
+            self.store.ack(acks)
         return done
 
     def _attempt(self, delivery: Delivery) -> None:
@@ -179,7 +186,7 @@ class WebhookDeliverer:
         attempt = int(delivery.get("attempts", 0)) + 1
         scheduled = bool(delivery.get("scheduled"))
         if not scheduled and event["type"] not in self.types:
-            self.store.ack(event["stream_id"])  # not of this webhook's types: unsent
+            self._acks.append(event["stream_id"])  # not of this webhook's types: unsent
             return
         failure = self.sender.post(event)
         if failure is None:
@@ -193,7 +200,7 @@ class WebhookDeliverer:
     def _finish(self, delivery: Delivery, attempt: int) -> None:
         """A delivered event leaves the pending list, or the retry schedule."""
         if not delivery.get("scheduled"):
-            self.store.ack(delivery["event"]["stream_id"])
+            self._acks.append(delivery["event"]["stream_id"])
             return
         fields = history = None
         if delivery.get("requeued"):  # its record, from the dead letter, says so

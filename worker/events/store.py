@@ -159,9 +159,10 @@ class DeliveryStore:
         )
         return [orjson.loads(item) for item in cast("list[bytes]", raw)]
 
-    def ack(self, stream_id: str) -> None:
-        """A first attempt's event is done (delivered, or not of the webhook's types)."""
-        self._client.xack(self._stream, self.group, stream_id)
+    def ack(self, stream_ids: list[str]) -> None:
+        """First attempts' events are done (delivered, or not of the webhook's types)."""
+        if stream_ids:
+            self._client.xack(self._stream, self.group, *stream_ids)
 
     def finish(
         self,
