@@ -17,7 +17,7 @@ __all__ = ["WebhookDelivery", "build_deliverers"]
 def build_deliverers(
     settings: Settings, client: redis.Redis, *, poll: float = 1.0
 ) -> list[WebhookDeliverer]:
-    """A deliverer for each enabled ``[[webhook]]``; their secrets are read now.
+    """A deliverer for each enabled ``[[webhook]]``, its secret read now.
 
     Args:
         settings: the configuration.

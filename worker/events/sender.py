@@ -72,7 +72,7 @@ class WebhookSender:
         return f"WebhookSender({self.name!r}, host={self._host!r})"
 
     def post(self, event: dict[str, Any]) -> Failure | None:
-        """POST one event; None when the receiver answered 2xx, else why not."""
+        """POST one event: None when the receiver answered 2xx, else why not."""
         body = body_of(event)
         headers = {
             "content-type": "application/json",

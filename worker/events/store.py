@@ -128,7 +128,7 @@ class DeliveryStore:
         return [event_of(sid, f) for sid, f in entries if f], lost
 
     def prune(self, *, idle_ms: int = 3_600_000) -> int:
-        """Drop consumers that hold nothing and were idle over ``idle_ms``; how many.
+        """Drop consumers that hold nothing and were idle over ``idle_ms``, and count them.
 
         Each worker process reads under a name of its own, so names of processes long
         gone would pile up in the group otherwise.
@@ -170,7 +170,7 @@ class DeliveryStore:
         fields: dict[str, Any] | None = None,
         history: list[dict[str, Any]] | None = None,
     ) -> bool:
-        """A retried delivery is done; False when another process finished it first."""
+        """A retried delivery is done (False when another process finished it first)."""
         event_id = delivery["event"]["id"]
         keys = [self._retry_key, self._deliveries, *self._record_keys(event_id)]
         args: list[EncodableT] = [event_id, self._ttl, *_record_args(fields, history)]
