@@ -140,6 +140,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="run the work tree's product code, not a copy taken at start",
     )
     parser.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="mailworker's workers also POST every event to this [[webhook]] URL "
+        "(http allowed; see bench.webhook_receiver)",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="keep the temp dir with configs and worker logs",
@@ -312,6 +318,8 @@ def run(args: argparse.Namespace, data: dict[str, Any], workdir: Path) -> None:
             data["latency_sink"] = latency_sink.kind
         ctx = Context(server, throughput_sink, latency_sink, args.processes, args.threads,
                       workdir, pythonpath, args.quiet_wait, poll_ms, poll_flag)  # fmt: skip
+        ctx.webhook_url = args.webhook or ""
+        data["webhook"] = ctx.webhook_url or None
         data["workers"] = _workers(args, ctx)
         runs: list[dict[str, Any]] = data["runs"]
         for index in range(args.runs):

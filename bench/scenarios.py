@@ -115,6 +115,7 @@ class Context:
     poll_flag: bool = False  # whether `mailworker worker` takes --poll-interval
     python: str = sys.executable
     mailworker: str = str(Path(sys.executable).parent / "mailworker")
+    webhook_url: str = ""  # `--webhook`: mailworker's workers POST every event here
     _clients: dict[str, redis.Redis] = field(default_factory=dict)
 
     def client(self, url: str | None = None) -> redis.Redis:
@@ -317,7 +318,8 @@ def write_config(
 ) -> Path:
     """A mailworker configuration for one run: its own namespace, one SMTP connection
     to the sink (no TLS, no AUTH), JSON logs (the harness sends them to a file); with
-    ``bulk_sink``, a second connection named ``bulk`` to it."""
+    ``bulk_sink``, a second connection named ``bulk`` to it; with ``--webhook``, a
+    ``[[webhook]]`` to that URL."""
     path = ctx.workdir / f"{ns}.toml"
     sinks = [("sink", sink)] + ([("bulk", bulk_sink)] if bulk_sink else [])
     path.write_text(
@@ -332,6 +334,12 @@ def write_config(
             f"port = {target.port}\n"
             'security = "none"\n'
             for name, target in sinks
+        )
+        + (
+            '\n[[webhook]]\nname = "bench"\n'
+            f'url = "{ctx.webhook_url}"\nsecret = "bench-secret"\nallow_http = true\n'
+            if ctx.webhook_url
+            else ""
         )
     )
     return path

@@ -148,6 +148,7 @@ _SECRET_FORMS = {
     "password": "password_file",
     "client_secret": "client_secret_file",
     "private_key_passphrase": "private_key_passphrase_file",
+    "secret": "secret_file",  # [[webhook]]
 }
 _SECRET_FORMS |= {file: inline for inline, file in _SECRET_FORMS.items()}
 _VARIABLE_HELP = (

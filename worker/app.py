@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import dramatiq
 import redis
+from dramatiq import Middleware
 from dramatiq.middleware import CurrentMessage
 from pydantic import SecretStr
 
@@ -73,6 +74,11 @@ def secrets_of(settings: Settings) -> list[str]:
     pairs: list[tuple[SecretStr | None, Path | None, str]] = []
     for conn in settings.smtp:
         pairs.append((conn.password, conn.password_file, f"smtp[{conn.name}].password"))
+    for hook in settings.webhook:
+        if hook.enabled:
+            pairs.append(
+                (hook.secret, hook.secret_file, f"webhook[{hook.name}].secret")
+            )
     for name, svc in settings.integrated_services.items():
         prefix = f"integrated_services.{name}"
         pairs.append(
@@ -142,6 +148,12 @@ def build(
     )
     draining = Draining()
     waker = Waker(client, settings.namespace)
+    webhooks: list[Middleware] = []
+    if any(hook.enabled for hook in settings.webhook):
+        # Imported only here: requests and the webhook loop cost nothing without one.
+        from worker.events.runner import WebhookDelivery, build_deliverers
+
+        webhooks.append(WebhookDelivery(build_deliverers(settings, client)))
     single_jobs = single_jobs or SingleJobs()
     bulk_slots = BulkSlots(single_jobs)
     broker = MailBroker(
@@ -165,6 +177,7 @@ def build(
             WorkerTuning(),
             bulk_slots,
             waker,
+            *webhooks,
         ],
     )
     breaker = Breaker(

@@ -2,8 +2,10 @@
 
 A dead letter is an entry in ``{ns}:dead`` (job id → time of death), the full message in
 ``{ns}:dead:{id}`` and the job's status record (reason, last error, attempts, recipients).
-All three live ``status.ttl``. ``sweep`` drops index entries whose time has passed, so
-nothing depends on Dramatiq's random maintenance passes.
+All three live ``status.ttl``. Webhook deliveries that ran out of attempts are kept the
+same way under ids ``webhook:NAME:EVENT_ID`` (``worker.events.letters``). ``sweep``
+drops index entries whose time has passed, so nothing depends on Dramatiq's random
+maintenance passes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import binascii
 import hashlib
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -33,6 +36,8 @@ from common.keys import (
 from producers.job import parse_job
 from settings import JobValidationError, Limits, MailworkerError
 from worker.broker.keys import q_name
+from worker.events import letters
+from worker.events.model import parse_dead_id
 from worker.records import dead_event
 from worker.status import (
     ErrorRecord,
@@ -64,6 +69,7 @@ REASONS = (
     "poison",
     "unknown_actor",
     "unhandled",
+    "webhook",  # a webhook delivery that ran out of attempts (worker.events.letters)
 )
 # A dead letter keeps the whole message when the job could be sent under the limits and
 # its payload is at most limits.max_message_bytes and this much more (envelope, JSON).
@@ -350,18 +356,43 @@ class DeadLetters:
             return None
         shown: dict[str, Any] = dict(record)
         shown["dead_at"] = record["dead_at"] or score
-        shown["message"] = elide(payload) if payload is not None else None
+        if payload is None:
+            shown["message"] = None
+        elif parse_dead_id(job_id) is not None:
+            shown["message"] = orjson.loads(payload)  # the event and the webhook's name
+        else:
+            shown["message"] = elide(payload)
         return shown
 
-    def requeue(self, job_id: str, limits: Limits) -> None:
+    def requeue(
+        self,
+        job_id: str,
+        limits: Limits,
+        *,
+        webhooks: Collection[str] | None = None,
+    ) -> None:
         """Send a dead letter again under the same job id, after validating it again.
 
         Refused and deferred recipients are reset. The delivery marker still stops a
-        resend to anyone a server already accepted.
+        resend to anyone a server already accepted. A webhook delivery's dead letter
+        goes back to that webhook alone, due at once, with a fresh count of attempts.
+
+        Args:
+            job_id: the dead letter's id.
+            limits: what a job must fit again.
+            webhooks: the enabled webhooks (a letter of another is refused); None
+                does not check.
 
         Raises:
             RequeueRefusedError: no such dead letter, undecodable, or no longer valid.
         """
+        if parse_dead_id(job_id) is not None:
+            refused = letters.requeue(
+                self._client, self._ns, job_id, ttl=self._ttl, webhooks=webhooks
+            )
+            if refused is not None:
+                raise RequeueRefusedError(refused)
+            return
         payload = cast(
             "bytes | None", self._client.get(dead_payload_key(self._ns, job_id))
         )

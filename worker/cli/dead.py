@@ -78,7 +78,7 @@ def _with_filters(fn: Any) -> Any:
 
 @click.group()
 def dead() -> None:
-    """Dead letters: jobs that ended undelivered, with the reason."""
+    """Dead letters: jobs and webhook deliveries that ended undelivered, with the reason."""
 
 
 @dead.command("list")
@@ -176,7 +176,10 @@ def requeue_command(
     service: str | None,
     broker_url: str | None,
 ) -> None:
-    """Validate again and enqueue under the same job id (exit 1 if any is refused)."""
+    """Validate again and enqueue under the same job id (exit 1 if any is refused).
+
+    A webhook delivery (webhook:NAME:EVENT_ID) goes back to that webhook alone.
+    """
     settings, store, label = _store(broker_url)
     if bool(job_id) == all_:
         fail(EXIT_USAGE, "give a JOB_ID or --all")
@@ -187,10 +190,11 @@ def requeue_command(
             else [e[0] for e in store.entries(_filters(since, reason, service))]
         )
         refused = 0
+        enabled = [w.name for w in settings.webhook if w.enabled]
         for item in ids:
             assert item is not None
             try:
-                store.requeue(item, settings.limits)
+                store.requeue(item, settings.limits, webhooks=enabled)
                 click.echo(f"requeued {item}")
             except RequeueRefusedError as exc:
                 refused += 1

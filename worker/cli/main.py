@@ -177,11 +177,15 @@ def worker(
 def _check_worker(settings: Settings) -> None:
     """Exit 2 on a configuration the worker cannot run, 4 when the broker is away."""
     from worker.app import build_services
+    from worker.events.signing import signer_for
 
     url = settings.broker_url.get_secret_value()
     client = connect(url, ca_bundle=settings.broker_ca_bundle)
     try:
         build_services(settings, client)
+        for webhook in settings.webhook:
+            if webhook.enabled:
+                signer_for(webhook)  # its secret must be readable, and a key
     except ConfigError as exc:
         fail(EXIT_USAGE, f"configuration: {exc}")
     try:
@@ -325,6 +329,7 @@ def config_check(no_broker: bool) -> None:
     named), 4 the broker is unreachable or refuses the login.
     """
     from worker.app import build_services, secrets_of
+    from worker.events.signing import signer_for
 
     settings = settings_or_fail()
     url = settings.broker_url.get_secret_value()
@@ -332,6 +337,9 @@ def config_check(no_broker: bool) -> None:
     try:
         secrets_of(settings)  # every secret file must be readable
         services = build_services(settings, client)  # what the worker refuses
+        for webhook in settings.webhook:
+            if webhook.enabled:
+                signer_for(webhook)  # a whsec_ secret must be base64
     except ConfigError as exc:
         fail(EXIT_USAGE, f"configuration: {exc}")
     for service in services:
