@@ -10,6 +10,14 @@ Entra ID:
     POST /{tenant}/oauth2/v2.0/token          (client_credentials; secret or client assertion)
 Graph:
     POST /v1.0/users/{mailbox}/sendMail       (JSON message or base64 MIME)
+Graph, a mailbox (``fake.mailboxes``, ``tests/support/fake_mailbox.py``; every call needs
+``Prefer: IdType="ImmutableId"`` and is logged in ``fake.mailboxes.log``):
+    GET  /v1.0/users/{mailbox}/mailFolders[?$filter=displayName eq 'NAME']
+    POST /v1.0/users/{mailbox}/mailFolders    {"displayName": NAME}: under msgFolderRoot
+    GET  /v1.0/users/{mailbox}/mailFolders/{id or well-known name}
+    GET  /v1.0/users/{mailbox}/mailFolders/{id}/messages/delta  ($top, $skiptoken, $deltatoken)
+    GET  /v1.0/users/{mailbox}/messages/{id}/$value
+    POST /v1.0/users/{mailbox}/messages/{id}/move  {"destinationId": id or well-known name}
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import datetime
 import http.server
 import json
+import re
 import secrets
 import socket
 import ssl
@@ -37,6 +46,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from tests.support.env import HOST
+from tests.support.fake_mailbox import FakeMailboxes, MailboxRequest, op_of
 
 # Graph: "The maximum request length supported is 4MB"; a longer body gets 413.
 GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -186,6 +196,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ]:
             status, body = self.server.fake._discovery(parts[0])
             self._send(status, body)
+        elif _is_mailbox_path(parts):
+            self.server.fake._mailbox_request(self, "GET", parts)
         else:
             self._not_found()
 
@@ -207,6 +219,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             and parts[3].lower() == "sendmail"
         ):
             fake._send_mail(self, urllib.parse.unquote(parts[2]))
+        elif _is_mailbox_path(parts):
+            fake._mailbox_request(self, "POST", parts)
         else:
             self._read_body()
             self._not_found()
@@ -226,7 +240,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class FakeMicrosoft:
-    """Entra ID token endpoint + Graph sendMail on one HTTPS loopback server.
+    """Entra ID token endpoint + Graph sendMail and mailboxes on one HTTPS loopback server.
 
     Use ``start()``/``stop()`` or ``with FakeMicrosoft(server_tls) as fake: ...``.
     """
@@ -263,6 +277,8 @@ class FakeMicrosoft:
         self.delay = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
+        # graph, mailboxes: folders, messages, delta, move, the request log
+        self.mailboxes = FakeMailboxes()
         # internals
         self.errors: list[BaseException | None] = []  # swallowed handler exceptions
         self._lock = threading.Lock()
@@ -638,6 +654,74 @@ class FakeMicrosoft:
         with self._lock:
             self.sent.append(record)
 
+    def _mailbox_request(
+        self, handler: _Handler, method: str, parts: list[str]
+    ) -> None:
+        """A call to a user's mailbox: logged, counted in flight, injected faults first."""
+        at = time.monotonic()
+        split = urllib.parse.urlsplit(handler.path)
+        query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
+        mailbox, route = urllib.parse.unquote(parts[2]), _route_of(parts[3:])
+        op = op_of(method, route)
+        immutable = FakeMailboxes.immutable(handler.headers.get("Prefer", ""))
+        boxes = self.mailboxes
+        boxes.begin(mailbox.lower())
+        try:
+            raw = handler._read_body()
+            if boxes.delay:
+                time.sleep(boxes.delay)
+            status, headers, reply = self._mailbox_reply(
+                handler, method, mailbox, route, query, raw, op, immutable
+            )
+        finally:
+            boxes.end(mailbox.lower())
+        boxes.record(
+            MailboxRequest(
+                mailbox, method, op, split.path, query, status, immutable, at
+            )
+        )
+        handler._send(status, reply, headers)
+
+    def _mailbox_reply(
+        self,
+        handler: _Handler,
+        method: str,
+        mailbox: str,
+        route: list[str],
+        query: dict[str, str],
+        raw: bytes,
+        op: str,
+        immutable: bool,
+    ) -> tuple[int, Any, Any]:
+        injected = self.mailboxes.injected(op)
+        if injected is not None:
+            return injected
+        try:
+            self._authenticate(handler.headers.get("Authorization", ""))
+        except _ReplyError as exc:
+            return exc.status, exc.headers, exc.body
+        if not immutable:
+            return (
+                400,
+                None,
+                graph_error(
+                    "FakeImmutableIdRequired",
+                    "The stand-in answers mailbox calls only with Prefer: "
+                    'IdType="ImmutableId".',
+                ),
+            )
+        body: Any = None
+        if method == "POST":
+            try:
+                body = json.loads(raw or b"null")
+            except ValueError:
+                return (
+                    400,
+                    None,
+                    graph_error("BadRequest", "Unable to read JSON request payload."),
+                )
+        return self.mailboxes.answer(self.url, method, mailbox, route, query, body)
+
     def _authenticate(self, authorization: str) -> str:
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
@@ -665,6 +749,29 @@ class FakeMicrosoft:
         if time.time() >= expires:
             raise deny("Lifetime validation failed, the token is expired.")
         return token
+
+
+def _is_mailbox_path(parts: list[str]) -> bool:
+    """``/v1.0/users/{mailbox}/...`` other than sendMail."""
+    return (
+        len(parts) >= 4
+        and parts[0] == "v1.0"
+        and parts[1].lower() == "users"
+        and parts[3].lower() != "sendmail"
+    )
+
+
+_KEY_SEGMENT = re.compile(r"^(\w+)\('([^']*)'\)$")
+
+
+def _route_of(parts: list[str]) -> list[str]:
+    """Path segments after the user, with Graph's ``mailFolders('ID')`` form split."""
+    route: list[str] = []
+    for part in parts:
+        part = urllib.parse.unquote(part)
+        match = _KEY_SEGMENT.match(part)
+        route.extend(match.groups() if match else (part,))
+    return route
 
 
 def _b64url(value: Any) -> bytes | None:
