@@ -4,6 +4,7 @@ queries, hands each message to a sink, and moves it to the processed or failed f
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from email import message_from_bytes, policy
 
@@ -103,12 +104,15 @@ def make_source(settings, sink, redis_client, namespace):
     """``make_source(**inbound_keys, options=...)``: a GraphSource over the stand-in."""
     clients: list[HttpClient] = []
 
-    def make(*, options=None, target=None, **source):
+    def make(*, options=None, target=None, own_http=False, **source):
         cfg = settings(**source)
         svc = cfg.integrated_services["graph-mailer"]
         http = HttpClient(verify=str(svc.ca_bundle), timeout=10)
         clients.append(http)
         tokens = TokenProvider("graph-mailer", svc, http)
+        options = dict(options or {})
+        if not own_http:  # else the source builds its own from the service's ca_bundle
+            options["http"] = http
         return GraphSource(
             cfg.inbound[0],
             sink=target or sink,
@@ -116,8 +120,7 @@ def make_source(settings, sink, redis_client, namespace):
             service=svc,
             client=redis_client,
             namespace=namespace,
-            http=http,
-            **(options or {}),
+            **options,
         )
 
     yield make
@@ -243,6 +246,44 @@ def test_expired_delta_token_gives_a_full_resync(
     assert [e["event"] for e in logs].count("inbound_delta_reset") == 1
     assert [r.raw for r in sink.received] == [_message(1), _message(2)]
     assert source.poll_once() == 0  # the new link works
+
+
+def test_a_link_for_another_folder_is_not_used(make_source, sink, mailbox):
+    """When the configured folder changes, the stored delta link (of the old folder) is
+    not used: the new folder is read from the start."""
+    mailbox.create_folder("Actions")
+    mailbox.add(_message(1))
+    assert make_source().poll_once() == 1
+    mailbox.add(_message(2), folder="Actions")
+
+    assert make_source(folder="Actions").poll_once() == 1
+
+    assert [r.raw for r in sink.received] == [_message(1), _message(2)]
+
+
+def test_a_stored_link_to_another_host_gets_no_token(
+    make_source, mailbox, fake_microsoft, redis_client, namespace
+):
+    """A delta link in Redis that points outside the Graph endpoint is refused, so the
+    token is never sent there; the poll fails and says why."""
+    mailbox.add(_message(1))
+    source = make_source()
+    assert source.poll_once() == 1
+    key = f"{namespace}:inbound:o365-actions:delta"
+    stored = json.loads(redis_client.get(key))
+    stored["link"] = (
+        "https://attacker.example/v1.0/users/x/messages/delta?$deltatoken=1"
+    )
+    redis_client.set(key, json.dumps(stored))
+    before = len(fake_microsoft.mailboxes.requests())
+
+    with structlog.testing.capture_logs() as logs:
+        assert source.poll_once() == 0
+
+    failed = [e for e in logs if e["event"] == "inbound_poll_failed"]
+    assert "refusing a link outside" in failed[0]["error"]
+    assert "deltatoken" not in failed[0]["error"]
+    assert len(fake_microsoft.mailboxes.requests()) == before
 
 
 # ---------------------------------------------------------------- throttling and tokens
@@ -380,7 +421,7 @@ def test_run_stops_while_waiting_out_a_retry_after(
 ):
     """Setting stop ends run() even in the middle of a long Retry-After."""
     mailbox.add(_message(1))
-    source = make_source()
+    source = make_source(own_http=True)
     fake_microsoft.mailboxes.inject(503, count=1, op="delta", retry_after=30)
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop,))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
@@ -27,33 +26,20 @@ from worker.inbound.graph_client import (
     GraphMailboxError,
     StoppedError,
 )
+from worker.inbound.graph_folders import Folders, resolve_folders
 from worker.inbound.model import InboundUnavailableError, Received, Sink
 from worker.limits import Slots
 from worker.transports.oauth import HttpClient, TokenProvider
 
-__all__ = ["WELL_KNOWN_FOLDERS", "GraphSource"]
+__all__ = ["GraphSource"]
 
 log = structlog.get_logger("mailworker.inbound.graph")
 
-# Graph's well-known folder names: used in paths and as move destinations as they are.
-WELL_KNOWN_FOLDERS = frozenset(
-    {"archive", "clutter", "conflicts", "conversationhistory", "deleteditems"}
-    | {"drafts", "inbox", "junkemail", "localfailures", "msgfolderroot", "outbox"}
-    | {"recoverableitemsdeletions", "scheduled", "searchfolders", "sentitems"}
-    | {"serverfailures", "syncissues"}
-)
 _TIMEOUT = 30.0
 _MAX_PAGES = 10_000  # a guard against a server that never ends a round
 
 # What became of one message: moved out of the folder, gone already, or left in it.
 _Fate = Literal["moved", "gone", "left"]
-
-
-@dataclass(frozen=True, slots=True)
-class _Folders:
-    source: str
-    processed: str
-    failed: str
 
 
 class GraphSource:
@@ -100,10 +86,11 @@ class GraphSource:
         self._concurrency = max(1, concurrency)
         self._delta_key = f"{namespace}:inbound:{config.name}:delta"
         self._stop = threading.Event()
-        self._folders: _Folders | None = None
+        self._folders: Folders | None = None
         # Seconds the next poll waits beyond poll_interval (a long Retry-After).
         self._backoff = 0.0
         verify: str | bool = str(service.ca_bundle) if service.ca_bundle else True
+        self._own_http = http is None
         self.api = GraphMailbox(
             config.mailbox,
             service=config.integrated_service,
@@ -127,16 +114,20 @@ class GraphSource:
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set. Errors are logged and the next poll retries."""
         self._stop = stop
-        while not stop.is_set():
-            try:
-                self.poll_once()
-            except Exception as exc:  # a bug must not end the source: log, poll again
-                log.exception(
-                    "inbound_poll_failed",
-                    source=self.name,
-                    error_type=type(exc).__name__,
-                )
-            stop.wait(max(self.config.poll_interval, self._backoff))
+        try:
+            while not stop.is_set():
+                try:
+                    self.poll_once()
+                except Exception as exc:  # a bug must not end the source: log, go on
+                    log.exception(
+                        "inbound_poll_failed",
+                        source=self.name,
+                        error_type=type(exc).__name__,
+                    )
+                stop.wait(max(self.config.poll_interval, self._backoff))
+        finally:
+            if self._own_http:
+                self.api.close()
 
     def poll_once(self) -> int:
         """One round: changes since the stored link, each message handled and moved.
@@ -146,11 +137,7 @@ class GraphSource:
         """
         self._backoff = 0.0
         try:
-            folders = self._resolve()
-            ids, link = self._changes(folders.source)
-            fates = self._take_all(ids, folders)
-            if link is not None and "left" not in fates:
-                self._store_link(folders.source, link)
+            return self._round()
         except StoppedError:
             return 0
         except GraphMailboxError as exc:
@@ -168,47 +155,16 @@ class GraphSource:
                 "inbound_poll_failed", source=self.name, error_type=type(exc).__name__
             )
             return 0
-        return fates.count("moved")
 
-    # ------------------------------------------------------------ folders
-
-    def _resolve(self) -> _Folders:
+    def _round(self) -> int:
         if self._folders is None:
-            cfg = self.config
-            self._folders = _Folders(
-                self._folder_id(cfg.folder, create=False),
-                self._folder_id(cfg.processed_folder, create=True),
-                self._folder_id(cfg.failed_folder, create=True),
-            )
-        return self._folders
-
-    def _folder_id(self, name: str, *, create: bool) -> str:
-        if name.lower() in WELL_KNOWN_FOLDERS:
-            return name.lower()
-        found = self._find_folder(name)
-        if found is not None:
-            return found
-        if not create:
-            raise GraphMailboxError(
-                f"no folder {name!r} under the top of {self.config.mailbox}"
-            )
-        try:
-            created = self.api.post("/mailFolders", {"displayName": name})
-        except GraphMailboxError as exc:
-            if exc.status != 409:  # 409: another process created it just now
-                raise
-            return self._folder_id(name, create=False)
-        log.info("inbound_folder_created", source=self.name, folder=name)
-        return str(created["id"])
-
-    def _find_folder(self, name: str) -> str | None:
-        escaped = name.replace("'", "''")
-        found = self.api.get(
-            "/mailFolders",
-            params={"$filter": f"displayName eq '{escaped}'", "$select": "id"},
-        )
-        values = found.get("value") if isinstance(found, dict) else None
-        return str(values[0]["id"]) if values else None
+            self._folders = resolve_folders(self.api, self.config)
+        folders = self._folders
+        ids, link = self._changes(folders.source)
+        fates = self._take_all(ids, folders)
+        if link is not None and "left" not in fates:
+            self._store_link(folders.source, link)
+        return fates.count("moved")
 
     # ------------------------------------------------------------ delta
 
@@ -268,7 +224,7 @@ class GraphSource:
 
     # ------------------------------------------------------------ messages
 
-    def _take_all(self, ids: list[str], folders: _Folders) -> list[_Fate]:
+    def _take_all(self, ids: list[str], folders: Folders) -> list[_Fate]:
         if len(ids) <= 1:
             return [self._take(i, folders) for i in ids]
         workers = min(self._concurrency, len(ids))
@@ -277,7 +233,7 @@ class GraphSource:
         ) as pool:
             return list(pool.map(lambda i: self._take(i, folders), ids))
 
-    def _take(self, graph_id: str, folders: _Folders) -> _Fate:
+    def _take(self, graph_id: str, folders: Folders) -> _Fate:
         """Fetch, hand over and move one message."""
         if self._stop.is_set():
             return "left"

@@ -116,6 +116,10 @@ class GraphMailbox:
     def __repr__(self) -> str:
         return f"GraphMailbox({self.mailbox!r}, {self.endpoint})"
 
+    def close(self) -> None:
+        """Close pooled HTTP connections (a later call opens new ones)."""
+        self._http.close()
+
     def get(self, target: str, *, params: dict[str, str] | None = None) -> Any:
         """GET a path under the mailbox (or a whole link Graph gave) and decode its JSON.
 
