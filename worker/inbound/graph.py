@@ -209,9 +209,12 @@ class GraphSource:
         stored = self._redis.get(self._delta_key)
         if stored is None:
             return None
-        value = orjson.loads(stored)
+        try:
+            value = orjson.loads(stored)
+        except orjson.JSONDecodeError:
+            return None  # not ours to read: start afresh
         # A link for another mailbox or folder (the configuration changed) is no use.
-        if value.get("scope") != self._scope(folder):
+        if not isinstance(value, dict) or value.get("scope") != self._scope(folder):
             return None
         return str(value["link"])
 
