@@ -1,5 +1,6 @@
 """Fixtures for the tests: Redis (the machine's, else fakeredis), aiosmtpd SMTP servers
-with trustme certificates and AUTH, the Microsoft stand-in, and real Dramatiq workers."""
+with trustme certificates and AUTH, a private Dovecot, the Microsoft stand-in, and real
+Dramatiq workers."""
 
 from __future__ import annotations
 
@@ -159,6 +160,23 @@ def connect(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., An
     yield open_client
     for client in clients:
         client.close()
+
+
+# ---------------------------------------------------------------- Dovecot (IMAP)
+
+
+@pytest.fixture(scope="session")
+def dovecot(ca: trustme.CA) -> Iterator[Any]:
+    """A private Dovecot for the session (tests/support/dovecot.py); skips without one."""
+    from tests.support.dovecot import Dovecot
+
+    server = Dovecot(ca)
+    try:
+        server.prepare()
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------- Microsoft stand-in

@@ -13,7 +13,8 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from common.sockets import kernel_timeouts
 from settings import SmtpConnection
@@ -32,6 +33,7 @@ __all__ = [
     "Envelope",
     "SmtpClient",
     "StepReporter",
+    "TlsTrust",
     "map_errors",
     "tls_context",
 ]
@@ -52,8 +54,22 @@ _QUOTA = ("5.2.0", "5.2.2")
 QUOTA_HOLD = 3600.0
 
 
-def tls_context(conn: SmtpConnection) -> ssl.SSLContext:
-    """Certificates verified unless the connection opts out. ``ca_bundle`` adds trust."""
+class TlsTrust(Protocol):
+    """The two keys of a section that decide which certificates are trusted."""
+
+    @property
+    def ca_bundle(self) -> Path | None: ...
+
+    @property
+    def verify_certificates(self) -> bool: ...
+
+
+def tls_context(conn: TlsTrust) -> ssl.SSLContext:
+    """Certificates verified unless the connection opts out. ``ca_bundle`` adds trust.
+
+    Args:
+        conn: an ``[[smtp]]`` connection or an IMAP ``[[inbound]]`` source.
+    """
     context = ssl.create_default_context()
     if conn.ca_bundle is not None:
         context.load_verify_locations(cafile=str(conn.ca_bundle))
