@@ -117,5 +117,5 @@ def _run_one(source: Source, stop: threading.Event) -> None:
     except Exception:
         # A source that cannot run (its port is taken) stops the whole process: a
         # supervisor restarts it, and the operator sees why.
-        log.error("inbound_source_failed", source=source.name, exc_info=True)
+        log.error("inbound_source_crashed", source=source.name, exc_info=True)
         stop.set()
