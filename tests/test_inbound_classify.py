@@ -406,6 +406,23 @@ def test_a_qmail_bounce_is_found_by_the_detectors_and_quotes_its_original():
     assert result.original_job_id == "0a1b2c3d-0000-4000-8000-000000000001"
 
 
+def test_a_bounce_without_from_still_reaches_every_detector(caplog):
+    """No From (one detector trips on that and would stop the rest): qmail's text is read."""
+    raw = b"Return-Path: <>\nSubject: failure notice\n\n" + QMAIL.encode()
+    result = classify(raw)
+    assert brief(result) == [("missing@example.net", "failed", "5.1.1")]
+    assert "Exception in detector" not in caplog.text
+
+
+def test_a_bounce_with_8bit_bytes_in_from_still_reaches_every_detector(caplog):
+    """Raw 8-bit bytes in From read as text, so no detector trips on them."""
+    head = b"From: Mail Syst\xe8me <MAILER-DAEMON@mx.example.net>\nSubject: failure notice\n\n"
+    result = classify(head + QMAIL.encode())
+    assert brief(result) == [("missing@example.net", "failed", "5.1.1")]
+    assert result.sender == "MAILER-DAEMON@mx.example.net"
+    assert "Exception in detector" not in caplog.text
+
+
 def test_a_mail_system_message_without_a_failure_is_other():
     """From MAILER-DAEMON but no failed recipient anywhere: ``other``, not an auto-reply."""
     raw = message(

@@ -12,8 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email.message import Message
-from email.parser import BytesParser
-from email.policy import compat32
+from email.utils import getaddresses
 
 import flufl.bounce
 
@@ -34,6 +33,7 @@ from worker.inbound.parse import (
     msg_id_in,
     normalise,
     param,
+    parse_prefix,
     payload_text,
     subparts,
     walk_outer,
@@ -202,12 +202,9 @@ def _detected_reports(
     message: Message, raw: bytes, notice: _Notice
 ) -> tuple[BounceReport, ...]:
     """flufl.bounce's permanent (failed) and temporary (delayed) addresses."""
-    target = message
-    if len(raw) > FLUFL_MAX_BYTES:
-        try:
-            target = BytesParser(policy=compat32).parsebytes(raw[:FLUFL_MAX_BYTES])
-        except Exception:  # its whole parsed, so a prefix does: be sure
-            return ()
+    target = _detector_input(message, raw)
+    if target is None:
+        return ()
     try:
         temporary, permanent = flufl.bounce.all_failures(target)
     except Exception:  # a detector tripped over this message's shape: nothing found
@@ -226,6 +223,21 @@ def _detected_reports(
             code = code_in(near) or default_code(action)
             reports.append(BounceReport(address, action, code, near[:MAX_DIAGNOSTIC]))
     return tuple(reports)
+
+
+def _detector_input(message: Message, raw: bytes) -> Message | None:
+    """What flufl.bounce reads: the message, or its first 64 KB, with a usable From."""
+    small = len(raw) <= FLUFL_MAX_BYTES
+    target = message if small else parse_prefix(raw, FLUFL_MAX_BYTES)
+    if target is not None and not getaddresses([str(target.get("from", ""))]):
+        # Its Yale detector takes the first From address unchecked, and the error it
+        # raises on a missing or unreadable From stops every detector after it: a copy
+        # gets the null address, which names no mail system.
+        target = parse_prefix(raw, FLUFL_MAX_BYTES) if target is message else target
+        if target is not None:
+            del target["from"]
+            target["From"] = "<>"
+    return target
 
 
 def _addresses(found: frozenset[bytes]) -> list[str]:

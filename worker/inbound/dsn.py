@@ -132,9 +132,11 @@ def _fields(block: Message) -> dict[str, str]:
 
 def _as_text(block: Message) -> str:
     lines = [f"{name}: {value}" for name, value in block.raw_items()]
-    payload = block.get_payload()
-    if isinstance(payload, str):
-        lines += ["", payload]
+    # decode=True hands back the bytes as received; without it 8-bit text is decoded
+    # by the declared charset, which can raise.
+    payload = block.get_payload(decode=True)
+    if isinstance(payload, bytes):
+        lines += ["", payload.decode("ascii", "surrogateescape")]
     return "\n".join(lines)
 
 

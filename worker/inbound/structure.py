@@ -32,10 +32,10 @@ def content_type(part: Message) -> str:
 
 def subparts(part: Message) -> list[Message]:
     """The entities directly inside ``part`` (a multipart's parts, a message/* message)."""
-    payload = part.get_payload()
-    if isinstance(payload, list):
-        return [p for p in payload if isinstance(p, Message)]
-    return []
+    if not part.is_multipart():
+        # get_payload() of a leaf decodes 8-bit text by its charset, which can raise.
+        return []
+    return [p for p in part.get_payload() if isinstance(p, Message)]
 
 
 def structure_problem(raw: bytes, *, max_parts: int, max_depth: int) -> str | None:
