@@ -6,68 +6,65 @@ import contextlib
 import threading
 import uuid
 from collections.abc import Iterator
-from email import policy
-from email.parser import BytesParser
 from typing import Any
 
 import pytest
+import redis
 import structlog
 
+from producers import Notification, Producer
 from settings import ConfigError, Settings
 from tests.support.dovecot import NO_MOVE, NO_TLS, NO_UIDPLUS, append, message_ids
 from tests.support.env import HOST
 from tests.support.helpers import wait_for
+from tests.support.mail import dsn
 from tests.support.proxy import CuttingProxy
+from worker.inbound.handler import Inbound
 from worker.inbound.imap import ImapSource, state_key
 from worker.inbound.imap_client import ImapError
 from worker.inbound.model import Handled, InboundUnavailableError, Received
+from worker.inbound.runner import build_inbound
 
 PROCESSED, FAILED = "mailworker-processed", "mailworker-failed"
 
 
-class RecordingSink:
-    """Records each message and, keyed by Message-ID as the handler is, spots repeats.
+class Observed:
+    """The real handler (``worker.inbound.handler.Inbound``); what it returned is kept."""
 
-    A subject with "unparseable" fails. With ``unavailable`` set it records nothing.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, inbound: Inbound) -> None:
+        self.inbound = inbound
         self.calls: list[Handled] = []
         self.raws: list[bytes] = []
-        self.unavailable = False
-        self._seen: dict[str, Handled] = {}
 
     def handle(self, received: Received) -> Handled:
-        if self.unavailable:
-            raise InboundUnavailableError("cannot record: Redis is away")
-        msg = BytesParser(policy=policy.default).parsebytes(received.raw)
-        key = str(msg["Message-ID"])
-        if key in self._seen:
-            first = self._seen[key]
-            handled = Handled(
-                first.key, first.kind, first.outcome, duplicate=True, message_id=key
-            )
-        else:
-            failed = "unparseable" in str(msg["Subject"])
-            handled = Handled(
-                key, "other", "failed" if failed else "ignored", message_id=key
-            )
-            self._seen[key] = handled
+        handled = self.inbound.handle(received)
         self.calls.append(handled)
         self.raws.append(received.raw)
         return handled
 
 
-def _mail(subject: str = "Re: [Task 42] Approve?", size: int = 0) -> tuple[str, bytes]:
-    """A reply with a fresh Message-ID, padded to about ``size`` bytes of body."""
+def _mail(*, auto: bool = True, size: int = 0) -> tuple[str, bytes]:
+    """A message with a fresh Message-ID, padded to about ``size`` bytes of body.
+
+    The handler ignores an auto-reply (processed_folder) and fails a message that is
+    neither a bounce nor an auto-reply of ours (failed_folder).
+    """
     message_id = f"<{uuid.uuid4().hex}@example.org>"
-    body = "APPROVE\r\n" + ("x" * 70 + "\r\n") * (size // 72)
+    body = "I am away until Monday.\r\n" + ("x" * 70 + "\r\n") * (size // 72)
     raw = (
         "From: Bob <bob@example.org>\r\nTo: actions@example.test\r\n"
-        f"Subject: {subject}\r\nMessage-ID: {message_id}\r\n"
-        "Date: Tue, 24 Nov 2026 10:20:00 +0000\r\n\r\n" + body
+        f"Subject: Re: [Task 42] Approve?\r\nMessage-ID: {message_id}\r\n"
+        + ("Auto-Submitted: auto-replied\r\n" if auto else "")
+        + "Date: Tue, 24 Nov 2026 10:20:00 +0000\r\n\r\n"
+        + body
     )
     return message_id, raw.encode()
+
+
+@pytest.fixture
+def handler(make_settings, redis_client):
+    """The real handler on the test's Redis and namespace."""
+    return Observed(build_inbound(make_settings(), redis_client))
 
 
 @pytest.fixture
@@ -140,9 +137,9 @@ def _seen(imap: Any, folder: str) -> list[bytes]:
 # ------------------------------------------------------------------ handling and moving
 
 
-def test_handled_mail_is_moved_to_processed_unread(dovecot, user, imap_source):
+def test_handled_mail_is_moved_to_processed_unread(dovecot, user, imap_source, handler):
     """Appended messages are handed over once each and land in processed_folder, unread."""
-    sink = RecordingSink()
+    sink = handler
     ids = []
     with dovecot.client(user) as imap:
         for _ in range(2):
@@ -168,12 +165,12 @@ def test_handled_mail_is_moved_to_processed_unread(dovecot, user, imap_source):
 
 
 def test_failed_mail_goes_to_failed_folder_with_a_non_ascii_name(
-    dovecot, user, imap_source
+    dovecot, user, imap_source, handler
 ):
     """A message the sink fails goes to failed_folder, here one named in modified UTF-7."""
-    sink = RecordingSink()
+    sink = handler
     good_id, good = _mail()
-    bad_id, bad = _mail(subject="unparseable")
+    bad_id, bad = _mail(auto=False)
     with dovecot.client(user) as imap:
         append(imap, "INBOX", good)
         append(imap, "INBOX", bad)
@@ -184,7 +181,7 @@ def test_failed_mail_goes_to_failed_folder_with_a_non_ascii_name(
         assert message_ids(imap, '"Fehlgeschlagen &APw-"') == [bad_id]
 
 
-def test_existing_folders_are_kept(dovecot, user, imap_source):
+def test_existing_folders_are_kept(dovecot, user, imap_source, handler):
     """Folders that already exist (ALREADYEXISTS) keep their mail; a new session works."""
     with dovecot.client(user) as imap:
         kept_id, kept = _mail()
@@ -192,21 +189,21 @@ def test_existing_folders_are_kept(dovecot, user, imap_source):
         append(imap, FAILED, _mail()[1])
         message_id, raw = _mail()
         append(imap, "INBOX", raw)
-    assert imap_source(user, sink=RecordingSink()).poll_once() == 1
+    assert imap_source(user, sink=handler).poll_once() == 1
     with dovecot.client(user) as imap:
         assert sorted(message_ids(imap, PROCESSED)) == sorted([kept_id, message_id])
 
 
-def test_a_missing_source_folder_is_a_clear_error(user, imap_source):
+def test_a_missing_source_folder_is_a_clear_error(user, imap_source, handler):
     """A folder that does not exist is named in the error; nothing is created for it."""
-    source = imap_source(user, sink=RecordingSink(), folder="no-such-folder")
+    source = imap_source(user, sink=handler, folder="no-such-folder")
     with pytest.raises(
         ImapError, match=r"inbound\[actions-imap\]: SELECT no-such-folder"
     ):
         source.poll_once()
 
 
-def test_work_per_poll_is_bounded(dovecot, user, imap_source):
+def test_work_per_poll_is_bounded(dovecot, user, imap_source, handler):
     """With max_per_poll = 3, five messages take two polls, oldest first."""
     with dovecot.client(user) as imap:
         ids = []
@@ -214,22 +211,64 @@ def test_work_per_poll_is_bounded(dovecot, user, imap_source):
             message_id, raw = _mail()
             append(imap, "INBOX", raw)
             ids.append(message_id)
-    sink = RecordingSink()
+    sink = handler
     source = imap_source(user, sink=sink, max_per_poll=3)
     assert source.poll_once() == 3
     assert source.poll_once() == 2
     assert [h.message_id for h in sink.calls] == ids
 
 
+def test_a_dsn_read_over_imap_bounces_the_recipient_of_a_real_job(
+    dovecot,
+    user,
+    imap_source,
+    make_settings,
+    smtp_server,
+    run_worker,
+    redis_client,
+    namespace,
+):
+    """End to end: a job is sent, its DSN arrives by IMAP, the recipient is bounced."""
+    settings = make_settings(smtp=[smtp_server().smtp_section()])
+    app = run_worker(settings)
+    job_id = Producer(redis_client, namespace=namespace).enqueue(
+        Notification(to="gone@example.org", subject="Task assigned", text="A task.")
+    )
+    wait_for(lambda: (app.status.get(job_id) or {}).get("state") == "sent")
+    bounce = dsn(
+        to="actions@example.test",
+        original_message_id=f"<{job_id}@example.com>",
+        recipient="gone@example.org",
+    )
+    with dovecot.client(user) as imap:
+        append(imap, "INBOX", bounce)
+    sink = Observed(build_inbound(settings, redis_client))
+    # When
+    assert imap_source(user, sink=sink).poll_once() == 1
+    # Then
+    [handled] = sink.calls
+    assert (handled.kind, handled.outcome, handled.job_id) == (
+        "bounce",
+        "bounced",
+        job_id,
+    )
+    record = app.status.get(job_id)
+    assert record is not None
+    [gone] = record["recipients"]
+    assert (gone["state"], gone["code"]) == ("bounced", "5.1.1")
+    with dovecot.client(user) as imap:
+        assert len(message_ids(imap, PROCESSED)) == 1
+
+
 # ------------------------------------------------------------------ TLS and login
 
 
-def test_starttls_with_the_ca_bundle(dovecot, user, imap_source, ca_file):
+def test_starttls_with_the_ca_bundle(dovecot, user, imap_source, ca_file, handler):
     """security = "starttls" upgrades the plain port and verifies against ca_bundle."""
     with dovecot.client(user) as imap:
         append(imap, "INBOX", _mail()[1])
     source = imap_source(
-        user, sink=RecordingSink(), security="starttls", ca_bundle=str(ca_file)
+        user, sink=handler, security="starttls", ca_bundle=str(ca_file)
     )
     with structlog.testing.capture_logs() as logs:
         assert source.poll_once() == 1
@@ -238,13 +277,13 @@ def test_starttls_with_the_ca_bundle(dovecot, user, imap_source, ca_file):
     assert "certificate verified" in connected["tls"]
 
 
-def test_implicit_tls_with_the_ca_bundle(dovecot, user, imap_source, ca_file):
+def test_implicit_tls_with_the_ca_bundle(dovecot, user, imap_source, ca_file, handler):
     """security = "tls" speaks TLS from the first byte (IMAPS)."""
     with dovecot.client(user) as imap:
         append(imap, "INBOX", _mail()[1])
     source = imap_source(
         user,
-        sink=RecordingSink(),
+        sink=handler,
         security="tls",
         port=dovecot.imaps_port,
         ca_bundle=str(ca_file),
@@ -256,10 +295,12 @@ def test_implicit_tls_with_the_ca_bundle(dovecot, user, imap_source, ca_file):
 
 
 @pytest.mark.parametrize("security", ["tls", "starttls"])
-def test_an_untrusted_certificate_is_refused(dovecot, user, imap_source, security):
+def test_an_untrusted_certificate_is_refused(
+    dovecot, user, imap_source, security, handler
+):
     """Without the CA in ca_bundle, both TLS modes refuse the server, naming why."""
     port = dovecot.imaps_port if security == "tls" else dovecot.imap_port
-    sink = RecordingSink()
+    sink = handler
     with dovecot.client(user) as imap:
         append(imap, "INBOX", _mail()[1])
     source = imap_source(user, sink=sink, security=security, port=port)
@@ -271,11 +312,13 @@ def test_an_untrusted_certificate_is_refused(dovecot, user, imap_source, securit
     assert sink.calls == []
 
 
-def test_verify_certificates_false_accepts_the_certificate(dovecot, user, imap_source):
+def test_verify_certificates_false_accepts_the_certificate(
+    dovecot, user, imap_source, handler
+):
     """verify_certificates = false connects to a server no CA vouches for, and says so."""
     source = imap_source(
         user,
-        sink=RecordingSink(),
+        sink=handler,
         security="tls",
         port=dovecot.imaps_port,
         verify_certificates=False,
@@ -286,9 +329,11 @@ def test_verify_certificates_false_accepts_the_certificate(dovecot, user, imap_s
     assert "certificate NOT verified" in connected["tls"]
 
 
-def test_starttls_not_offered_is_refused_before_login(dovecot, user, imap_source):
+def test_starttls_not_offered_is_refused_before_login(
+    dovecot, user, imap_source, handler
+):
     """A server without STARTTLS is refused: nothing, not even the login, goes in clear."""
-    source = imap_source(user, sink=RecordingSink(), server=NO_TLS, security="starttls")
+    source = imap_source(user, sink=handler, server=NO_TLS, security="starttls")
     with pytest.raises(ImapError) as caught:
         source.poll_once()
     assert str(caught.value) == (
@@ -299,11 +344,11 @@ def test_starttls_not_offered_is_refused_before_login(dovecot, user, imap_source
 
 
 def test_a_wrong_password_is_a_clear_error_without_the_password(
-    user, imap_source, tmp_path
+    user, imap_source, tmp_path, handler
 ):
     """A refused login names source, server and the server's words, never the password."""
     wrong = "Wr0ng-" + uuid.uuid4().hex
-    source = imap_source(user, sink=RecordingSink(), password=wrong, password_file=None)
+    source = imap_source(user, sink=handler, password=wrong, password_file=None)
     with structlog.testing.capture_logs() as logs, running(source):
         wait_for(lambda: any(e["event"] == "inbound_source_failed" for e in logs))
     failed = next(e for e in logs if e["event"] == "inbound_source_failed")
@@ -317,16 +362,16 @@ def test_a_wrong_password_is_a_clear_error_without_the_password(
 # ------------------------------------------------------------------ without MOVE
 
 
-def test_without_move_copy_then_uid_expunge(dovecot, user, imap_source):
+def test_without_move_copy_then_uid_expunge(dovecot, user, imap_source, handler):
     """A server without MOVE gets COPY, \\Deleted and UID EXPUNGE of that message alone."""
     message_id, raw = _mail()
     with dovecot.client(user) as imap:
         append(imap, "INBOX", raw)
-        other_uid = append(imap, "INBOX", _mail(subject="flagged by a person")[1])
+        other_uid = append(imap, "INBOX", _mail()[1])
         imap.select("INBOX")
         imap.uid("STORE", str(other_uid), "+FLAGS.SILENT", r"(\Deleted)")
         # LOGOUT, not CLOSE: CLOSE would expunge it
-    sink = RecordingSink()
+    sink = handler
     source = imap_source(user, sink=sink, server=NO_MOVE)
     with structlog.testing.capture_logs() as logs:
         assert source.poll_once() == 1
@@ -341,13 +386,13 @@ def test_without_move_copy_then_uid_expunge(dovecot, user, imap_source):
 
 
 def test_without_uidplus_the_copied_message_stays_flagged_and_is_not_repeated(
-    dovecot, user, imap_source
+    dovecot, user, imap_source, handler
 ):
     """Without UIDPLUS the copied message keeps \\Deleted and later polls skip it."""
     message_id, raw = _mail()
     with dovecot.client(user) as imap:
         append(imap, "INBOX", raw)
-    sink = RecordingSink()
+    sink = handler
     source = imap_source(user, sink=sink, server=NO_UIDPLUS)
     assert source.poll_once() == 1
     assert source.poll_once() == 0
@@ -361,12 +406,12 @@ def test_without_uidplus_the_copied_message_stays_flagged_and_is_not_repeated(
 
 
 def test_a_new_uidvalidity_is_noticed_and_kept(
-    dovecot, user, imap_source, redis_client, namespace
+    dovecot, user, imap_source, redis_client, namespace, handler
 ):
     """A folder deleted and re-made under a kept session: reconnect, note it, handle it."""
     with dovecot.client(user) as imap:
         imap.create("requests")
-    sink = RecordingSink()
+    sink = handler
     source = imap_source(user, sink=sink, folder="requests")
     assert source.poll_once() == 0
     key = state_key(namespace, "actions-imap")
@@ -392,7 +437,7 @@ def test_a_new_uidvalidity_is_noticed_and_kept(
 
 
 def test_a_connection_dropped_mid_fetch_is_reconnected_and_handled_once(
-    dovecot, user, imap_source
+    dovecot, user, imap_source, handler
 ):
     """The server's FETCH reply is cut: run() reconnects and the message is handled once."""
     message_id, raw = _mail(size=20_000)
@@ -401,7 +446,7 @@ def test_a_connection_dropped_mid_fetch_is_reconnected_and_handled_once(
     proxy = CuttingProxy(dovecot.imap_port)
     proxy.cut_reply(b"BODY[] {", after=500)
     proxy.start()
-    sink = RecordingSink()
+    sink = handler
     try:
         source = imap_source(user, sink=sink, port=proxy.port)
         with structlog.testing.capture_logs() as logs, running(source):
@@ -418,7 +463,7 @@ def test_a_connection_dropped_mid_fetch_is_reconnected_and_handled_once(
 
 
 def test_a_drop_between_handling_and_moving_is_a_duplicate_then_moved(
-    dovecot, user, imap_source
+    dovecot, user, imap_source, handler
 ):
     """Cut as MOVE is sent: the message is fetched again, found a duplicate, then moved."""
     message_id, raw = _mail()
@@ -427,7 +472,7 @@ def test_a_drop_between_handling_and_moving_is_a_duplicate_then_moved(
     proxy = CuttingProxy(dovecot.imap_port)
     proxy.cut_request(b"UID MOVE")
     proxy.start()
-    sink = RecordingSink()
+    sink = handler
     try:
         source = imap_source(user, sink=sink, port=proxy.port)
         with pytest.raises(ImapError, match="failed during UID MOVE 1: "):
@@ -444,32 +489,39 @@ def test_a_drop_between_handling_and_moving_is_a_duplicate_then_moved(
         assert message_ids(imap, "INBOX") == []
 
 
-def test_an_unavailable_sink_leaves_the_message_in_the_folder(
-    dovecot, user, imap_source
+def test_redis_away_at_handling_leaves_the_message_in_the_folder(
+    dovecot, user, imap_source, make_settings, private_redis
 ):
-    """When the outcome cannot be recorded the message stays put until a later poll."""
+    """The handler's Redis is down: nothing is recorded or moved until it is back."""
+    records = redis.Redis.from_url(private_redis.url)
+    sink = Observed(build_inbound(make_settings(), records))
     message_id, raw = _mail()
     with dovecot.client(user) as imap:
         append(imap, "INBOX", raw)
-    sink = RecordingSink()
-    sink.unavailable = True
     source = imap_source(user, sink=sink)
+    # Given Redis stopped
+    private_redis.stop()
+    # When
     with pytest.raises(InboundUnavailableError):
         source.poll_once()
+    # Then
     with dovecot.client(user) as imap:
         assert message_ids(imap, "INBOX") == [message_id]
+        assert message_ids(imap, PROCESSED) == []
     # When Redis is back
-    sink.unavailable = False
+    private_redis.start()
     assert source.poll_once() == 1
+    assert [(h.message_id, h.duplicate) for h in sink.calls] == [(message_id, False)]
     with dovecot.client(user) as imap:
         assert message_ids(imap, PROCESSED) == [message_id]
+    records.close()
 
 
 # ------------------------------------------------------------------ XOAUTH2
 
 
 def test_xoauth2_logs_in_with_an_outlook_scoped_app_token(
-    dovecot, imap_source, fake_microsoft, ca_file
+    dovecot, imap_source, fake_microsoft, ca_file, handler
 ):
     """auth = "xoauth2" asks the service account for an Outlook token and sends it."""
     from worker.transports.oauth import HttpClient, TokenProvider
@@ -495,7 +547,7 @@ def test_xoauth2_logs_in_with_an_outlook_scoped_app_token(
         )
 
     source = imap_source(
-        user, sink=RecordingSink(), settings={"integrated_services": services},
+        user, sink=handler, settings={"integrated_services": services},
         tokens=tokens, auth="xoauth2", integrated_service="graph-mailer",
         password_file=None,
     )  # fmt: skip
@@ -510,7 +562,9 @@ def test_xoauth2_logs_in_with_an_outlook_scoped_app_token(
 # ------------------------------------------------------------------ configuration
 
 
-def test_an_unreadable_password_file_fails_at_construction(user, imap_source, tmp_path):
+def test_an_unreadable_password_file_fails_at_construction(
+    user, imap_source, tmp_path, handler
+):
     """A password_file that cannot be read is a ConfigError naming the key."""
     with pytest.raises(ConfigError, match=r"inbound\[actions-imap\]\.password_file"):
-        imap_source(user, sink=RecordingSink(), password_file=str(tmp_path / "absent"))
+        imap_source(user, sink=handler, password_file=str(tmp_path / "absent"))
