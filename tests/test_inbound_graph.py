@@ -3,64 +3,41 @@ queries, hands each message to a sink, and moves it to the processed or failed f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
-from email import message_from_bytes, policy
+from collections.abc import MutableMapping
+from typing import Any
 
+import orjson
 import pytest
+import redis
 import requests
 import structlog.testing
 
+from common.keys import history_key
+from common.sockets import free_port
+from producers import Notification, Producer
 from tests.support.fake_microsoft import FakeMicrosoft
 from tests.support.helpers import wait_for
+from tests.support.mail import dsn, reply
 from worker.inbound.graph import GraphSource
-from worker.inbound.model import Handled, InboundUnavailableError, Received
+from worker.inbound.runner import build_inbound
+from worker.inbound.store import InboundRecord, InboundStore
 from worker.transports.oauth import HttpClient, TokenProvider
 
 MAILBOX = "actions@contoso.com"
 
 
-def _message(n: int, *, message_id: str | None = None) -> bytes:
-    mid = message_id or f"<reply-{n}@example.org>"
+def _message(n: int) -> bytes:
+    """An out-of-office answer: the handler ignores it, so it goes to processed."""
     return (
-        f"From: ann@example.org\r\nTo: {MAILBOX}\r\nSubject: Re: task {n}\r\n"
-        f"Message-ID: {mid}\r\n\r\nAPPROVE\r\n"
+        f"From: ann@example.org\r\nTo: {MAILBOX}\r\nSubject: Out of office {n}\r\n"
+        f"Auto-Submitted: auto-replied\r\nMessage-ID: <away-{n}@example.org>\r\n"
+        "\r\nI am away until Monday.\r\n"
     ).encode()
 
 
 UNPARSEABLE = b"\x00\xff this is not a message at all"
-
-
-class RecordingSink:
-    """A stand-in for the handler: dedups by Message-ID, fails what has none."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.received: list[Received] = []
-        self.first: dict[str, Handled] = {}
-        self.unavailable = 0  # refuse this many calls with InboundUnavailableError
-
-    def handle(self, received: Received) -> Handled:
-        with self.lock:
-            self.received.append(received)
-            if self.unavailable:
-                self.unavailable -= 1
-                raise InboundUnavailableError("Redis away")
-            mid = message_from_bytes(received.raw, policy=policy.default)["Message-ID"]
-            key = mid or hashlib.sha256(received.raw).hexdigest()
-            if key in self.first:
-                first = self.first[key]
-                return Handled(first.key, first.kind, first.outcome, duplicate=True)
-            outcome = "ignored" if mid else "failed"
-            handled = Handled(key, "other", outcome, message_id=mid)  # type: ignore[arg-type]
-            self.first[key] = handled
-            return handled
-
-
-@pytest.fixture
-def sink():
-    return RecordingSink()
 
 
 @pytest.fixture
@@ -72,7 +49,7 @@ def mailbox(fake_microsoft):
 def settings(make_settings, fake_microsoft, ca_file):
     """A configuration with the stand-in as the integrated service and one graph source."""
 
-    def make(**source):
+    def make(*, extra=None, **source):
         section = {
             "name": "o365-actions",
             "kind": "graph",
@@ -94,18 +71,20 @@ def settings(make_settings, fake_microsoft, ca_file):
                 }
             },
             inbound=[section],
+            **(extra or {}),
         )
 
     return make
 
 
 @pytest.fixture
-def make_source(settings, sink, redis_client, namespace):
-    """``make_source(**inbound_keys, options=...)``: a GraphSource over the stand-in."""
+def make_source(settings, redis_client, namespace):
+    """``make_source(**inbound_keys)``: a GraphSource over the stand-in, handing to the
+    real handler (``build_inbound``) on the test's Redis (``sink_client`` for another)."""
     clients: list[HttpClient] = []
 
-    def make(*, options=None, target=None, own_http=False, **source):
-        cfg = settings(**source)
+    def make(*, options=None, own_http=False, sink_client=None, extra=None, **source):
+        cfg = settings(extra=extra, **source)
         svc = cfg.integrated_services["graph-mailer"]
         http = HttpClient(verify=str(svc.ca_bundle), timeout=10)
         clients.append(http)
@@ -115,7 +94,7 @@ def make_source(settings, sink, redis_client, namespace):
             options["http"] = http
         return GraphSource(
             cfg.inbound[0],
-            sink=target or sink,
+            sink=build_inbound(cfg, sink_client or redis_client),
             tokens=tokens,
             service=svc,
             client=redis_client,
@@ -128,6 +107,23 @@ def make_source(settings, sink, redis_client, namespace):
         http.close()
 
 
+@pytest.fixture
+def records(redis_client, namespace):
+    """``records()``: what the handler recorded, oldest first."""
+
+    def read() -> list[InboundRecord]:
+        store = InboundStore(redis_client, namespace=namespace, ttl=3600)
+        return list(reversed(store.recent()))
+
+    return read
+
+
+def _events(
+    logs: list[MutableMapping[str, Any]], name: str
+) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
 def _ops(fake: FakeMicrosoft, since: int = 0) -> list[str]:
     return [r.op for r in fake.mailboxes.requests()[since:]]
 
@@ -135,9 +131,11 @@ def _ops(fake: FakeMicrosoft, since: int = 0) -> list[str]:
 # ---------------------------------------------------------------- handling and moving
 
 
-def test_new_messages_are_handled_and_moved(make_source, sink, mailbox, fake_microsoft):
-    """Each message reaches the sink as raw MIME and is moved to the processed folder,
-    which is created once under the top of the mailbox; every call asks for immutable ids."""
+def test_new_messages_are_handled_and_moved(
+    make_source, records, mailbox, fake_microsoft
+):
+    """Each message is recorded by the handler and moved to the processed folder, which
+    is created once under the top of the mailbox; every call asks for immutable ids."""
     raws = [_message(n) for n in range(3)]
     for raw in raws:
         mailbox.add(raw)
@@ -145,8 +143,12 @@ def test_new_messages_are_handled_and_moved(make_source, sink, mailbox, fake_mic
 
     assert source.poll_once() == 3
 
-    assert sorted(r.raw for r in sink.received) == sorted(raws)
-    assert {r.source for r in sink.received} == {"o365-actions"}
+    assert [(r["source"], r["kind"], r["outcome"]) for r in records()] == [
+        ("o365-actions", "auto_reply", "ignored")
+    ] * 3
+    assert sorted(r["message_id"] for r in records()) == [
+        f"<away-{n}@example.org>" for n in range(3)
+    ]
     assert mailbox.contents("inbox") == []
     assert sorted(mailbox.contents("mailworker-processed")) == sorted(raws)
     assert mailbox.folder("mailworker-failed").parent_id == mailbox.root.id
@@ -156,15 +158,22 @@ def test_new_messages_are_handled_and_moved(make_source, sink, mailbox, fake_mic
     assert all(r.status < 400 for r in requests_seen)
 
 
-def test_unparseable_message_goes_to_the_failed_folder(make_source, mailbox):
-    """A message the sink cannot handle (outcome failed) is moved to failed_folder."""
-    mailbox.add(UNPARSEABLE)
-    mailbox.add(_message(1))
+def test_unparseable_and_unmatched_messages_go_to_the_failed_folder(
+    make_source, records, mailbox
+):
+    """What the handler fails (unparseable, or a reply while actions do not exist) is
+    moved to failed_folder with its reason recorded; the rest to processed_folder."""
+    human = reply(to=MAILBOX, in_reply_to="<job@example.com>")
+    for raw in (UNPARSEABLE, human, _message(1)):
+        mailbox.add(raw)
 
-    assert make_source().poll_once() == 2
+    assert make_source().poll_once() == 3
 
-    assert mailbox.contents("mailworker-failed") == [UNPARSEABLE]
+    assert mailbox.contents("mailworker-failed") == [UNPARSEABLE, human]
     assert mailbox.contents("mailworker-processed") == [_message(1)]
+    reasons = {r["outcome"] + ": " + r["reason"] for r in records()}
+    assert "failed: unparseable: no header fields" in reasons
+    assert "failed: not a bounce or an auto-reply of ours" in reasons
 
 
 def test_existing_folders_are_found_by_display_name(
@@ -209,23 +218,25 @@ def test_delta_pages_are_followed(make_source, mailbox, fake_microsoft):
     assert len(mailbox.contents("mailworker-processed")) == 5
 
 
-def test_the_next_poll_reads_only_what_is_new(make_source, sink, mailbox):
+def test_the_next_poll_reads_only_what_is_new(make_source, mailbox):
     """With the stored delta link, a later poll sees only messages that arrived since."""
     mailbox.add(_message(1))
     source = make_source()
     assert source.poll_once() == 1
     mailbox.add(_message(2))
 
-    assert source.poll_once() == 1
+    with structlog.testing.capture_logs() as logs:
+        assert source.poll_once() == 1
 
-    assert [r.raw for r in sink.received] == [_message(1), _message(2)]
+    handled = _events(logs, "inbound_handled")
+    assert [e["duplicate"] for e in handled] == [False]
 
 
 @pytest.mark.parametrize(
     ("status", "code"), [(410, "SyncStateNotFound"), (400, "SyncStateInvalid")]
 )
 def test_expired_delta_token_gives_a_full_resync(
-    make_source, sink, mailbox, fake_microsoft, status, code
+    make_source, records, mailbox, fake_microsoft, status, code
 ):
     """A delta token Graph no longer knows is dropped, and the folder is read afresh:
     what is still there (pending) is handled, nothing else."""
@@ -243,12 +254,13 @@ def test_expired_delta_token_gives_a_full_resync(
     assert [d.status for d in deltas] == [status, 200]
     assert "$deltatoken" in deltas[0].query and "$deltatoken" not in deltas[1].query
     assert _ops(fake_microsoft, before).count("delta") == 2
-    assert [e["event"] for e in logs].count("inbound_delta_reset") == 1
-    assert [r.raw for r in sink.received] == [_message(1), _message(2)]
+    assert len(_events(logs, "inbound_delta_reset")) == 1
+    assert [e["duplicate"] for e in _events(logs, "inbound_handled")] == [False]
+    assert len(records()) == 2
     assert source.poll_once() == 0  # the new link works
 
 
-def test_a_link_for_another_folder_is_not_used(make_source, sink, mailbox):
+def test_a_link_for_another_folder_is_not_used(make_source, records, mailbox):
     """When the configured folder changes, the stored delta link (of the old folder) is
     not used: the new folder is read from the start."""
     mailbox.create_folder("Actions")
@@ -258,7 +270,8 @@ def test_a_link_for_another_folder_is_not_used(make_source, sink, mailbox):
 
     assert make_source(folder="Actions").poll_once() == 1
 
-    assert [r.raw for r in sink.received] == [_message(1), _message(2)]
+    assert mailbox.contents("mailworker-processed") == [_message(1), _message(2)]
+    assert len(records()) == 2
 
 
 def test_a_stored_link_to_another_host_gets_no_token(
@@ -313,7 +326,7 @@ def test_throttling_with_retry_after_is_waited_out(
 
 
 def test_throttling_past_the_retries_gives_up_the_poll(
-    make_source, sink, mailbox, fake_microsoft
+    make_source, records, mailbox, fake_microsoft
 ):
     """When throttling outlasts the bounded retries the poll logs and gives up; nothing
     is lost and the next poll handles the message."""
@@ -327,7 +340,7 @@ def test_throttling_past_the_retries_gives_up_the_poll(
     assert [r.status for r in fake_microsoft.mailboxes.requests("delta")] == [429, 429]
     failed = [e for e in logs if e["event"] == "inbound_poll_failed"]
     assert failed[0]["http_status"] == 429
-    assert sink.received == [] and mailbox.contents("inbox") == [_message(1)]
+    assert records() == [] and mailbox.contents("inbox") == [_message(1)]
     assert source.poll_once() == 1
 
 
@@ -389,7 +402,7 @@ def test_an_idle_poll_costs_one_request(make_source, mailbox, fake_microsoft):
 
 
 def test_two_sources_never_exceed_four_concurrent_requests(
-    make_source, sink, mailbox, fake_microsoft
+    make_source, records, mailbox, fake_microsoft
 ):
     """Two sources on one mailbox (two threads, four workers each) never have more than
     4 requests to it in flight, and each message is handled once."""
@@ -412,7 +425,8 @@ def test_two_sources_never_exceed_four_concurrent_requests(
             thread.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
     assert fake_microsoft.mailboxes.max_in_flight[MAILBOX] == 4
-    assert sorted(sink.first) == sorted(f"<reply-{n}@example.org>" for n in range(24))
+    recorded = sorted(r["message_id"] for r in records())
+    assert recorded == sorted(f"<away-{n}@example.org>" for n in range(24))
     assert mailbox.contents("inbox") == []
 
 
@@ -437,7 +451,7 @@ def test_run_stops_while_waiting_out_a_retry_after(
 
 
 def test_a_failed_move_is_handled_as_a_duplicate_and_moved_next_poll(
-    make_source, sink, mailbox, fake_microsoft
+    make_source, records, mailbox, fake_microsoft
 ):
     """A message recorded but not moved (Graph answers 500 to the move) is seen again at
     the next poll, handled as a duplicate, and moved."""
@@ -447,18 +461,18 @@ def test_a_failed_move_is_handled_as_a_duplicate_and_moved_next_poll(
 
     assert source.poll_once() == 0
     assert mailbox.contents("inbox") == [_message(1)]
-    assert list(sink.first) == ["<reply-1@example.org>"]
+    assert [r["message_id"] for r in records()] == ["<away-1@example.org>"]
 
     with structlog.testing.capture_logs() as logs:
         assert source.poll_once() == 1
 
-    moved = [e for e in logs if e["event"] == "inbound_message_moved"]
+    moved = _events(logs, "inbound_message_moved")
     assert [e["duplicate"] for e in moved] == [True]
-    assert len(sink.received) == 2 and len(sink.first) == 1
+    assert len(records()) == 1
     assert mailbox.contents("mailworker-processed") == [_message(1)]
 
 
-def test_a_duplicate_delivered_twice_is_handled_once(make_source, sink, mailbox):
+def test_a_duplicate_delivered_twice_is_handled_once(make_source, records, mailbox):
     """The same message delivered twice is handled once; both copies leave the inbox."""
     mailbox.add(_message(1))
     mailbox.add(_message(1))
@@ -468,22 +482,57 @@ def test_a_duplicate_delivered_twice_is_handled_once(make_source, sink, mailbox)
 
     moved = [e for e in logs if e["event"] == "inbound_message_moved"]
     assert sorted(e["duplicate"] for e in moved) == [False, True]
-    assert len(sink.first) == 1
+    assert len(records()) == 1
     assert mailbox.contents("mailworker-processed") == [_message(1)] * 2
 
 
-def test_an_unrecorded_message_stays_for_the_next_poll(make_source, sink, mailbox):
-    """When the sink cannot record (InboundUnavailableError) the message stays in the
-    folder and the next poll hands it over again."""
+def test_an_unrecorded_message_stays_for_the_next_poll(make_source, records, mailbox):
+    """When the handler cannot record (its Redis is away) the message stays in the
+    folder, and the next poll (here by a source whose handler can) hands it over."""
     mailbox.add(_message(1))
-    sink.unavailable = 1
-    source = make_source()
+    away = redis.Redis(host="127.0.0.1", port=free_port(), socket_timeout=2)
 
-    assert source.poll_once() == 0
+    with structlog.testing.capture_logs() as logs:
+        assert make_source(sink_client=away).poll_once() == 0
+
+    left = _events(logs, "inbound_message_left")
+    assert [e["step"] for e in left] == ["handle"]
     assert mailbox.contents("inbox") == [_message(1)]
+    assert make_source().poll_once() == 1
+    assert mailbox.contents("mailworker-processed") == [_message(1)]
+    assert len(records()) == 1
+
+
+def test_a_dsn_read_from_the_mailbox_bounces_the_recipient(
+    make_source, settings, mailbox, smtp_server, run_worker, redis_client, namespace
+):
+    """End to end: a job sent over SMTP, its DSN delivered to the Graph mailbox, one
+    poll later the recipient is bounced and the DSN is in the processed folder."""
+    extra = {"smtp": [smtp_server().smtp_section()]}
+    app = run_worker(settings(extra=extra))
+    source = make_source(extra=extra)
+    job_id = Producer(redis_client, namespace=namespace).enqueue(
+        Notification(to=["gone@example.org"], subject="Task", text="A task.")
+    )
+    wait_for(lambda: (app.status.get(job_id) or {}).get("state") == "sent")
+    report = dsn(
+        to=MAILBOX,
+        original_message_id=f"<{job_id}@example.com>",
+        recipient="gone@example.org",
+    )
+    mailbox.add(report)
 
     assert source.poll_once() == 1
-    assert mailbox.contents("mailworker-processed") == [_message(1)]
+
+    record = app.status.get(job_id)
+    assert record is not None
+    assert record["recipients"][0]["state"] == "bounced"
+    history = [
+        orjson.loads(h)
+        for h in redis_client.lrange(history_key(namespace, job_id), 0, -1)
+    ]
+    assert [h["event"] for h in history].count("bounced") == 1
+    assert mailbox.contents("mailworker-processed") == [report]
 
 
 # ---------------------------------------------------------------- the stand-in
