@@ -18,6 +18,7 @@ import requests
 from settings import MailworkerError
 from worker.errors import DeliveryError
 from worker.limits import Slots
+from worker.transports.graph import graph_error
 from worker.transports.oauth import HttpClient, TokenProvider
 
 __all__ = [
@@ -242,7 +243,7 @@ class GraphMailbox:
         self, method: str, url: str, response: requests.Response
     ) -> GraphMailboxError:
         status = response.status_code
-        code, text = _graph_error(response)
+        code, text = graph_error(response)
         detail = f"Graph answered {status} {code} to {method} {_path(url)}"
         detail = f"{detail}: {text}" if text else detail
         kind = (
@@ -278,13 +279,3 @@ def _json(response: requests.Response) -> Any:
             f"Graph answered {response.status_code} with a body that is not JSON",
             status=response.status_code,
         ) from exc
-
-
-def _graph_error(response: requests.Response) -> tuple[str, str]:
-    try:
-        error = orjson.loads(response.content).get("error", {})
-    except (orjson.JSONDecodeError, AttributeError):
-        return "", ""
-    if not isinstance(error, dict):
-        return "", ""
-    return str(error.get("code", "")), str(error.get("message", ""))[:200]

@@ -30,7 +30,7 @@ from worker.mime import render
 from worker.transports.base import OutgoingMessage, Receipt
 from worker.transports.oauth import HttpClient, TokenProvider
 
-__all__ = ["MAX_REQUEST_BYTES", "GraphTransport", "mime_required"]
+__all__ = ["MAX_REQUEST_BYTES", "GraphTransport", "graph_error", "mime_required"]
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Graph's limit per REST request
 # Graph takes 5 internetMessageHeaders, and x-mailworker-job-id is one.
@@ -184,7 +184,7 @@ class GraphTransport:
         raise self._error(status, response)
 
     def _error(self, status: int, response: requests.Response) -> DeliveryError:
-        code, text = _graph_error(response)
+        code, text = graph_error(response)
         detail = f"Graph answered {status} {code}: {text}".rstrip(": ")
         name = self.name
         if status in (429, 500, 502, 503, 504):
@@ -285,7 +285,8 @@ def _addresses(boxes: list[Mailbox]) -> list[dict[str, Any]]:
     ]
 
 
-def _graph_error(response: requests.Response) -> tuple[str, str]:
+def graph_error(response: requests.Response) -> tuple[str, str]:
+    """The (code, message) of a Graph error answer, ("", "") when it has none."""
     try:
         error = orjson.loads(response.content).get("error", {})
     except (orjson.JSONDecodeError, AttributeError):
