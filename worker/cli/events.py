@@ -92,6 +92,9 @@ def _show(entries: list[_Entry], types: tuple[str, ...], as_json: bool) -> str |
 def _summary(data: Any) -> str:
     if not isinstance(data, dict):
         return ""
+    if data.get("address"):  # delivery.bounced
+        line = f"{data['address']} {data.get('code', '')}: {data.get('message', '')}"
+        return line[:100]
     if data.get("reason"):
         error = data.get("error") or {}
         return f"{data['reason']}: {error.get('message', '')}"[:100]
