@@ -211,6 +211,10 @@ class Notification(JobModel):
             raise ValueError("to: give at least one recipient in to, cc or bcc")
         if self.action_context and not self.actions:
             raise ValueError("action_context: given without actions")
+        if self.actions and self.reply_to:
+            raise ValueError(
+                "reply_to: not with actions (each recipient's replies go to its key)"
+            )
         return self
 
     @property

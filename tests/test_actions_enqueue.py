@@ -157,11 +157,12 @@ def test_a_job_without_actions_travels_as_before():
         ({"action_context": {"task": {"nested": 1}}}, "action_context.task"),
         ({"action_context": {"bad key": 1}}, "action_context"),
         ({"actions": [], "action_context": {"task": 1}}, "action_context"),
+        ({"reply_to": ["boss@example.org"]}, "reply_to"),
     ],
     ids=[
         "seven", "uppercase-id", "long-id", "empty-id", "empty-label", "label-crlf",
         "comment-mode", "unknown-key", "twice", "nested-context", "context-key",
-        "context-without-actions",
+        "context-without-actions", "reply-to",
     ],
 )  # fmt: skip
 def test_invalid_actions_name_the_field(fields, field):
