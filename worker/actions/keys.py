@@ -14,7 +14,7 @@ import redis
 from common.keys import action_key, actions_key
 from producers.job import Notification
 
-__all__ = ["KEY", "ActionKeys", "new_key"]
+__all__ = ["KEY", "ActionKeys", "action_outcomes", "new_key"]
 
 # 26 lowercase base32 characters: 128 bits without padding.
 KEY = re.compile(r"^[a-z2-7]{26}$")
@@ -98,3 +98,45 @@ class ActionKeys:
     def record_key(self, key: str) -> str:
         """The Redis key of ``key``'s record (``common.keys.action_key``)."""
         return action_key(self._namespace, key)
+
+
+_OUTCOME_FIELDS = ["state", "action", "actor", "used_at", "expires_at", "closed_at"]
+
+
+def action_outcomes(
+    client: redis.Redis, namespace: str, job_id: str
+) -> list[dict[str, str]]:
+    """Per recipient of ``job_id``, whether an action came: ``mailworker status``.
+
+    Each is ``{address, state, action, actor, at}``; ``state`` is ``open``, ``used``
+    (an action was accepted), ``closed`` or ``expired``. The keys themselves are left
+    out. Empty for a job without actions.
+
+    Raises:
+        redis.RedisError: Redis did not answer.
+    """
+    issued: dict[bytes, bytes] = client.hgetall(actions_key(namespace, job_id))  # type: ignore[assignment]
+    if not issued:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for key in issued.values():
+            pipe.hmget(action_key(namespace, key.decode()), _OUTCOME_FIELDS)
+        rows = pipe.execute()
+    now = int(time.time() * 1000)
+    out = []
+    for address, row in zip(issued, rows, strict=True):
+        state, action, actor, used_at, expires_at, closed_at = (
+            v.decode() if v is not None else "" for v in row
+        )
+        if state == "open" and expires_at and int(expires_at) <= now:
+            state = "expired"
+        out.append(
+            {
+                "address": address.decode(),
+                "state": state or "expired",
+                "action": action,
+                "actor": actor,
+                "at": used_at or closed_at,
+            }
+        )
+    return out
