@@ -163,6 +163,8 @@ class Notification(JobModel):
     priority: Literal["high", "normal", "bulk"] = "normal"
     not_after: datetime | None = None
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    # RFC 3834: "auto-replied" for a message that answers one (a confirmation).
+    auto_submitted: Literal["auto-generated", "auto-replied"] = "auto-generated"
     actions: Annotated[list[Action], AfterValidator(check_actions)] = Field(
         default_factory=list
     )

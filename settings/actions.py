@@ -61,6 +61,7 @@ class EmailActionsSettings(BaseModel):
     trusted_authserv_ids: list[Annotated[str, AfterValidator(_authserv_id)]] = Field(
         default_factory=list
     )
+    confirm_by_email: bool = False
 
     @model_validator(mode="after")
     def _rules(self) -> EmailActionsSettings:

@@ -32,7 +32,7 @@ def actions(make_settings, redis_client, namespace):
     """Settings with actions on, the real handler, and keys issued for a job."""
 
     class Actions:
-        def __init__(self, **options):
+        def __init__(self, smtp=(), **options):
             receiver = {
                 "name": "replies",
                 "kind": "smtp",
@@ -40,6 +40,7 @@ def actions(make_settings, redis_client, namespace):
                 "accept": [REPLY],
             }
             self.settings = make_settings(
+                smtp=list(smtp),
                 inbound=[receiver],
                 email_actions={
                     "enabled": True,

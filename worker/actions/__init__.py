@@ -6,4 +6,5 @@
 - ``authresults``: whether ``Authentication-Results`` prove the sender.
 - ``verdict``: the rules, in order: accepted, or refused with a reason.
 - ``replies``: ``ActionReplies``: decide and record a reply, its key and event at once.
+- ``confirm``: ``Confirmations``: ``confirm_by_email``'s short reply, enqueued as a job.
 """

@@ -17,6 +17,7 @@ from redis.typing import EncodableT
 
 from common.keys import action_key, events_key, inbound_index_key, inbound_key
 from settings import EmailActionsSettings, EventsSettings
+from worker.actions.confirm import Confirmations
 from worker.actions.reply import Reply, keys_in, read_reply
 from worker.actions.verdict import KeyRecord, Verdict, decide, key_record
 from worker.broker.scripts import ThreadLocalScript
@@ -75,6 +76,7 @@ class ActionReplies:
         settings: ``[email_actions]``.
         events: which event types go on the stream, and its length.
         ttl: how long an inbound record is kept (``status.ttl``), in seconds.
+        confirmations: where confirmations are enqueued (``confirm_by_email``).
     """
 
     def __init__(
@@ -85,7 +87,9 @@ class ActionReplies:
         settings: EmailActionsSettings,
         events: EventsSettings,
         ttl: float,
+        confirmations: Confirmations | None = None,
     ) -> None:
+        self._confirmations = confirmations
         self._client = client
         self._ns = namespace
         self._settings = settings
@@ -175,11 +179,17 @@ class ActionReplies:
             raise InboundUnavailableError(f"cannot record: {exc}") from None
         if outcome == "duplicate":
             return self.handle(found, received)  # recorded meanwhile: read it
-        return dataclasses.replace(
-            handled,
-            outcome=outcome,
-            reason=reason,
-        )
+        handled = dataclasses.replace(handled, outcome=outcome, reason=reason)
+        if self._confirmations is not None:
+            self._confirmations.confirm(
+                actor=handled.details["actor"],
+                verdict=dataclasses.replace(verdict, outcome=outcome, reason=reason),
+                subject=record.subject if record is not None else found.subject,
+                reply_id=found.message_id,
+                message_key=found.key,
+                job_id=handled.job_id,
+            )
+        return handled
 
     def _key(self, reply: Reply) -> str | None:
         if len(reply.keys) != 1 or reply.malformed:

@@ -47,14 +47,27 @@ def _actions(settings: Settings, client: redis.Redis) -> ActionReplies | None:
     """The handler of action replies, when ``[email_actions]`` is on."""
     if not settings.email_actions.enabled:
         return None
+    from producers.enqueue import Producer
+    from worker.actions.confirm import Confirmations
     from worker.actions.replies import ActionReplies
 
+    confirmations = None
+    if settings.email_actions.confirm_by_email:
+        producer = Producer(
+            client,
+            namespace=settings.namespace,
+            limits=settings.limits,
+            status_ttl=settings.status.ttl,
+            idempotency_ttl=settings.status.idempotency_ttl,
+        )
+        confirmations = Confirmations(producer)
     return ActionReplies(
         client,
         namespace=settings.namespace,
         settings=settings.email_actions,
         events=settings.events,
         ttl=settings.status.ttl,
+        confirmations=confirmations,
     )
 
 
