@@ -32,16 +32,31 @@ def actions(make_settings, redis_client, namespace):
     """Settings with actions on, the real handler, and keys issued for a job."""
 
     class Actions:
-        def __init__(self, smtp=(), **options):
+        def __init__(self, smtp=(), graph=False, **options):
             receiver = {
                 "name": "replies",
                 "kind": "smtp",
                 "listen": f"{HOST}:{free_port()}",
                 "accept": [REPLY],
             }
+            mailbox = {
+                "name": "o365",
+                "kind": "graph",
+                "integrated_service": "graph-mailer",
+                "mailbox": REPLY,
+            }
+            services = {
+                "graph-mailer": {
+                    "account_type": "service",
+                    "tenant_id": "t",
+                    "client_id": "c",
+                    "client_secret": "s",
+                }
+            }
             self.settings = make_settings(
                 smtp=list(smtp),
-                inbound=[receiver],
+                integrated_services=services if graph else {},
+                inbound=[receiver, mailbox] if graph else [receiver],
                 email_actions={
                     "enabled": True,
                     "reply_address": REPLY,
@@ -69,9 +84,9 @@ def actions(make_settings, redis_client, namespace):
             )
             return keys.issue(self.job_id, job, list(recipients))
 
-        def handle(self, raw, **envelope):
+        def handle(self, raw, source="replies", **envelope):
             envelope.setdefault("mail_from", "ann@example.org")
-            return self.handler.handle(Received(raw=raw, source="replies", **envelope))
+            return self.handler.handle(Received(raw=raw, source=source, **envelope))
 
         def events(self):
             return [
@@ -365,3 +380,41 @@ def test_a_reply_to_the_plain_reply_address_is_not_an_action(actions):
     handled = a.handle(reply("x", to=REPLY))
     assert handled.kind == "other"
     assert a.events() == []
+
+
+EOP = (
+    "spf=pass (sender IP is 192.0.2.1) smtp.mailfrom=example.org; dkim=pass (signature "
+    "was verified) header.d=example.org;dmarc={dmarc} action=none "
+    "header.from=example.org;compauth={compauth} reason=100"
+)
+
+
+@pytest.mark.parametrize(
+    ("authentication", "headers", "outcome"),
+    [
+        ("auto", {"X-MS-Exchange-Organization-AuthAs": "Internal"}, "accepted"),
+        ("require", {"X-MS-Exchange-Organization-AuthAs": "Internal"}, "accepted"),
+        ("auto", {"Authentication-Results": EOP.format(dmarc="pass", compauth="pass")}, "accepted"),
+        ("auto", {"Authentication-Results": EOP.format(dmarc="fail", compauth="pass")}, "accepted"),
+        ("auto", {"Authentication-Results": EOP.format(dmarc="fail", compauth="fail")}, "refused"),
+        ("auto", {"X-MS-Exchange-Organization-AuthAs": "Anonymous"}, "refused"),
+        ("auto", {}, "refused"),
+        ("none", {}, "accepted"),
+    ],
+    ids=[
+        "internal", "internal-require", "eop-pass", "eop-compauth", "eop-fail",
+        "anonymous", "nothing", "none",
+    ],
+)  # fmt: skip
+def test_a_reply_read_from_an_exchange_mailbox_must_prove_its_sender(
+    actions, authentication, headers, outcome
+):
+    """From a graph source, `auto` requires proof, since the mailbox can show it:
+    Exchange's intra-tenant mark, or the topmost EOP Authentication-Results (which
+    carries no authserv-id) with DMARC or compauth pass."""
+    a = actions(graph=True, authentication=authentication)
+    key = a.issue()["ann@example.org"]
+    handled = a.handle(reply(key, headers=headers), source="o365", mail_from=None)
+    assert handled.outcome == outcome, handled.reason
+    if outcome == "refused":
+        assert handled.reason == "unauthenticated"

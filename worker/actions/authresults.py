@@ -28,6 +28,8 @@ def _results(value: str) -> tuple[str, list[tuple[str, str, dict[str, str]]]]:
     head, *infos = value.split(";")
     words = head.split()
     authserv = words[0].lower() if words else ""
+    if "=" in authserv:  # Exchange Online writes no authserv-id: a result comes first
+        authserv, infos = "", [head, *infos]
     results = []
     for info in infos:
         match = _RESULT.match(info)
@@ -48,12 +50,14 @@ def _aligned(domain: str, other: str) -> bool:
     )
 
 
-def proof(fields: Sequence[str], trusted: Sequence[str], sender: str) -> Proof:
+def proof(fields: Sequence[str], trusted: Sequence[str] | None, sender: str) -> Proof:
     """What the topmost trusted ``Authentication-Results`` says of ``sender``.
 
     Args:
         fields: every Authentication-Results value, topmost first.
-        trusted: the authserv-ids whose fields count (``trusted_authserv_ids``).
+        trusted: the authserv-ids whose fields count (``trusted_authserv_ids``); None
+            for a mailbox's own copy (Exchange Online): the topmost field, whatever its
+            id, and there ``compauth=pass`` counts too.
         sender: the From address.
 
     Returns:
@@ -64,8 +68,12 @@ def proof(fields: Sequence[str], trusted: Sequence[str], sender: str) -> Proof:
     domain = sender.rpartition("@")[2].lower()
     for value in fields:
         authserv, results = _results(value)
-        if authserv not in trusted:
+        if trusted is not None and authserv not in trusted:
             continue
+        if trusted is None and any(
+            m == "compauth" and r == "pass" for m, r, _ in results
+        ):
+            return "pass"
         dmarc = [(r, p) for m, r, p in results if m == "dmarc"]
         if dmarc:  # DMARC's verdict decides when the server gave one
             passed = any(

@@ -77,6 +77,8 @@ class ActionReplies:
         events: which event types go on the stream, and its length.
         ttl: how long an inbound record is kept (``status.ttl``), in seconds.
         confirmations: where confirmations are enqueued (``confirm_by_email``).
+        mailboxes: the names of graph sources: Exchange Online mailboxes, whose copy
+            shows whether the sender is authenticated.
     """
 
     def __init__(
@@ -88,8 +90,10 @@ class ActionReplies:
         events: EventsSettings,
         ttl: float,
         confirmations: Confirmations | None = None,
+        mailboxes: frozenset[str] = frozenset(),
     ) -> None:
         self._confirmations = confirmations
+        self._mailboxes = mailboxes
         self._client = client
         self._ns = namespace
         self._settings = settings
@@ -110,7 +114,7 @@ class ActionReplies:
 
     def _read(
         self, found: Classification, received: Received
-    ) -> tuple[Reply, list[str]]:
+    ) -> tuple[Reply, list[str], str]:
         try:
             message = parse(received.raw, max_parts=1000, max_depth=10)
         except UnreadableMessageError:  # classify read it; a limit cannot differ
@@ -121,11 +125,13 @@ class ActionReplies:
             self._settings.local_part,
             self._settings.domain,
         )
-        return reply, Headers(message).raw("authentication-results")
+        headers = Headers(message)
+        authas = headers.token("x-ms-exchange-organization-authas")
+        return reply, headers.raw("authentication-results"), authas
 
     def _decide(
         self, found: Classification, received: Received, record: KeyRecord | None,
-        reply: Reply, auth: list[str],
+        reply: Reply, auth: list[str], authas: str,
     ) -> Verdict:  # fmt: skip
         auto = ""
         if found.kind in ("bounce", "auto_reply"):
@@ -139,6 +145,7 @@ class ActionReplies:
             auth_fields=auth,
             settings=self._settings,
             now_ms=int(time.time() * 1000),
+            exchange=authas if received.source in self._mailboxes else None,
         )
 
     def inspect(self, found: Classification, received: Received) -> Handled:
@@ -149,9 +156,9 @@ class ActionReplies:
         Raises:
             InboundUnavailableError: Redis did not answer.
         """
-        reply, auth = self._read(found, received)
+        reply, auth, authas = self._read(found, received)
         record = self._record(reply)
-        verdict = self._decide(found, received, record, reply, auth)
+        verdict = self._decide(found, received, record, reply, auth, authas)
         handled = self._handled(found, reply, record, verdict)
         handled.details["key"] = reply.keys[0] if len(reply.keys) == 1 else ""
         return handled
@@ -162,7 +169,7 @@ class ActionReplies:
         Raises:
             InboundUnavailableError: nothing was recorded; the source tries again.
         """
-        reply, auth = self._read(found, received)
+        reply, auth, authas = self._read(found, received)
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(inbound_key(self._ns, found.key))
@@ -171,7 +178,7 @@ class ActionReplies:
             if previous:
                 return _previous(found.key, previous)
             record = key_record(raw) if self._key(reply) else None
-            verdict = self._decide(found, received, record, reply, auth)
+            verdict = self._decide(found, received, record, reply, auth, authas)
             handled = self._handled(found, reply, record, verdict)
             args = self._args(received, reply, record, verdict, handled)
             outcome, reason = (v.decode() for v in self._write(*args))

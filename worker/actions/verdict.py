@@ -102,10 +102,19 @@ def _action(reply: Reply, offered: list[dict[str, str]]) -> tuple[str, str]:
 
 
 def _authenticated(
-    reply: Reply, auth_fields: list[str], settings: EmailActionsSettings
+    reply: Reply,
+    auth_fields: list[str],
+    settings: EmailActionsSettings,
+    exchange: str | None,
 ) -> bool:
     if settings.authentication == "none":
         return True
+    if exchange is not None:
+        # A mailbox's own copy can always show it: Exchange's intra-tenant mark (its
+        # header firewall strips it from outside mail), else the topmost A-R.
+        if exchange == "internal":
+            return True
+        return proof(auth_fields[:1], None, reply.senders[0]) == "pass"
     found = proof(auth_fields, settings.trusted_authserv_ids, reply.senders[0])
     if found == "absent":
         return settings.authentication == "auto"
@@ -120,6 +129,7 @@ def decide(
     auth_fields: list[str],
     settings: EmailActionsSettings,
     now_ms: int,
+    exchange: str | None = None,
 ) -> Verdict:
     """Apply the rules in order; the first that fails is the reason.
 
@@ -130,6 +140,9 @@ def decide(
         auth_fields: its Authentication-Results values, topmost first.
         settings: ``[email_actions]``.
         now_ms: the time now, in ms.
+        exchange: for a reply read from an Exchange Online mailbox (a graph source),
+            its ``X-MS-Exchange-Organization-AuthAs`` in lower case ("" if absent);
+            None for other sources.
     """
 
     def refused(reason: Reason) -> Verdict:
@@ -146,7 +159,7 @@ def decide(
     senders = {*reply.senders, *([reply.sender_header] if reply.sender_header else [])}
     if len(reply.senders) != 1 or senders != {record.recipient.lower()}:
         return refused("sender_mismatch")
-    if not _authenticated(reply, auth_fields, settings):
+    if not _authenticated(reply, auth_fields, settings, exchange):
         return refused("unauthenticated")
     action, comment = _action(reply, record.actions)
     if not action:

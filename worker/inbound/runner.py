@@ -68,6 +68,7 @@ def _actions(settings: Settings, client: redis.Redis) -> ActionReplies | None:
         events=settings.events,
         ttl=settings.status.ttl,
         confirmations=confirmations,
+        mailboxes=frozenset(s.name for s in settings.inbound if s.kind == "graph"),
     )
 
 
