@@ -32,7 +32,7 @@ def actions(make_settings, redis_client, namespace):
     """Settings with actions on, the real handler, and keys issued for a job."""
 
     class Actions:
-        def __init__(self, smtp=(), graph=False, **options):
+        def __init__(self, smtp=(), graph=False, webhook=(), **options):
             receiver = {
                 "name": "replies",
                 "kind": "smtp",
@@ -55,6 +55,7 @@ def actions(make_settings, redis_client, namespace):
             }
             self.settings = make_settings(
                 smtp=list(smtp),
+                webhook=list(webhook),
                 integrated_services=services if graph else {},
                 inbound=[receiver, mailbox] if graph else [receiver],
                 email_actions={
@@ -418,3 +419,29 @@ def test_a_reply_read_from_an_exchange_mailbox_must_prove_its_sender(
     assert handled.outcome == outcome, handled.reason
     if outcome == "refused":
         assert handled.reason == "unauthenticated"
+
+
+def test_an_accepted_action_reaches_a_real_webhook_receiver(
+    actions, redis_client, server_tls
+):
+    """The engine's webhook gets action.accepted, signed, with the action's data."""
+    from tests.support.webhooks import Receiver
+    from tests.test_webhooks import SECRET, _drive
+    from worker.events.runner import build_deliverers
+
+    rx = Receiver(SECRET, None).start()
+    try:
+        hook = {"name": "engine", "url": rx.url, "secret": SECRET, "allow_http": True}
+        a = actions(webhook=[hook])
+        [deliverer] = build_deliverers(a.settings, redis_client, poll=0.05)
+        deliverer.store.ensure_group()
+        key = a.issue()["ann@example.org"]
+        assert a.handle(reply(key)).outcome == "accepted"
+        _drive(deliverer, rx.delivered)
+        [got] = rx.received
+        assert got.verified
+        assert got.json["type"] == "action.accepted"
+        assert got.json["data"]["action"] == "approve"
+        assert got.json["data"]["context"] == {"task": 42}
+    finally:
+        rx.stop()
