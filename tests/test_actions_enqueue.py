@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from common.keys import actions_key
-from producers import JobValidationError, Notification, Producer
+from common.sockets import free_port
+from producers import (
+    BrokerUnavailableError,
+    JobValidationError,
+    Notification,
+    Producer,
+)
 from settings import ConfigError
 from tests.support.config import write_toml
 from tests.support.env import REDIS_URL
@@ -83,10 +89,12 @@ def test_actions_settings_load_with_a_source_that_receives_the_reply_address(
         ([RECEIVER], {"authentication": "maybe"}, "authentication"),
         ([RECEIVER], {"trusted_authserv_ids": ["not a host"]}, "trusted_authserv_ids"),
         ([RECEIVER], {"links_base_url": "https://x.example"}, "links_base_url"),
+        ([RECEIVER], {"key_ttl": "30s"}, "email_actions"),
     ],
     ids=[
         "no-source", "source-disabled", "not-accepted", "no-reply-address", "plus",
         "local-part-too-long", "authentication", "authserv-id", "unknown-key",
+        "key-ttl-too-short",
     ],
 )  # fmt: skip
 def test_invalid_actions_settings_name_the_field(
@@ -158,11 +166,12 @@ def test_a_job_without_actions_travels_as_before():
         ({"action_context": {"bad key": 1}}, "action_context"),
         ({"actions": [], "action_context": {"task": 1}}, "action_context"),
         ({"reply_to": ["boss@example.org"]}, "reply_to"),
+        ({"action_context": {f"k{i}": "x" * 60 for i in range(40)}}, "action_context"),
     ],
     ids=[
         "seven", "uppercase-id", "long-id", "empty-id", "empty-label", "label-crlf",
         "comment-mode", "unknown-key", "twice", "nested-context", "context-key",
-        "context-without-actions", "reply-to",
+        "context-without-actions", "reply-to", "context-too-large",
     ],
 )  # fmt: skip
 def test_invalid_actions_name_the_field(fields, field):
@@ -261,3 +270,12 @@ def test_actions_close_of_an_unknown_job_exits_3(write_config):
     assert result.returncode == 3
     assert result.stdout == ""
     assert "no action keys" in one_line_cause(result)
+
+
+def test_close_actions_on_an_unreachable_broker_says_so():
+    """close_actions with Redis away raises BrokerUnavailableError naming the broker."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    producer = Producer.from_url(url, email_actions=True)
+    with pytest.raises(BrokerUnavailableError) as info:
+        producer.close_actions("job-1")
+    assert "127.0.0.1" in str(info.value)
