@@ -198,9 +198,38 @@ def test_a_missing_source_folder_is_a_clear_error(user, imap_source, handler):
     """A folder that does not exist is named in the error; nothing is created for it."""
     source = imap_source(user, sink=handler, folder="no-such-folder")
     with pytest.raises(
-        ImapError, match=r"inbound\[actions-imap\]: SELECT no-such-folder"
+        ImapError, match=r"inbound\[actions-imap\]: (STATUS|SELECT) no-such-folder"
     ):
         source.poll_once()
+
+
+def test_an_idle_poll_is_one_status_command(dovecot, user, imap_source, handler):
+    """With UNSELECT, a poll of an empty folder sends STATUS alone; mail still comes."""
+    proxy = CuttingProxy(dovecot.imap_port)
+    proxy.start()
+    try:
+        source = imap_source(user, sink=handler, port=proxy.port)
+        try:
+            assert source.poll_once() == 0  # connects, logs in, makes the folders
+            before = len(proxy.commands())
+            for _ in range(3):
+                assert source.poll_once() == 0
+            idle = proxy.commands()[before:]
+            message_id, raw = _mail()
+            with dovecot.client(user) as imap:
+                append(imap, "INBOX", raw)
+            assert source.poll_once() == 1
+            busy = proxy.commands()[before + len(idle) :]
+        finally:
+            source.close()
+    finally:
+        proxy.stop()
+    assert [c.split()[1] for c in idle] == ["STATUS"] * 3
+    verbs = [" ".join(c.split()[1:3]).upper() for c in busy]
+    assert verbs[0].startswith("STATUS") and verbs[-1] == "UNSELECT"
+    assert any(v.startswith("SELECT") for v in verbs)
+    assert "UID MOVE" in verbs
+    assert [h.message_id for h in handler.calls] == [message_id]
 
 
 def test_work_per_poll_is_bounded(dovecot, user, imap_source, handler):

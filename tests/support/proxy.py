@@ -29,6 +29,7 @@ class CuttingProxy:
         self._reply: tuple[bytes, int] | None = None
         self._request: bytes | None = None
         self.cuts = 0
+        self._sent = bytearray()  # what clients sent, all connections in order
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -38,6 +39,12 @@ class CuttingProxy:
 
     def cut_request(self, marker: bytes) -> None:
         self._request = marker
+
+    def commands(self) -> list[str]:
+        """The lines clients have sent so far (IMAP commands, SMTP commands…)."""
+        with self._lock:
+            sent = bytes(self._sent)
+        return [line.decode("latin-1") for line in sent.split(b"\r\n") if line]
 
     def start(self) -> None:
         self._spawn(self._accept)
@@ -77,6 +84,9 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
                 return
+            if direction == "request":
+                with self._lock:
+                    self._sent += chunk
             if direction == "request" and self._request is not None:
                 if self._request in tail + chunk:
                     self._request = None

@@ -47,13 +47,20 @@ class Inbound:
         self._return_path = return_path
         self._smtp_services = smtp_services
 
-    def handle(self, received: Received) -> Handled:
+    def handle(
+        self, received: Received, found: Classification | None = None
+    ) -> Handled:
         """Record what ``received`` is and does, once, and return that.
+
+        Args:
+            received: the message.
+            found: its classification, when the source has read it already.
 
         Raises:
             InboundUnavailableError: nothing was recorded; the source tries again.
         """
-        found = classify(received.raw)
+        if found is None:
+            found = classify(received.raw)
         if self._actions is not None and self._actions.wants(found, received):
             handled = self._actions.handle(found, received)
         else:

@@ -82,6 +82,7 @@ class ImapSource:
         self._backoff = (backoff, max_backoff)
         self._session: ImapClient | None = None
         self._uidvalidity: int | None = None  # the last one saved in Redis
+        self._selected = False  # the folder is selected, to be left after the poll
         self._password = self._password_reader()
         self._password()  # a missing or empty password file fails now, not at the first poll
 
@@ -161,6 +162,9 @@ class ImapSource:
                 if stop is not None and stop.is_set():
                     break
                 count += self._handle(session, uid)
+            if self._selected:
+                session.unselect()
+                self._selected = False
         except ImapError as exc:
             self._drop(exc)
             raise
@@ -169,12 +173,25 @@ class ImapSource:
     def _pending(self) -> tuple[ImapClient, list[int]]:
         """The session with ``folder`` selected afresh, and the UIDs waiting in it.
 
-        SELECT each poll: a session that kept a folder selected may not see it deleted
-        and made again, and this is where a new UIDVALIDITY shows.
+        Each poll looks at the folder anew: a session that kept it selected may not
+        see it deleted and made again, and a new UIDVALIDITY shows only there. Where
+        the server has UNSELECT, the folder is left after each poll and an idle poll
+        is one STATUS; SELECT and SEARCH follow only when the folder holds mail.
+        Elsewhere each poll is SELECT and SEARCH.
         """
         session = self._connected()
+        folder = self.config.folder
         try:
-            uidvalidity = session.select(self.config.folder)
+            if self._selected:  # left selected by a poll the sink cut short
+                session.unselect()
+                self._selected = False
+            if "UNSELECT" in session.capabilities:
+                messages, uidvalidity = session.status(folder)
+                if messages == 0:
+                    self._remember(uidvalidity)
+                    return session, []
+            uidvalidity = session.select(folder)
+            self._selected = "UNSELECT" in session.capabilities
             uids = session.pending(self._max_per_poll)
         except ImapError as exc:
             self._drop(exc)
@@ -291,6 +308,7 @@ class ImapSource:
 
     def _drop(self, exc: ImapError) -> None:
         session, self._session = self._session, None
+        self._selected = False
         if session is not None:
             session.close(polite=isinstance(exc, ImapRefusedError))
 

@@ -20,6 +20,8 @@ from worker.transports.smtp_client import tls_context
 __all__ = ["ImapClient", "ImapError", "ImapRefusedError"]
 
 _LITERAL_HEAD = re.compile(rb"\bBODY\[\]")
+_STATUS_MESSAGES = re.compile(rb"\bMESSAGES (\d+)", re.IGNORECASE)
+_STATUS_UIDVALIDITY = re.compile(rb"\bUIDVALIDITY (\d+)", re.IGNORECASE)
 _UIDVALIDITY = re.compile(rb"\d+")
 
 
@@ -238,6 +240,42 @@ class ImapClient:
             _, values = self.imap.response("UIDVALIDITY")
         found = _UIDVALIDITY.search(values[0] or b"") if values else None
         return int(found.group()) if found else 0
+
+    def status(self, name: str) -> tuple[int, int]:
+        """STATUS of a folder that is not selected: (messages, UIDVALIDITY).
+
+        One command, the whole of an idle poll.
+
+        Raises:
+            ImapError: the session broke. ImapRefusedError: no such folder.
+        """
+        with self._map_errors(f"STATUS {name}"):
+            typ, data = self.imap.status(
+                mailbox_argument(name), "(MESSAGES UIDVALIDITY)"
+            )
+        self._check(f"STATUS {name}", typ, data)
+        text = b" ".join(d for d in data if isinstance(d, bytes))
+        messages = _STATUS_MESSAGES.search(text)
+        uidvalidity = _STATUS_UIDVALIDITY.search(text)
+        if messages is None:
+            raise ImapRefusedError(
+                f"inbound[{self.config.name}]: STATUS {name} at {self._where}: "
+                f"no MESSAGES in {_text(data)}",
+                source=self.config.name,
+            )
+        return int(messages.group(1)), int(uidvalidity.group(1)) if uidvalidity else 0
+
+    def unselect(self) -> None:
+        """Leave the selected folder without expunging anything (UNSELECT, RFC 3691).
+
+        Raises:
+            ImapError: the session broke. ImapRefusedError: the server said no.
+        """
+        with self._map_errors("UNSELECT"):
+            # imaplib knows UNSELECT but has no method for it.
+            typ, data = self.imap._simple_command("UNSELECT")
+            self.imap.state = "AUTH"
+        self._check("UNSELECT", typ, data)
 
     def pending(self, limit: int) -> list[int]:
         """UIDs in the selected folder, oldest first, at most ``limit``.

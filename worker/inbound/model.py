@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from settings import MailworkerError
+
+if TYPE_CHECKING:
+    from worker.inbound.classify import Classification
 
 __all__ = [
     "Handled",
@@ -75,8 +78,12 @@ class InboundUnavailableError(MailworkerError):
 class Sink(Protocol):
     """Where sources hand messages: ``worker.inbound.handler.Inbound``."""
 
-    def handle(self, received: Received) -> Handled:
+    def handle(
+        self, received: Received, found: Classification | None = None
+    ) -> Handled:
         """Record what ``received`` is and does, once; return the outcome.
+
+        ``found`` is ``classify(received.raw)`` when the source has read it already.
 
         Raises:
             InboundUnavailableError: nothing was recorded; try again later.

@@ -21,6 +21,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from settings import InboundSource
+from worker.inbound.classify import classify
 from worker.inbound.model import InboundUnavailableError, Received, Sink
 
 __all__ = ["SmtpReceiver"]
@@ -28,6 +29,7 @@ __all__ = ["SmtpReceiver"]
 log = structlog.get_logger("mailworker.inbound.smtp")
 
 _HANDLER_THREADS = 8  # records are Redis round trips: a few threads keep DATA moving
+_READ_ON_LOOP = 256 * 1024  # bytes: larger messages are read on a handler thread
 
 
 def _box(address: str) -> tuple[str, str]:
@@ -75,8 +77,13 @@ class _Handler:
         )
         loop = asyncio.get_running_loop()
         try:
+            # Reading a message is CPU work: done on a handler thread it holds the GIL
+            # while the loop waits for it to answer the other sessions (the switch
+            # interval, 5 ms, each time). Small messages are read here instead, and
+            # only the Redis round trips go to the threads.
+            found = classify(received.raw) if len(content) <= _READ_ON_LOOP else None
             handled = await loop.run_in_executor(
-                self._pool, self._sink.handle, received
+                self._pool, self._sink.handle, received, found
             )
         except InboundUnavailableError as exc:
             log.warning("inbound_not_recorded", source=self._name, error=str(exc))

@@ -89,6 +89,7 @@ class InboundStore:
         self._ns = namespace
         self._ttl = int(ttl)
         self._events = events or EventsSettings()
+        self._read = ThreadLocalScript(client, _READ)
         self._write = ThreadLocalScript(client, _WRITE)
 
     def job(self, job_id: str) -> JobView | None:
@@ -124,7 +125,7 @@ class InboundStore:
     ) -> Handled:
         """Work out the plan for message ``key`` against job ``job_id`` as it is now; write it once.
 
-        One round trip reads the message's record and the job; ``plan_for`` decides on
+        One script reads the message's record and the job; ``plan_for`` decides on
         what it read; one script writes the plan only if the message is still new and
         the job's recipients unchanged. Else it reads and decides again (a worker's
         write, another bounce came between), so a decision is always made on what is
@@ -135,14 +136,15 @@ class InboundStore:
         """
         try:
             for _ in range(_ATTEMPTS):
-                with self._client.pipeline(transaction=False) as pipe:
-                    pipe.hgetall(inbound_key(self._ns, key))
-                    if job_id is not None:
-                        pipe.hmget(status_key(self._ns, job_id), _JOB_FIELDS)
-                    previous, *job = pipe.execute()
-                if previous:
+                flat, fields = self._read(
+                    inbound_key(self._ns, key),
+                    status_key(self._ns, job_id) if job_id is not None else "",
+                    *_JOB_FIELDS,
+                )
+                if flat:
+                    previous = dict(zip(flat[::2], flat[1::2], strict=True))
                     return _handled(key, previous, duplicate=True)
-                fields = job[0] if job else None
+                fields = fields or None
                 plan = plan_for(_job_view(fields) if fields else None)
                 seen = (fields[1] or b"") if fields else b""
                 if self._write(*self._args(source, plan, seen)) == b"written":
@@ -237,6 +239,15 @@ class InboundStore:
 
 _JOB_FIELDS = ["state", "recipients", "service"]
 _ATTEMPTS = 5
+
+# ARGV: record key, job key ("" none), the job's fields. Answers the record as a flat
+# list (empty when the message is new) and the job's fields (empty when no job key).
+# A script over the thread's own connection, not a pipeline: it is one call per message.
+_READ = """
+local record = redis.call('HGETALL', ARGV[1])
+if ARGV[2] == '' then return {record, {}} end
+return {record, redis.call('HMGET', ARGV[2], unpack(ARGV, 3))}
+"""
 
 # ARGV: record key, index key, message key, ttl, now (ms), 2n, n field/value pairs;
 # job key ("" none), the job's recipients as read; new recipients ("" unchanged),
