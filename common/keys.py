@@ -11,6 +11,8 @@ __all__ = [
     "QUEUES",
     "WAKE_LUA",
     "accepted_key",
+    "action_key",
+    "actions_key",
     "dead_index_key",
     "dead_payload_key",
     "events_key",
@@ -93,6 +95,16 @@ def inbound_key(namespace: str, key: str) -> str:
 def inbound_index_key(namespace: str) -> str:
     """Recent inbound messages: a sorted set of record key → time received (ms)."""
     return f"{namespace}:inbound:index"
+
+
+def action_key(namespace: str, key: str) -> str:
+    """One e-mail action key's record: a hash (job, recipient, actions, state)."""
+    return f"{namespace}:action:{key}"
+
+
+def actions_key(namespace: str, job_id: str) -> str:
+    """A job's action keys: a hash of recipient address → key (docs/design.md §11)."""
+    return f"{namespace}:job:{job_id}:actions"
 
 
 def wake_channel(namespace: str) -> str:

@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections.abc import Iterable
 
+from producers.actions import Action, Closed
 from producers.enqueue import Producer
 from producers.events import Event
 from producers.job import SCHEMA_VERSION, Attachment, Mailbox, Notification, parse_job
@@ -24,9 +25,11 @@ from settings import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Action",
     "Attachment",
     "BrokerAuthenticationError",
     "BrokerUnavailableError",
+    "Closed",
     "DefaultConfigurationWarning",
     "Event",
     "JobValidationError",
@@ -34,6 +37,7 @@ __all__ = [
     "Notification",
     "Producer",
     "ack_events",
+    "close_actions",
     "default_producer",
     "enqueue",
     "enqueue_many",
@@ -139,3 +143,13 @@ def ack_events(
 ) -> int:
     """Acknowledge events ``group`` has handled; return how many were pending."""
     return (producer or _default_producer()).ack_events(group, stream_ids)
+
+
+def close_actions(job_id: str, *, producer: Producer | None = None) -> Closed:
+    """Close every e-mail action key of ``job_id``: later replies are refused ``closed``.
+
+    Call it when the task moved on (another approver acted). Returns how many keys the
+    job has and how many were closed now. Without ``producer``, the process-wide
+    ``default_producer()`` is used.
+    """
+    return (producer or _default_producer()).close_actions(job_id)

@@ -90,6 +90,7 @@ def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
         metadata[key] = value
     if metadata:
         job["metadata"] = metadata
+    job.update(_actions_from_flags(options))
     attachments = []
     for path in options["attach"]:
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -98,6 +99,31 @@ def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
         )
     if attachments:
         job["attachments"] = attachments
+    return job
+
+
+def _actions_from_flags(options: dict[str, Any]) -> dict[str, Any]:
+    """``--action ID:LABEL[:required]`` and ``--action-context key=value``."""
+    job: dict[str, Any] = {}
+    actions = []
+    for item in options["action"]:
+        action_id, sep, label = item.partition(":")
+        if not sep or not label:
+            raise JobValidationError("--action", f"{item!r} is not 'id:Label'")
+        entry = {"id": action_id, "label": label}
+        if label.endswith(":required"):
+            entry.update(label=label.removesuffix(":required"), comment="required")
+        actions.append(entry)
+    if actions:
+        job["actions"] = actions
+    context = {}
+    for item in options["action_context"]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise JobValidationError("--action-context", f"{item!r} is not key=value")
+        context[key] = value
+    if context:
+        job["action_context"] = context
     return job
 
 
@@ -133,6 +159,19 @@ def _from_json(source: str) -> dict[str, Any]:
 @click.option("--header", multiple=True, help="Extra header 'Name: value'; repeatable.")
 @click.option(
     "--metadata", multiple=True, help="Metadata key=value for status and logs."
+)
+@click.option(
+    "--action",
+    multiple=True,
+    metavar="ID:LABEL[:required]",
+    help="An e-mail action the recipients can reply with; repeatable (at most 6).",
+)
+@click.option(
+    "--action-context",
+    "action_context",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Context key=value returned with the action's event; repeatable.",
 )
 @click.option("--sender", help="Pin one configured service by name (no failover).")
 @click.option(

@@ -28,6 +28,7 @@ from common.keys import (
     wake_channel,
     wake_gate_key,
 )
+from producers.actions import Closed, close_actions
 from producers.batch import (
     BATCH_SCRIPT,
     batch_call,
@@ -105,8 +106,10 @@ class Producer:
         status_ttl: float = 7 * 86400,
         idempotency_ttl: float = 86400,
         broker_label: str = "redis",
+        email_actions: bool = False,
     ) -> None:
         self._client = client
+        self._email_actions = email_actions
         self._namespace = namespace
         self._limits = limits or Limits()
         self._status_ttl = int(status_ttl)
@@ -133,6 +136,7 @@ class Producer:
             status_ttl=settings.status.ttl,
             idempotency_ttl=settings.status.idempotency_ttl,
             broker_label=public_url(url),
+            email_actions=settings.email_actions.enabled,
         )
 
     @classmethod
@@ -145,6 +149,7 @@ class Producer:
         status_ttl: float = 7 * 86400,
         idempotency_ttl: float = 86400,
         ca_bundle: Path | None = None,
+        email_actions: bool = False,
     ) -> Producer:
         """Build a producer for one broker, without reading any configuration.
 
@@ -156,6 +161,8 @@ class Producer:
             status_ttl: the workers' ``status.ttl``, in seconds.
             idempotency_ttl: the workers' ``status.idempotency_ttl``, in seconds.
             ca_bundle: extra trust for ``rediss://``.
+            email_actions: the workers' ``email_actions.enabled``: whether jobs may
+                carry ``actions``.
 
         Raises:
             ConfigError: ``namespace`` is not a valid namespace.
@@ -169,6 +176,7 @@ class Producer:
             status_ttl=status_ttl,
             idempotency_ttl=idempotency_ttl,
             broker_label=public_url(broker_url),
+            email_actions=email_actions,
         )
 
     def read_events(
@@ -196,6 +204,13 @@ class Producer:
         """Acknowledge events ``group`` has handled (``producers.events``)."""
         return ack_events(
             self._client, self._namespace, group, stream_ids, label=self._label
+        )
+
+    def close_actions(self, job_id: str) -> Closed:
+        """Close every e-mail action key of ``job_id`` (``producers.close_actions``)."""
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        return close_actions(
+            self._client, self._namespace, job_id, now_ms=now_ms, label=self._label
         )
 
     def enqueue(self, notification: Notification) -> str:
@@ -238,6 +253,7 @@ class Producer:
         for index, job in enumerate(jobs):
             try:
                 job.check_limits(self._limits)
+                self._check_actions(job)
             except JobValidationError as exc:
                 if len(jobs) == 1:
                     raise
@@ -248,6 +264,15 @@ class Producer:
         for start in range(0, len(jobs), _CHUNK):
             ids.extend(self._enqueue_chunk(jobs[start : start + _CHUNK], start))
         return ids
+
+    def _check_actions(self, job: Notification) -> None:
+        if job.actions and not self._email_actions:
+            raise JobValidationError(
+                "actions",
+                "e-mail actions are off: set [email_actions] enabled = true (with a "
+                "reply_address an [[inbound]] source receives) where the workers and "
+                "this producer read their configuration",
+            )
 
     def _enqueue_bulk(self, jobs: list[Notification]) -> list[str]:
         ids: list[str | None] = [None] * len(jobs)

@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from producers.actions import Action, check_actions, check_context
 from producers.validation import JobModel, validation_error
 from settings import JobValidationError, Limits
 from settings.models import header_text
@@ -162,6 +163,14 @@ class Notification(JobModel):
     priority: Literal["high", "normal", "bulk"] = "normal"
     not_after: datetime | None = None
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    # RFC 3834: "auto-replied" for a message that answers one (a confirmation).
+    auto_submitted: Literal["auto-generated", "auto-replied"] = "auto-generated"
+    actions: Annotated[list[Action], AfterValidator(check_actions)] = Field(
+        default_factory=list
+    )
+    action_context: Annotated[
+        dict[str, str | int | float | bool | None], AfterValidator(check_context)
+    ] = Field(default_factory=dict)
 
     @field_validator("headers")
     @classmethod
@@ -202,6 +211,12 @@ class Notification(JobModel):
             raise ValueError("text: give text, html or both")
         if not (self.to or self.cc or self.bcc):
             raise ValueError("to: give at least one recipient in to, cc or bcc")
+        if self.action_context and not self.actions:
+            raise ValueError("action_context: given without actions")
+        if self.actions and self.reply_to:
+            raise ValueError(
+                "reply_to: not with actions (each recipient's replies go to its key)"
+            )
         return self
 
     @property

@@ -114,11 +114,12 @@ def validation_error(exc: ValidationError) -> JobValidationError:
     """
     error = exc.errors(include_url=False)[0]
     loc = error["loc"]
-    if len(loc) == 3 and loc[0] == "metadata" and loc[2] in _METADATA_TYPES:
+    flat = ("metadata", "action_context")
+    if len(loc) == 3 and loc[0] in flat and loc[2] in _METADATA_TYPES:
         # One reason for a value that is none of the union's members (not one each).
         kind = type(error["input"]).__name__
         return JobValidationError(
-            f"metadata.{loc[1]}",
+            f"{loc[0]}.{loc[1]}",
             f"must be a string, number, boolean or null, not {kind}",
         )
     parts: list[str] = []

@@ -21,12 +21,14 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from settings.actions import EmailActionsSettings, receiving_source
 from settings.durations import Duration
 
 __all__ = [
     "EVENT_TYPES",
     "BouncesSettings",
     "BreakerSettings",
+    "EmailActionsSettings",
     "EventType",
     "EventsSettings",
     "InboundSource",
@@ -518,6 +520,7 @@ class Settings(BaseSettings):
     )
     inbound: list[InboundSource] = Field(default_factory=list)
     webhook: list[Webhook] = Field(default_factory=list)
+    email_actions: EmailActionsSettings = Field(default_factory=EmailActionsSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -554,7 +557,20 @@ class Settings(BaseSettings):
                     f"no [integrated_services.{conn.integrated_service}]"
                 )
         self._inbound_references()
+        self._actions_references()
         return self
+
+    def _actions_references(self) -> None:
+        actions = self.email_actions
+        if (
+            actions.enabled
+            and receiving_source(actions.reply_address, self.inbound) is None
+        ):
+            raise ValueError(
+                f"email_actions.reply_address: no enabled [[inbound]] source receives "
+                f"{actions.reply_address!r} (an smtp source's accept, a graph source's "
+                "mailbox, or an imap source's username)"
+            )
 
     def _inbound_references(self) -> None:
         for kind, entries in (("inbound", self.inbound), ("webhook", self.webhook)):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from settings.models import (
     BouncesSettings,
     BreakerSettings,
+    EmailActionsSettings,
     EventsSettings,
     InboundSource,
     IntegratedService,
@@ -35,6 +36,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "status": StatusSettings,
     "events": EventsSettings,
     "bounces": BouncesSettings,
+    "email_actions": EmailActionsSettings,
     "inbound": InboundSource,
     "webhook": Webhook,
     "smtp": SmtpConnection,

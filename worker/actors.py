@@ -16,6 +16,8 @@ from producers.job import Notification, parse_job
 from settings import JobValidationError, Settings
 from settings.models import EventType
 from worker import records
+from worker.actions.keys import ActionKeys
+from worker.actions.render import personal
 from worker.attempt import Job
 from worker.broker.attached import PackedWrite, attached
 from worker.bulk import SingleJobs
@@ -51,6 +53,7 @@ class JobHandler:
         single_jobs: the single jobs running in this process, which bulk messages
             wait for.
         suppression: the suppression list recipients are looked up in.
+        actions: issues e-mail action keys (None: ``[email_actions]`` is off).
     """
 
     def __init__(
@@ -62,8 +65,10 @@ class JobHandler:
         broker: dramatiq.Broker,
         single_jobs: SingleJobs | None = None,
         suppression: SuppressionList | None = None,
+        actions: ActionKeys | None = None,
     ) -> None:
         self._broker = broker
+        self._actions = actions
         self._suppression = suppression
         self._single_jobs = single_jobs or SingleJobs()
         self._settings = settings
@@ -99,6 +104,7 @@ class JobHandler:
                 parcel.notification,
                 parcel.recipients,
                 extra_headers=parcel.extra_headers,
+                personal=parcel.personal,
             )
             if parcel.recipients
             else Outcome()
@@ -156,6 +162,12 @@ class JobHandler:
             else None
         )
         parcel = Parcel(job.id, notification, pending, headers)
+        if notification.actions and self._actions is not None:
+            keys = self._actions.issue(job.id, notification, pending)
+            actions = self._settings.email_actions
+            parcel.personal = {
+                r: personal(notification, keys[r], actions) for r in pending
+            }
         return Prepared(start, wanted, parcel, suppressed)
 
     def _all_suppressed(
@@ -196,6 +208,10 @@ class JobHandler:
             )
         notification = parse_job(data)
         notification.check_size(limits)
+        if notification.actions and self._actions is None:
+            raise JobValidationError(
+                "actions", "e-mail actions are off on this worker ([email_actions])"
+            )
         self._deliverer.order(notification)  # a `sender` naming no service is invalid
         return notification
 

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from common.broker import connect
 from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
+from worker.actions.keys import ActionKeys
 from worker.actors import JobHandler
 from worker.broker.broker import MailBroker
 from worker.broker.scripts import close_connections
@@ -196,6 +197,14 @@ def build(
         broker=broker,
         single_jobs=single_jobs,
         suppression=SuppressionList(client, namespace=settings.namespace),
+        actions=ActionKeys(
+            client,
+            namespace=settings.namespace,
+            key_ttl=settings.email_actions.key_ttl,
+            keep=settings.status.ttl,
+        )
+        if settings.email_actions.enabled
+        else None,
     )
     bulk = BulkHandler(
         handler,

@@ -57,7 +57,17 @@ class Parcel:
     notification: Notification
     recipients: tuple[str, ...]
     extra_headers: dict[str, str] | None = None
+    # E-mail actions: each recipient's own notification (its key), sent on its own.
+    personal: dict[str, Notification] | None = None
     _body: Mime | None = None
+
+    def split(self) -> list[Parcel]:
+        """One parcel per recipient, each with its own notification."""
+        assert self.personal is not None
+        return [
+            Parcel(self.job_id, self.personal[r], (r,), self.extra_headers)
+            for r in self.recipients
+        ]
 
     def body(self) -> Mime:
         """The MIME body, written once for every service that needs it."""
@@ -102,6 +112,26 @@ class Outcome:
     # {service, reason} of each try whose reply to the final dot was lost (RFC 5321
     # 6.1). The server may have the message, and a retry may deliver it twice.
     in_doubt: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, other: Outcome) -> None:
+        """Take in the outcome of another message of the same job (one per recipient).
+
+        Each recipient's state is its own; the job waits or retries when any did.
+        """
+        if other.service and other.receipt.accepted:
+            self.service, self.message_id = other.service, other.message_id
+        self.receipt.accepted += other.receipt.accepted
+        self.receipt.refused.update(other.receipt.refused)
+        self.receipt.deferred.update(other.receipt.deferred)
+        self.receipt.response = other.receipt.response or self.receipt.response
+        self.skipped += other.skipped
+        self.last_error = other.last_error or self.last_error
+        if other.retry_after is not None:
+            self.retry_after = max(self.retry_after or 0.0, other.retry_after)
+        self.retryable = self.retryable or other.retryable
+        if other.wait is not None:
+            self.wait = min(self.wait or other.wait, other.wait)
+        self.in_doubt += other.in_doubt
 
     def note_in_doubt(self, error: DeliveryError, job_id: str) -> None:
         """Record a try of job ``job_id`` that ended in doubt
@@ -235,7 +265,7 @@ class Deliverer:
         groups: dict[int, list[int]] = {}
         for index, parcel in enumerate(parcels):
             service = self.order(parcel.notification)[0]
-            if service.name not in self._batch:
+            if service.name not in self._batch or parcel.personal is not None:
                 continue
             if self._breaker is not None and not self._breaker.allow(service.name):
                 continue
@@ -268,8 +298,12 @@ class Deliverer:
         recipients: Sequence[str],
         *,
         extra_headers: dict[str, str] | None = None,
+        personal: dict[str, Notification] | None = None,
     ) -> Outcome:
         """Send to ``recipients`` through the first service that takes the message.
+
+        With ``personal`` (e-mail actions) each recipient gets its own notification, in
+        a message of its own.
 
         Returns:
             The outcome. It is ``retryable`` when every service failed for a passing
@@ -279,10 +313,19 @@ class Deliverer:
             JobValidationError: ``sender`` names no enabled service.
         """
         return self._guarded(
-            Parcel(job_id, notification, tuple(recipients), extra_headers)
+            Parcel(job_id, notification, tuple(recipients), extra_headers, personal)
         )
 
     def _guarded(self, parcel: Parcel, first: SendResult = None) -> Outcome:
+        """``_guarded_one``, for each recipient on its own when they have their own."""
+        if parcel.personal is None:
+            return self._guarded_one(parcel, first)
+        outcome = Outcome()
+        for one in parcel.split():
+            outcome.add(self._guarded_one(one))
+        return outcome
+
+    def _guarded_one(self, parcel: Parcel, first: SendResult = None) -> Outcome:
         """``_deliver``, which never raises once a message may have gone out.
 
         An unexpected error (a bug, Redis away under a transport's own bookkeeping) is a

@@ -363,7 +363,7 @@ def render_message(
         _date_header(),
         f"Message-ID: {message_id(job_id, from_box.address)}\r\n".encode(),
         b"MIME-Version: 1.0\r\n",
-        b"Auto-Submitted: auto-generated\r\n",
+        f"Auto-Submitted: {notification.auto_submitted}\r\n".encode(),
         b"X-Auto-Response-Suppress: All\r\n",
     ]
     for name, value in {**notification.headers, **(extra_headers or {})}.items():

@@ -134,7 +134,8 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
 
     It keeps the user's limits and retry policy, but has only the capture mailbox as a
     service and the embedded broker. Configured services and inbound sources are
-    ignored. Bounces use dev's own return path, which the capture mailbox receives.
+    ignored. Bounces use dev's own return path, which the capture mailbox receives; with
+    ``[email_actions]`` on, the capture mailbox receives its ``reply_address`` too.
     """
     data = base.model_dump(
         exclude={
@@ -161,6 +162,15 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
             "timeout": "5s",
         }
     ]
+    if base.email_actions.enabled:
+        data["inbound"] = [
+            {
+                "name": "dev",
+                "kind": "smtp",
+                "listen": f"{HOST}:{smtp_port}",
+                "accept": [base.email_actions.reply_address],
+            }
+        ]
     return Settings(**data)
 
 
@@ -209,7 +219,13 @@ def dev(outbox: Path, threads: int, port: int) -> None:
     )
     app = build(settings)
     client = connect(broker.url)
-    mailbox.writer.inbound = DevInbound(build_inbound(settings, client), app.status)
+    mailbox.writer.inbound = DevInbound(
+        build_inbound(settings, client),
+        app.status,
+        reply_address=settings.email_actions.reply_address
+        if settings.email_actions.enabled
+        else "",
+    )
     app.broker.emit_after("process_boot")
     # Poll an idle queue every 50 ms so a message arrives well within a second.
     worker = Worker(app.broker, worker_threads=threads, worker_timeout=50)
@@ -235,6 +251,13 @@ def dev(outbox: Path, threads: int, port: int) -> None:
         "`inbound list`, `suppress list`, `events tail`",
         err=True,
     )
+    if settings.email_actions.enabled:
+        click.echo(
+            "# e-mail actions: replies to "
+            f"{settings.email_actions.local_part}+<key>@{settings.email_actions.domain} "
+            f"sent to 127.0.0.1:{mailbox.port} are handled (README, 'E-mail actions')",
+            err=True,
+        )
     sys.stdout.flush()
     _wait_for_signal()
     click.echo("mailworker dev: stopping", err=True)

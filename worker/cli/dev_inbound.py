@@ -33,18 +33,28 @@ class DevInbound:
     Args:
         inbound: the handler, on the embedded broker.
         status: the status store, to wait for a job's record before bouncing it.
+        reply_address: ``email_actions.reply_address`` ("" when actions are off):
+            replies to its keys go to the handler too.
     """
 
-    def __init__(self, inbound: Inbound, status: StatusStore) -> None:
+    def __init__(
+        self, inbound: Inbound, status: StatusStore, *, reply_address: str = ""
+    ) -> None:
         self._inbound = inbound
         self._status = status
+        local, _, domain = reply_address.lower().partition("@")
+        self._prefixes = [("bounces+", "@mailworker.test")]
+        if reply_address:
+            self._prefixes.append((f"{local}+", f"@{domain}"))
 
-    @staticmethod
-    def is_inbound(rcpt_tos: list[str]) -> bool:
-        """Whether a message is for the return path, not a notification to capture."""
+    def is_inbound(self, rcpt_tos: list[str]) -> bool:
+        """Whether a message is for the return path or an action key, not a
+        notification to capture."""
         return bool(rcpt_tos) and all(
-            address.lower().startswith("bounces+")
-            and address.lower().endswith("@mailworker.test")
+            any(
+                address.lower().startswith(start) and address.lower().endswith(end)
+                for start, end in self._prefixes
+            )
             for address in rcpt_tos
         )
 

@@ -92,6 +92,9 @@ def _show(entries: list[_Entry], types: tuple[str, ...], as_json: bool) -> str |
 def _summary(data: Any) -> str:
     if not isinstance(data, dict):
         return ""
+    if "actor" in data:  # action.accepted / action.refused
+        line = f"{data.get('action') or '-'} by {data['actor']}"
+        return (f"{line}: {data['reason']}" if data.get("reason") else line)[:100]
     if data.get("address"):  # delivery.bounced
         line = f"{data['address']} {data.get('code', '')}: {data.get('message', '')}"
         return line[:100]

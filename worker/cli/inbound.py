@@ -114,7 +114,8 @@ def _line(row: Any) -> str:
 def inspect(file: Path, as_json: bool, broker_url: str | None) -> None:
     """Print what the message in FILE would do, without doing it.
 
-    It reads the job a bounce is about, and writes nothing.
+    It reads the job a bounce is about (or the key a reply to an e-mail action is
+    for: the key, the action, the actor and the verdict), and writes nothing.
     """
     from worker.inbound.runner import build_inbound
 
@@ -142,6 +143,12 @@ def inspect(file: Path, as_json: bool, broker_url: str | None) -> None:
         "bounced": bounced,
         "suppress": suppressed,
     }
+    if handled.kind == "action":
+        result.update(
+            key=handled.details.get("key") or None,
+            action=handled.details.get("action") or None,
+            actor=handled.details.get("actor") or None,
+        )
     if as_json:
         click.echo(orjson.dumps(result).decode())
         return
@@ -151,6 +158,9 @@ def inspect(file: Path, as_json: bool, broker_url: str | None) -> None:
         click.echo(f"reason:     {handled.reason}")
     click.echo(f"message id: {handled.message_id or '-'}")
     click.echo(f"job:        {handled.job_id or '-'}")
+    if handled.kind == "action":
+        for name in ("key", "action", "actor"):
+            click.echo(f"{name + ':':<12}{handled.details.get(name) or '-'}")
     for r in bounced:
         click.echo(f"bounced:    {r['address']} {r['code']} {r['message']}")
     for address in suppressed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -23,6 +23,7 @@ from common.exits import (
 from common.keys import QUEUES
 from producers.cli import defaults_in_use, send
 from settings import ConfigError, Settings, config_path, public_url
+from worker.cli.actions import actions
 from worker.cli.dead import dead
 from worker.cli.dev import dev
 from worker.cli.events import events
@@ -62,6 +63,7 @@ main.add_command(queue)
 main.add_command(events)
 main.add_command(inbound)
 main.add_command(suppress)
+main.add_command(actions)
 
 
 def _queue_names(queues: tuple[str, ...]) -> list[str]:
@@ -239,17 +241,19 @@ def _log_start(
 )
 def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
     """Show the status record of one job (exit 3 when unknown or expired)."""
+    from worker.actions.keys import action_outcomes
     from worker.status import StatusStore
 
     settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
-    store = StatusStore(
-        connect(url, ca_bundle=settings.broker_ca_bundle),
-        namespace=settings.namespace,
-        ttl=settings.status.ttl,
-    )
+    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    store = StatusStore(client, namespace=settings.namespace, ttl=settings.status.ttl)
     try:
-        record = store.get(job_id)
+        record: dict[str, Any] | None = store.get(job_id)  # type: ignore[assignment]
+        # E-mail actions: per recipient, whether an action came (no key is shown).
+        actions = action_outcomes(client, settings.namespace, job_id) if record else []
+        if record is not None and actions:
+            record = {**record, "actions": actions}
     except redis.RedisError as exc:
         fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     if record is None:

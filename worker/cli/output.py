@@ -41,6 +41,11 @@ def render_status(record: Mapping[str, Any]) -> list[str]:
         for r in record["recipients"]:
             reply = _reply(r.get("code"), r.get("message"))
             lines.append(f"  {r['address']:<40} {r['state']} {reply}".rstrip())
+    if record.get("actions"):
+        lines.append("actions")
+        for a in record["actions"]:
+            what = f"{a['action']} by {a['actor']} at {a['at']}" if a["action"] else ""
+            lines.append(f"  {a['address']:<40} {a['state']} {what}".rstrip())
     for skip in record.get("skipped") or []:
         lines.append(
             f"{'skipped':<16}{skip['service']}: {skip['reason']} ({skip.get('message', '')})"

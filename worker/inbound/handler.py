@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -13,6 +14,9 @@ from worker.inbound.model import Handled, Received
 from worker.inbound.returnpath import ReturnPath, Token
 from worker.inbound.store import InboundStore, JobView, Plan
 from worker.logging import show_address
+
+if TYPE_CHECKING:
+    from worker.actions.replies import ActionReplies
 
 __all__ = ["Inbound"]
 
@@ -27,6 +31,7 @@ class Inbound:
         return_path: the signed return path ``[bounces]`` configures, if any.
         smtp_services: the names of the SMTP connections, whose jobs carry that
             return path: a bounce for one of them must come back to it, signed.
+        actions: handles replies to e-mail action keys (None: actions are off).
     """
 
     def __init__(
@@ -35,8 +40,10 @@ class Inbound:
         *,
         return_path: ReturnPath | None = None,
         smtp_services: frozenset[str] = frozenset(),
+        actions: ActionReplies | None = None,
     ) -> None:
         self._store = store
+        self._actions = actions
         self._return_path = return_path
         self._smtp_services = smtp_services
 
@@ -54,12 +61,15 @@ class Inbound:
         """
         if found is None:
             found = classify(received.raw)
-        handled = self._store.record(
-            found.key,
-            received.source,
-            self._job_id(found, received),
-            lambda job: self._plan(found, received, job),
-        )
+        if self._actions is not None and self._actions.wants(found, received):
+            handled = self._actions.handle(found, received)
+        else:
+            handled = self._store.record(
+                found.key,
+                received.source,
+                self._job_id(found, received),
+                lambda job: self._plan(found, received, job),
+            )
         log.info(
             "inbound_handled",
             source=received.source,
@@ -78,6 +88,8 @@ class Inbound:
             InboundUnavailableError: Redis did not answer.
         """
         found = classify(received.raw)
+        if self._actions is not None and self._actions.wants(found, received):
+            return Plan(self._actions.inspect(found, received))
         job_id = self._job_id(found, received)
         job = self._store.job(job_id) if job_id is not None else None
         return self._plan(found, received, job)

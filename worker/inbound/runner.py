@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import redis
 import structlog
@@ -13,6 +14,9 @@ from worker.inbound.model import Source
 from worker.inbound.returnpath import ReturnPath
 from worker.inbound.store import InboundStore
 from worker.services import Accounts
+
+if TYPE_CHECKING:
+    from worker.actions.replies import ActionReplies
 
 __all__ = ["build_inbound", "build_sources", "run_sources"]
 
@@ -35,6 +39,36 @@ def build_inbound(settings: Settings, client: redis.Redis) -> Inbound:
         store,
         return_path=ReturnPath.from_settings(settings.bounces),
         smtp_services=frozenset(c.name for c in settings.smtp),
+        actions=_actions(settings, client),
+    )
+
+
+def _actions(settings: Settings, client: redis.Redis) -> ActionReplies | None:
+    """The handler of action replies, when ``[email_actions]`` is on."""
+    if not settings.email_actions.enabled:
+        return None
+    from producers.enqueue import Producer
+    from worker.actions.confirm import Confirmations
+    from worker.actions.replies import ActionReplies
+
+    confirmations = None
+    if settings.email_actions.confirm_by_email:
+        producer = Producer(
+            client,
+            namespace=settings.namespace,
+            limits=settings.limits,
+            status_ttl=settings.status.ttl,
+            idempotency_ttl=settings.status.idempotency_ttl,
+        )
+        confirmations = Confirmations(producer)
+    return ActionReplies(
+        client,
+        namespace=settings.namespace,
+        settings=settings.email_actions,
+        events=settings.events,
+        ttl=settings.status.ttl,
+        confirmations=confirmations,
+        mailboxes=frozenset(s.name for s in settings.inbound if s.kind == "graph"),
     )
 
 
