@@ -82,12 +82,7 @@ def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
         headers[name.strip()] = value.strip()
     if headers:
         job["headers"] = headers
-    metadata = {}
-    for item in options["metadata"]:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise JobValidationError("--metadata", f"{item!r} is not key=value")
-        metadata[key] = value
+    metadata = _pairs(options["metadata"], "--metadata")
     if metadata:
         job["metadata"] = metadata
     job.update(_actions_from_flags(options))
@@ -116,15 +111,21 @@ def _actions_from_flags(options: dict[str, Any]) -> dict[str, Any]:
         actions.append(entry)
     if actions:
         job["actions"] = actions
-    context = {}
-    for item in options["action_context"]:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise JobValidationError("--action-context", f"{item!r} is not key=value")
-        context[key] = value
+    context = _pairs(options["action_context"], "--action-context")
     if context:
         job["action_context"] = context
     return job
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """``key=value`` flags as a dict; one without ``=`` is an error naming ``flag``."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise JobValidationError(flag, f"{item!r} is not key=value")
+        pairs[key] = value
+    return pairs
 
 
 def _from_json(source: str) -> dict[str, Any]:
