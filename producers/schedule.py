@@ -1,7 +1,7 @@
 """Scheduled jobs: list them, and cancel one before it is released to its queue.
 
 The scheduled set (``{ns}:scheduled``, message id → due time in ms) and its messages
-(``{ns}:scheduled.msgs``) hold jobs with a ``send_at`` and broker retries that wait
+(``scheduled_messages_key``) hold jobs with a ``send_at`` and broker retries that wait
 long. Workers release due entries onto their queues (``worker.broker.schedule``).
 """
 
