@@ -128,7 +128,7 @@ def test_max_schedule_ahead_is_the_producers_limit(redis_client, namespace):
         redis_client, namespace, limits=Limits(max_schedule_ahead=3600)
     )
     assert producer.enqueue(_job(send_at=_in(3500)))
-    with pytest.raises(JobValidationError, match="1.0 hours"):
+    with pytest.raises(JobValidationError, match=r"1\.0 hours"):
         producer.enqueue(_job(send_at=_in(3700)))
 
 
@@ -410,6 +410,8 @@ def test_cli_schedules_lists_pages_and_cancels(tmp_path, redis_url, namespace):
     assert [json.loads(line)["id"] for line in rest.stdout.splitlines()] == ids[2:]
     window = _cli(config, "scheduled", "list", "--due-before", "30m", "--json")
     assert [json.loads(line)["id"] for line in window.stdout.splitlines()] == ids[:1]
+    stats = json.loads(_cli(config, "queue", "stats", "--json").stdout)
+    assert stats["scheduled"] == 3 and stats["queues"]["normal"]["ready"] == 0
     # Status and cancel
     shown = _cli(config, "status", ids[0])
     assert "state           scheduled" in shown.stdout
