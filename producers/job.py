@@ -230,11 +230,11 @@ class Notification(JobModel):
             seen.setdefault(box.address, None)
         return list(seen)
 
-    def check_limits(self, limits: Limits) -> None:
+    def check_limits(self, limits: Limits, *, requeue: bool = False) -> None:
         """Refuse a notification over ``[limits]``, or one whose ``not_after`` passed.
 
-        A ``send_at`` must be in the future, at most ``limits.max_schedule_ahead``
-        ahead.
+        A ``send_at`` must be in the future (unless ``requeue``: a dead letter sent
+        again goes now), at most ``limits.max_schedule_ahead`` ahead.
 
         Raises:
             JobValidationError: too many recipients, surely larger than allowed,
@@ -244,7 +244,7 @@ class Notification(JobModel):
         now = datetime.now(UTC)
         if self.not_after is not None and self.not_after <= now:
             raise JobValidationError("not_after", "is in the past")
-        if self.send_at is not None:
+        if self.send_at is not None and not (requeue and self.send_at <= now):
             self.check_schedule(limits, now)
 
     def check_schedule(self, limits: Limits, now: datetime) -> None:

@@ -474,3 +474,23 @@ def test_redis_errors_while_cancelling_name_the_broker(namespace):
     producer = _producer(dead, namespace)
     with pytest.raises(BrokerUnavailableError):
         producer.cancel_scheduled("x")
+
+
+def test_a_scheduled_job_that_died_can_be_requeued(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """A scheduled job dead after its time (its recipient refused) is requeued and
+    sent: its send_at, now past, does not refuse the requeue."""
+    # Given a scheduled job whose only recipient is refused when its time comes
+    server = smtp_server()
+    server.recorder.rcpt_replies["ann@example.org"] = "550 5.1.1 no such user"
+    settings = make_settings(smtp=[server.smtp_section()])
+    app = run_worker(settings)
+    job_id = _producer(redis_client, namespace).enqueue(_job(send_at=_in(0.5)))
+    wait_for(lambda: app.status.get(job_id)["state"] == "dead", timeout=20)
+    # When the mailbox is back and the dead letter is requeued
+    server.recorder.rcpt_replies.clear()
+    app.broker.dead_letters.requeue(job_id, settings.limits)
+    # Then it is sent
+    wait_for(lambda: _received(server)[job_id] == 1, timeout=20)
+    wait_for(lambda: app.status.get(job_id)["state"] == "sent")
