@@ -206,9 +206,6 @@ def spread(args: argparse.Namespace, url: str, workdir: Path) -> None:
             f"max {max(rss) / 2**20:.1f}, last {rss[-1] / 2**20:.1f} MiB over "
             f"{len(rss)} samples"
         )
-        print(
-            f"redis used_memory with all enqueued: see {workdir}/worker.log for the run"
-        )
         delete_prefix(client, ns)
     finally:
         stop.set()

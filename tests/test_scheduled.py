@@ -356,6 +356,12 @@ def test_wire_jobs_with_send_at_wait_for_it(
         microsecond=send_at.microsecond // 1000 * 1000
     )
     assert app.status.get(direct)["state"] == "scheduled"
+    # And one pushed with a send_at beyond limits.max_schedule_ahead is dead, naming it
+    far = wire_enqueue(
+        redis_client, namespace, {**job, "send_at": _in(40 * 86400).isoformat()}
+    )
+    dead = wait_for(lambda: (r := app.status.get(far))["state"] == "dead" and r)
+    assert (dead["reason"], dead["error"]["field"]) == ("validation", "send_at")
     wait_for(lambda: _received(server).keys() >= {early, direct}, timeout=20)
     assert set(_received(server).values()) == {1}
     sent = wait_for(lambda: (r := app.status.get(early))["state"] == "sent" and r)
@@ -412,6 +418,21 @@ def test_cli_schedules_lists_pages_and_cancels(tmp_path, redis_url, namespace):
     assert [json.loads(line)["id"] for line in window.stdout.splitlines()] == ids[:1]
     stats = json.loads(_cli(config, "queue", "stats", "--json").stdout)
     assert stats["scheduled"] == 3 and stats["queues"]["normal"]["ready"] == 0
+    # JSON lines of --bulk carry send_at too
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(
+        "".join(
+            json.dumps(
+                {"to": "b@example.org", "subject": "x", "text": "t", "send_at": t}
+            )
+            + "\n"
+            for t in (later, "2020-01-01T00:00:00Z")
+        )
+    )
+    bulk = _cli(config, "send", "--bulk", str(lines))
+    assert bulk.returncode == 1 and "line 2: send_at" in bulk.stdout, bulk.stdout
+    stats = json.loads(_cli(config, "queue", "stats", "--json").stdout)
+    assert stats["scheduled"] == 4
     # Status and cancel
     shown = _cli(config, "status", ids[0])
     assert "state           scheduled" in shown.stdout
