@@ -149,3 +149,13 @@ local function pairs_of(fields)
   return flat
 end
 """
+
+
+def api_keys_key(namespace: str) -> str:
+    """The API keys by name: name → the key's record (JSON, with its hash)."""
+    return f"{namespace}:api:keys"
+
+
+def api_key_hashes_key(namespace: str) -> str:
+    """The API keys by hash: SHA-256 of the secret (hex) → the key's record (JSON)."""
+    return f"{namespace}:api:key-hashes"
