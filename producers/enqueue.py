@@ -43,6 +43,7 @@ from producers.job import Notification
 from producers.schedule import Cancelled, ScheduledPage, cancel, list_page
 from settings import (
     ConfigError,
+    EventsSettings,
     JobValidationError,
     Limits,
     Settings,
@@ -123,8 +124,10 @@ class Producer:
         idempotency_ttl: float = 86400,
         broker_label: str = "redis",
         email_actions: bool = False,
+        events: EventsSettings | None = None,
     ) -> None:
         self._client = client
+        self._events = events or EventsSettings()
         self._email_actions = email_actions
         self._namespace = namespace
         self._limits = limits or Limits()
@@ -153,6 +156,7 @@ class Producer:
             idempotency_ttl=settings.status.idempotency_ttl,
             broker_label=public_url(url),
             email_actions=settings.email_actions.enabled,
+            events=settings.events,
         )
 
     @classmethod
@@ -236,6 +240,7 @@ class Producer:
             self._namespace,
             job_id,
             status_ttl=self._status_ttl,
+            events=self._events,
             label=self._label,
         )
 

@@ -7,25 +7,30 @@ long. Workers release due entries onto their queues (``worker.broker.schedule``)
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis
+from redis.typing import EncodableT
 
 from common.broker import broker_error
 from common.keys import (
+    events_key,
     history_key,
     scheduled_key,
     scheduled_messages_key,
     status_key,
 )
+from settings import EventsSettings
 
 __all__ = ["Cancelled", "Scheduled", "ScheduledPage", "cancel", "list_page"]
 
-# KEYS: scheduled set, scheduled hash, status hash, history list
-# ARGV: job id, now (ISO 8601), status ttl, history entry (JSON)
+# KEYS: scheduled set, scheduled hash, status hash, history list, events stream
+# ARGV: job id, now (ISO 8601), status ttl, history entry (JSON), then the event:
+#       type ("" for none), id, data (JSON), the stream's max length
 # Returns {outcome, state before}: `cancelled`, or `absent` when the job is not in the
 # set (released already, cancelled, or unknown), with its record's state ('' none).
 # The release script also takes its entries out of the set in one step, so of a
@@ -39,6 +44,10 @@ redis.call('HSET', KEYS[3], 'id', ARGV[1], 'state', 'cancelled', 'reason', 'canc
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 redis.call('RPUSH', KEYS[4], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'type', ARGV[5],
+             'id', ARGV[6], 'job_id', ARGV[1], 'at', ARGV[2], 'data', ARGV[7])
+end
 return {'cancelled', before}
 """
 
@@ -95,27 +104,34 @@ def cancel(
     job_id: str,
     *,
     status_ttl: int,
+    events: EventsSettings | None = None,
     label: str = "redis",
 ) -> Cancelled:
     """Take a scheduled job out of the scheduled set; its record says ``cancelled``.
 
-    A job already released to its queue (or sent) is not touched: ``cancelled`` is
-    False and ``state`` says where it is.
+    The ``delivery.cancelled`` event goes on the events stream in the same script
+    (unless ``events.types`` leaves it out). A job already released to its queue (or
+    sent) is not touched: ``cancelled`` is False and ``state`` says where it is.
 
     Raises:
         BrokerUnavailableError: Redis cannot be reached.
     """
+    events = events or EventsSettings()
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     entry = orjson.dumps({"at": now, "event": "cancelled", "reason": "cancelled"})
+    kind = "delivery.cancelled" if "delivery.cancelled" in events.types else ""
     keys = [
         scheduled_key(namespace),
         scheduled_messages_key(namespace),
         status_key(namespace, job_id),
         history_key(namespace, job_id),
+        events_key(namespace),
     ]
+    args: list[EncodableT] = [job_id, now, status_ttl, entry, kind, uuid.uuid4().hex]
+    args += [orjson.dumps({"reason": "cancelled"}), events.max_len]
     try:
         script = client.register_script(_CANCEL)
-        outcome, before = script(keys=keys, args=[job_id, now, status_ttl, entry])
+        outcome, before = script(keys=keys, args=args)
     except redis.RedisError as exc:
         raise broker_error(label, exc) from None
     return Cancelled(job_id, outcome == b"cancelled", before.decode())

@@ -161,6 +161,7 @@ class StatusSettings(_Section):
 EventType = Literal[
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -168,6 +169,7 @@ EventType = Literal[
 EVENT_TYPES: tuple[EventType, ...] = (
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",

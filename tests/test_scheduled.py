@@ -241,6 +241,10 @@ def test_cancelled_job_never_sends(
     record = app.status.get(doomed)
     assert (record["state"], record["reason"]) == ("cancelled", "cancelled")
     assert [h["event"] for h in record["history"]] == ["cancelled"]
+    # And the events stream says so, beside the other job's delivery.sent
+    events = redis_client.xrange(f"{namespace}:events")
+    by_job = {e[b"job_id"].decode(): e[b"type"].decode() for _, e in events}
+    assert by_job == {doomed: "delivery.cancelled", kept: "delivery.sent"}
     # And neither can be cancelled now, each saying why
     again = producer.cancel_scheduled(doomed)
     assert (again.cancelled, again.state) == (False, "cancelled")
