@@ -27,7 +27,7 @@ from tests.support.env import HOST
 from tests.support.helpers import wait_for
 from tests.support.http_app import UvicornServer
 from tests.support.replies import reply
-from worker.actions.web import create_links_app
+from worker.actions.web import create_links_app, loggable_path
 from worker.inbound.model import Received
 from worker.inbound.runner import build_inbound
 
@@ -496,3 +496,11 @@ def test_loopback_http_is_accepted_for_development(make_settings):
     for value in ("http://127.0.0.1:8025/", "http://[::1]:8025", "http://localhost"):
         settings = make_settings(email_actions={"links_base_url": value})
         assert settings.email_actions.links_base_url == value.rstrip("/")
+
+
+def test_loggable_path_hides_the_key_of_an_action_link():
+    """An access log's path keeps the action and loses the key; other paths stay."""
+    assert loggable_path("/a/" + "k" * 26 + "/approve") == "/a/<key>/approve"
+    assert loggable_path("/a/" + "k" * 26) == "/a/<key>"
+    assert loggable_path("/v1/notifications") == "/v1/notifications"
+    assert loggable_path("/ab/c") == "/ab/c"

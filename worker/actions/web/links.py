@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 
@@ -22,9 +23,20 @@ from worker.actions.confirm import Confirmations
 from worker.actions.verdict import KeyRecord, Verdict, decide_link, key_record
 from worker.clock import iso_millis
 
-__all__ = ["VIA", "ActionLinks", "Look"]
+__all__ = ["VIA", "ActionLinks", "Look", "loggable_path"]
 
 VIA = "link"  # the `via` of an event accepted through a link
+_KEY_IN_PATH = re.compile(r"^(/a)/[^/]+", re.IGNORECASE)
+
+
+def loggable_path(path: str) -> str:
+    """``path`` with an action link's key replaced: ``/a/<key>/approve``.
+
+    An access log must never write a key; the HTTP API's log passes paths through it.
+    """
+    return _KEY_IN_PATH.sub(r"\1/<key>", path)
+
+
 log = structlog.get_logger("mailworker.actions")
 
 
