@@ -504,3 +504,38 @@ def test_loggable_path_hides_the_key_of_an_action_link():
     assert loggable_path("/a/" + "k" * 26) == "/a/<key>"
     assert loggable_path("/v1/notifications") == "/v1/notifications"
     assert loggable_path("/ab/c") == "/ab/c"
+
+
+def test_without_redis_a_page_says_try_again_and_names_nothing(make_settings):
+    """With the broker unreachable, GET and POST answer 503 with a page of ours that
+    names neither the broker nor the key, with the pages' headers."""
+    import redis
+
+    from common.sockets import free_port
+
+    settings = make_settings(
+        broker_url=f"redis://:hunter2@{HOST}:{free_port()}/0",
+        inbound=[RECEIVER],
+        email_actions={"enabled": True, "reply_address": REPLY},
+    )
+    down = redis.Redis(host=HOST, port=free_port(), socket_connect_timeout=1)
+    links = create_links_app(settings, down)
+
+    @asgi("/a", is_mount=True, copy_scope=True)
+    async def mounted(scope: Scope, receive: Receive, send: Send) -> None:
+        await links(scope, receive, send)
+
+    web = UvicornServer().start(Litestar(route_handlers=[mounted]))
+    try:
+        url = f"{web.url}/a/{'k' * 26}/approve"
+        answers = [
+            httpx.get(url, timeout=10),
+            httpx.post(url, data={"token": "9999999999.x"}, timeout=10),
+        ]
+    finally:
+        web.stop()
+    for answer in answers:
+        assert answer.status_code == 503
+        assert "Try again in a moment" in answer.text
+        assert "hunter2" not in answer.text and "k" * 26 not in answer.text
+        assert answer.headers["cache-control"] == "no-store"
