@@ -109,10 +109,8 @@ def _buttons(notification: Notification, address: str, key: str, base: str) -> s
 def _lines(notification: Notification, address: str, key: str, base: str) -> str:
     lines = ["", "-- "]
     if base:
-        lines.append(
-            "Act on this: open an action's page (it asks you to confirm), or send a "
-            "reply whose subject starts with the action's word:"
-        )
+        lines.append("Act on this: open an action's page (it asks you to confirm),")
+        lines.append("or send a reply whose subject starts with the action's word:")
     else:
         lines.append(
             "Reply to act on this. Send a reply whose subject starts with one of:"
