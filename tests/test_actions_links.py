@@ -539,3 +539,41 @@ def test_without_redis_a_page_says_try_again_and_names_nothing(make_settings):
         assert "Try again in a moment" in answer.text
         assert "hunter2" not in answer.text and "k" * 26 not in answer.text
         assert answer.headers["cache-control"] == "no-store"
+
+
+def test_posts_and_a_reply_racing_for_one_key_accept_exactly_one(system):
+    """Six POSTs (two actions) and a reply for one key at once: exactly one is
+    accepted, every other is refused `used`, each with its event."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = system()
+    _, messages = s.send()
+    ann = messages["ann@example.org"]
+    key = s.key(ann)
+    forms = []
+    for action in ("approve", "reject") * 3:
+        url = s.link(ann, action)
+        _, token = s.open(url)
+        forms.append((url, {"token": token, "comment": "now"}))
+    inbound = build_inbound(s.settings, s.client)
+
+    def post(item):
+        url, form = item
+        with s.browser() as browser:
+            return browser.post(url, data=form).status_code
+
+    def answer_by_mail():
+        handled = inbound.handle(
+            Received(raw=reply(key), source="replies", mail_from="ann@example.org")
+        )
+        return 200 if handled.outcome == "accepted" else 409
+
+    with ThreadPoolExecutor(max_workers=7) as pool:
+        futures = [pool.submit(post, item) for item in forms]
+        futures.append(pool.submit(answer_by_mail))
+        codes = [f.result(timeout=30) for f in futures]
+    assert sorted(codes) == [200] + [409] * 6
+    events = s.events()
+    assert [e["type"] for e in events].count("action.accepted") == 1
+    assert sorted(e["data"].get("reason", "") for e in events) == [""] + ["used"] * 6
+    assert s.record(key)["state"] == "used"
