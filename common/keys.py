@@ -22,6 +22,8 @@ __all__ = [
     "inbound_key",
     "queue_key",
     "queue_messages_key",
+    "scheduled_key",
+    "scheduled_messages_key",
     "status_key",
     "suppressed_key",
     "wake_channel",
@@ -43,6 +45,16 @@ def queue_key(namespace: str, queue: str) -> str:
 def queue_messages_key(namespace: str, queue: str) -> str:
     """The Redis hash of message id → encoded message."""
     return f"{namespace}:{queue}.msgs"
+
+
+def scheduled_key(namespace: str) -> str:
+    """Scheduled messages: a sorted set of message id (a job id) → due time (ms)."""
+    return f"{namespace}:scheduled"
+
+
+def scheduled_messages_key(namespace: str) -> str:
+    """The hash of scheduled message id → encoded message, released when due."""
+    return f"{namespace}:scheduled.msgs"
 
 
 def status_key(namespace: str, job_id: str) -> str:

@@ -105,6 +105,8 @@ class Limits(_Section):
 
     max_message_bytes: int = Field(26_214_400, ge=1024)
     max_recipients: int = Field(500, ge=1)
+    # How far ahead a job's ``send_at`` may be (README "Scheduled sends").
+    max_schedule_ahead: Duration = 30 * 86400.0
 
 
 class RetryPolicy(_Section):
@@ -159,6 +161,7 @@ class StatusSettings(_Section):
 EventType = Literal[
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -166,6 +169,7 @@ EventType = Literal[
 EVENT_TYPES: tuple[EventType, ...] = (
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
