@@ -12,7 +12,13 @@ import orjson
 import redis
 from redis.typing import EncodableT
 
-from common.keys import QUEUES, history_key, queue_messages_key, status_key
+from common.keys import (
+    MINUTE_COUNTS_TTL,
+    QUEUES,
+    history_key,
+    queue_messages_key,
+    status_key,
+)
 from settings import EventsSettings
 from settings.models import EventType
 from worker.broker.attached import PackedWrite
@@ -52,9 +58,12 @@ _INT_FIELDS = ("attempts",)
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
 # An outcome's event is added to the events stream with its record, or not at all.
+# A record that turns `sent`, `retrying` or `dead` counts in that minute's hash
+# (``common.keys.minute_counts_key``), which the console's chart reads.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
 _WRITE = (
     LUA
+    + f"local MINUTE_TTL = {MINUTE_COUNTS_TTL}\n"
     + """
 local ns, ttl, now, maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local count = tonumber(ARGV[5])
@@ -72,8 +81,20 @@ for _ = 1, count do
   i = i + 1
   -- A job that was sent never dies, nor goes back to `queued` (a bulk message Dramatiq
   -- gave up on after it, or that a stopping worker hands back).
-  if guard == '' or redis.call('HGET', key, 'state') ~= 'sent' then
+  local old = redis.call('HGET', key, 'state')
+  if guard == '' or old ~= 'sent' then
+    local new = old
+    for j = first, last - 1, 2 do
+      if ARGV[j] == 'state' then new = ARGV[j + 1] end
+    end
     redis.call('HSET', key, unpack(ARGV, first, last))
+    -- The console's per-minute counts: outcomes, each counted when the state changes.
+    if new ~= old and (new == 'sent' or new == 'retrying' or new == 'dead') then
+      local minute = ns .. ':minute:' .. math.floor(now / 60000)
+      if redis.call('HINCRBY', minute, new, 1) == 1 then
+        redis.call('EXPIRE', minute, MINUTE_TTL)
+      end
+    end
     redis.call('EXPIRE', key, ttl)
     if m > 0 then
       redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
