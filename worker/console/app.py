@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+import structlog
+from jinja2 import Environment, FileSystemLoader
 from litestar import Litestar, Request, Response, Router, asgi
 from litestar.datastructures import State
 from litestar.exceptions import (
@@ -34,6 +35,8 @@ from worker.console.session import COOKIE, ConsoleSessions, console_secret
 from worker.console.views import OverviewController, SessionController, base_of, page
 
 __all__ = ["console_mount", "create_console_app"]
+
+log = structlog.get_logger("mailworker.console")
 
 _HERE = Path(__file__).parent
 _BODY_CAP = 64 * 1024  # the console's forms are a few fields
@@ -71,6 +74,17 @@ def _not_found(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     return _page(request, 404, "Not found", "There is no such page or dead letter.")
 
 
+def _failed(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.error(
+        "console_request_failed",
+        path=request.url.path,
+        error_type=type(exc).__name__,
+        exc_info=exc,
+    )
+    text = "The console could not show this page; the error is in the API's log."
+    return _page(request, 500, "Something went wrong", text)
+
+
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     return _page(request, exc.status_code, "Request refused", str(exc.detail))
 
@@ -93,7 +107,6 @@ def create_console_app(settings: Settings, client: redis.Redis) -> Litestar:
     environment = Environment(
         loader=FileSystemLoader(_HERE / "templates"),
         autoescape=True,  # a subject or an error with HTML in it shows as text
-        undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
@@ -118,6 +131,7 @@ def create_console_app(settings: Settings, client: redis.Redis) -> Litestar:
             PermissionDeniedException: _refused,
             NotFoundException: _not_found,
             HTTPException: _http_error,
+            Exception: _failed,
         },
         request_max_body_size=_BODY_CAP,
         state=State({"settings": settings, "client": client, "sessions": sessions}),

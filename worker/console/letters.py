@@ -9,6 +9,7 @@ import orjson
 import redis
 from litestar import Controller, Request, get, post
 from litestar.exceptions import NotFoundException
+from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
 from settings import Settings
@@ -46,6 +47,20 @@ def _shown_message(message: Any) -> str:
 
 def _query(request: Request[Any, Any, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in request.query_params.items()}
+
+
+def _confirm(request: Request[Any, Any, Any], job_id: str, action: str) -> Template:
+    _, store = _store(request)
+    shown = store.show(job_or_404(job_id))
+    if shown is None:
+        raise NotFoundException("no such dead letter")
+    return page(
+        request,
+        "confirm.html",
+        title=f"{action.capitalize()} {job_id}",
+        action=action,
+        record=shown,
+    )
 
 
 class LettersController(Controller):
@@ -131,7 +146,9 @@ class LettersController(Controller):
         )
 
     @get("/{job_id:str}", sync_to_thread=True)
-    def letter(self, request: Request[Any, Any, Any], job_id: str) -> Template:
+    def letter(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> Template:
         """One dead letter: record, errors, recipients, attempts, the message elided."""
         _, store = _store(request)
         shown = store.show(job_or_404(job_id))
@@ -146,25 +163,23 @@ class LettersController(Controller):
             problem=None,
         )
 
-    @get("/{job_id:str}/{action:str}", sync_to_thread=True)
-    def confirm(
-        self, request: Request[Any, Any, Any], job_id: str, action: str
+    @get("/{job_id:str}/requeue", sync_to_thread=True)
+    def confirm_requeue(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
     ) -> Template:
-        """The confirmation page of a requeue or a purge."""
-        _, store = _store(request)
-        if action not in ("requeue", "purge"):
-            raise NotFoundException("no such page")
-        shown = store.show(job_or_404(job_id))
-        if shown is None:
-            raise NotFoundException("no such dead letter")
-        return page(
-            request, "confirm.html", title=f"{action.capitalize()} {job_id}",
-            action=action, record=shown,
-        )  # fmt: skip
+        """The confirmation page of a requeue."""
+        return _confirm(request, job_id, "requeue")
+
+    @get("/{job_id:str}/purge", sync_to_thread=True)
+    def confirm_purge(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> Template:
+        """The confirmation page of a purge."""
+        return _confirm(request, job_id, "purge")
 
     @post("/{job_id:str}/requeue", sync_to_thread=True)
     def requeue(
-        self, request: Request[Any, Any, Any], job_id: str, data: Form
+        self, request: Request[Any, Any, Any], job_id: FromPath[str], data: Form
     ) -> Template | Redirect:
         """Validate again and enqueue under the same id; then show the job's status."""
         settings, store = _store(request)
@@ -188,7 +203,7 @@ class LettersController(Controller):
 
     @post("/{job_id:str}/purge", sync_to_thread=True)
     def purge(
-        self, request: Request[Any, Any, Any], job_id: str, data: Form
+        self, request: Request[Any, Any, Any], job_id: FromPath[str], data: Form
     ) -> Redirect:
         """Delete one dead letter for good."""
         _, store = _store(request)

@@ -4,14 +4,13 @@ the suppression list."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Any
 
 import redis
 from litestar import Controller, Request, get, post
 from litestar.datastructures import Cookie
-from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotFoundException
-from litestar.params import Body
+from litestar.params import FromPath, URLEncodedBody
 from litestar.response import Redirect, Template
 
 from settings import Settings
@@ -34,7 +33,7 @@ __all__ = [
 # What a job, poison or webhook dead-letter id can be; anything else is no such letter
 # (and never reaches a Redis key).
 ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._@+-]{0,199}$")
-Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
+Form = URLEncodedBody[dict[str, str]]
 SUPPRESSED_SHOWN = 500
 
 
@@ -145,7 +144,7 @@ class OverviewController(Controller):
         return page(request, "overview.html", title="Overview", chart=chart, **data)
 
     @get("/jobs/{job_id:str}", sync_to_thread=True)
-    def job(self, request: Request[Any, Any, Any], job_id: str) -> Template:
+    def job(self, request: Request[Any, Any, Any], job_id: FromPath[str]) -> Template:
         """One job's status record: where it is now (after a requeue, say)."""
         settings = _settings(request)
         store = StatusStore(
