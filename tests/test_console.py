@@ -383,3 +383,12 @@ def test_the_suppression_list_and_removing_an_address(
         "kept@example.org is no longer suppressed"
         in visitor.get("/suppressed", removed="kept@example.org").text
     )
+
+
+def test_pages_forbid_scripts_framing_and_caching(visitor, ops_key):
+    """Every page says no script may run, no one may frame it, nothing is cached."""
+    for response in (visitor.get("/login"), visitor.get("/nowhere")):
+        assert "script-src" not in response.headers["content-security-policy"]
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["cache-control"] == "no-store"
