@@ -392,3 +392,42 @@ def test_pages_forbid_scripts_framing_and_caching(visitor, ops_key):
         assert "default-src 'none'" in response.headers["content-security-policy"]
         assert response.headers["x-frame-options"] == "DENY"
         assert response.headers["cache-control"] == "no-store"
+
+
+def test_behind_a_proxy_that_strips_its_prefix(make_settings, redis_client, ops_key):
+    """Served alone with a root path (``uvicorn --root-path``), links, form actions,
+    redirects and the cookie's path carry the prefix the proxy strips."""
+    settings = make_settings()
+    with serve_console(settings, redis_client, proxied_under="/tools/mail") as base:
+        person = Visitor(base)
+        assert person.get("/").headers["location"] == "/tools/mail/login"
+        form = person.get("/login")
+        assert 'action="/tools/mail/login"' in form.text
+        assert 'href="/tools/mail/static/console.css"' in form.text
+        done = person.post("/login", {"key": ops_key})
+        assert done.headers["location"] == "/tools/mail/"
+        assert "Path=/tools/mail;" in done.headers["set-cookie"]
+        page = person.get("/")
+        person.close()
+    assert 'href="/tools/mail/letters/"' in page.text
+
+
+def test_the_status_script_counts_each_change_of_outcome_once(redis_client, namespace):
+    """A record that turns retrying, then sent, counts once each; writing sent again,
+    or a dead write on a sent job (refused), counts nothing more."""
+    from worker.status import StatusStore
+
+    store = StatusStore(redis_client, namespace=namespace, ttl=3600)
+    store.write("job-1", {"state": "retrying", "attempts": 1})
+    store.write("job-1", {"state": "sent", "attempts": 2})
+    store.write("job-1", {"state": "sent", "attempts": 2})
+    store.write("job-1", {"state": "dead", "reason": "unhandled"}, dead_payload=b"{}")
+    store.write("job-2", {"state": "dead", "reason": "validation"}, dead_payload=b"{}")
+    minute = int(time.time() // 60)
+    counts: dict[str, int] = {}
+    for m in (minute - 1, minute):
+        key = minute_counts_key(namespace, m)
+        for field, value in redis_client.hgetall(key).items():
+            counts[field.decode()] = counts.get(field.decode(), 0) + int(value)
+            assert 0 < redis_client.ttl(key) <= 7200
+    assert counts == {"retrying": 1, "sent": 1, "dead": 1}

@@ -20,18 +20,32 @@ from litestar import Litestar
 from common.sockets import free_port
 from settings import Settings
 from tests.support.env import HOST
-from worker.console import console_mount
+from worker.console import console_mount, create_console_app
 
 TOKEN = re.compile(r'name="_csrf_token" value="([^"]+)"')
 
 
 @contextmanager
-def serve_console(settings: Settings, client: redis.Redis) -> Iterator[str]:
-    """Serve the console; yields its base URL (``http://127.0.0.1:PORT/ops``)."""
-    outer = Litestar(route_handlers=[console_mount(settings, client)])
+def serve_console(
+    settings: Settings, client: redis.Redis, *, proxied_under: str | None = None
+) -> Iterator[str]:
+    """Serve the console; yields its base URL (``http://127.0.0.1:PORT/ops``).
+
+    With ``proxied_under``, the console alone is served as behind a proxy that strips
+    that prefix (``uvicorn --root-path``), and the URL has no prefix.
+    """
+    if proxied_under is None:
+        app: Any = Litestar(route_handlers=[console_mount(settings, client)])
+    else:
+        app = create_console_app(settings, client)
     port = free_port()
     config = uvicorn.Config(
-        outer, host=HOST, port=port, log_level="warning", lifespan="off"
+        app,
+        host=HOST,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        root_path=proxied_under or "",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -43,7 +57,7 @@ def serve_console(settings: Settings, client: redis.Redis) -> Iterator[str]:
         )
         time.sleep(0.02)
     try:
-        yield f"http://{HOST}:{port}/ops"
+        yield f"http://{HOST}:{port}" + ("/ops" if proxied_under is None else "")
     finally:
         server.should_exit = True
         thread.join(timeout=10)
