@@ -68,6 +68,7 @@ _WRITE = (
 local ns, ttl, now, maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local count = tonumber(ARGV[5])
 local i = 6
+local tallies = {}
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local etype = ARGV[i + 4]
@@ -90,10 +91,7 @@ for _ = 1, count do
     redis.call('HSET', key, unpack(ARGV, first, last))
     -- The console's per-minute counts: outcomes, each counted when the state changes.
     if new ~= old and (new == 'sent' or new == 'retrying' or new == 'dead') then
-      local minute = ns .. ':minute:' .. math.floor(now / 60000)
-      if redis.call('HINCRBY', minute, new, 1) == 1 then
-        redis.call('EXPIRE', minute, MINUTE_TTL)
-      end
+      tallies[new] = (tallies[new] or 0) + 1
     end
     redis.call('EXPIRE', key, ttl)
     if m > 0 then
@@ -115,6 +113,12 @@ for _ = 1, count do
     end
   end
   i = i + m
+end
+local minute = ns .. ':minute:' .. math.floor(now / 60000)
+for kind, n in pairs(tallies) do
+  if redis.call('HINCRBY', minute, kind, n) == n then
+    redis.call('EXPIRE', minute, MINUTE_TTL)
+  end
 end
 if ARGV[i] then
   local queue, broker, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
