@@ -64,6 +64,8 @@ def test_login_sets_a_strict_session_cookie_and_logout_ends_it(
         overview.status_code == 200 and "key <strong>oncall</strong>" in overview.text
     )
     assert ops_key not in overview.text
+    assert 'href="/ops/" aria-current="page"' in overview.text
+    assert 'href="/ops/letters/" aria-current' not in overview.text
     stolen = dict(visitor.cookies)
     assert visitor.post("/logout").headers["location"] == "/ops/login"
     assert _sessions(redis_client, namespace) == []
