@@ -1,5 +1,6 @@
 """The /ops/ console served for tests: uvicorn on a free loopback port, the console
-mounted at /ops in an outer Litestar app as ``mailworker api`` mounts it, and a visitor
+mounted at /ops in an outer Litestar app as ``mailworker api`` mounts it (a plain
+``@asgi(is_mount=True)`` handler, the scope not copied), and a visitor
 that keeps cookies as a browser does on http://127.0.0.1 (Secure ones included)."""
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 import httpx
 import redis
 import uvicorn
-from litestar import Litestar
+from litestar import Litestar, asgi
+from litestar.types import Receive, Scope, Send
 
 from common.sockets import free_port
 from settings import Settings
 from tests.support.env import HOST
-from worker.console import console_mount, create_console_app
+from worker.console import create_console_app
 
 TOKEN = re.compile(r'name="_csrf_token" value="([^"]+)"')
 
@@ -34,10 +36,15 @@ def serve_console(
     With ``proxied_under``, the console alone is served as behind a proxy that strips
     that prefix (``uvicorn --root-path``), and the URL has no prefix.
     """
+    console = create_console_app(settings, client)
+    app: Any = console
     if proxied_under is None:
-        app: Any = Litestar(route_handlers=[console_mount(settings, client)])
-    else:
-        app = create_console_app(settings, client)
+
+        @asgi("/ops", is_mount=True, copy_scope=True)  # as `mailworker api` mounts it
+        async def mounted(scope: Scope, receive: Receive, send: Send) -> None:
+            await console(scope, receive, send)
+
+        app = Litestar(route_handlers=[mounted])
     port = free_port()
     config = uvicorn.Config(
         app,

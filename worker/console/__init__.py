@@ -1,6 +1,6 @@
 """The ``/ops/`` dead-letter console for people (DESIGN §11, docs/design.md §2).
 
-- ``app.py``: ``create_console_app`` and ``console_mount``.
+- ``app.py``: ``create_console_app``; a mount's path found from the request.
 - ``session.py``: signed cookies naming sessions kept in Redis.
 - ``csrf.py``: the forms' CSRF tokens.
 - ``views.py``: login, logout, the overview, a job's status, suppressions.
@@ -9,6 +9,6 @@
 - ``templates/``, ``static/console.css``: server-rendered pages, no script.
 """
 
-from worker.console.app import console_mount, create_console_app
+from worker.console.app import ConsoleApp, create_console_app
 
-__all__ = ["console_mount", "create_console_app"]
+__all__ = ["ConsoleApp", "create_console_app"]

@@ -1,9 +1,10 @@
 """The ``/ops/`` console's ASGI app: templates, static CSS, sessions, CSRF, the routes.
 
-``create_console_app`` builds it; ``console_mount`` is the handler another Litestar app
-(``mailworker api``) lists among its routes to serve it under a path. The console reads
-its own prefix from the request's ``root_path``, so its links and form actions are right
-wherever it is mounted (or under ``uvicorn --root-path``).
+``create_console_app`` builds it. Its links, form actions, redirects and cookie paths
+start with the path it is served under: the ASGI ``root_path`` (``uvicorn --root-path``,
+a Starlette-style mount), or the path of the Litestar mount that hands it the request
+(``@asgi("/ops", is_mount=True)``, as ``mailworker api`` mounts it), which passes on only
+the rest of the path.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ from typing import Any
 import redis
 import structlog
 from jinja2 import Environment, FileSystemLoader
-from litestar import Litestar, Request, Response, Router, asgi
+from litestar import Litestar, Request, Response, Router
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.exceptions import (
     HTTPException,
     NotFoundException,
     PermissionDeniedException,
 )
-from litestar.handlers.asgi_handlers import ASGIRouteHandler
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import Message, Scope
 
 from settings import Settings
 from worker.console.csrf import csrf_config
@@ -34,7 +34,7 @@ from worker.console.letters import LettersController
 from worker.console.session import COOKIE, ConsoleSessions, console_secret
 from worker.console.views import OverviewController, SessionController, base_of, page
 
-__all__ = ["console_mount", "create_console_app"]
+__all__ = ["ConsoleApp", "create_console_app"]
 
 log = structlog.get_logger("mailworker.console")
 
@@ -111,6 +111,37 @@ async def _secure_headers(message: Message, scope: Scope) -> None:
             headers.setdefault(name, value)
 
 
+class ConsoleApp(Litestar):
+    """The console's Litestar app, which finds the path it is mounted under.
+
+    A Litestar mount hands over a scope whose ``path`` is what follows the mount's path,
+    with ``root_path`` unchanged. The console then gets a scope of its own with that
+    path added to ``root_path`` and the whole path in ``path``, as the ASGI spec has it;
+    the outer scope is left as it was.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve a request, first making a Litestar mount's scope an ASGI one."""
+        handler: Any = scope.get("route_handler") if scope["type"] == "http" else None
+        if (
+            getattr(handler, "is_mount", False)
+            and scope.get("litestar_app") is not self
+        ):
+            scope = _unmounted(scope, sorted(handler.paths)[0])
+        await super().__call__(scope, receive, send)
+
+
+def _unmounted(scope: Any, mount: str) -> dict[str, Any]:
+    outer = str(scope.get("root_path") or "").rstrip("/")
+    root = outer + "/" + mount.strip("/")
+    rest = str(scope["path"])
+    rest = rest if rest.startswith("/") else "/" + rest
+    dropped = ("state", "path_params", "route_handler", "litestar_app", "app")
+    inner = {k: v for k, v in scope.items() if k not in dropped}
+    inner.update(root_path=root, path=root + rest, state={})
+    return inner
+
+
 def create_console_app(settings: Settings, client: redis.Redis) -> Litestar:
     """The console as an ASGI app of its own.
 
@@ -120,7 +151,7 @@ def create_console_app(settings: Settings, client: redis.Redis) -> Litestar:
         client: a Redis client on the broker (bytes replies).
 
     Returns:
-        The Litestar app; serve it with uvicorn or mount it with ``console_mount``.
+        The Litestar app; serve it with uvicorn or mount it in another app.
     """
     secret = console_secret(client, settings.namespace)
     sessions = ConsoleSessions(
@@ -137,7 +168,7 @@ def create_console_app(settings: Settings, client: redis.Redis) -> Litestar:
         route_handlers=[OverviewController, LettersController],
         before_request=_guard,
     )
-    return Litestar(
+    return ConsoleApp(
         route_handlers=[
             SessionController,
             protected,
@@ -161,35 +192,3 @@ def create_console_app(settings: Settings, client: redis.Redis) -> Litestar:
         openapi_config=None,
         debug=False,
     )
-
-
-def console_mount(
-    settings: Settings, client: redis.Redis, *, path: str = "/ops"
-) -> ASGIRouteHandler:
-    """A route handler serving the console under ``path`` in another Litestar app.
-
-    Litestar's mount hands the app the rest of the path alone; this handler gives the
-    console the ASGI ``root_path`` (the outer one plus ``path``) and the whole path, so
-    the console knows where it lives. Each request gets a scope of its own.
-    """
-    app = create_console_app(settings, client)
-    prefix = "/" + path.strip("/")
-
-    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-        outer = scope.get("root_path", "") or ""
-        rest = scope["path"] if scope["path"].startswith("/") else "/" + scope["path"]
-        inner: dict[str, Any] = {
-            key: value
-            for key, value in scope.items()
-            if key not in ("state", "path_params", "route_handler", "litestar_app")
-        }
-        root = outer + prefix
-        inner.update(
-            root_path=root,
-            path=root + (rest if rest != "/" else "/"),
-            raw_path=(root + rest).encode(),
-            state={},
-        )
-        await app(inner, receive, send)  # type: ignore[arg-type]
-
-    return asgi(path=prefix, is_mount=True, copy_scope=True)(serve)
