@@ -11,20 +11,21 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from common.keys import minute_counts_key, suppressed_key
 from settings import Settings
 from settings.durations import parse_duration
-from worker.broker.heartbeats import host_beats
+from worker.broker.heartbeats import host_beats, hosts_key
 from worker.cli.stats import queue_stats
 from worker.deadletter import REASONS, DeadLetters, Filters
 from worker.status import StatusRecord
 
 __all__ = [
     "CHART_MINUTES",
+    "MAX_HOSTS",
     "PER_PAGE",
     "Breaker",
     "LetterFilter",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 PER_PAGE = 50
+MAX_HOSTS = 100
 CHART_MINUTES = 60
 OUTCOMES = ("sent", "retrying", "dead")
 
@@ -176,17 +178,20 @@ def breakers(client: redis.Redis, settings: Settings) -> list[Breaker]:
 def hosts(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
     """Each host's worker processes and whether they beat lately (``mailworker health``).
 
+    The hosts that beat most lately come first, at most ``MAX_HOSTS`` of them (pods that
+    came and went are forgotten a day after their last beat).
+
     A process is alive when its last beat is within ``retry.redelivery_timeout``, the
     default of ``mailworker health --max-age``.
     """
-    prefix = f"{settings.namespace}:hosts:"
-    names = sorted(
-        key.decode(errors="replace")[len(prefix) :]
-        for key in client.scan_iter(match=f"{prefix}*", count=500)
+    found = cast(
+        "list[bytes]",
+        client.zrevrange(hosts_key(settings.namespace), 0, MAX_HOSTS - 1),
     )
+    names = [raw.decode(errors="replace") for raw in found]
     limit = settings.retry.redelivery_timeout
     out = []
-    for host in names[:100]:  # a bounded page: pods that came and went expire in a day
+    for host in names:
         beats = host_beats(client, settings.namespace, host)
         processes = [
             {"pid": b.pid, "age": round(b.age, 1), "alive": b.age <= limit}
