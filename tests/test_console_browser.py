@@ -108,6 +108,11 @@ def test_find_open_and_requeue_a_dead_letter_in_a_browser(
         seen.append(page.content())
         page.get_by_role("link", name=job_id).click()
         assert page.get_by_text("550 5.1.1 <b>No such user</b>").first.is_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390  # a phone
+        page.keyboard.press("Tab")  # the keyboard's first stop skips to the content
+        assert page.evaluate("document.activeElement.textContent") == (
+            "Skip to the content"
+        )
         assert page.locator("b", has_text="No such user").count() == 0  # text, not HTML
         seen.append(page.content())
         # Then, with the mailbox back, requeue asks once and the worker delivers it
@@ -136,7 +141,7 @@ def test_find_open_and_requeue_a_dead_letter_in_a_browser(
         )
         assert forged.status == 403
         assert store.show(invalid) is not None
-        # The page fits a phone's width
+        # The list fits a phone's width too
         page.goto(f"{base}/letters/")
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, width
