@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -408,6 +408,31 @@ class StatusStore:
         record = _decode(raw)
         record["history"] = [orjson.loads(h) for h in history]
         return record
+
+    def get_many(
+        self, job_ids: Sequence[str], *, chunk: int = 500
+    ) -> list[StatusRecord | None]:
+        """The records of many jobs, ``chunk`` of them a round trip; None where none is.
+
+        Unlike ``get``, a job without a record is not looked for on the queues: this is
+        for lists of jobs that have ended (the dead letters).
+        """
+        out: list[StatusRecord | None] = []
+        for start in range(0, len(job_ids), chunk):
+            part = job_ids[start : start + chunk]
+            with self._client.pipeline(transaction=False) as pipe:
+                for job_id in part:
+                    pipe.hgetall(status_key(self._ns, job_id))
+                    pipe.lrange(history_key(self._ns, job_id), 0, -1)
+                replies = pipe.execute()
+            for raw, history in zip(replies[::2], replies[1::2], strict=True):
+                if not raw:
+                    out.append(None)
+                    continue
+                record = _decode(raw)
+                record["history"] = [orjson.loads(h) for h in history]
+                out.append(record)
+        return out
 
     def _queued_without_record(self, job_id: str) -> StatusRecord | None:
         needle = job_id.encode()
