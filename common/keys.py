@@ -8,6 +8,7 @@ __all__ = [
     "ACTOR_NAME",
     "BATCH_ACTOR_NAME",
     "BATCH_SIZE",
+    "MINUTE_COUNTS_TTL",
     "QUEUES",
     "WAKE_LUA",
     "accepted_key",
@@ -20,6 +21,7 @@ __all__ = [
     "idempotency_key",
     "inbound_index_key",
     "inbound_key",
+    "minute_counts_key",
     "queue_key",
     "queue_messages_key",
     "scheduled_key",
@@ -35,6 +37,8 @@ BATCH_ACTOR_NAME = "deliver_batch"  # many jobs in one broker message (enqueue_m
 BATCH_SIZE = 20  # small enough that a thread is soon free for a high-priority job
 # priority → Dramatiq queue. Each has its own queue so a bulk send never delays `high`.
 QUEUES = {"high": "mail-high", "normal": "mail", "bulk": "mail-bulk"}
+# Seconds a minute's outcome counts are kept: the console charts the last hour.
+MINUTE_COUNTS_TTL = 2 * 3600
 
 
 def queue_key(namespace: str, queue: str) -> str:
@@ -65,6 +69,14 @@ def status_key(namespace: str, job_id: str) -> str:
 def history_key(namespace: str, job_id: str) -> str:
     """The attempt history (a list of JSON entries) of one job."""
     return f"{namespace}:job:{job_id}:history"
+
+
+def minute_counts_key(namespace: str, minute: int) -> str:
+    """The hash of outcome (``sent``, ``retrying``, ``dead``) → count in one minute.
+
+    ``minute`` is whole minutes since the epoch; the status script writes it.
+    """
+    return f"{namespace}:minute:{minute}"
 
 
 def accepted_key(namespace: str, job_id: str) -> str:

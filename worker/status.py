@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ import redis
 from redis.typing import EncodableT
 
 from common.keys import (
+    MINUTE_COUNTS_TTL,
     QUEUES,
     history_key,
     queue_messages_key,
@@ -59,13 +60,17 @@ _INT_FIELDS = ("attempts",)
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
 # An outcome's event is added to the events stream with its record, or not at all.
+# A record that turns `sent`, `retrying` or `dead` counts in that minute's hash
+# (``common.keys.minute_counts_key``), which the console's chart reads.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
 _WRITE = (
     LUA
+    + f"local MINUTE_TTL = {MINUTE_COUNTS_TTL}\n"
     + """
 local ns, ttl, now, maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local count = tonumber(ARGV[5])
 local i = 6
+local tallies = {}
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local etype = ARGV[i + 4]
@@ -79,8 +84,17 @@ for _ = 1, count do
   i = i + 1
   -- A job that was sent never dies, nor goes back to `queued` (a bulk message Dramatiq
   -- gave up on after it, or that a stopping worker hands back).
-  if guard == '' or redis.call('HGET', key, 'state') ~= 'sent' then
+  local old = redis.call('HGET', key, 'state')
+  if guard == '' or old ~= 'sent' then
+    local new = old
+    for j = first, last - 1, 2 do
+      if ARGV[j] == 'state' then new = ARGV[j + 1] end
+    end
     redis.call('HSET', key, unpack(ARGV, first, last))
+    -- The console's per-minute counts: outcomes, each counted when the state changes.
+    if new ~= old and (new == 'sent' or new == 'retrying' or new == 'dead') then
+      tallies[new] = (tallies[new] or 0) + 1
+    end
     redis.call('EXPIRE', key, ttl)
     if m > 0 then
       redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
@@ -101,6 +115,12 @@ for _ = 1, count do
     end
   end
   i = i + m
+end
+local minute = ns .. ':minute:' .. math.floor(now / 60000)
+for kind, n in pairs(tallies) do
+  if redis.call('HINCRBY', minute, kind, n) == n then
+    redis.call('EXPIRE', minute, MINUTE_TTL)
+  end
 end
 if ARGV[i] then
   local queue, broker, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -390,6 +410,31 @@ class StatusStore:
         record = _decode(raw)
         record["history"] = [orjson.loads(h) for h in history]
         return record
+
+    def get_many(
+        self, job_ids: Sequence[str], *, chunk: int = 500
+    ) -> list[StatusRecord | None]:
+        """The records of many jobs, ``chunk`` of them a round trip; None where none is.
+
+        Unlike ``get``, a job without a record is not looked for on the queues: this is
+        for lists of jobs that have ended (the dead letters).
+        """
+        out: list[StatusRecord | None] = []
+        for start in range(0, len(job_ids), chunk):
+            part = job_ids[start : start + chunk]
+            with self._client.pipeline(transaction=False) as pipe:
+                for job_id in part:
+                    pipe.hgetall(status_key(self._ns, job_id))
+                    pipe.lrange(history_key(self._ns, job_id), 0, -1)
+                replies = pipe.execute()
+            for raw, history in zip(replies[::2], replies[1::2], strict=True):
+                if not raw:
+                    out.append(None)
+                    continue
+                record = _decode(raw)
+                record["history"] = [orjson.loads(h) for h in history]
+                out.append(record)
+        return out
 
     def _queued_without_record(self, job_id: str) -> StatusRecord | None:
         needle = job_id.encode()
