@@ -377,6 +377,11 @@ class InboundSource(_Section):
     tls_certificate_file: Path | None = None
     tls_key_file: Path | None = None
 
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys that apply to this source's ``kind``."""
+        return _INBOUND_KEYS[self.kind] | _COMMON_INBOUND_KEYS
+
     @model_validator(mode="after")
     def _rules(self) -> InboundSource:
         foreign = sorted(
