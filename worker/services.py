@@ -11,6 +11,7 @@ from producers.job import Mailbox
 from settings import (
     ConfigError,
     IntegratedService,
+    OpenAuthService,
     Settings,
     SmtpConnection,
     read_secret,
@@ -23,7 +24,7 @@ from worker.transports.smtp import SmtpTransport, lease_seconds
 if TYPE_CHECKING:
     from worker.transports.oauth import TokenProvider
 
-__all__ = ["Accounts", "build_services"]
+__all__ = ["Accounts", "build_services", "graph_budget", "smtp_budget"]
 
 _TOKEN_TIMEOUT = 30.0
 
@@ -67,6 +68,27 @@ class Accounts:
         return self._providers[name]
 
 
+def smtp_budget(client: redis.Redis, namespace: str, conn: SmtpConnection) -> Budget:
+    """The sending budgets of one ``[[smtp]]`` connection, shared by every worker."""
+    return Budget(
+        client,
+        f"{namespace}:budget:smtp:{conn.name}",
+        per_minute=conn.messages_per_minute,
+        per_hour=conn.messages_per_hour,
+        recipients_per_day=conn.recipients_per_day,
+    )
+
+
+def graph_budget(client: redis.Redis, namespace: str, oa: OpenAuthService) -> Budget:
+    """The sending budgets of one Office 365 mailbox, shared by every worker."""
+    return Budget(
+        client,
+        f"{namespace}:budget:{oa.service_identity}",
+        per_minute=oa.messages_per_minute,
+        recipients_per_day=oa.recipients_per_day,
+    )
+
+
 def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
     """Enabled services in delivery order (docs/design.md §5): OpenAuth first, then SMTP.
 
@@ -105,12 +127,7 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
                 limit=oa.max_concurrent_requests,
                 lease=2 * oa.timeout + 10,
             ),
-            budget=Budget(
-                client,
-                f"{ns}:budget:{oa.service_identity}",
-                per_minute=oa.messages_per_minute,
-                recipients_per_day=oa.recipients_per_day,
-            ),
+            budget=graph_budget(client, ns, oa),
         )
         services.append(Service(transport, Mailbox(address=oa.service_identity)))
     return_path = ReturnPath.from_settings(settings.bounces)
@@ -131,6 +148,7 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
             password=_password_reader(conn),
             tokens=accounts.get(conn.integrated_service) if xoauth2 else None,
             total=total,
+            budget=smtp_budget(client, ns, conn),
         )
         from_box = Mailbox(address=conn.from_address, name=conn.from_display_name)
         services.append(Service(smtp, from_box, return_path))
