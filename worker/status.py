@@ -10,10 +10,17 @@ from typing import Any
 
 import orjson
 import redis
+import structlog
 from redis.typing import EncodableT
 
-from common.keys import QUEUES, history_key, queue_messages_key, status_key
-from settings import EventsSettings
+from common.keys import (
+    QUEUES,
+    TRIM_DEAD_LUA,
+    history_key,
+    queue_messages_key,
+    status_key,
+)
+from settings import EventsSettings, StatusSettings
 from settings.models import EventType
 from worker.broker.attached import PackedWrite
 from worker.broker.envelope import JobRef, message_id_of
@@ -41,24 +48,31 @@ __all__ = [
     "now_iso",
 ]
 
+log = structlog.get_logger("mailworker.status")
+
 _JSON_FIELDS = ("error", "recipients", "counts", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
 # Key names are derived from the namespace as in common/keys.py (status_key & co.).
-# ARGV: namespace, ttl, now (ms), events' max length, record count, then per record:
+# ARGV: namespace, ttl, now (ms), events' max length, dead letters' cap (0: none),
+#       record count, then per record:
 #       job id, history entry ("" none), dead payload ("" none), guard ("1": skipped
 #       when the job is `sent`), event type ("" none), event id, event time, event data,
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
 # An outcome's event is added to the events stream with its record, or not at all.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
+# A dead letter past the cap trims the oldest in the same step (TRIM_DEAD_LUA); the
+# reply is the ids of those that went.
 _WRITE = (
     LUA
+    + TRIM_DEAD_LUA
     + """
 local ns, ttl, now, maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local count = tonumber(ARGV[5])
-local i = 6
+local cap, count = ARGV[5], tonumber(ARGV[6])
+local trimmed = {}
+local i = 7
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local etype = ARGV[i + 4]
@@ -87,6 +101,7 @@ for _ = 1, count do
       redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
       redis.call('ZADD', ns .. ':dead', now, id)
       redis.call('ZREMRANGEBYSCORE', ns .. ':dead', '-inf', now - tonumber(ttl) * 1000)
+      for _, gone in ipairs(trim_dead(ns, cap)) do trimmed[#trimmed + 1] = gone end
     end
     if etype ~= '' then
       redis.call('XADD', ns .. ':events', 'MAXLEN', '~', maxlen, '*', 'type', etype,
@@ -100,7 +115,7 @@ if ARGV[i] then
   redis.call('ZADD', heartbeats_key(ns), now, broker)
   dramatiq_ack(ns, broker, queue, rid)
 end
-return 1
+return trimmed
 """
 )
 
@@ -129,6 +144,16 @@ end
 out[#out + 1] = redis.call('HLEN', ns .. ':suppressed')
 return out
 """
+
+
+def trimmed_dead_letters(ids: list[bytes], cap: int) -> None:
+    """Say which dead letters went to keep ``status.max_dead_letters`` (one line)."""
+    log.warning(
+        "dead_letters_trimmed",
+        count=len(ids),
+        max_dead_letters=cap,
+        job_ids=[i.decode() for i in ids[:10]],
+    )
 
 
 def now_iso() -> str:
@@ -189,6 +214,9 @@ class StatusStore:
         client: a Redis client (bytes replies).
         namespace: the key prefix shared with producers.
         ttl: seconds a record, its history and its marker are kept.
+        events: the ``[events]`` settings (which types, the stream's length).
+        max_dead_letters: at most this many dead letters, the oldest going first
+            (``status.max_dead_letters``; 0: no cap).
     """
 
     def __init__(
@@ -198,10 +226,12 @@ class StatusStore:
         namespace: str,
         ttl: float,
         events: EventsSettings | None = None,
+        max_dead_letters: int = StatusSettings().max_dead_letters,
     ) -> None:
         self._client = client
         self._ns = namespace
         self._ttl = int(ttl)
+        self._max_dead = max_dead_letters
         events = events or EventsSettings()
         self._event_types = frozenset(events.types)
         self._events_max_len = events.max_len
@@ -359,13 +389,16 @@ class StatusStore:
             self._ttl,
             int(time.time() * 1000),
             self._events_max_len,
+            self._max_dead,
             len(writes),
         ]
         for packed in writes:
             args.extend(packed)
         if ack is not None:
             args.extend(ack)
-        self._write(*args)
+        trimmed = self._write(*args)
+        if trimmed:
+            trimmed_dead_letters(trimmed, self._max_dead)
 
     def get(self, job_id: str) -> StatusRecord | None:
         """The job's status record, or None when the id is unknown or expired.
