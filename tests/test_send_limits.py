@@ -3,7 +3,9 @@ shared by every worker through Redis, with failover or a wait that is not an att
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 from typing import Any
 
 import orjson
@@ -14,7 +16,7 @@ from producers import Notification, Producer
 from settings import ConfigError
 from tests.support.config import write_toml
 from tests.support.helpers import wait_for
-from tests.support.processes import WorkerProcess
+from tests.support.processes import MAILWORKER, WorkerProcess, clean_env
 from worker.limits import Budget
 
 
@@ -100,7 +102,7 @@ def test_limits_default_to_none_and_refuse_negative_values(make_settings, tmp_pa
 
 
 def test_a_spent_connection_fails_over_and_says_which_limit(
-    make_settings, smtp_server, run_worker, redis_client
+    make_settings, smtp_server, run_worker, redis_client, tmp_path
 ):
     """With messages_per_minute = 5, five jobs go through the limited connection and the
     rest through the next one, each skip naming the limit."""
@@ -123,6 +125,18 @@ def test_a_spent_connection_fails_over_and_says_which_limit(
     assert all(
         m.startswith("messages_per_minute of [[smtp]] limited spent") for m in skipped
     )
+    # and `queue stats` shows the budget spent
+    stats = subprocess.run(
+        [MAILWORKER, "queue", "stats", "--json"],
+        env=clean_env(MAILWORKER_CONFIG=str(tmp_path / "mailworker.toml")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(stats.stdout)["budgets"] == {
+        "limited": {"messages_per_minute": {"used": 5, "limit": 5}}
+    }
 
 
 def test_overflow_wait_puts_the_job_back_without_counting_an_attempt(

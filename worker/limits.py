@@ -17,7 +17,17 @@ import redis
 import structlog
 from redis.typing import EncodableT
 
-__all__ = ["Breaker", "Budget", "Slots", "Spent"]
+from settings import OpenAuthService, Settings, SmtpConnection
+
+__all__ = [
+    "Breaker",
+    "Budget",
+    "Slots",
+    "Spent",
+    "budgets",
+    "graph_budget",
+    "smtp_budget",
+]
 
 log = structlog.get_logger("mailworker.limits")
 
@@ -250,6 +260,41 @@ class Budget:
             name: (int(n), limit)
             for (name, _, _, _, limit), n in zip(self._windows, used, strict=True)
         }
+
+
+def smtp_budget(client: redis.Redis, namespace: str, conn: SmtpConnection) -> Budget:
+    """The sending budgets of one ``[[smtp]]`` connection, shared by every worker."""
+    return Budget(
+        client,
+        f"{namespace}:budget:smtp:{conn.name}",
+        per_minute=conn.messages_per_minute,
+        per_hour=conn.messages_per_hour,
+        recipients_per_day=conn.recipients_per_day,
+    )
+
+
+def graph_budget(client: redis.Redis, namespace: str, oa: OpenAuthService) -> Budget:
+    """The sending budgets of one Office 365 mailbox, shared by every worker."""
+    return Budget(
+        client,
+        f"{namespace}:budget:{oa.service_identity}",
+        per_minute=oa.messages_per_minute,
+        recipients_per_day=oa.recipients_per_day,
+    )
+
+
+def budgets(settings: Settings, client: redis.Redis) -> dict[str, Budget]:
+    """The budgets of every enabled service that has one, by service name."""
+    found = [
+        (oa.name, graph_budget(client, settings.namespace, oa))
+        for oa in settings.openauth
+        if oa.enabled
+    ] + [
+        (conn.name, smtp_budget(client, settings.namespace, conn))
+        for conn in settings.smtp
+        if conn.enabled
+    ]
+    return {name: budget for name, budget in found if not budget.unlimited}
 
 
 class Breaker:

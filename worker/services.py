@@ -11,20 +11,19 @@ from producers.job import Mailbox
 from settings import (
     ConfigError,
     IntegratedService,
-    OpenAuthService,
     Settings,
     SmtpConnection,
     read_secret,
 )
 from worker.delivery import Service
 from worker.inbound.returnpath import ReturnPath
-from worker.limits import Budget, Slots
+from worker.limits import Slots, graph_budget, smtp_budget
 from worker.transports.smtp import SmtpTransport, lease_seconds
 
 if TYPE_CHECKING:
     from worker.transports.oauth import TokenProvider
 
-__all__ = ["Accounts", "build_services", "graph_budget", "smtp_budget"]
+__all__ = ["Accounts", "build_services"]
 
 _TOKEN_TIMEOUT = 30.0
 
@@ -66,27 +65,6 @@ class Accounts:
             provider._credential()  # read secret and certificate files now: fail at start
             self._providers[name] = provider
         return self._providers[name]
-
-
-def smtp_budget(client: redis.Redis, namespace: str, conn: SmtpConnection) -> Budget:
-    """The sending budgets of one ``[[smtp]]`` connection, shared by every worker."""
-    return Budget(
-        client,
-        f"{namespace}:budget:smtp:{conn.name}",
-        per_minute=conn.messages_per_minute,
-        per_hour=conn.messages_per_hour,
-        recipients_per_day=conn.recipients_per_day,
-    )
-
-
-def graph_budget(client: redis.Redis, namespace: str, oa: OpenAuthService) -> Budget:
-    """The sending budgets of one Office 365 mailbox, shared by every worker."""
-    return Budget(
-        client,
-        f"{namespace}:budget:{oa.service_identity}",
-        per_minute=oa.messages_per_minute,
-        recipients_per_day=oa.recipients_per_day,
-    )
 
 
 def build_services(settings: Settings, client: redis.Redis) -> list[Service]:

@@ -11,8 +11,9 @@ import redis
 from common.broker import broker_error, connect
 from common.exits import EXIT_BROKER, fail, settings_or_fail
 from common.keys import QUEUES, counters_key, dead_index_key
-from settings import public_url
+from settings import Settings, public_url
 from worker.broker.keys import dq_name, queue_key, queue_messages_key
+from worker.limits import budgets
 
 __all__ = ["queue", "queue_stats"]
 
@@ -51,6 +52,17 @@ def queue_stats(client: redis.Redis, namespace: str) -> dict[str, Any]:
     return stats
 
 
+def budget_use(settings: Settings, client: redis.Redis) -> dict[str, Any]:
+    """Per service with a sending budget, each budget's use in its window now."""
+    return {
+        service: {
+            name: {"used": used, "limit": limit}
+            for name, (used, limit) in budget.usage().items()
+        }
+        for service, budget in budgets(settings, client).items()
+    }
+
+
 @click.group()
 def queue() -> None:
     """Inspect the queues."""
@@ -64,13 +76,13 @@ def queue() -> None:
     "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
 )
 def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
-    """Jobs ready, in flight and delayed per priority, and dead letters."""
+    """Jobs ready, in flight and delayed per priority, dead letters, and budgets."""
     settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
     try:
-        stats = queue_stats(
-            connect(url, ca_bundle=settings.broker_ca_bundle), settings.namespace
-        )
+        client = connect(url, ca_bundle=settings.broker_ca_bundle)
+        stats = queue_stats(client, settings.namespace)
+        stats["budgets"] = budget_use(settings, client)
     except redis.RedisError as exc:
         fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     if as_json:
@@ -87,3 +99,8 @@ def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
     trimmed = stats["dead_trimmed"]
     past = f" ({trimmed} trimmed past status.max_dead_letters)" if trimmed else ""
     click.echo(f"dead letters: {stats['dead']}{past}")
+    for service, use in stats["budgets"].items():
+        spent = ", ".join(
+            f"{name} {row['used']}/{row['limit']}" for name, row in use.items()
+        )
+        click.echo(f"budget {service}: {spent}")
