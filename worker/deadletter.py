@@ -31,6 +31,7 @@ from common.keys import (
     counters_key,
     dead_index_key,
     dead_payload_key,
+    history_key,
     queue_key,
     queue_messages_key,
     status_key,
@@ -82,8 +83,10 @@ TEXT_KEPT = 64 * 1024  # characters of text and html kept of a message over the 
 DROPPED = "content_dropped"  # the key that marks a dead letter kept without its content
 _DECODE_BLOCK = 256 * 1024  # base64 characters decoded at a time to size and hash
 
-# KEYS: queue list, queue hash, dead index, dead payload, status hash, wake gate
-# ARGV: redis message id, payload, job id, status fields (JSON), wake channel, queue
+# KEYS: queue list, queue hash, dead index, dead payload, status hash, wake gate, history
+# ARGV: redis message id, payload, job id, status fields (JSON), wake channel, queue,
+#       history entry, ttl
+# The `requeued` entry goes in with the enqueue: a worker's next entry comes after it.
 _REQUEUE = (
     WAKE_LUA
     + """
@@ -94,6 +97,8 @@ redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[4])
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[5], k, v) end
+redis.call('RPUSH', KEYS[7], ARGV[7])
+redis.call('EXPIRE', KEYS[7], ARGV[8])
 wake(KEYS[6], ARGV[5], ARGV[6])
 return 1
 """
@@ -449,6 +454,7 @@ class DeadLetters:
             dead_payload_key(self._ns, job_id),
             status_key(self._ns, job_id),
             wake_gate_key(self._ns, queue),
+            history_key(self._ns, job_id),
         ]
         args: list[EncodableT] = [
             redis_id,
@@ -457,10 +463,11 @@ class DeadLetters:
             orjson.dumps(fields),
             wake_channel(self._ns),
             queue,
+            orjson.dumps({"at": fields["updated_at"], "event": "requeued"}),
+            self._ttl,
         ]
         if not self._requeue(keys=keys, args=args):
             raise RequeueRefusedError(f"no dead letter {job_id}")
-        self.status.write(job_id, {}, event={"event": "requeued"})
 
     def purge(self, job_id: str) -> bool:
         """Delete one dead letter. Its status record stays until it expires."""
