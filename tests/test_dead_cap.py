@@ -11,7 +11,7 @@ from producers import Notification, Producer
 from tests.support.processes import MAILWORKER, clean_env
 from worker.cli.stats import queue_stats
 from worker.deadletter import DeadLetters, Filters
-from worker.status import StatusStore
+from worker.status import DeadTrims, StatusStore
 
 REFUSED = "550 5.1.1 No such user"
 
@@ -34,7 +34,7 @@ def test_past_the_cap_the_oldest_go_with_their_message_and_a_log_line(
     redis_client, namespace
 ):
     """Five dead letters under a cap of three: the two oldest go (index entry and kept
-    message), the three newest stay, the count says two, each trim logs one line."""
+    message), the three newest stay, the count says two, the first trim logs a line."""
     status = StatusStore(redis_client, namespace=namespace, ttl=60, max_dead_letters=3)
     with structlog.testing.capture_logs() as logs:
         for n in range(5):
@@ -43,11 +43,9 @@ def test_past_the_cap_the_oldest_go_with_their_message_and_a_log_line(
     assert redis_client.get(f"{namespace}:dead:job-0") is None
     assert redis_client.get(f"{namespace}:dead:job-1") is None
     assert redis_client.get(f"{namespace}:dead:job-4") is not None
+    # One line at the first trim; later ones within 10 s are counted, not each said.
     trims = [e for e in logs if e["event"] == "dead_letters_trimmed"]
-    assert [(e["count"], e["job_ids"]) for e in trims] == [
-        (1, ["job-0"]),
-        (1, ["job-1"]),
-    ]
+    assert [(e["count"], e["job_ids"]) for e in trims] == [(1, ["job-0"])]
     assert trims[0]["max_dead_letters"] == 3 and trims[0]["log_level"] == "warning"
     letters = DeadLetters(redis_client, namespace=namespace, ttl=60, status=status)
     assert letters.trimmed() == 2
@@ -55,6 +53,20 @@ def test_past_the_cap_the_oldest_go_with_their_message_and_a_log_line(
     assert (stats["dead"], stats["dead_trimmed"]) == (3, 2)
     # The record of a trimmed letter stays until status.ttl, still saying dead.
     assert status.get("job-0")["state"] == "dead"
+
+
+def test_trims_within_the_interval_are_said_together_in_the_next_line():
+    """A trim after the interval writes one line with the count of every trim since."""
+    trims = DeadTrims(3, every=0.0)
+    with structlog.testing.capture_logs() as logs:
+        trims.note([b"a"])
+        trims.note([b"b", b"c"])
+    assert [e["count"] for e in logs] == [1, 2]
+    held = DeadTrims(3, every=3600.0)
+    with structlog.testing.capture_logs() as logs:
+        held.note([b"a"])
+        held.note([b"b"])
+    assert [(e["count"], e["job_ids"]) for e in logs] == [(1, ["a"])]
 
 
 def test_a_cap_of_zero_keeps_every_dead_letter(redis_client, namespace):

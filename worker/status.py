@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from worker.records import (
 
 __all__ = [
     "Counts",
+    "DeadTrims",
     "ErrorRecord",
     "JobStart",
     "RecipientRecord",
@@ -146,14 +148,38 @@ return out
 """
 
 
-def trimmed_dead_letters(ids: list[bytes], cap: int) -> None:
-    """Say which dead letters went to keep ``status.max_dead_letters`` (one line)."""
-    log.warning(
-        "dead_letters_trimmed",
-        count=len(ids),
-        max_dead_letters=cap,
-        job_ids=[i.decode() for i in ids[:10]],
-    )
+class DeadTrims:
+    """Says which dead letters went to keep ``status.max_dead_letters``.
+
+    One ``dead_letters_trimmed`` line at first, then at most one every ``every`` seconds
+    with the count since the last (at the cap every new dead letter trims one: a line
+    each would double the log of a failure storm). ``{ns}:counters`` has every one.
+    """
+
+    def __init__(self, cap: int, *, every: float = 10.0) -> None:
+        self.cap = cap
+        self._every = every
+        self._lock = threading.Lock()
+        self._unsaid = 0
+        self._sample: list[str] = []
+        self._said_at = -math.inf
+
+    def note(self, ids: list[bytes]) -> None:
+        """Count trimmed ``ids``; write the line when it is due."""
+        now = time.monotonic()
+        with self._lock:
+            self._unsaid += len(ids)
+            self._sample = (self._sample + [i.decode() for i in ids])[:10]
+            if now - self._said_at < self._every:
+                return
+            count, sample = self._unsaid, self._sample
+            self._unsaid, self._sample, self._said_at = 0, [], now
+        log.warning(
+            "dead_letters_trimmed",
+            count=count,
+            max_dead_letters=self.cap,
+            job_ids=sample,
+        )
 
 
 def now_iso() -> str:
@@ -232,6 +258,7 @@ class StatusStore:
         self._ns = namespace
         self._ttl = int(ttl)
         self._max_dead = max_dead_letters
+        self._trims = DeadTrims(max_dead_letters)
         events = events or EventsSettings()
         self._event_types = frozenset(events.types)
         self._events_max_len = events.max_len
@@ -398,7 +425,7 @@ class StatusStore:
             args.extend(ack)
         trimmed = self._write(*args)
         if trimmed:
-            trimmed_dead_letters(trimmed, self._max_dead)
+            self._trims.note(trimmed)
 
     def get(self, job_id: str) -> StatusRecord | None:
         """The job's status record, or None when the id is unknown or expired.

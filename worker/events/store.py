@@ -41,7 +41,7 @@ from worker.events.model import (
     retry_key,
     text,
 )
-from worker.status import trimmed_dead_letters
+from worker.status import DeadTrims
 
 __all__ = ["DeliveryStore"]
 
@@ -69,6 +69,7 @@ class DeliveryStore:
     ) -> None:
         self._client = client
         self._max_dead = max_dead_letters
+        self._trims = DeadTrims(max_dead_letters)
         self._ns = namespace
         self.webhook = webhook
         self.group = group_name(webhook)
@@ -251,7 +252,7 @@ class DeliveryStore:
         if not reply:
             return False
         if len(reply) > 1:
-            trimmed_dead_letters(reply[1:], self._max_dead)
+            self._trims.note(reply[1:])
         return True
 
     def _record_keys(self, event_id: str) -> list[str]:
