@@ -209,8 +209,8 @@ class Budget:
             if limit > 0
         ]
         self._client = client
-        # Over the thread's own connection, as the status writes: through the pool a
-        # call cost a fifth of a single job's throughput (docs/benchmarks.md). Not made
+        # Over the thread's own connection, as the status writes: a call through
+        # redis-py's pool costs twice the client CPU (docs/benchmarks.md). Not made
         # again when its reply is lost: that could spend twice.
         self._spend = ThreadLocalScript(client, _SPEND, idempotent=False)
 
