@@ -37,13 +37,13 @@ from common.sockets import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEVER = 10**9  # a budget this large never refuses: only its cost is measured
-BUDGETS = (
-    f"messages_per_minute = {NEVER}\nmessages_per_hour = {NEVER}\n"
-    f"recipients_per_day = {NEVER}\n"
-)
+BUDGETS = {
+    "all": ("messages_per_minute", "messages_per_hour", "recipients_per_day"),
+    "hour": ("messages_per_hour",),
+}
 
 
-def _round(url: str, port: int, workdir: Path, jobs: int, *, limited: bool, bulk: bool
+def _round(url: str, port: int, workdir: Path, jobs: int, *, limited: str, bulk: bool
            ) -> dict[str, float]:  # fmt: skip
     from dramatiq import Worker
 
@@ -58,7 +58,7 @@ def _round(url: str, port: int, workdir: Path, jobs: int, *, limited: bool, bulk
         '[status]\nttl = "1h"\n'
         '[[smtp]]\nname = "sink"\nfrom_address = "noreply@bench.test"\n'
         f'server = "127.0.0.1"\nport = {port}\nsecurity = "none"\n'
-        + (BUDGETS if limited else "")
+        + "".join(f"{name} = {NEVER}\n" for name in BUDGETS.get(limited, ()))
     )
     settings = load_settings(config, environ={})
     app = build(settings)
@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dead-letters", type=int, default=100_000, help="in the index beforehand"
     )
+    parser.add_argument(
+        "--budgets", choices=tuple(BUDGETS), default="all", help="set when limited"
+    )
+    parser.add_argument("--modes", default="single,bulk,dead", help="what to measure")
     args = parser.parse_args(argv)
     # One line per delivery would cost both contenders alike and blur the difference.
     structlog.configure(
@@ -145,16 +149,22 @@ def main(argv: list[str] | None = None) -> None:
     redis_server.start()
     port = free_port()
     sink = spawn([sys.executable, "-m", "bench.sink", "--port", str(port)])
-    results: dict[str, Any] = {"jobs": args.jobs, "rounds": args.rounds}
+    results: dict[str, Any] = {
+        "jobs": args.jobs,
+        "rounds": args.rounds,
+        "budgets": BUDGETS[args.budgets],
+    }
     try:
         time.sleep(1.0)
-        for mode in ("single", "bulk"):
+        modes = args.modes.split(",")
+        for mode in [m for m in ("single", "bulk") if m in modes]:
             rounds: dict[str, list[dict[str, float]]] = {"none": [], "limited": []}
             for n in range(args.rounds):
                 for name in ("none", "limited") if n % 2 == 0 else ("limited", "none"):
                     row = _round(
                         redis_server.url, port, workdir, args.jobs,
-                        limited=name == "limited", bulk=mode == "bulk",
+                        limited=args.budgets if name == "limited" else "",
+                        bulk=mode == "bulk",
                     )  # fmt: skip
                     rounds[name].append(row)
                     print(f"{mode:<6} round {n + 1} {name:<8} {row}", flush=True)
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         rows: dict[str, list[dict[str, float]]] = {"no cap": [], "cap reached": []}
-        for n in range(args.rounds):
+        for n in range(args.rounds if "dead" in modes else 0):
             for name in ("no cap", "cap reached")[:: 1 if n % 2 == 0 else -1]:
                 cap = args.dead_letters if name == "cap reached" else 0
                 row = _dead_writes(
@@ -177,15 +187,16 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 rows[name].append(row)
                 print(f"dead   round {n + 1} {name:<11} {row}", flush=True)
-        results["dead_writes"] = {
-            **rows,
-            "us_per_write_ratio": round(
-                statistics.median(r["us_per_write"] for r in rows["cap reached"])
-                / statistics.median(r["us_per_write"] for r in rows["no cap"]),
-                3,
-            ),
-        }
-        print(f"dead writes: {results['dead_writes']['us_per_write_ratio']}")
+        if rows["no cap"]:
+            results["dead_writes"] = {
+                **rows,
+                "us_per_write_ratio": round(
+                    statistics.median(r["us_per_write"] for r in rows["cap reached"])
+                    / statistics.median(r["us_per_write"] for r in rows["no cap"]),
+                    3,
+                ),
+            }
+            print(f"dead writes: {results['dead_writes']['us_per_write_ratio']}")
     finally:
         stop_tree(sink)
         redis_server.stop()
