@@ -168,8 +168,8 @@ def test_overflow_wait_puts_the_job_back_without_counting_an_attempt(
         assert [h["event"] for h in record["history"]] == ["waiting"]
         assert _budget_skips(record)[0].startswith("messages_per_hour of [[smtp]] held")
     # The copies put back carry no counted attempt (Dramatiq's `retries` stays 0).
+    wait_for(lambda: redis_client.hlen(f"{namespace}:mail.DQ.msgs") == 2)
     delayed = redis_client.hvals(f"{namespace}:mail.DQ.msgs")
-    assert len(delayed) == 2
     assert {orjson.loads(m)["options"]["retries"] for m in delayed} == {0}
 
 
@@ -217,6 +217,38 @@ def test_bulk_messages_respect_the_message_budget(
     assert all(app.status.get(i)["state"] == "sent" for i in ids)
     skipped = [m for i in ids for m in _budget_skips(app.status.get(i))]
     assert len(skipped) == 15
+
+
+def test_bulk_jobs_past_the_budget_wait_as_single_jobs_with_no_attempt_counted(
+    make_settings, smtp_server, run_worker, redis_client, namespace
+):
+    """A bulk run over a `wait` connection sends what the budget allows; the rest go
+    back as single jobs, `retrying` for `budget`, their attempt not counted."""
+    held = smtp_server()
+    settings = make_settings(
+        smtp=[held.smtp_section("held", messages_per_minute=2, overflow="wait")]
+    )
+    app = run_worker(settings)
+    ids = _send(redis_client, settings, 6, bulk=True)
+    wait_for(
+        lambda: (
+            sorted((app.status.get(i) or {}).get("state", "") for i in ids)
+            == ["retrying"] * 4 + ["sent"] * 2
+        )
+    )
+    records = [app.status.get(i) for i in ids]
+    assert len(held.recorder.messages) == 2
+    assert sorted(r["state"] for r in records) == ["retrying"] * 4 + ["sent"] * 2
+    for record in (r for r in records if r["state"] == "retrying"):
+        assert record["reason"] == "budget" and record["attempts"] == 1
+    # (the copies put back are enqueued with the ack, just after the records)
+    wait_for(lambda: redis_client.hlen(f"{namespace}:mail.DQ.msgs") == 4)
+    delayed = [orjson.loads(m) for m in redis_client.hvals(f"{namespace}:mail.DQ.msgs")]
+    assert sorted(m["message_id"] for m in delayed) == sorted(
+        r["id"] for r in records if r["state"] == "retrying"
+    )
+    assert {m["actor_name"] for m in delayed} == {"deliver"}
+    assert {m["options"]["retries"] for m in delayed} == {0}
 
 
 # ---------------------------------------------------------------- four processes
