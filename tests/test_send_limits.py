@@ -173,6 +173,31 @@ def test_overflow_wait_puts_the_job_back_without_counting_an_attempt(
     assert {orjson.loads(m)["options"]["retries"] for m in delayed} == {0}
 
 
+def test_a_job_with_more_recipients_than_a_whole_budget_dies_at_once(
+    make_settings, smtp_server, run_worker, redis_client
+):
+    """Three recipients never fit a recipients_per_day of 2: with nothing to fail over
+    to the job is dead at once (`permanent`), the error naming the budget."""
+    held = smtp_server()
+    settings = make_settings(
+        smtp=[held.smtp_section("held", recipients_per_day=2, overflow="wait")]
+    )
+    app = run_worker(settings)
+    [job_id] = _send(
+        redis_client,
+        settings,
+        1,
+        to=["a@example.org", "b@example.org", "c@example.org"],
+    )
+    app.broker.join("mail", timeout=10_000)
+    record = app.status.get(job_id)
+    assert (record["state"], record["reason"]) == ("dead", "permanent")
+    assert record["error"]["message"] == (
+        "the message alone is over recipients_per_day of [[smtp]] held"
+    )
+    assert held.recorder.messages == []
+
+
 def test_bulk_messages_respect_the_recipient_budget(
     make_settings, smtp_server, run_worker, redis_client
 ):

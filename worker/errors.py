@@ -155,13 +155,13 @@ class BudgetExhaustedError(DeliveryError):
 
         ``wait`` is ``inf`` when the message alone is larger than the budget.
         """
-        room = (
-            "and the message alone is over it"
+        message = (
+            f"the message alone is over {limit} of {owner}"
             if math.isinf(wait)
-            else f"room in {math.ceil(wait)}s"
+            else f"{limit} of {owner} spent; room in {math.ceil(wait)}s"
         )
         return cls(
-            f"{limit} of {owner} spent; {room}",
+            message,
             service=service,
             wait=wait,
             overflow=overflow,
