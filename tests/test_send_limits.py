@@ -281,13 +281,15 @@ def test_bulk_jobs_past_the_budget_wait_as_single_jobs_with_no_attempt_counted(
 
 @pytest.mark.slow
 def test_four_worker_processes_hold_a_connection_to_its_budget(
-    smtp_server, redis_client, redis_url, namespace, tmp_path
+    smtp_server, private_redis, namespace, tmp_path
 ):
     """Four `mailworker worker` processes share messages_per_minute = 6 of one
     connection: no sliding minute of its arrivals holds more than 6; the rest fail over
     (skips naming the limit), and jobs pinned to a `wait` connection wait for `budget`
     with no attempt counted."""
-    # Given a limited connection, a spare one, and one that waits
+    # Given a limited connection, a spare one, and one that waits, on a Redis of the
+    # test's own (a stall of the shared one would hold four processes up)
+    redis_url, redis_client = private_redis.url, private_redis.client()
     limited, spare, held = smtp_server(), smtp_server(), smtp_server()
     config = write_toml(
         tmp_path / "mailworker.toml",
