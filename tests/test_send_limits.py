@@ -12,6 +12,7 @@ import orjson
 import pytest
 import redis
 
+from common.keys import scheduled_messages_key
 from producers import Notification, Producer
 from settings import ConfigError
 from tests.support.config import write_toml
@@ -167,9 +168,10 @@ def test_overflow_wait_puts_the_job_back_without_counting_an_attempt(
         assert record["reason"] == "budget" and record["attempts"] == 1
         assert [h["event"] for h in record["history"]] == ["waiting"]
         assert _budget_skips(record)[0].startswith("messages_per_hour of [[smtp]] held")
-    # The copies put back carry no counted attempt (Dramatiq's `retries` stays 0).
-    wait_for(lambda: redis_client.hlen(f"{namespace}:mail.DQ.msgs") == 2)
-    delayed = redis_client.hvals(f"{namespace}:mail.DQ.msgs")
+    # The copies put back (in the scheduled set: the wait is long) carry no counted
+    # attempt (Dramatiq's `retries` stays 0).
+    wait_for(lambda: redis_client.hlen(scheduled_messages_key(namespace)) == 2)
+    delayed = redis_client.hvals(scheduled_messages_key(namespace))
     assert {orjson.loads(m)["options"]["retries"] for m in delayed} == {0}
 
 
@@ -267,8 +269,10 @@ def test_bulk_jobs_past_the_budget_wait_as_single_jobs_with_no_attempt_counted(
     for record in (r for r in records if r["state"] == "retrying"):
         assert record["reason"] == "budget" and record["attempts"] == 1
     # (the copies put back are enqueued with the ack, just after the records)
-    wait_for(lambda: redis_client.hlen(f"{namespace}:mail.DQ.msgs") == 4)
-    delayed = [orjson.loads(m) for m in redis_client.hvals(f"{namespace}:mail.DQ.msgs")]
+    wait_for(lambda: redis_client.hlen(scheduled_messages_key(namespace)) == 4)
+    delayed = [
+        orjson.loads(m) for m in redis_client.hvals(scheduled_messages_key(namespace))
+    ]
     assert sorted(m["message_id"] for m in delayed) == sorted(
         r["id"] for r in records if r["state"] == "retrying"
     )
