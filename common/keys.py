@@ -10,10 +10,12 @@ __all__ = [
     "BATCH_SIZE",
     "MINUTE_COUNTS_TTL",
     "QUEUES",
+    "TRIM_DEAD_LUA",
     "WAKE_LUA",
     "accepted_key",
     "action_key",
     "actions_key",
+    "counters_key",
     "dead_index_key",
     "dead_payload_key",
     "events_key",
@@ -100,6 +102,11 @@ def dead_payload_key(namespace: str, job_id: str) -> str:
     return f"{namespace}:dead:{job_id}"
 
 
+def counters_key(namespace: str) -> str:
+    """Counters that outlive what they count: a hash (``dead_letters_trimmed``)."""
+    return f"{namespace}:counters"
+
+
 def events_key(namespace: str) -> str:
     """The stream of outcome events engines read (docs/design.md §9)."""
     return f"{namespace}:events"
@@ -159,6 +166,28 @@ local function pairs_of(fields)
     flat[#flat + 1] = v
   end
   return flat
+end
+"""
+
+# Lua for the scripts that write a dead letter, after its ZADD. trim_dead(namespace, cap)
+# keeps at most ``cap`` dead letters (0: no cap): past it the oldest go first, index
+# entry and kept message, counted in the counters hash. ZCARD is O(1) and ZPOPMIN
+# O(log n) per letter that goes, so a write costs no scan. Returns the ids that went.
+TRIM_DEAD_LUA = """
+local function trim_dead(ns, cap)
+  cap = tonumber(cap)
+  if cap <= 0 then return {} end
+  local index = ns .. ':dead'
+  local over = redis.call('ZCARD', index) - cap
+  if over <= 0 then return {} end
+  local popped = redis.call('ZPOPMIN', index, over)
+  local gone = {}
+  for j = 1, #popped, 2 do
+    gone[#gone + 1] = popped[j]
+    redis.call('DEL', index .. ':' .. popped[j])
+  end
+  redis.call('HINCRBY', ns .. ':counters', 'dead_letters_trimmed', #gone)
+  return gone
 end
 """
 

@@ -155,6 +155,8 @@ class StatusSettings(_Section):
 
     ttl: Duration = 7 * 86400.0
     idempotency_ttl: Duration = 86400.0
+    # At most this many dead letters; past it the oldest go first. 0 = no cap.
+    max_dead_letters: int = Field(100_000, ge=0)
 
 
 # The kinds of event on the events stream (docs/design.md §9).
@@ -207,6 +209,11 @@ class SmtpConnection(_Section):
     timeout: Duration = 30.0
     max_connections: int = Field(8, ge=1, le=1000)
     max_connections_total: int = Field(0, ge=0)
+    # Sending budgets across all workers, sliding windows; 0 = no budget.
+    messages_per_minute: int = Field(0, ge=0)
+    messages_per_hour: int = Field(0, ge=0)
+    recipients_per_day: int = Field(0, ge=0)
+    overflow: Literal["failover", "wait"] = "failover"
 
     @model_validator(mode="after")
     def _rules(self) -> SmtpConnection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -338,6 +339,11 @@ class JobHandler:
         """
         delay = max(1.0, outcome.wait or 0.0)
         reason = outcome.skipped[-1]["reason"] if outcome.skipped else "budget"
+        if math.isinf(delay):  # more recipients than a whole budget: no wait helps
+            self._write(job.id, fields)
+            message = outcome.skipped[-1]["message"] if outcome.skipped else reason
+            self._dead(job, "permanent", records.error(reason, message))
+            return
         if job.age + delay > self._settings.retry.max_age:
             self._write(job.id, fields)
             error = records.error(reason, "waited past retry.max_age")

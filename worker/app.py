@@ -144,6 +144,7 @@ def build(
         namespace=settings.namespace,
         ttl=settings.status.ttl,
         events=settings.events,
+        max_dead_letters=settings.status.max_dead_letters,
     )
     dead_letters = DeadLetters(
         client, namespace=settings.namespace, ttl=settings.status.ttl, status=status

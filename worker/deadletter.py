@@ -2,10 +2,13 @@
 
 A dead letter is an entry in ``{ns}:dead`` (job id → time of death), the full message in
 ``{ns}:dead:{id}`` and the job's status record (reason, last error, attempts, recipients).
-All three live ``status.ttl``. Webhook deliveries that ran out of attempts are kept the
-same way under ids ``webhook:NAME:EVENT_ID`` (``worker.events.letters``). ``sweep``
-drops index entries whose time has passed, so nothing depends on Dramatiq's random
-maintenance passes.
+All three live ``status.ttl``, and at most ``status.max_dead_letters`` dead letters are
+kept: the script that writes one trims the oldest past the cap (``TRIM_DEAD_LUA``),
+counted in ``{ns}:counters`` (``dead_letters_trimmed``). That cap counts letters; the
+size cap of one letter's kept message is ``kept_payload``'s. Webhook deliveries that
+ran out of attempts are kept the same way under ids ``webhook:NAME:EVENT_ID``
+(``worker.events.letters``). ``sweep`` drops index entries whose time has passed, so
+nothing depends on Dramatiq's random maintenance passes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from redis.typing import EncodableT
 
 from common.keys import (
     WAKE_LUA,
+    counters_key,
     dead_index_key,
     dead_payload_key,
     history_key,
@@ -300,6 +304,11 @@ class DeadLetters:
         return int(
             self._client.zremrangebyscore(dead_index_key(self._ns), "-inf", cutoff)
         )
+
+    def trimmed(self) -> int:
+        """How many dead letters went, oldest first, to keep ``status.max_dead_letters``."""
+        count = self._client.hget(counters_key(self._ns), "dead_letters_trimmed")
+        return int(count or 0)
 
     def add_poison(self, redis_id: str, raw: bytes, error: str, queue: str) -> None:
         """Keep a message that cannot be decoded (or names the wrong queue): raw, base64."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -11,17 +12,19 @@ from typing import Any
 
 import orjson
 import redis
+import structlog
 from redis.typing import EncodableT
 
 from common.keys import (
     MINUTE_COUNTS_TTL,
     QUEUES,
+    TRIM_DEAD_LUA,
     history_key,
     queue_messages_key,
     scheduled_key,
     status_key,
 )
-from settings import EventsSettings
+from settings import EventsSettings, StatusSettings
 from settings.models import EventType
 from worker.broker.attached import PackedWrite
 from worker.broker.envelope import JobRef, message_id_of
@@ -39,6 +42,7 @@ from worker.records import (
 
 __all__ = [
     "Counts",
+    "DeadTrims",
     "ErrorRecord",
     "JobStart",
     "RecipientRecord",
@@ -49,12 +53,15 @@ __all__ = [
     "now_iso",
 ]
 
+log = structlog.get_logger("mailworker.status")
+
 _JSON_FIELDS = ("error", "recipients", "counts", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
 # Key names are derived from the namespace as in common/keys.py (status_key & co.).
-# ARGV: namespace, ttl, now (ms), events' max length, record count, then per record:
+# ARGV: namespace, ttl, now (ms), events' max length, dead letters' cap (0: none),
+#       record count, then per record:
 #       job id, history entry ("" none), dead payload ("" none), guard ("1": skipped
 #       when the job is `sent`), event type ("" none), event id, event time, event data,
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
@@ -63,13 +70,17 @@ _INT_FIELDS = ("attempts",)
 # A record that turns `sent`, `retrying` or `dead` counts in that minute's hash
 # (``common.keys.minute_counts_key``), which the console's chart reads.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
+# A dead letter past the cap trims the oldest in the same step (TRIM_DEAD_LUA); the
+# reply is the ids of those that went.
 _WRITE = (
     LUA
     + f"local MINUTE_TTL = {MINUTE_COUNTS_TTL}\n"
+    + TRIM_DEAD_LUA
     + """
 local ns, ttl, now, maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local count = tonumber(ARGV[5])
-local i = 6
+local cap, count = ARGV[5], tonumber(ARGV[6])
+local trimmed = {}
+local i = 7
 local tallies = {}
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -108,6 +119,7 @@ for _ = 1, count do
       redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
       redis.call('ZADD', ns .. ':dead', now, id)
       redis.call('ZREMRANGEBYSCORE', ns .. ':dead', '-inf', now - tonumber(ttl) * 1000)
+      for _, gone in ipairs(trim_dead(ns, cap)) do trimmed[#trimmed + 1] = gone end
     end
     if etype ~= '' then
       redis.call('XADD', ns .. ':events', 'MAXLEN', '~', maxlen, '*', 'type', etype,
@@ -127,7 +139,7 @@ if ARGV[i] then
   redis.call('ZADD', heartbeats_key(ns), now, broker)
   dramatiq_ack(ns, broker, queue, rid)
 end
-return 1
+return trimmed
 """
 )
 
@@ -156,6 +168,40 @@ end
 out[#out + 1] = redis.call('HLEN', ns .. ':suppressed')
 return out
 """
+
+
+class DeadTrims:
+    """Says which dead letters went to keep ``status.max_dead_letters``.
+
+    One ``dead_letters_trimmed`` line at first, then at most one every ``every`` seconds
+    with the count since the last (at the cap every new dead letter trims one: a line
+    each would double the log of a failure storm). ``{ns}:counters`` has every one.
+    """
+
+    def __init__(self, cap: int, *, every: float = 10.0) -> None:
+        self.cap = cap
+        self._every = every
+        self._lock = threading.Lock()
+        self._unsaid = 0
+        self._sample: list[str] = []
+        self._said_at = -math.inf
+
+    def note(self, ids: list[bytes]) -> None:
+        """Count trimmed ``ids``; write the line when it is due."""
+        now = time.monotonic()
+        with self._lock:
+            self._unsaid += len(ids)
+            self._sample = (self._sample + [i.decode() for i in ids])[:10]
+            if now - self._said_at < self._every:
+                return
+            count, sample = self._unsaid, self._sample
+            self._unsaid, self._sample, self._said_at = 0, [], now
+        log.warning(
+            "dead_letters_trimmed",
+            count=count,
+            max_dead_letters=self.cap,
+            job_ids=sample,
+        )
 
 
 def now_iso() -> str:
@@ -216,6 +262,9 @@ class StatusStore:
         client: a Redis client (bytes replies).
         namespace: the key prefix shared with producers.
         ttl: seconds a record, its history and its marker are kept.
+        events: the ``[events]`` settings (which types, the stream's length).
+        max_dead_letters: at most this many dead letters, the oldest going first
+            (``status.max_dead_letters``; 0: no cap).
     """
 
     def __init__(
@@ -225,10 +274,13 @@ class StatusStore:
         namespace: str,
         ttl: float,
         events: EventsSettings | None = None,
+        max_dead_letters: int = StatusSettings().max_dead_letters,
     ) -> None:
         self._client = client
         self._ns = namespace
         self._ttl = int(ttl)
+        self._max_dead = max_dead_letters
+        self._trims = DeadTrims(max_dead_letters)
         events = events or EventsSettings()
         self._event_types = frozenset(events.types)
         self._events_max_len = events.max_len
@@ -386,13 +438,16 @@ class StatusStore:
             self._ttl,
             int(time.time() * 1000),
             self._events_max_len,
+            self._max_dead,
             len(writes),
         ]
         for packed in writes:
             args.extend(packed)
         if ack is not None:
             args.extend(ack)
-        self._write(*args)
+        trimmed = self._write(*args)
+        if trimmed:
+            self._trims.note(trimmed)
 
     def get(self, job_id: str) -> StatusRecord | None:
         """The job's status record, or None when the id is unknown or expired.
