@@ -18,7 +18,7 @@ from dramatiq import Middleware
 from dramatiq.middleware import CurrentMessage
 from pydantic import SecretStr
 
-from common.broker import connect
+from common.broker import connect_settings, require_replicas
 from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
 from worker.actions.keys import ActionKeys
@@ -133,8 +133,9 @@ def build(
     Raises:
         ConfigError: the configuration cannot run a worker.
     """
-    client = client or connect(
-        settings.broker_url.get_secret_value(), ca_bundle=settings.broker_ca_bundle
+    client = client or connect_settings(settings)
+    require_replicas(
+        client, settings.broker.wait_replicas, settings.broker.wait_timeout
     )
     services = build_services(settings, client)
     policy = settings.retry

@@ -99,7 +99,7 @@ class ActionReplies:
         self._settings = settings
         self._events = events
         self._ttl = int(ttl)
-        self._write = ThreadLocalScript(client, _WRITE)
+        self._write = ThreadLocalScript(client, _WRITE, wait=True)
 
     def wants(self, found: Classification, received: Received) -> bool:
         """True when the message is addressed to a ``+`` tag of the reply address."""

@@ -8,7 +8,7 @@ import click
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, fail, settings_or_fail
 from common.keys import QUEUES, dead_index_key
 from settings import public_url
@@ -64,9 +64,7 @@ def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
     settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
     try:
-        stats = queue_stats(
-            connect(url, ca_bundle=settings.broker_ca_bundle), settings.namespace
-        )
+        stats = queue_stats(connect_settings(settings, url), settings.namespace)
     except redis.RedisError as exc:
         fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
     if as_json:
