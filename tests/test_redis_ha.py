@@ -16,7 +16,6 @@ import time
 import uuid
 
 import pytest
-import redis
 
 from common.broker import connect
 from producers import Notification, Producer
@@ -170,7 +169,7 @@ def _failover_drain(smtp_server, tmp_path, wait_replicas):
     )
     worker = WorkerProcess(config, tmp_path / "worker.log", "-p", "1", "-t", "8")
     try:
-        wait_for(lambda: worker.events("Worker process is ready for action."), 30)
+        wait_for(lambda: worker.events("Worker process is ready for action."), timeout=30)
         producer = _Producer(ha.url, namespace, wait_replicas)
         producer.start()
         # When the primary is killed with kill -9 once a third of the jobs went out
@@ -179,6 +178,10 @@ def _failover_drain(smtp_server, tmp_path, wait_replicas):
         old = ha.kill_primary()
         new = ha.wait_for_new_primary(old)
         switch = time.monotonic() - killed_at
+        # work resumed: the sink gets 20 more messages than it had at the switch
+        at_switch = len(server.recorder.messages)
+        wait_for(lambda: len(server.recorder.messages) >= at_switch + 20, timeout=60)
+        resumed_after = time.monotonic() - killed_at
         assert producer.done.wait(90)
         acked = set(producer.acked)
         # Then every acknowledged job arrives (or the wait ends: lost ones are counted)
@@ -203,16 +206,16 @@ def _failover_drain(smtp_server, tmp_path, wait_replicas):
     figures = (
         f"wait_replicas={wait_replicas}: {len(acked)} acknowledged, {len(lost)} lost, "
         f"{duplicates} duplicated, {in_doubt} in doubt, {in_acks} acknowledgements "
-        f"lost (left in an ack set), switch {switch:.1f}s, producer retries "
+        f"lost (left in an ack set), switch {switch:.1f}s, sending again "
+        f"{resumed_after:.1f}s after the kill, producer retries "
         f"{dict(producer.failures)}"
     )
     print("\n" + figures)
     with (tmp_path.parent / "ha-figures.txt").open("a") as out:
         out.write(figures + "\n")
-    assert len(acked) == JOBS  # every enqueue was acknowledged in the end
-    assert duplicates <= in_doubt, figures
+    assert len(acked) == JOBS, figures  # every enqueue was acknowledged in the end
     assert set(received) <= {i.encode() for i in producer.acked}
-    return lost, in_acks
+    return len(lost), duplicates - in_doubt, in_acks, figures
 
 
 @pytest.mark.slow
@@ -224,19 +227,21 @@ def test_sentinel_failover_mid_drain_with_wait_replicas_loses_nothing(
     still enqueueing, the primary killed with kill -9: with wait_replicas = 1 every job
     acknowledged to the producer is delivered, none twice outside the in-doubt window,
     and no acknowledgement is lost."""
-    lost, in_acks = _failover_drain(smtp_server, tmp_path, 1)
-    assert not lost
-    assert in_acks == 0
+    lost, unexplained, in_acks, figures = _failover_drain(smtp_server, tmp_path, 1)
+    assert (lost, unexplained, in_acks) == (0, 0, 0), figures
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sentinel_failover_mid_drain_follows_the_new_primary(smtp_server, tmp_path):
     """The same failover with the default wait_replicas = 0: producers and the worker
-    follow the new primary without a restart, nothing is sent twice outside the
-    in-doubt window; what the switch lost (enqueues, acknowledgements) is counted in
-    docs/scaling.md."""
-    _failover_drain(smtp_server, tmp_path, 0)
+    follow the new primary without a restart and every enqueue is acknowledged in the
+    end. Replication is asynchronous, so what the last moments wrote to the old primary
+    may be gone: jobs lost, or sent twice without being marked in doubt (their fetch and
+    begin lost with it). That is counted and bounded here (at most 2 % of the jobs) and
+    documented in docs/scaling.md; wait_replicas = 1 is the answer."""
+    lost, unexplained, in_acks, figures = _failover_drain(smtp_server, tmp_path, 0)
+    assert lost + max(0, unexplained) + in_acks <= JOBS // 50, figures
 
 
 # ------------------------------------------------------------------ Redis Cluster
@@ -315,7 +320,7 @@ def test_cluster_drain_crash_redelivery_and_dead_letters(smtp_server, tmp_path):
         # Every key of the namespace (Dramatiq's too) is on the slot's node
         owner = cluster.owner(namespace)
         for port in cluster.ports:
-            node = redis.Redis(port=port)
+            node = cluster.node(port)
             keys = node.keys("*")
             if port == owner:
                 assert any(b"__acks__" in k or b"__heartbeats__" in k for k in keys)
@@ -345,16 +350,16 @@ def test_cluster_client_follows_a_moved_slot(tmp_path):
         assert script(f"{namespace}:n") == 1
         owner = cluster.owner(namespace)
         target = next(p for p in cluster.ports if p != owner)
-        slot = int(redis.Redis(port=owner).cluster("keyslot", namespace))
+        slot = int(cluster.node(owner).cluster("keyslot", namespace))
         # migrate the slot (and its key) to another node, as resharding does
-        source, dest = redis.Redis(port=owner), redis.Redis(port=target)
+        source, dest = cluster.node(owner), cluster.node(target)
         dest_id = dest.cluster("myid")
         source_id = source.cluster("myid")
         dest.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
         source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dest_id)
         for key in source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
             source.migrate("127.0.0.1", target, key, 0, 5000)
-        for node in (dest, source, *(redis.Redis(port=p) for p in cluster.ports)):
+        for node in (dest, source, *(cluster.node(p) for p in cluster.ports)):
             node.execute_command("CLUSTER SETSLOT", slot, "NODE", dest_id)
         assert cluster.owner(namespace) == target
         # the call after the move is refused by the old owner, and made again on a new
@@ -362,6 +367,7 @@ def test_cluster_client_follows_a_moved_slot(tmp_path):
         assert script(f"{namespace}:n") == 2
         assert client.incr(f"{namespace}:n") == 3
         assert client.get(f"{namespace}:n") == b"3"
+        client.close()
     finally:
         cluster.stop()
 

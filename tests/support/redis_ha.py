@@ -62,6 +62,15 @@ def _cluster_port() -> int:
             return port
 
 
+def ask(port: int, command: str, *args: object, password: str | None = None) -> object:
+    """One command to the server on ``port``, on a connection closed afterwards."""
+    client = redis.Redis(port=port, password=password, socket_timeout=5)
+    try:
+        return client.execute_command(command, *args)
+    finally:
+        client.close()
+
+
 def _wait(check: object, what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,6 +105,7 @@ class SentinelSet:
         self.data_ports = [free_port() for _ in range(1 + replicas)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.servers: dict[int, _Server] = {}
+        self.clients: list[redis.Redis] = []
 
     @property
     def url(self) -> str:
@@ -169,12 +179,15 @@ class SentinelSet:
             client.close()
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(
+        """A client of one data node (closed by ``stop``)."""
+        client = redis.Redis(
             port=port,
             password=self.password,
             socket_timeout=5,
             socket_connect_timeout=1,
         )
+        self.clients.append(client)
+        return client
 
     def primary_port(self) -> int:
         """The primary the Sentinels name now."""
@@ -198,6 +211,8 @@ class SentinelSet:
         return self.primary_port()
 
     def stop(self) -> None:
+        for client in self.clients:
+            client.close()
         for server in self.servers.values():
             server.stop()
 
@@ -211,6 +226,13 @@ class ClusterSet:
         self.directory = directory
         self.ports = [_cluster_port() for _ in range(3)]
         self.servers: list[_Server] = []
+        self.clients: list[redis.Redis] = []
+
+    def node(self, port: int) -> redis.Redis:
+        """A client of one node (closed by ``stop``)."""
+        client = redis.Redis(port=port, socket_timeout=5)
+        self.clients.append(client)
+        return client
 
     @property
     def url(self) -> str:
@@ -243,7 +265,7 @@ class ClusterSet:
                 )
             )
         for port in self.ports:
-            _wait(lambda p=port: redis.Redis(port=p).ping(), "a node did not start")
+            _wait(lambda p=port: ask(p, "PING"), "a node did not start")
         subprocess.run(
             [
                 self.cli,
@@ -260,9 +282,7 @@ class ClusterSet:
         )
         for port in self.ports:
             _wait(
-                lambda p=port: (
-                    redis.Redis(port=p).cluster("info")["cluster_state"] == "ok"
-                ),
+                lambda p=port: b"cluster_state:ok" in ask(p, "CLUSTER", "INFO"),  # type: ignore[operator]
                 "the cluster is not ok",
             )
 
@@ -277,5 +297,7 @@ class ClusterSet:
             cluster.close()
 
     def stop(self) -> None:
+        for client in self.clients:
+            client.close()
         for server in self.servers:
             server.stop()

@@ -260,10 +260,11 @@ class DispatchScript:
     def __init__(self, script: ThreadLocalScript) -> None:
         self._script = script
 
-    # The commands that wait for [broker] wait_replicas (a fetch does not: a fetch a
-    # failover loses puts the message back on its queue, and the delivery marker the
-    # acknowledgement wrote keeps it from being sent twice).
-    _WAITING = frozenset({"enqueue", "ack", "nack"})
+    # The commands that wait for [broker] wait_replicas. A fetch too: a fetch a failover
+    # loses leaves its messages on the queue of the new primary while this process
+    # sends them, and a second fetch there would send them again (the begin that went
+    # with the first is lost as well, so nothing would say "in doubt").
+    _WAITING = frozenset({"enqueue", "fetch", "ack", "nack", "requeue"})
 
     def __call__(self, args: list[Any], keys: list[Any]) -> Any:
         try:
