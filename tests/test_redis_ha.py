@@ -169,7 +169,9 @@ def _failover_drain(smtp_server, tmp_path, wait_replicas):
     )
     worker = WorkerProcess(config, tmp_path / "worker.log", "-p", "1", "-t", "8")
     try:
-        wait_for(lambda: worker.events("Worker process is ready for action."), timeout=30)
+        wait_for(
+            lambda: worker.events("Worker process is ready for action."), timeout=30
+        )
         producer = _Producer(ha.url, namespace, wait_replicas)
         producer.start()
         # When the primary is killed with kill -9 once a third of the jobs went out
