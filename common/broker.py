@@ -37,7 +37,7 @@ from redis.exceptions import (
     ReadOnlyError,
     TryAgainError,
 )
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from common import sockets
 from settings import (
@@ -81,6 +81,12 @@ def broker_error(label: str, exc: redis.RedisError) -> BrokerUnavailableError:
     parts = urlsplit(label)
     user = f"ACL user {parts.username!r}" if parts.username else "the default user"
     kind = exc.__class__.__name__
+    if isinstance(exc, MasterNotFoundError):
+        return BrokerUnavailableError(
+            f"broker {label}: no Sentinel named a primary ({kind}): check the Sentinel "
+            "hosts, the service name after them, sentinel_password if the Sentinels "
+            "require one, and that they see a primary"
+        )
     if isinstance(exc, redis.AuthenticationError):
         if parts.password is None and "password=" not in parts.query:
             return BrokerAuthenticationError(

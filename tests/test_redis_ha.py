@@ -95,6 +95,16 @@ def test_an_unreachable_sentinel_set_is_a_broker_error_without_passwords():
     with pytest.raises(BrokerUnavailableError) as error:
         producer.enqueue(Notification(to=["a@example.org"], subject="s", text="t"))
     assert SECRET not in str(error.value) and SENTINEL_SECRET not in str(error.value)
+    assert "no Sentinel named a primary" in str(error.value)
+
+
+def test_sentinel_passwords_are_redacted_from_logs(tmp_path):
+    """The data nodes' and the Sentinels' passwords are both on the log redaction list."""
+    from worker.app import secrets_of
+
+    url = f"redis+sentinel://:{SECRET}@h1/m?sentinel_password={SENTINEL_SECRET}"
+    config = write_toml(tmp_path / "m.toml", {"broker_url": url})
+    assert {SECRET, SENTINEL_SECRET} <= set(secrets_of(load_settings(config)))
 
 
 # ------------------------------------------------------------------ Sentinel failover

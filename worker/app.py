@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from common.broker import connect_settings, require_replicas
 from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
+from settings.endpoints import parse_broker_url
 from worker.actions.keys import ActionKeys
 from worker.actors import JobHandler
 from worker.broker.broker import MailBroker
@@ -106,8 +107,9 @@ def secrets_of(settings: Settings) -> list[str]:
         secret = read_secret(inline, path, field_name + ("_file" if path else ""))
         if secret is not None:
             values.append(secret.get_secret_value())
-    broker_password = urlsplit(settings.broker_url.get_secret_value()).password
-    return [v for v in [*values, broker_password] if v]
+    broker = parse_broker_url(settings.broker_url.get_secret_value())
+    broker_password = broker.password or urlsplit(broker.url).password
+    return [v for v in [*values, broker_password, broker.sentinel_password] if v]
 
 
 def build(
