@@ -98,6 +98,35 @@ def test_an_unreachable_sentinel_set_is_a_broker_error_without_passwords():
     assert "no Sentinel named a primary" in str(error.value)
 
 
+def test_tls_forms_use_tls_and_the_ca_bundle_everywhere(tmp_path):
+    """rediss+sentinel:// makes TLS connections to the data nodes and the Sentinels with
+    broker_ca_bundle; rediss+cluster:// to the slot's node; redis+ forms use none."""
+    from redis.sentinel import SentinelManagedSSLConnection
+
+    from common.broker import SlotConnection, SlotSSLConnection
+
+    bundle = tmp_path / "ca.pem"
+    client = connect("rediss+sentinel://h1,h2/mymaster/2", ca_bundle=bundle)
+    pool = client.connection_pool
+    assert pool.connection_class is SentinelManagedSSLConnection
+    assert pool.connection_kwargs["ssl_ca_certs"] == str(bundle)
+    assert pool.connection_kwargs["db"] == 2
+    sentinels = pool.sentinel_manager.sentinels
+    assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [
+        26379,
+        26379,
+    ]
+    assert all(
+        s.connection_pool.connection_kwargs["ssl_ca_certs"] == str(bundle)
+        for s in sentinels
+    )
+    cluster = connect("rediss+cluster://h1:7000", ca_bundle=bundle, namespace="{m}")
+    assert cluster.connection_pool.connection_class is SlotSSLConnection
+    assert cluster.connection_pool.connection_kwargs["ssl_ca_certs"] == str(bundle)
+    plain = connect("redis+cluster://h1:7000", namespace="{m}")
+    assert plain.connection_pool.connection_class is SlotConnection
+
+
 def test_sentinel_passwords_are_redacted_from_logs(tmp_path):
     """The data nodes' and the Sentinels' passwords are both on the log redaction list."""
     from worker.app import secrets_of
