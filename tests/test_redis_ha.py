@@ -231,6 +231,16 @@ def _failover_drain(smtp_server, tmp_path, wait_replicas):
                 lambda: {i.encode() for i in acked} <= set(server.recorder.ids()),
                 timeout=60,
             )
+        # The CLI follows the new primary too: status, and health (this host's worker
+        # beats there)
+        some = next(iter(acked))
+        status = _cli(config, "status", some, "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["state"] == "sent"
+        health = _cli(config, "health", "--json")
+        assert health.returncode == 0, health.stdout + health.stderr
+        for out in (status, health):
+            assert ha.password not in out.stdout + out.stderr
         resumed = ha.node(new)
         in_acks = sum(
             resumed.hlen(k) if k.endswith(b".msgs") else resumed.scard(k)
