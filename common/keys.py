@@ -22,6 +22,8 @@ __all__ = [
     "inbound_key",
     "queue_key",
     "queue_messages_key",
+    "scheduled_key",
+    "scheduled_messages_key",
     "status_key",
     "suppressed_key",
     "wake_channel",
@@ -43,6 +45,16 @@ def queue_key(namespace: str, queue: str) -> str:
 def queue_messages_key(namespace: str, queue: str) -> str:
     """The Redis hash of message id → encoded message."""
     return f"{namespace}:{queue}.msgs"
+
+
+def scheduled_key(namespace: str) -> str:
+    """Scheduled messages: a sorted set of message id (a job id) → due time (ms)."""
+    return f"{namespace}:scheduled"
+
+
+def scheduled_messages_key(namespace: str) -> str:
+    """The hash of scheduled message id → encoded message, released when due."""
+    return f"{namespace}:scheduled.msgs"
 
 
 def status_key(namespace: str, job_id: str) -> str:
@@ -137,3 +149,13 @@ local function pairs_of(fields)
   return flat
 end
 """
+
+
+def api_keys_key(namespace: str) -> str:
+    """The API keys by name: name → the key's record (JSON, with its hash)."""
+    return f"{namespace}:api:keys"
+
+
+def api_key_hashes_key(namespace: str) -> str:
+    """The API keys by hash: SHA-256 of the secret (hex) → the key's record (JSON)."""
+    return f"{namespace}:api:key-hashes"

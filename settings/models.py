@@ -28,6 +28,7 @@ from settings.errors import ConfigError
 
 __all__ = [
     "EVENT_TYPES",
+    "ApiSettings",
     "BouncesSettings",
     "BreakerSettings",
     "BrokerSettings",
@@ -109,6 +110,8 @@ class Limits(_Section):
 
     max_message_bytes: int = Field(26_214_400, ge=1024)
     max_recipients: int = Field(500, ge=1)
+    # How far ahead a job's ``send_at`` may be (README "Scheduled sends").
+    max_schedule_ahead: Duration = 30 * 86400.0
 
 
 class RetryPolicy(_Section):
@@ -182,6 +185,7 @@ class StatusSettings(_Section):
 EventType = Literal[
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -189,6 +193,7 @@ EventType = Literal[
 EVENT_TYPES: tuple[EventType, ...] = (
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -305,6 +310,57 @@ def _listen_address(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:2525')")
     return value
+
+
+_RATE = re.compile(r"^\s*([1-9][0-9]{0,8})\s*/\s*(s|m|h)\s*$")
+_RATE_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _rate(value: str) -> str:
+    if not _RATE.match(value):
+        raise ValueError(f"{value!r} is not a rate: use N/s, N/m or N/h (e.g. '200/s')")
+    return value.replace(" ", "")
+
+
+Rate = Annotated[str, AfterValidator(_rate)]
+
+
+def rate_parts(rate: str) -> tuple[int, int]:
+    """A validated rate (``"200/s"``) as (requests, window in seconds)."""
+    found = _RATE.match(rate)
+    if found is None:
+        raise ValueError(f"{rate!r} is not a rate")
+    return int(found.group(1)), _RATE_SECONDS[found.group(2)]
+
+
+class ApiSettings(_Section):
+    """``[api]``: the HTTP API, the ``/ops/`` console and ``/metrics`` (§11)."""
+
+    listen: Annotated[str, AfterValidator(_listen_address)] = "127.0.0.1:8025"
+    rate_limit: Rate = "200/s"
+    max_batch: int = Field(500, ge=1, le=10_000)
+    # 0: derived from limits.max_message_bytes (x 1.4 for base64, + 64 KiB of JSON).
+    max_body_bytes: int = Field(0, ge=0)
+    tls_certificate_file: Path | None = None
+    tls_key_file: Path | None = None
+    session_ttl: Duration = 8 * 3600.0
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_certificate_file is None) != (self.tls_key_file is None):
+            missing = (
+                "tls_key_file" if self.tls_key_file is None else "tls_certificate_file"
+            )
+            raise ValueError(
+                f"{missing}: TLS needs both the certificate and the key file"
+            )
+        return self
+
+    def body_cap(self, limits: Limits) -> int:
+        """The largest request body read, in bytes."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        return int(limits.max_message_bytes * 1.4) + 65_536
 
 
 class InboundSource(_Section):
@@ -548,6 +604,7 @@ class Settings(BaseSettings):
     inbound: list[InboundSource] = Field(default_factory=list)
     webhook: list[Webhook] = Field(default_factory=list)
     email_actions: EmailActionsSettings = Field(default_factory=EmailActionsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(

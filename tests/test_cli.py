@@ -22,6 +22,7 @@ from common.sockets import free_port
 from producers import Notification, Producer
 from tests.support.config import write_toml
 from tests.support.env import HOST, REDIS_URL
+from tests.support.helpers import wait_for
 from tests.support.smtp import PASSWORD
 
 MAILWORKER = Path(sys.executable).parent / "mailworker"
@@ -246,10 +247,13 @@ def test_status_shows_each_reply_code_once_and_no_missing_attempt(
     job_id = producer.enqueue(
         Notification(to=["gone@example.org"], subject="s", text="t")
     )
+    # (join returns when the queue is empty; the dead record may be a moment behind)
     app.broker.join("mail", timeout=10_000)
+    wait_for(lambda: (app.status.get(job_id) or {}).get("state") == "dead")
     config = tmp_path / "mailworker.toml"  # make_settings wrote it
     assert mailworker("dead", "requeue", job_id, config=config).returncode == 0
     app.broker.join("mail", timeout=10_000)
+    wait_for(lambda: len((app.status.get(job_id) or {}).get("history", [])) == 3)
     # When its status is printed
     result = mailworker("status", job_id, config=config)
     # Then the refusal reads "550 5.1.1 …" once, and every history line is whole

@@ -36,6 +36,7 @@ from worker.middleware.dead_letters import DeadLetterCapture
 from worker.middleware.draining import Draining
 from worker.middleware.heartbeat import Heartbeat
 from worker.middleware.log_context import LogContext
+from worker.middleware.release import Releaser
 from worker.middleware.retries import ReliableRetries
 from worker.middleware.tuning import WorkerTuning
 from worker.middleware.wake import Waker
@@ -181,6 +182,7 @@ def build(
             WorkerTuning(),
             bulk_slots,
             waker,
+            Releaser(),
             *webhooks,
         ],
     )

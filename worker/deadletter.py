@@ -411,7 +411,7 @@ class DeadLetters:
             )
         try:
             notification = parse_job((message.get("kwargs") or {}).get("job"))
-            notification.check_limits(limits)
+            notification.check_limits(limits, requeue=True)
         except JobValidationError as exc:
             raise RequeueRefusedError(f"{job_id} is invalid: {exc}") from None
         queue = q_name(str(message["queue_name"]))

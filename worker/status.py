@@ -6,13 +6,20 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis
 from redis.typing import EncodableT
 
-from common.keys import QUEUES, history_key, queue_messages_key, status_key
+from common.keys import (
+    QUEUES,
+    history_key,
+    queue_messages_key,
+    scheduled_key,
+    status_key,
+)
 from settings import EventsSettings
 from settings.models import EventType
 from worker.broker.attached import PackedWrite
@@ -386,6 +393,16 @@ class StatusStore:
 
     def _queued_without_record(self, job_id: str) -> StatusRecord | None:
         needle = job_id.encode()
+        due = self._client.zscore(scheduled_key(self._ns), job_id)
+        if due is not None:  # a wire producer's scheduled job
+            send_at = datetime.fromtimestamp(due / 1000, UTC)
+            return _decode(
+                {
+                    b"id": needle,
+                    b"state": b"scheduled",
+                    b"send_at": send_at.isoformat(timespec="milliseconds").encode(),
+                }
+            )
         for queue in QUEUES.values():
             for name in (queue, dq_name(queue)):
                 for _, payload in self._client.hscan_iter(
@@ -425,5 +442,6 @@ def _decode(raw: Mapping[bytes, bytes]) -> StatusRecord:
         "updated_at": data.get("updated_at") or None,
         "next_attempt_at": data.get("next_attempt_at") or None,
         "dead_at": data.get("dead_at") or None,
+        "send_at": data.get("send_at") or None,
         "metadata": parsed("metadata", {}),
     }

@@ -25,6 +25,7 @@ def render_status(record: Mapping[str, Any]) -> list[str]:
         "queue",
         "created_at",
         "updated_at",
+        "send_at",
         "next_attempt_at",
         "dead_at",
     ):

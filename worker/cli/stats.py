@@ -10,7 +10,7 @@ import redis
 
 from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, fail, settings_or_fail
-from common.keys import QUEUES, dead_index_key
+from common.keys import QUEUES, dead_index_key, scheduled_key
 from settings import public_url
 from worker.broker.keys import dq_name, queue_key, queue_messages_key
 
@@ -21,7 +21,8 @@ def queue_stats(client: redis.Redis, namespace: str) -> dict[str, Any]:
     """The broker's message counts, in one round trip.
 
     Per priority: ``ready`` (waiting to be fetched), ``in_flight`` (fetched, not yet
-    acknowledged) and ``delayed`` (retries and waits not yet due). ``dead`` is overall.
+    acknowledged) and ``delayed`` (short retries and waits not yet due). ``scheduled``
+    (jobs with a ``send_at``, long retries and waits, in Redis) and ``dead`` are overall.
     Counts are broker messages: a bulk message (``enqueue_many``) carries up to 20 jobs.
     """
     with client.pipeline(transaction=False) as pipe:
@@ -29,6 +30,7 @@ def queue_stats(client: redis.Redis, namespace: str) -> dict[str, Any]:
             pipe.llen(queue_key(namespace, queue))
             pipe.hlen(queue_messages_key(namespace, queue))
             pipe.hlen(queue_messages_key(namespace, dq_name(queue)))
+        pipe.zcard(scheduled_key(namespace))
         pipe.zcard(dead_index_key(namespace))
         replies = pipe.execute()
     stats: dict[str, Any] = {"queues": {}}
@@ -43,6 +45,7 @@ def queue_stats(client: redis.Redis, namespace: str) -> dict[str, Any]:
         }
         total += ready
     stats["ready_total"] = total
+    stats["scheduled"] = replies[-2]
     stats["dead"] = replies[-1]
     return stats
 
@@ -78,4 +81,5 @@ def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
             f"{priority:<10}{row['queue']:<12}{row['ready']:>8}{row['in_flight']:>11}"
             f"{row['delayed']:>9}"
         )
+    click.echo(f"scheduled: {stats['scheduled']}")
     click.echo(f"dead letters: {stats['dead']}")
