@@ -444,3 +444,44 @@ def test_wait_replicas_on_a_primary_without_replicas_is_an_error_the_producer_se
     first = plain.enqueue(job)
     assert plain.enqueue(job) == first
     assert os.environ.get("MAILWORKER_BROKER_URL") is None
+
+
+def test_a_worker_without_its_replicas_delivers_and_says_so(
+    smtp_server,
+    make_settings,
+    run_worker,
+    redis_client,
+    redis_url,
+    namespace,
+    monkeypatch,
+):
+    """wait_replicas = 1 on a Redis with no replica: the worker still delivers (each
+    write stands on the primary after wait_timeout) and logs replication_short, with the
+    count of short writes, once for many writes."""
+    import structlog
+
+    from worker.broker import scripts
+    from worker.status import StatusStore
+
+    monkeypatch.setattr(scripts, "_short_state", {"logged": -60.0, "since": 0})
+    server = smtp_server()
+    settings = make_settings(
+        smtp=[server.smtp_section()],
+        broker={"wait_replicas": 1, "wait_timeout": "20ms"},
+    )
+    with structlog.testing.capture_logs() as logs:
+        app = run_worker(settings)
+        ids = Producer(connect(redis_url), namespace=namespace).enqueue_many(
+            [
+                Notification(to=[f"u{i}@example.org"], subject="s", text="t")
+                for i in range(3)
+            ],
+            bulk=False,
+        )
+        app.broker.join("mail", timeout=20_000)
+    status = StatusStore(redis_client, namespace=namespace, ttl=60)
+    assert all(status.get(i)["state"] == "sent" for i in ids)
+    assert len(server.recorder.messages) == 3
+    short = [e for e in logs if e["event"] == "replication_short"]
+    assert len(short) == 1
+    assert short[0]["replicas"] == 0 and short[0]["wait_replicas"] == 1

@@ -95,6 +95,36 @@ def _closed(conn: Any) -> bool:
         return True
 
 
+_SHORT_LOG_EVERY = 10.0  # seconds between two replication_short lines of a process
+_short_state = {"logged": -_SHORT_LOG_EVERY, "since": 0}
+
+
+def _short(acked: int, replicas: int, timeout_ms: int) -> None:
+    """Log a write too few replicas confirmed: at most once per 10 s, with a count.
+
+    Without replicas every write waits and comes back short (each consumer's polls
+    too), so one line per write would flood the log.
+    """
+    now = time.monotonic()
+    with _lock:
+        _short_state["since"] += 1
+        if now - _short_state["logged"] < _SHORT_LOG_EVERY:
+            return
+        writes, _short_state["since"], _short_state["logged"] = (
+            _short_state["since"],
+            0,
+            now,
+        )
+    log.warning(
+        "replication_short",
+        replicas=acked,
+        wait_replicas=replicas,
+        wait_timeout_ms=timeout_ms,
+        writes=writes,
+        note="the writes stand on the primary; a failover now could lose them",
+    )
+
+
 class ThreadLocalScript:
     """``body`` run with EVALSHA (EVAL when the server does not have it yet).
 
@@ -211,13 +241,7 @@ class ThreadLocalScript:
             raise
         acked = int(conn.read_response())
         if acked < replicas:
-            log.warning(
-                "replication_short",
-                replicas=acked,
-                wait_replicas=replicas,
-                wait_timeout_ms=timeout_ms,
-                note="the write stands on the primary; a failover now could lose it",
-            )
+            _short(acked, replicas, timeout_ms)
         return reply
 
     def _send(
