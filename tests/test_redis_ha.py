@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from common.broker import connect
+from common.broker import connect, connect_settings
 from producers import Notification, Producer
 from settings import BrokerUnavailableError, ConfigError, load_settings
 from tests.support.config import write_toml
@@ -469,8 +469,10 @@ def test_a_worker_without_its_replicas_delivers_and_says_so(
         smtp=[server.smtp_section()],
         broker={"wait_replicas": 1, "wait_timeout": "20ms"},
     )
+    # the worker's own client, with the policy the configuration gives it
+    client = connect_settings(settings)
     with structlog.testing.capture_logs() as logs:
-        app = run_worker(settings)
+        app = run_worker(settings, client=client)
         ids = Producer(connect(redis_url), namespace=namespace).enqueue_many(
             [
                 Notification(to=[f"u{i}@example.org"], subject="s", text="t")
@@ -485,3 +487,4 @@ def test_a_worker_without_its_replicas_delivers_and_says_so(
     short = [e for e in logs if e["event"] == "replication_short"]
     assert len(short) == 1
     assert short[0]["replicas"] == 0 and short[0]["wait_replicas"] == 1
+    client.close()

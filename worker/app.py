@@ -18,7 +18,7 @@ from dramatiq import Middleware
 from dramatiq.middleware import CurrentMessage
 from pydantic import SecretStr
 
-from common.broker import connect_settings, require_replicas
+from common.broker import connect_settings
 from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
 from settings.endpoints import parse_broker_url
@@ -125,7 +125,8 @@ def build(
 
     Args:
         settings: the configuration.
-        client: a Redis client to use instead of one from ``broker_url`` (tests, dev).
+        client: a Redis client to use instead of one from ``broker_url`` (tests, dev);
+            it keeps its own replication policy (``common.broker.require_replicas``).
         backoff: the first in-process retry wait, in seconds.
         sleep: how in-process retries wait.
         single_jobs: how bulk messages wait for single jobs (``worker.bulk``).
@@ -136,10 +137,9 @@ def build(
     Raises:
         ConfigError: the configuration cannot run a worker.
     """
+    # A client given here keeps its own [broker] wait_replicas policy
+    # (common.broker.require_replicas); one made here has the configuration's.
     client = client or connect_settings(settings)
-    require_replicas(
-        client, settings.broker.wait_replicas, settings.broker.wait_timeout
-    )
     services = build_services(settings, client)
     policy = settings.retry
     status = StatusStore(
