@@ -87,6 +87,8 @@ class _Live(Recorder):
 
         # Not in prometheus_client's default registry: /metrics reads the files.
         none: Any = None
+        # (metric id, label values) → child; a label set is never removed.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._enqueued: Counter = Counter(
             "mailworker_jobs_enqueued",
             "Jobs enqueued by our processes.",
@@ -181,45 +183,53 @@ class _Live(Recorder):
             registry=none,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: a job's path calls it often."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def enqueued(self, priority: str, count: int = 1, *, source: str) -> None:
-        self._enqueued.labels(priority, source).inc(count)
+        self._child(self._enqueued, priority, source).inc(count)
 
     def attempt(
         self, failures: list[tuple[str, str]], skips: list[tuple[str, str]]
     ) -> None:
         for service, error_class in failures:
-            self._failures.labels(service, error_class).inc()
+            self._child(self._failures, service, error_class).inc()
         for service, reason in skips:
-            self._skips.labels(service, reason).inc()
+            self._child(self._skips, service, reason).inc()
 
     def delivered(self, service: str, queue: str, latency: float) -> None:
-        self._delivered.labels(service).inc()
-        self._latency.labels(queue).observe(max(0.0, latency))
+        self._child(self._delivered, service).inc()
+        self._child(self._latency, queue).observe(max(0.0, latency))
 
     def retried(self, error_class: str) -> None:
-        self._retries.labels(error_class).inc()
+        self._child(self._retries, error_class).inc()
 
     def waited(self, reason: str) -> None:
-        self._waits.labels(reason).inc()
+        self._child(self._waits, reason).inc()
 
     def dead(self, reason: str, count: int = 1) -> None:
-        self._dead.labels(reason).inc(count)
+        self._child(self._dead, reason).inc(count)
 
     def token(self, integrated_service: str, *, source: str, outcome: str) -> None:
-        self._tokens.labels(integrated_service, source, outcome).inc()
+        self._child(self._tokens, integrated_service, source, outcome).inc()
 
     def inbound(self, kind: str, outcome: str, reason: str) -> None:
-        self._inbound.labels(kind, outcome).inc()
+        self._child(self._inbound, kind, outcome).inc()
         if kind == "bounce":
-            self._bounces.labels(outcome).inc()
+            self._child(self._bounces, outcome).inc()
         elif kind == "action":
-            self._actions.labels(outcome, reason or "none").inc()
+            self._child(self._actions, outcome, reason or "none").inc()
 
     def smtp_stage(self, service: str, stage: str, seconds: float) -> None:
-        self._stages.labels(service, stage).observe(seconds)
+        self._child(self._stages, service, stage).observe(seconds)
 
     def in_progress(self, queue: str, change: int) -> None:
-        self._in_progress.labels(queue).inc(change)
+        self._child(self._in_progress, queue).inc(change)
 
     def threads(self, count: int) -> None:
         self._threads.set(count)
