@@ -19,7 +19,7 @@ from producers import Notification, Producer
 from settings import load_settings
 from tests.support.config import write_toml
 from tests.support.helpers import wait_for
-from tests.support.processes import WorkerProcess
+from tests.support.processes import MAILWORKER, WorkerProcess
 from worker.metrics.directory import subdirectories
 from worker.metrics.exposition import Exposition
 
@@ -126,6 +126,13 @@ def test_worker_metrics_count_deliveries_dead_letters_and_retries(
             producer.enqueue(
                 Notification(to=[f"u{n}@example.com"], subject="s", text="t")
             )
+        # and four more in one bulk message (each job counted once, not the message)
+        producer.enqueue_many(
+            [
+                Notification(to=[f"b{n}@example.com"], subject="s", text="t")
+                for n in range(4)
+            ]
+        )
         producer.enqueue(Notification(to=["gone@example.com"], subject="s", text="t"))
         producer.enqueue(Notification(to=["later@example.com"], subject="s", text="t"))
         samples = wait_for(
@@ -139,7 +146,7 @@ def test_worker_metrics_count_deliveries_dead_letters_and_retries(
             timeout=60,
         )
         # Then the scrape counts each once, by service, class and reason
-        assert _value(samples, "mailworker_deliveries_total", service="primary") == 3
+        assert _value(samples, "mailworker_deliveries_total", service="primary") == 7
         assert _value(samples, "mailworker_dead_letters_total", reason="permanent") == 1
         assert _total(samples, "mailworker_dead_letters_total") == 1
         assert (
@@ -157,7 +164,7 @@ def test_worker_metrics_count_deliveries_dead_letters_and_retries(
         )
         assert (
             _value(samples, "mailworker_delivery_latency_seconds_count", queue="mail")
-            == 3
+            == 7
         )
         assert _value(samples, "mailworker_worker_threads") == 2
         assert _value(samples, "mailworker_broker_up") == 1
@@ -188,7 +195,7 @@ def test_worker_metrics_count_deliveries_dead_letters_and_retries(
     assert code == 0
     # And once the worker stopped, its counts stay but its live gauges are gone
     after = _read_directory(tmp_path / "metrics")
-    assert _value(after, "mailworker_deliveries_total", service="primary") == 3
+    assert _value(after, "mailworker_deliveries_total", service="primary") == 7
     assert _value(after, "mailworker_worker_threads") == 0
 
 
@@ -234,6 +241,31 @@ def test_a_killed_worker_process_is_marked_dead(
     assert _value(after, "mailworker_worker_threads") == 0
     assert list(own.glob("gauge_livesum_*.db")) == []
     assert _value(after, "mailworker_deliveries_total", service="primary") == 1
+
+
+def test_worker_metrics_address_is_checked_at_start(redis_url, namespace, tmp_path):
+    """`worker --metrics` with an address that is not host:port exits 2, naming it."""
+    config = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "broker_url": redis_url,
+            "namespace": namespace,
+            "smtp": [{"name": "primary", "server": "127.0.0.1", "port": 25,
+                      "from_address": "noreply@example.com", "security": "none",
+                      "auth": "none"}],
+        },
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
+    done = subprocess.run(
+        [MAILWORKER, "worker", "--metrics", "9191"],
+        env={**env, "MAILWORKER_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--metrics: '9191' is not host:port" in done.stderr
 
 
 def test_metrics_asgi_app_serves_queue_gauges_under_uvicorn(
