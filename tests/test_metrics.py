@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -440,3 +441,74 @@ def test_the_alert_rules_pass_promtool_and_their_unit_tests():
             [promtool, *args], cwd=folder, capture_output=True, text=True, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_mailworker_inbound_counts_the_bounces_it_records(tmp_path, namespace):
+    """A bounce `mailworker inbound` records shows in the host's metrics."""
+    import smtplib
+
+    from tests.support.env import HOST, REDIS_URL
+    from tests.support.mail import dsn
+
+    # Given `mailworker inbound` with an smtp source, on a metrics directory
+    port = free_port()
+    directory = tmp_path / "metrics"
+    config = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "namespace": namespace,
+            "broker_url": REDIS_URL,
+            "smtp": [{"name": "out", "from_address": "n@example.com", "server": HOST,
+                      "port": 2, "security": "none"}],
+            "inbound": [{"name": "forwarded", "kind": "smtp", "listen": f"{HOST}:{port}",
+                         "accept": ["bounces@example.com"]}],
+            "metrics": {"directory": str(directory)},
+        },
+    )  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "MAILWORKER_CONFIG": str(config)}
+    proc = subprocess.Popen(
+        [MAILWORKER, "inbound"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def answers() -> bool:
+            try:
+                with smtplib.SMTP(HOST, port, timeout=2) as client:
+                    return client.noop()[0] == 250
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=20)
+        # When a delivery status notification for an unknown message comes back
+        raw = dsn(to="bounces@example.com", original_message_id="<nobody@example.com>",
+                  recipient="v@example.org")  # fmt: skip
+        # (a refusal comes after the record: counted all the same)
+        with (
+            smtplib.SMTP(HOST, port, timeout=10) as client,
+            contextlib.suppress(smtplib.SMTPDataError),
+        ):
+            client.sendmail("", ["bounces@example.com"], raw)
+        # Then the host's metrics count one inbound bounce, from the inbound process
+        samples = wait_for(
+            lambda: (
+                (s := _read_directory(directory))
+                and _total(s, "mailworker_bounces_total") >= 1
+                and s
+            )
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0, output.decode(errors="replace")
+    assert _total(samples, "mailworker_bounces_total") == 1
+    kinds = {
+        labels: v
+        for (name, labels), v in samples.items()
+        if name == "mailworker_inbound_messages_total"
+    }
+    assert sum(v for labels, v in kinds.items() if ("kind", "bounce") in labels) == 1
+    assert [p.name.split("-")[0] for p, _ in subdirectories(directory)] == ["inbound"]
