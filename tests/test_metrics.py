@@ -512,3 +512,63 @@ def test_mailworker_inbound_counts_the_bounces_it_records(tmp_path, namespace):
     }
     assert sum(v for labels, v in kinds.items() if ("kind", "bounce") in labels) == 1
     assert [p.name.split("-")[0] for p, _ in subdirectories(directory)] == ["inbound"]
+
+
+@pytest.mark.slow
+def test_office365_tokens_deliveries_and_budget_show_in_worker_metrics(
+    fake_microsoft, ca_file, redis_url, namespace, tmp_path
+):
+    """Graph deliveries count their service, their token requests, and the budget spent."""
+    from tests.test_openauth import _integrated, _openauth
+
+    # Given a worker on the Office 365 stand-in, with a budget of 30 messages a minute
+    config = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "broker_url": redis_url,
+            "namespace": namespace,
+            "openauth": [_openauth(fake_microsoft, ca_file, messages_per_minute=30)],
+            "integrated_services": _integrated(fake_microsoft, ca_file),
+            "metrics": {"directory": str(tmp_path / "metrics")},
+        },
+    )
+    port = free_port()
+    worker = WorkerProcess(
+        config, tmp_path / "worker.log", "-p", "1", "-t", "2", "--metrics",
+        f"127.0.0.1:{port}",
+    )  # fmt: skip
+    try:
+        # When three jobs go out through Graph
+        producer = _producer(redis_url, namespace)
+        for n in range(3):
+            producer.enqueue(
+                Notification(to=[f"u{n}@example.org"], subject="s", text="t")
+            )
+        samples = wait_for(
+            lambda: (
+                (s := _scrape_or_empty(port))
+                and _value(s, "mailworker_deliveries_total", service="o365") == 3
+                and s
+            ),
+            timeout=60,
+        )
+    finally:
+        assert worker.stop() == 0
+    # Then one token came from the identity provider, the others from MSAL's cache
+    tokens = "mailworker_token_acquisitions_total"
+    asked = _value(
+        samples, tokens, integrated_service="graph-mailer",
+        source="identity_provider", outcome="ok",
+    )  # fmt: skip
+    cached = _value(
+        samples, tokens, integrated_service="graph-mailer", source="cache", outcome="ok"
+    )
+    assert asked == 1 and asked + cached == 3
+    # and the minute's budget has the three messages spent
+    assert (
+        _value(samples, "mailworker_budget_used", service="o365", window="minute") == 3
+    )
+    assert (
+        _value(samples, "mailworker_budget_limit", service="o365", window="minute")
+        == 30
+    )
