@@ -26,6 +26,7 @@ from settings.durations import Duration
 
 __all__ = [
     "EVENT_TYPES",
+    "ApiSettings",
     "BouncesSettings",
     "BreakerSettings",
     "EmailActionsSettings",
@@ -104,6 +105,8 @@ class Limits(_Section):
 
     max_message_bytes: int = Field(26_214_400, ge=1024)
     max_recipients: int = Field(500, ge=1)
+    # How far ahead a job's ``send_at`` may be (README "Scheduled sends").
+    max_schedule_ahead: Duration = 30 * 86400.0
 
 
 class RetryPolicy(_Section):
@@ -152,6 +155,8 @@ class StatusSettings(_Section):
 
     ttl: Duration = 7 * 86400.0
     idempotency_ttl: Duration = 86400.0
+    # At most this many dead letters; past it the oldest go first. 0 = no cap.
+    max_dead_letters: int = Field(100_000, ge=0)
 
 
 class MetricsSettings(_Section):
@@ -169,6 +174,7 @@ class MetricsSettings(_Section):
 EventType = Literal[
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -176,6 +182,7 @@ EventType = Literal[
 EVENT_TYPES: tuple[EventType, ...] = (
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -213,6 +220,11 @@ class SmtpConnection(_Section):
     timeout: Duration = 30.0
     max_connections: int = Field(8, ge=1, le=1000)
     max_connections_total: int = Field(0, ge=0)
+    # Sending budgets across all workers, sliding windows; 0 = no budget.
+    messages_per_minute: int = Field(0, ge=0)
+    messages_per_hour: int = Field(0, ge=0)
+    recipients_per_day: int = Field(0, ge=0)
+    overflow: Literal["failover", "wait"] = "failover"
 
     @model_validator(mode="after")
     def _rules(self) -> SmtpConnection:
@@ -294,6 +306,57 @@ def _listen_address(value: str) -> str:
     return value
 
 
+_RATE = re.compile(r"^\s*([1-9][0-9]{0,8})\s*/\s*(s|m|h)\s*$")
+_RATE_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _rate(value: str) -> str:
+    if not _RATE.match(value):
+        raise ValueError(f"{value!r} is not a rate: use N/s, N/m or N/h (e.g. '200/s')")
+    return value.replace(" ", "")
+
+
+Rate = Annotated[str, AfterValidator(_rate)]
+
+
+def rate_parts(rate: str) -> tuple[int, int]:
+    """A validated rate (``"200/s"``) as (requests, window in seconds)."""
+    found = _RATE.match(rate)
+    if found is None:
+        raise ValueError(f"{rate!r} is not a rate")
+    return int(found.group(1)), _RATE_SECONDS[found.group(2)]
+
+
+class ApiSettings(_Section):
+    """``[api]``: the HTTP API, the ``/ops/`` console and ``/metrics`` (§11)."""
+
+    listen: Annotated[str, AfterValidator(_listen_address)] = "127.0.0.1:8025"
+    rate_limit: Rate = "200/s"
+    max_batch: int = Field(500, ge=1, le=10_000)
+    # 0: derived from limits.max_message_bytes (x 1.4 for base64, + 64 KiB of JSON).
+    max_body_bytes: int = Field(0, ge=0)
+    tls_certificate_file: Path | None = None
+    tls_key_file: Path | None = None
+    session_ttl: Duration = 8 * 3600.0
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_certificate_file is None) != (self.tls_key_file is None):
+            missing = (
+                "tls_key_file" if self.tls_key_file is None else "tls_certificate_file"
+            )
+            raise ValueError(
+                f"{missing}: TLS needs both the certificate and the key file"
+            )
+        return self
+
+    def body_cap(self, limits: Limits) -> int:
+        """The largest request body read, in bytes."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        return int(limits.max_message_bytes * 1.4) + 65_536
+
+
 class InboundSource(_Section):
     """One ``[[inbound]]`` source of replies and bounces (docs/design.md §10).
 
@@ -331,6 +394,11 @@ class InboundSource(_Section):
     max_message_bytes: int = Field(10_485_760, ge=1024)
     tls_certificate_file: Path | None = None
     tls_key_file: Path | None = None
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys that apply to this source's ``kind``."""
+        return _INBOUND_KEYS[self.kind] | _COMMON_INBOUND_KEYS
 
     @model_validator(mode="after")
     def _rules(self) -> InboundSource:
@@ -533,6 +601,7 @@ class Settings(BaseSettings):
     webhook: list[Webhook] = Field(default_factory=list)
     email_actions: EmailActionsSettings = Field(default_factory=EmailActionsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -22,6 +22,7 @@ from common.sockets import free_port
 from producers import Notification, Producer
 from tests.support.config import write_toml
 from tests.support.env import HOST, REDIS_URL
+from tests.support.helpers import wait_for
 from tests.support.smtp import PASSWORD
 
 MAILWORKER = Path(sys.executable).parent / "mailworker"
@@ -246,10 +247,13 @@ def test_status_shows_each_reply_code_once_and_no_missing_attempt(
     job_id = producer.enqueue(
         Notification(to=["gone@example.org"], subject="s", text="t")
     )
+    # (join returns when the queue is empty; the dead record may be a moment behind)
     app.broker.join("mail", timeout=10_000)
+    wait_for(lambda: (app.status.get(job_id) or {}).get("state") == "dead")
     config = tmp_path / "mailworker.toml"  # make_settings wrote it
     assert mailworker("dead", "requeue", job_id, config=config).returncode == 0
     app.broker.join("mail", timeout=10_000)
+    wait_for(lambda: len((app.status.get(job_id) or {}).get("history", [])) == 3)
     # When its status is printed
     result = mailworker("status", job_id, config=config)
     # Then the refusal reads "550 5.1.1 …" once, and every history line is whole
@@ -418,6 +422,38 @@ def test_config_check_masks_every_secret(write_config, tmp_path, source):
     if source != "file":
         assert 'password = "***"' in lines
     assert lines[-1] == "# delivery order: primary (smtp) -> backup (smtp)"
+
+
+def test_config_check_prints_every_section_with_its_secrets_masked(write_config):
+    """Inbound sources (only their kind's keys), webhooks, bounces, actions and the API."""
+    config = write_config(
+        smtp=_services({})[1:2],
+        bounces={"return_path": "bounces@example.com", "secret": "bouncesecret77"},
+        inbound=[
+            {"name": "replies", "kind": "imap", "server": "imap.example.com",
+             "username": "replies@example.com", "password": "imapsecret88"},
+        ],
+        webhook=[
+            {"name": "engine", "url": "https://engine.example.com/hook",
+             "secret": "hooksecret99"},
+        ],
+    )  # fmt: skip
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 0, result.stderr
+    for secret in ("bouncesecret77", "imapsecret88", "hooksecret99"):
+        assert secret not in result.stdout + result.stderr
+    text = result.stdout
+    for header in (
+        "[bounces]",
+        "[[inbound]]",
+        "[[webhook]]",
+        "[email_actions]",
+        "[api]",
+    ):
+        assert f"\n{header}\n" in text, header
+    inbound = text.split("[[inbound]]\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert 'password = "***"' in inbound and 'server = "imap.example.com"' in inbound
+    assert not any(line.startswith(("listen =", "accept =")) for line in inbound)
 
 
 def test_config_check_masks_broker_password_from_environment(write_config):

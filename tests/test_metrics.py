@@ -168,6 +168,7 @@ def test_worker_metrics_count_deliveries_dead_letters_and_retries(
             == 7
         )
         assert _value(samples, "mailworker_worker_threads") == 2
+        assert _value(samples, "mailworker_worker_processes") == 1
         assert _value(samples, "mailworker_broker_up") == 1
         assert _value(samples, "mailworker_dead_letters_stored") == 1
         assert _value(samples, "mailworker_breaker_open", service="primary") == 0

@@ -36,6 +36,7 @@ from worker.middleware.draining import Draining
 from worker.middleware.heartbeat import Heartbeat
 from worker.middleware.log_context import LogContext
 from worker.middleware.metrics import ProcessMetrics
+from worker.middleware.release import Releaser
 from worker.middleware.retries import ReliableRetries
 from worker.middleware.tuning import WorkerTuning
 from worker.middleware.wake import Waker
@@ -144,6 +145,7 @@ def build(
         namespace=settings.namespace,
         ttl=settings.status.ttl,
         events=settings.events,
+        max_dead_letters=settings.status.max_dead_letters,
     )
     dead_letters = DeadLetters(
         client, namespace=settings.namespace, ttl=settings.status.ttl, status=status
@@ -180,6 +182,7 @@ def build(
             WorkerTuning(),
             bulk_slots,
             waker,
+            Releaser(),
             *webhooks,
         ],
     )

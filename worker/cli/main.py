@@ -24,11 +24,13 @@ from common.keys import QUEUES
 from producers.cli import defaults_in_use, send
 from settings import ConfigError, Settings, config_path, public_url
 from worker.cli.actions import actions
+from worker.cli.api_keys import api_key
 from worker.cli.dead import dead
 from worker.cli.dev import dev
 from worker.cli.events import events
 from worker.cli.inbound import inbound
 from worker.cli.output import render_config, render_status
+from worker.cli.scheduled import scheduled
 from worker.cli.stats import queue
 from worker.cli.suppress import suppress
 from worker.middleware.tuning import POLL_ENV
@@ -64,6 +66,8 @@ main.add_command(events)
 main.add_command(inbound)
 main.add_command(suppress)
 main.add_command(actions)
+main.add_command(api_key)
+main.add_command(scheduled)
 
 
 def _queue_names(queues: tuple[str, ...]) -> list[str]:

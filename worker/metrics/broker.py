@@ -1,7 +1,8 @@
 """Gauges read from Redis at scrape time: queues, the oldest job, breakers, budgets.
 
 What every worker shares lives in Redis, so it is read there once per scrape by the
-process serving ``/metrics``, never kept by each worker. Two round trips.
+process serving ``/metrics``, never kept by each worker: two round trips, and one per
+service with a sending budget.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client.registry import Collector
 from common.keys import QUEUES, dead_index_key
 from settings import Settings
 from worker.broker.keys import dq_name, heartbeats_key, queue_key, queue_messages_key
+from worker.limits import budgets
 
 __all__ = ["BrokerCollector"]
 
@@ -38,6 +40,7 @@ class BrokerCollector(Collector):
         self._settings = settings
         self._client = client
         self._ns = settings.namespace
+        self._budgets = budgets(settings, client)
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -56,7 +59,6 @@ class BrokerCollector(Collector):
 
     def _read(self) -> list[Metric]:
         ns, now = self._ns, time.time()
-        budgets = self._budgets()
         with self._client.pipeline(transaction=False) as pipe:
             for queue in QUEUES.values():
                 pipe.llen(queue_key(ns, queue))
@@ -68,8 +70,6 @@ class BrokerCollector(Collector):
             pipe.zcount(heartbeats_key(ns), int((now - timeout) * 1000), "+inf")
             for service in self._settings.delivery_order:
                 pipe.hmget(f"{ns}:breaker:{service}", "failures", "open_until")
-            for _, key, window, _ in budgets:
-                pipe.zcount(key, int((now - window) * 1000), "+inf")
             replies = pipe.execute()
         queues = self._queues(replies[: 4 * len(QUEUES)], now)
         rest = replies[4 * len(QUEUES) :]
@@ -84,8 +84,7 @@ class BrokerCollector(Collector):
         processes.add_metric([], rest[1])
         services = self._settings.delivery_order
         breakers = self._breakers(services, rest[2 : 2 + len(services)], now)
-        used = self._budget_use(budgets, rest[2 + len(services) :])
-        return [*queues, dead, processes, *breakers, *used]
+        return [*queues, dead, processes, *breakers, *self._budget_use()]
 
     def _queues(self, replies: list[Any], now: float) -> list[Metric]:
         depth = GaugeMetricFamily(
@@ -136,26 +135,11 @@ class BrokerCollector(Collector):
             failures.add_metric([service], int(count or 0))
         return [state, failures]
 
-    def _budgets(self) -> list[tuple[str, str, float, int]]:
-        """(service, zset key, window in s, limit) of each Office 365 budget that is set."""
-        found = []
-        for oa in self._settings.openauth:
-            if not oa.enabled:
-                continue
-            key = f"{self._ns}:budget:{oa.service_identity}"
-            if oa.messages_per_minute:
-                found.append((oa.name, f"{key}:minute", 60.0, oa.messages_per_minute))
-            if oa.recipients_per_day:
-                found.append((oa.name, f"{key}:day", 86400.0, oa.recipients_per_day))
-        return found
-
-    @staticmethod
-    def _budget_use(
-        budgets: list[tuple[str, str, float, int]], replies: list[Any]
-    ) -> list[Metric]:
+    def _budget_use(self) -> list[Metric]:
+        """Each sending budget that is set (Office 365 mailboxes, SMTP connections)."""
         used = GaugeMetricFamily(
             "mailworker_budget_used",
-            "Office 365 sending budget spent in its sliding window: messages (minute), "
+            "Sending budget spent in its sliding window: messages (minute, hour), "
             "recipients (day).",
             labels=["service", "window"],
         )
@@ -164,11 +148,20 @@ class BrokerCollector(Collector):
             "The configured budget of the window.",
             labels=["service", "window"],
         )
-        for (service, _, window, cap), count in zip(budgets, replies, strict=True):
-            name = "minute" if window == 60.0 else "day"
-            used.add_metric([service, name], count)
-            limit.add_metric([service, name], cap)
+        for service, budget in self._budgets.items():
+            for setting, (count, cap) in budget.usage().items():
+                window = _WINDOW[setting]
+                used.add_metric([service, window], count)
+                limit.add_metric([service, window], cap)
         return [used, limit]
+
+
+# A budget's setting → the window label.
+_WINDOW = {
+    "messages_per_minute": "minute",
+    "messages_per_hour": "hour",
+    "recipients_per_day": "day",
+}
 
 
 def _waited(raw: bytes | None, now: float) -> float:
