@@ -314,13 +314,24 @@ def notification(priority: str = "normal", sender: str | None = None) -> Any:
 
 
 def write_config(
-    ctx: Context, ns: str, sink: Sink, bulk_sink: Sink | None = None
+    ctx: Context,
+    ns: str,
+    sink: Sink,
+    bulk_sink: Sink | None = None,
+    *,
+    metrics: bool = True,
 ) -> Path:
     """A mailworker configuration for one run: its own namespace, one SMTP connection
     to the sink (no TLS, no AUTH), JSON logs (the harness sends them to a file); with
     ``bulk_sink``, a second connection named ``bulk`` to it; with ``--webhook``, a
-    ``[[webhook]]`` to that URL."""
+    ``[[webhook]]`` to that URL. Metrics are recorded in the run's own directory, or
+    not at all (``metrics=False``: the A/B of their cost)."""
     path = ctx.workdir / f"{ns}.toml"
+    metrics_section = (
+        f'\n[metrics]\ndirectory = "{ctx.workdir / f"metrics-{ns}"}"\n'
+        if metrics
+        else "\n[metrics]\nenabled = false\n"
+    )
     sinks = [("sink", sink)] + ([("bulk", bulk_sink)] if bulk_sink else [])
     path.write_text(
         f'broker_url = "{ctx.redis.url}"\n'
@@ -341,6 +352,7 @@ def write_config(
             if ctx.webhook_url
             else ""
         )
+        + metrics_section
     )
     return path
 
@@ -384,8 +396,11 @@ def wait_sent(client: redis.Redis, ns: str, n: int, timeout: float) -> dict[str,
 class Mailworker(Contender):
     """``mailworker worker -p P -t T`` on a configuration of its own."""
 
-    def __init__(self, name: str, label: str, bulk: bool = False) -> None:
+    def __init__(
+        self, name: str, label: str, bulk: bool = False, *, metrics: bool = True
+    ) -> None:
         self.name, self.label, self.bulk = name, label, bulk
+        self.metrics = metrics
 
     def argv(self, ctx: Context) -> list[str]:
         argv = [
@@ -410,7 +425,7 @@ class Mailworker(Contender):
         )
 
     def prepare(self, ctx: Context, ns: str, n: int, sink: Sink) -> None:
-        write_config(ctx, ns, sink)
+        write_config(ctx, ns, sink, metrics=self.metrics)
         jobs = [notification() for _ in range(n)]
         (enqueue_bulk if self.bulk else enqueue_single)(producer(ctx, ns), jobs)
 
@@ -474,6 +489,15 @@ THROUGHPUT: dict[str, Contender] = {
         Mailworker("mailworker", "4. mailworker, single jobs (a broker message each)"),
         Mailworker(
             "mailworker-bulk", "5. mailworker bulk (enqueue_many bulk)", bulk=True
+        ),
+        # The A/B of metrics' cost: 4. and 5. record metrics (the default).
+        Mailworker(
+            "mailworker-nometrics", "4b. mailworker, single jobs, [metrics] off",
+            metrics=False,
+        ),
+        Mailworker(
+            "mailworker-bulk-nometrics", "5b. mailworker bulk, [metrics] off",
+            bulk=True, metrics=False,
         ),
     )
 }  # fmt: skip

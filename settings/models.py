@@ -183,6 +183,17 @@ class StatusSettings(_Section):
     max_dead_letters: int = Field(100_000, ge=0)
 
 
+class MetricsSettings(_Section):
+    """``[metrics]``: Prometheus metrics of every process on a host (README, "Metrics")."""
+
+    enabled: bool = True
+    # Where each process writes its samples (prometheus_client's multi-process mode).
+    # None: $XDG_RUNTIME_DIR/mailworker-metrics-<namespace>, else the temporary
+    # directory's mailworker-metrics-<namespace>. One per host: every process of ours
+    # on the host writes there, and /metrics reads them all.
+    directory: Path | None = None
+
+
 # The kinds of event on the events stream (docs/design.md §9).
 EventType = Literal[
     "delivery.sent",
@@ -616,6 +627,7 @@ class Settings(BaseSettings):
     inbound: list[InboundSource] = Field(default_factory=list)
     webhook: list[Webhook] = Field(default_factory=list)
     email_actions: EmailActionsSettings = Field(default_factory=EmailActionsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod

@@ -26,6 +26,7 @@ from worker.deadletter import content_size
 from worker.delivery import Deliverer, Outcome, Parcel
 from worker.inbound.suppression import Suppressed, SuppressionList
 from worker.logging import show_address
+from worker.metrics.recorder import recorder
 from worker.status import ErrorRecord, JobStart, RecordFields, StatusStore
 
 __all__ = ["JobHandler", "Prepared"]
@@ -274,6 +275,7 @@ class JobHandler:
                     entry["address"], hit["reason"]
                 )
         counts = records.counts(recipients)
+        _count_attempt(outcome)
         # Before the attempt's own entry, and like it with the message's ack.
         for doubt in records.in_doubt_events(job.attempt, outcome):
             self._write(job.id, {}, event=doubt)
@@ -321,6 +323,8 @@ class JobHandler:
                     event=records.event(job.attempt, "sent", outcome),
                     outcome=("delivery.sent", records.sent_event(fields)),
                 )
+                if outcome.service:
+                    recorder().delivered(outcome.service, job.queue, job.age)
                 return
             fields["error"] = error = error or records.refused_error(outcome)
             self._write(job.id, fields, accepted=accepted)
@@ -368,6 +372,7 @@ class JobHandler:
             fields,
             event={"attempt": job.attempt, "event": "waiting", "reason": reason},
         )
+        recorder().waited(reason)
         log.info("job_waiting", reason=reason, delay_s=round(delay, 1))
 
     def _retry(
@@ -407,6 +412,7 @@ class JobHandler:
                 "error": error,
             },
         )
+        recorder().retried(error["type"])
         log.warning(
             "job_retry_scheduled",
             job_id=job.id,
@@ -507,12 +513,43 @@ class JobHandler:
                 records.dead_event(reason, error, job.attempt, _metadata(job)),
             ),
         )
+        recorder().dead(reason)
         log.error(
             "job_dead_lettered",
             job_id=job.id,
             reason=reason,
             error=error.get("message"),
         )
+
+
+def _count_attempt(outcome: Outcome) -> None:
+    """Count an attempt's failed tries and skipped services, once, where it ends.
+
+    Recipients a server refused (5xx) or deferred (4xx) count once per attempt as a
+    ``recipient_refused`` or ``transient`` failure of that service.
+    """
+    metrics = recorder()
+    receipt = outcome.receipt
+    if not metrics.enabled or not (
+        outcome.skipped or receipt.refused or receipt.deferred
+    ):
+        return
+    failures: list[tuple[str, str]] = []
+    skips: list[tuple[str, str]] = []
+    for skip in outcome.skipped:
+        pair = (skip["service"], skip["reason"])
+        (skips if skip["reason"] in _SKIPS else failures).append(pair)
+    error = outcome.last_error
+    service = outcome.service or (error.service if error is not None else "")
+    if receipt.refused:
+        failures.append((service, "recipient_refused"))
+    if receipt.deferred:
+        failures.append((service, "transient"))
+    metrics.attempt(failures, skips)
+
+
+# Services passed over without a try (Deliverer._note_skip), not failures.
+_SKIPS = frozenset({"budget", "breaker_open"})
 
 
 def _metadata(job: Job) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from worker.middleware.dead_letters import DeadLetterCapture
 from worker.middleware.draining import Draining
 from worker.middleware.heartbeat import Heartbeat
 from worker.middleware.log_context import LogContext
+from worker.middleware.metrics import ProcessMetrics
 from worker.middleware.release import Releaser
 from worker.middleware.retries import ReliableRetries
 from worker.middleware.tuning import WorkerTuning
@@ -175,6 +176,7 @@ def build(
         heartbeat_timeout=int(policy.redelivery_timeout * 4000),
         middleware=[
             CurrentMessage(),
+            ProcessMetrics(),
             LogContext(),
             ReliableRetries(policy),
             DeadLetterCapture(status),

@@ -10,6 +10,7 @@ from typing import Any
 from settings import load_settings
 from worker.app import build, secrets_of
 from worker.logging import configure
+from worker.metrics.process import worker_process
 
 __all__ = ["app", "broker"]
 
@@ -68,5 +69,6 @@ configure(
     log_recipients=settings.log_recipients,
     secrets=secrets_of(settings),
 )
+worker_process(settings)  # before build: its metrics exist from the first job
 app = build(settings)
 broker = app.broker

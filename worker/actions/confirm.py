@@ -15,6 +15,7 @@ from producers.enqueue import Producer
 from producers.job import Notification
 from settings import BrokerUnavailableError, JobValidationError
 from worker.actions.verdict import REASONS, Verdict
+from worker.metrics.recorder import recorder
 
 __all__ = ["Confirmations"]
 
@@ -75,7 +76,7 @@ class Confirmations:
                 idempotency_key=f"action-confirmation:{digest}",
                 metadata={"confirms_job": job_id or ""},
             )
-            return self._producer.enqueue(notification)
+            confirmation = self._producer.enqueue(notification)
         except (JobValidationError, BrokerUnavailableError) as exc:
             log.warning(
                 "action_confirmation_failed",
@@ -83,3 +84,5 @@ class Confirmations:
                 job_id=job_id,
             )
             return None
+        recorder().enqueued(notification.priority, source="confirmation")
+        return confirmation

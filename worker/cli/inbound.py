@@ -47,8 +47,10 @@ def inbound(ctx: click.Context, only: str | None, broker_url: str | None) -> Non
     from worker.app import secrets_of
     from worker.inbound.runner import build_inbound, build_sources, run_sources
     from worker.logging import configure
+    from worker.metrics.process import launch, stop
 
     settings = settings_or_fail()
+    launch(settings, "inbound")
     client, url = _client(settings, broker_url)
     try:
         configure(log_format=settings.log_format, secrets=secrets_of(settings))
@@ -60,10 +62,11 @@ def inbound(ctx: click.Context, only: str | None, broker_url: str | None) -> Non
         client.ping()
     except redis.RedisError as exc:
         fail(EXIT_BROKER, str(broker_error(public_url(url), exc)))
-    stop = threading.Event()
+    stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    run_sources(sources, stop)
+        signal.signal(signum, lambda *_: stopping.set())
+    run_sources(sources, stopping)
+    stop()
 
 
 @inbound.command("list")

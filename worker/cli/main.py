@@ -125,6 +125,12 @@ def _queue_names(queues: tuple[str, ...]) -> list[str]:
 @click.option(
     "--broker-url", help="Redis URL (default: MAILWORKER_BROKER_URL, else the config)."
 )
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus /metrics of this host's processes here, e.g. 127.0.0.1:9191.",
+)
 def worker(
     processes: int,
     threads: int,
@@ -132,6 +138,7 @@ def worker(
     shutdown_timeout: int,
     poll_interval: int,
     broker_url: str | None,
+    metrics_listen: str | None,
 ) -> None:
     """Run worker processes on the configured broker (Dramatiq's CLI underneath)."""
     if broker_url:
@@ -140,6 +147,7 @@ def worker(
     settings = settings_or_fail()
     names = _queue_names(queues)
     _check_worker(settings)
+    forks = _metrics(settings, metrics_listen)
     _log_start(
         settings,
         queues=names or list(QUEUES.values()),
@@ -159,6 +167,7 @@ def worker(
     ]
     if names:
         args += ["-Q", *names]
+    args += forks
     # An idle consumer polls Redis at most this often (ms): pickup latency against Redis
     # load. Each idle process issues about 6 * 1000/poll small scripts a second.
     # (worker.middleware.WorkerTuning applies it in each worker process.)
@@ -178,6 +187,44 @@ def worker(
     gc.set_threshold(*GC_THRESHOLD)
     parser = dramatiq.cli.make_argument_parser()  # type: ignore[no-untyped-call]
     sys.exit(dramatiq.cli.main(parser.parse_args(args)))  # type: ignore[no-untyped-call]
+
+
+def _metrics(settings: Settings, listen: str | None) -> list[str]:
+    """Prepare the metrics directory; Dramatiq's arguments for the ``--metrics`` server.
+
+    The directory comes first: the worker processes, forked later, write there.
+    """
+    from worker.metrics.exposition import LISTEN_ENV, parse_listen
+    from worker.metrics.process import launch
+
+    if listen is None:
+        launch(settings, "worker", record=False)
+        return []
+    if not settings.metrics.enabled:
+        fail(EXIT_USAGE, "--metrics: [metrics] enabled is false")
+    try:
+        address = parse_listen(listen)
+    except ValueError as exc:
+        fail(EXIT_USAGE, f"--metrics: {exc}")
+    _check_listen(address)
+    launch(settings, "worker", record=False)
+    os.environ[LISTEN_ENV] = listen
+    # Dramatiq starts it once the worker processes are up, and stops it with them.
+    return ["--fork-function", "worker.metrics.exposition:serve_forked"]
+
+
+def _check_listen(address: tuple[str, int]) -> None:
+    """Exit 2 now when the metrics address cannot be bound, not later in its process."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        fail(
+            EXIT_USAGE, f"--metrics: cannot listen on {address[0]}:{address[1]}: {exc}"
+        )
 
 
 def _check_worker(settings: Settings) -> None:

@@ -14,6 +14,7 @@ from worker.inbound.model import Handled, Received
 from worker.inbound.returnpath import ReturnPath, Token
 from worker.inbound.store import InboundStore, JobView, Plan
 from worker.logging import show_address
+from worker.metrics.recorder import recorder
 
 if TYPE_CHECKING:
     from worker.actions.replies import ActionReplies
@@ -70,6 +71,8 @@ class Inbound:
                 self._job_id(found, received),
                 lambda job: self._plan(found, received, job),
             )
+        if not handled.duplicate:
+            recorder().inbound(handled.kind, handled.outcome, handled.reason)
         log.info(
             "inbound_handled",
             source=received.source,

@@ -14,6 +14,7 @@ from worker.broker.attached import attached, exception_of
 from worker.broker.envelope import attempt_of, bulk_items, single_message
 from worker.broker.keys import q_name
 from worker.clock import iso_millis
+from worker.metrics.recorder import recorder
 from worker.records import dead_event
 from worker.status import ErrorRecord, RecordFields, StatusStore
 
@@ -74,7 +75,8 @@ class DeadLetterCapture(Middleware):
         }
         queue = q_name(message.queue_name)
         attempts = attempt_of(message.options) - 1
-        for job_id, payload in _dead_jobs(message, queue):
+        jobs = _dead_jobs(message, queue)
+        for job_id, payload in jobs:
             fields: RecordFields = {
                 "id": job_id,
                 "state": "dead",
@@ -99,6 +101,7 @@ class DeadLetterCapture(Middleware):
             )
             work.writes.append(packed)
         work.dead = (reason, error["message"])
+        recorder().dead(reason, len(jobs))
 
     def after_nack(self, broker: Broker, message: MessageProxy) -> None:
         reason, error = attached(message).dead or ("unhandled", None)

@@ -22,6 +22,7 @@ from worker.errors import (
     TransientDeliveryError,
     TransportUnavailableError,
 )
+from worker.metrics.recorder import recorder
 
 __all__ = ["HttpClient", "Token", "TokenProvider"]
 
@@ -137,6 +138,16 @@ class TokenProvider:
             TransportUnavailableError: a configuration or credential problem.
             TransientDeliveryError: the identity provider is throttling or down.
         """
+        try:
+            token = self._acquire(scopes, service=service)
+        except DeliveryError:
+            recorder().token(self.name, source="identity_provider", outcome="error")
+            raise
+        source = "cache" if token.from_cache else "identity_provider"
+        recorder().token(self.name, source=source, outcome="ok")
+        return token
+
+    def _acquire(self, scopes: list[str], *, service: str) -> Token:
         with self._lock, _map_token_errors(self, service):
             if self._app is None:
                 self._app = self._build()

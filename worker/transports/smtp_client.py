@@ -11,6 +11,7 @@ import io
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from worker.errors import (
     TransientDeliveryError,
     TransportUnavailableError,
 )
+from worker.metrics.recorder import recorder
 from worker.mime import Mime
 from worker.transports.base import Receipt, SendResult
 
@@ -192,6 +194,26 @@ def map_errors(conn: SmtpConnection, step: str) -> Iterator[None]:
         ) from exc
 
 
+def _timed(service: str, report: StepReporter | None) -> StepReporter:
+    """``report``, which also times each step of opening a session since the one before.
+
+    The steps are ``connect`` (to the greeting), ``tls`` and ``auth`` (each with the
+    EHLO before it). A step that was not taken ("none") is not timed.
+    """
+    last = time.perf_counter()
+
+    def note(step: str, detail: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if not detail.startswith("none"):
+            recorder().smtp_stage(service, step, now - last)
+            last = now
+        if report is not None:
+            report(step, detail)
+
+    return note
+
+
 def _stuffed(chunk: bytes, last: bytes) -> bytes:
     """Dot-stuffing (RFC 5321 4.5.2) of one chunk of a message.
 
@@ -324,7 +346,7 @@ class SmtpClient:
             TransportUnavailableError: connect, TLS or AUTH failed.
             TransientDeliveryError: a timeout or a 4xx greeting.
         """
-        conn, note = self.conn, report or (lambda step, detail: None)
+        conn, note = self.conn, _timed(self.conn.name, report)
         security = conn.effective_security
         with map_errors(conn, "connect"):
             if security == "tls":
@@ -433,6 +455,7 @@ class SmtpClient:
         """
         smtp = self._smtp
         assert smtp is not None, "open() first"
+        began = time.perf_counter()
         with map_errors(self.conn, "send"):
             size = _size(data) if smtp.has_extn("size") else None
             commands = _commands(sender, recipients, size)
@@ -441,7 +464,9 @@ class SmtpClient:
                 replies = [smtp.getreply() for _ in commands]
             else:
                 replies = self._lockstep(smtp, commands)
-            return self._finish(smtp, recipients, replies, data)
+            receipt = self._finish(smtp, recipients, replies, data)
+        recorder().smtp_stage(self.conn.name, "data", time.perf_counter() - began)
+        return receipt
 
     @staticmethod
     def _lockstep(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int, bytes]]:
