@@ -252,8 +252,7 @@ class Producer:
         jobs = list(notifications)
         for index, job in enumerate(jobs):
             try:
-                job.check_limits(self._limits)
-                self._check_actions(job)
+                self.check(job)
             except JobValidationError as exc:
                 if len(jobs) == 1:
                     raise
@@ -265,7 +264,16 @@ class Producer:
             ids.extend(self._enqueue_chunk(jobs[start : start + _CHUNK], start))
         return ids
 
-    def _check_actions(self, job: Notification) -> None:
+    def check(self, job: Notification) -> None:
+        """Refuse a notification this producer would not enqueue, without enqueueing.
+
+        What ``enqueue`` checks first: ``[limits]``, ``not_after``, and ``actions``
+        only where e-mail actions are on (the HTTP API checks each item of a batch so).
+
+        Raises:
+            JobValidationError: the field at fault and why.
+        """
+        job.check_limits(self._limits)
         if job.actions and not self._email_actions:
             raise JobValidationError(
                 "actions",
