@@ -71,7 +71,7 @@ def _serve(factory: str) -> tuple[subprocess.Popen[bytes], int]:
 
 def _wrk(port: int, seconds: int, script: str) -> float:
     out = subprocess.run(
-        ["wrk", "-t2", "-c50", f"-d{seconds}s", "-s", script,
+        [shutil.which("wrk") or "wrk", "-t2", "-c50", f"-d{seconds}s", "-s", script,
          f"http://127.0.0.1:{port}/echo"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
