@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, Response, get, post
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 
 from producers import parse_job
 from settings import JobValidationError
@@ -49,7 +49,7 @@ def _with_key(data: Any, header: str | None) -> Any:
 async def create_notification(
     request: Request[Any, Any, Any],
     idempotency_key: Annotated[
-        str | None, Parameter(header="Idempotency-Key", max_length=200, min_length=1)
+        str | None, HeaderParameter(name="Idempotency-Key", max_length=200, min_length=1)
     ] = None,
 ) -> Response[Accepted]:
     """Validate the job (as producers do) and enqueue it in one script."""
