@@ -29,7 +29,10 @@ def problems(*statuses: int) -> dict[int, ResponseSpec]:
     """Response specs of ``statuses`` (and of authentication's), each a problem."""
     return {
         status: ResponseSpec(
-            data_container=Problem, media_type=PROBLEM_TYPE, description=_WHY[status]
+            data_container=Problem,
+            media_type=PROBLEM_TYPE,
+            description=_WHY[status],
+            generate_examples=False,
         )
         for status in sorted({*statuses, *AUTH})
     }

@@ -31,6 +31,7 @@ async def healthz() -> Health:
             data_container=Problem,
             media_type=PROBLEM_TYPE,
             description="The broker does not answer.",
+            generate_examples=False,
         )
     },
 )

@@ -49,7 +49,8 @@ def _with_key(data: Any, header: str | None) -> Any:
 async def create_notification(
     request: Request[Any, Any, Any],
     idempotency_key: Annotated[
-        str | None, HeaderParameter(name="Idempotency-Key", max_length=200, min_length=1)
+        str | None,
+        HeaderParameter(name="Idempotency-Key", max_length=200, min_length=1),
     ] = None,
 ) -> Response[Accepted]:
     """Validate the job (as producers do) and enqueue it in one script."""

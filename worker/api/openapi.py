@@ -19,9 +19,10 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from producers import Notification
 
-__all__ = ["document", "openapi_config"]
+__all__ = ["document", "openapi_config", "write_document"]
 
 _REF = "#/components/schemas/{model}"
+OPEN = ("/healthz", "/readyz")  # the routes without a key
 
 
 def _job_schemas() -> dict[str, Any]:
@@ -90,6 +91,8 @@ def document(
     known = _bodies()
     for (path, method), name in bodies.items():
         out["paths"][path][method]["requestBody"] = known[name]
+    for path in OPEN:
+        out["paths"][path]["get"]["security"] = []  # probes need no key
     return out
 
 
@@ -132,3 +135,23 @@ def openapi_config(version: str, bodies: dict[tuple[str, str], str]) -> OpenAPIC
         ),
         security=[{"bearer": []}],
     )
+
+
+def write_document(path: str) -> None:
+    """Write the document of an app of the default configuration to ``path``."""
+    from settings import Settings
+    from worker.api.app import BODIES, create_app
+
+    app = create_app(Settings())
+    text = orjson.dumps(
+        document(app.openapi_schema.to_schema(), BODIES),
+        option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS,
+    )
+    with open(path, "wb") as handle:
+        handle.write(text + b"\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_document(sys.argv[1] if len(sys.argv) > 1 else "docs/openapi.json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict
 
 __all__ = [
     "Accepted",
@@ -32,21 +32,24 @@ class FieldProblem(TypedDict):
     message: str
 
 
-class Problem(TypedDict):
-    """An RFC 9457 problem (``application/problem+json``)."""
-
+class _ProblemFields(TypedDict):
     type: str
     title: str
     status: int
     detail: str
-    errors: NotRequired[list[FieldProblem]]
 
 
-class BatchItem(TypedDict):
+class Problem(_ProblemFields, total=False):
+    """An RFC 9457 problem (``application/problem+json``); ``errors`` names fields."""
+
+    errors: list[FieldProblem]
+
+
+class BatchItem(TypedDict, total=False):
     """One item's outcome, in the batch's order: ``id`` or ``error``."""
 
-    id: NotRequired[str]
-    error: NotRequired[FieldProblem]
+    id: str
+    error: FieldProblem
 
 
 class BatchResult(TypedDict):
@@ -75,9 +78,7 @@ class ErrorDoc(TypedDict):
     message: str
 
 
-class StatusDoc(TypedDict):
-    """The status record of one job (README, "Status")."""
-
+class _StatusFields(TypedDict):
     id: str
     state: str
     service: str | None
@@ -93,8 +94,13 @@ class StatusDoc(TypedDict):
     next_attempt_at: str | None
     dead_at: str | None
     metadata: dict[str, Any]
-    history: NotRequired[list[dict[str, Any]]]
-    actions: NotRequired[list[dict[str, Any]]]
+
+
+class StatusDoc(_StatusFields, total=False):
+    """The status record of one job (README, "Status"); ``actions`` with e-mail actions."""
+
+    history: list[dict[str, Any]]
+    actions: list[dict[str, Any]]
 
 
 class DeadLetterSummary(TypedDict):
