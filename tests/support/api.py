@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import redis
-import uvicorn
 
 from common.sockets import free_port
 from settings import Settings
@@ -17,7 +15,7 @@ from tests.support.env import HOST
 from worker.api.accesslog import AccessLog
 from worker.api.app import create_app
 from worker.api.keys import ApiKeys
-from worker.api.server import ServerOptions, uvicorn_options
+from worker.api.server import BackgroundServer
 
 
 @dataclass
@@ -27,32 +25,21 @@ class ApiServer:
     settings: Settings
     client: redis.Redis
     port: int = field(default_factory=free_port)
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
+    _server: BackgroundServer | None = None
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> ApiServer:
-        options = uvicorn_options(
-            self.settings, ServerOptions(host=HOST, port=self.port)
-        )
         app = AccessLog(create_app(self.settings, client=self.client))
-        self._server = uvicorn.Server(uvicorn.Config(app, **options))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the API server did not start")
-            time.sleep(0.02)
+        self._server = BackgroundServer(app, self.settings, HOST, self.port)
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
+        if self._server is not None:
+            self._server.stop()
 
     def key(self, *scopes: str, name: str | None = None) -> str:
         """A new API key's secret with ``scopes``."""

@@ -6,16 +6,26 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 
+from common.sockets import free_port
 from settings import Settings, load_settings
 from worker.api.accesslog import AccessLog
 from worker.api.app import create_app
 
-__all__ = ["ServerOptions", "factory", "serve", "split_listen", "uvicorn_options"]
+__all__ = [
+    "BackgroundServer",
+    "ServerOptions",
+    "factory",
+    "serve",
+    "split_listen",
+    "uvicorn_options",
+]
 
 
 def factory() -> AccessLog:
@@ -78,3 +88,40 @@ def serve(settings: Settings, options: ServerOptions) -> None:
         )
     else:
         uvicorn.run(AccessLog(create_app(settings)), **opts)
+
+
+class BackgroundServer:
+    """The API served by uvicorn in a thread of this process (``mailworker dev``, tests).
+
+    Args:
+        app: the ASGI app.
+        settings: for uvicorn's options (TLS).
+        host: the address to bind.
+        port: the port (0: a free one, then read ``port``).
+    """
+
+    def __init__(self, app: Any, settings: Settings, host: str, port: int) -> None:
+        self.port = port or free_port()
+        options = uvicorn_options(settings, ServerOptions(host=host, port=self.port))
+        self._server = uvicorn.Server(uvicorn.Config(app, **options))
+        self._thread = threading.Thread(
+            target=self._server.run, name="mailworker-api", daemon=True
+        )
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Serve, and return once the port listens.
+
+        Raises:
+            RuntimeError: it did not start within ``timeout`` seconds.
+        """
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the API did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Finish the requests in flight and stop."""
+        self._server.should_exit = True
+        self._thread.join(10)
