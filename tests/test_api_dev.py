@@ -49,10 +49,9 @@ def test_dev_prints_the_api_url_a_key_and_a_curl_that_works(tmp_path):
         assert created.status_code == 202
         job_id = created.json()["id"]
         [eml] = wait_for(lambda: list((tmp_path / "outbox").glob("*.eml")), timeout=30)
-        status = httpx.get(
-            f"{url}/v1/notifications/{job_id}",
-            headers={"Authorization": f"Bearer {key}"},
-        )
+        auth = {"Authorization": f"Bearer {key}"}
+        record = f"{url}/v1/notifications/{job_id}"
+        wait_for(lambda: httpx.get(record, headers=auth).json()["state"] == "sent")
     finally:
         dev.send_signal(signal.SIGINT)
         code = dev.wait(timeout=30)
