@@ -340,3 +340,22 @@ def test_the_access_log_names_the_key_never_its_secret(api):
     lines = [e for e in logs if e["event"] == "api_request_handled"]
     assert lines and lines[-1]["api_key"] == "engine-a" and lines[-1]["status"] == 202
     assert key not in repr(logs) and "ann@example.com" not in repr(logs)
+
+
+def test_concurrent_posts_each_get_their_own_job(api, redis_client):
+    """Requests that arrive together are enqueued together, each with its own id."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = api.key("send")
+
+    def post(n):
+        with api.http(key) as http:
+            return http.post("/v1/notifications", json={**JOB, "subject": f"n{n}"})
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(post, range(40)))
+    ids = [a.json()["id"] for a in answers if a.status_code == 202]
+    assert len(set(ids)) == 40
+    ns = api.settings.namespace
+    assert all(redis_client.hget(status_key(ns, i), "state") == b"queued" for i in ids)
+    assert redis_client.llen(f"{ns}:mail") == 40

@@ -8,6 +8,7 @@ import redis
 
 from producers import Producer
 from settings import Settings, public_url
+from worker.api.enqueuer import Enqueuer
 from worker.api.keys import ApiKeys
 from worker.api.ratelimit import RateLimiter
 from worker.deadletter import DeadLetters
@@ -27,6 +28,7 @@ class ApiContext:
     dead: DeadLetters
     keys: ApiKeys
     limiter: RateLimiter
+    enqueuer: Enqueuer
     body_cap: int
 
     @classmethod
@@ -34,23 +36,25 @@ class ApiContext:
         """The stores for ``settings`` on ``client`` (the broker's)."""
         ns = settings.namespace
         status = StatusStore(client, namespace=ns, ttl=settings.status.ttl)
+        producer = Producer(
+            client,
+            namespace=ns,
+            limits=settings.limits,
+            status_ttl=settings.status.ttl,
+            idempotency_ttl=settings.status.idempotency_ttl,
+            broker_label=public_url(settings.broker_url.get_secret_value()),
+            email_actions=settings.email_actions.enabled,
+        )
         return cls(
             settings=settings,
             client=client,
-            producer=Producer(
-                client,
-                namespace=ns,
-                limits=settings.limits,
-                status_ttl=settings.status.ttl,
-                idempotency_ttl=settings.status.idempotency_ttl,
-                broker_label=public_url(settings.broker_url.get_secret_value()),
-                email_actions=settings.email_actions.enabled,
-            ),
+            producer=producer,
             status=status,
             dead=DeadLetters(
                 client, namespace=ns, ttl=settings.status.ttl, status=status
             ),
             keys=ApiKeys(client, ns),
             limiter=RateLimiter(client, ns, settings.api.rate_limit),
+            enqueuer=Enqueuer(producer),
             body_cap=settings.api.body_cap(settings.limits),
         )

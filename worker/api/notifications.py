@@ -58,7 +58,7 @@ async def create_notification(
     data = _with_key(await json_body(request), idempotency_key)
     job = parse_job(data)
     try:
-        job_id = context.producer.enqueue(job)
+        job_id = await context.enqueuer.enqueue(job)
     except JobValidationError as exc:
         if exc.field != "idempotency_key":
             raise

@@ -2,10 +2,12 @@
 
 The bucket (``{ns}:api:rate:NAME``) holds up to ``N`` tokens of a rate ``N/period`` and
 refills continuously; one Lua script refills it and takes tokens, so the fleet shares
-one limit. A process takes tokens in leases of up to 5 % of ``N`` (one at a time below
-20 per period) and spends them locally, so a busy process asks Redis once per lease,
-not once per request. A lease not spent within a twentieth of the period is dropped:
-at worst the fleet serves a little less than the limit, never more.
+one limit. A process takes tokens in leases and spends them locally, so a busy process
+asks Redis once per lease, not once per request. A lease lives a twentieth of the
+period; its size follows the key's use in this process: twice the last lease when that
+was spent in time, what was spent of it when not, at least 1 and at most 5 % of ``N``.
+Tokens of a lease that expires unspent are lost: the fleet may serve a little less
+than the limit, never more.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class RateLimiter:
         self._lease_ttl = period / 20
         self._ns = namespace
         self._take = client.register_script(_TAKE)
-        self._local: dict[str, tuple[int, float]] = {}  # name -> (tokens, expiry)
+        # name -> (tokens left, expiry, size of the lease)
+        self._local: dict[str, tuple[int, float, int]] = {}
 
     def allow(self, name: str) -> Decision:
         """Take a token for key ``name``; (False, Retry-After seconds) when there is none.
@@ -68,16 +71,18 @@ class RateLimiter:
             redis.RedisError: the broker cannot be reached (the request is refused).
         """
         now = time.monotonic()
-        tokens, expiry = self._local.get(name, (0, 0.0))
+        tokens, expiry, size = self._local.get(name, (0, 0.0, 0))
         if tokens > 0 and now < expiry:
-            self._local[name] = (tokens - 1, expiry)
+            self._local[name] = (tokens - 1, expiry, size)
             return True, 0
+        spent = size - tokens
+        want = min(self._lease, max(1, 2 * size if tokens == 0 else spent))
         granted, retry_ms = self._take(
             keys=[api_rate_key(self._ns, name)],
-            args=[self.capacity, self._period_ms, int(time.time() * 1000), self._lease],
+            args=[self.capacity, self._period_ms, int(time.time() * 1000), want],
         )
         if int(granted) >= 1:
-            self._local[name] = (int(granted) - 1, now + self._lease_ttl)
+            self._local[name] = (int(granted) - 1, now + self._lease_ttl, int(granted))
             return True, 0
         self._local.pop(name, None)
         return False, max(1, math.ceil(int(retry_ms) / 1000))
