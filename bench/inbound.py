@@ -199,6 +199,14 @@ def _jobs(client: redis.Redis, namespace: str, n: int) -> list[bytes]:
     return messages
 
 
+def _cpu(rx: Receiver) -> float:
+    """Seconds of CPU the receiver has used (user and system): a figure that a busy
+    machine disturbs far less than a rate."""
+    assert rx.process is not None
+    times = psutil.Process(rx.process.pid).cpu_times()
+    return times.user + times.system
+
+
 def _send_all(port: int, messages: list[bytes], timeout: float) -> float:
     """Seconds to send ``messages`` over 8 smtplib sessions; every one must be 250."""
     chunks = [messages[i::SESSIONS] for i in range(SESSIONS)]
@@ -304,17 +312,20 @@ def main(argv: list[str] | None = None) -> None:
                         _jobs(client, namespace, args.n) if scenario == "dsns" else []
                     )
                     with rx:
+                        before = _cpu(rx)
                         seconds = (
                             _smtp_source(rx.port, args.n, bound)
                             if scenario == "replies"
                             else _send_all(rx.port, messages, bound)
                         )
+                        cpu_us = (_cpu(rx) - before) / args.n * 1e6
                     rate = args.n / seconds
-                    results.setdefault(scenario, {}).setdefault(kind, []).append(
-                        round(rate, 1)
-                    )
+                    runs = results.setdefault(scenario, {})
+                    runs.setdefault(kind, []).append(round(rate, 1))
+                    runs.setdefault(f"{kind}_cpu_us", []).append(round(cpu_us))
                     print(
-                        f"{scenario} run {run + 1} {rx.name}: {rate:,.0f} msg/s",
+                        f"{scenario} run {run + 1} {rx.name}: {rate:,.0f} msg/s, "
+                        f"{cpu_us:,.0f} us of receiver CPU a message",
                         flush=True,
                     )
         namespace = f"bin-{uuid.uuid4().hex[:8]}"
@@ -334,8 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         ours = statistics.median(results[scenario]["ours"])
         bare = statistics.median(results[scenario]["bare"])
         results[scenario]["ratio"] = round(ours / bare, 2)
+        ours_cpu = statistics.median(results[scenario]["ours_cpu_us"])
+        bare_cpu = statistics.median(results[scenario]["bare_cpu_us"])
+        results[scenario]["cpu_ratio"] = round(bare_cpu / ours_cpu, 2)
         print(
-            f"{scenario}: ours {ours:,.0f} msg/s, bare {bare:,.0f} msg/s, ratio {ours / bare:.2f}"
+            f"{scenario}: ours {ours:,.0f} msg/s, bare {bare:,.0f} msg/s, "
+            f"ratio {ours / bare:.2f}; CPU a message ours {ours_cpu:,.0f} us, "
+            f"bare {bare_cpu:,.0f} us, bare/ours {bare_cpu / ours_cpu:.2f}"
         )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"inbound-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -8,12 +8,15 @@ __all__ = [
     "ACTOR_NAME",
     "BATCH_ACTOR_NAME",
     "BATCH_SIZE",
+    "MINUTE_COUNTS_TTL",
     "QUEUES",
+    "TRIM_DEAD_LUA",
     "WAKE_LUA",
     "accepted_key",
     "action_key",
     "actions_key",
     "api_rate_key",
+    "counters_key",
     "dead_index_key",
     "dead_payload_key",
     "events_key",
@@ -21,8 +24,11 @@ __all__ = [
     "idempotency_key",
     "inbound_index_key",
     "inbound_key",
+    "minute_counts_key",
     "queue_key",
     "queue_messages_key",
+    "scheduled_key",
+    "scheduled_messages_key",
     "status_key",
     "suppressed_key",
     "wake_channel",
@@ -34,6 +40,8 @@ BATCH_ACTOR_NAME = "deliver_batch"  # many jobs in one broker message (enqueue_m
 BATCH_SIZE = 20  # small enough that a thread is soon free for a high-priority job
 # priority → Dramatiq queue. Each has its own queue so a bulk send never delays `high`.
 QUEUES = {"high": "mail-high", "normal": "mail", "bulk": "mail-bulk"}
+# Seconds a minute's outcome counts are kept: the console charts the last hour.
+MINUTE_COUNTS_TTL = 2 * 3600
 
 
 def queue_key(namespace: str, queue: str) -> str:
@@ -46,6 +54,16 @@ def queue_messages_key(namespace: str, queue: str) -> str:
     return f"{namespace}:{queue}.msgs"
 
 
+def scheduled_key(namespace: str) -> str:
+    """Scheduled messages: a sorted set of message id (a job id) → due time (ms)."""
+    return f"{namespace}:scheduled"
+
+
+def scheduled_messages_key(namespace: str) -> str:
+    """The hash of scheduled message id → encoded message, released when due."""
+    return f"{namespace}:scheduled.msgs"
+
+
 def status_key(namespace: str, job_id: str) -> str:
     """The status record (a hash) of one job."""
     return f"{namespace}:job:{job_id}"
@@ -54,6 +72,14 @@ def status_key(namespace: str, job_id: str) -> str:
 def history_key(namespace: str, job_id: str) -> str:
     """The attempt history (a list of JSON entries) of one job."""
     return f"{namespace}:job:{job_id}:history"
+
+
+def minute_counts_key(namespace: str, minute: int) -> str:
+    """The hash of outcome (``sent``, ``retrying``, ``dead``) → count in one minute.
+
+    ``minute`` is whole minutes since the epoch; the status script writes it.
+    """
+    return f"{namespace}:minute:{minute}"
 
 
 def accepted_key(namespace: str, job_id: str) -> str:
@@ -75,6 +101,11 @@ def dead_index_key(namespace: str) -> str:
 def dead_payload_key(namespace: str, job_id: str) -> str:
     """The full message of one dead letter (what requeue sends again)."""
     return f"{namespace}:dead:{job_id}"
+
+
+def counters_key(namespace: str) -> str:
+    """Counters that outlive what they count: a hash (``dead_letters_trimmed``)."""
+    return f"{namespace}:counters"
 
 
 def events_key(namespace: str) -> str:
@@ -136,6 +167,28 @@ local function pairs_of(fields)
     flat[#flat + 1] = v
   end
   return flat
+end
+"""
+
+# Lua for the scripts that write a dead letter, after its ZADD. trim_dead(namespace, cap)
+# keeps at most ``cap`` dead letters (0: no cap): past it the oldest go first, index
+# entry and kept message, counted in the counters hash. ZCARD is O(1) and ZPOPMIN
+# O(log n) per letter that goes, so a write costs no scan. Returns the ids that went.
+TRIM_DEAD_LUA = """
+local function trim_dead(ns, cap)
+  cap = tonumber(cap)
+  if cap <= 0 then return {} end
+  local index = ns .. ':dead'
+  local over = redis.call('ZCARD', index) - cap
+  if over <= 0 then return {} end
+  local popped = redis.call('ZPOPMIN', index, over)
+  local gone = {}
+  for j = 1, #popped, 2 do
+    gone[#gone + 1] = popped[j]
+    redis.call('DEL', index .. ':' .. popped[j])
+  end
+  redis.call('HINCRBY', ns .. ':counters', 'dead_letters_trimmed', #gone)
+  return gone
 end
 """
 

@@ -14,6 +14,7 @@ from producers.actions import Action, Closed
 from producers.enqueue import Producer
 from producers.events import Event
 from producers.job import SCHEMA_VERSION, Attachment, Mailbox, Notification, parse_job
+from producers.schedule import Cancelled, Scheduled, ScheduledPage
 from settings import (
     BrokerAuthenticationError,
     BrokerUnavailableError,
@@ -29,6 +30,7 @@ __all__ = [
     "Attachment",
     "BrokerAuthenticationError",
     "BrokerUnavailableError",
+    "Cancelled",
     "Closed",
     "DefaultConfigurationWarning",
     "Event",
@@ -36,11 +38,15 @@ __all__ = [
     "Mailbox",
     "Notification",
     "Producer",
+    "Scheduled",
+    "ScheduledPage",
     "ack_events",
+    "cancel_scheduled",
     "close_actions",
     "default_producer",
     "enqueue",
     "enqueue_many",
+    "list_scheduled",
     "parse_job",
     "read_events",
 ]
@@ -153,3 +159,25 @@ def close_actions(job_id: str, *, producer: Producer | None = None) -> Closed:
     ``default_producer()`` is used.
     """
     return (producer or _default_producer()).close_actions(job_id)
+
+
+def cancel_scheduled(job_id: str, *, producer: Producer | None = None) -> Cancelled:
+    """Cancel a scheduled job before it is released to its queue: it never sends.
+
+    Its status record then says ``cancelled``. A job already released (or sent) is
+    left as it is: ``Cancelled.cancelled`` is False and ``state`` says where it is. A
+    job waiting for a broker retry can be cancelled the same way. Without
+    ``producer``, the process-wide ``default_producer()`` is used.
+    """
+    return (producer or _default_producer()).cancel_scheduled(job_id)
+
+
+def list_scheduled(
+    *,
+    limit: int = 50,
+    offset: int = 0,
+    producer: Producer | None = None,
+) -> ScheduledPage:
+    """A page of the scheduled set (scheduled sends, long retries), soonest first."""
+    chosen = producer or _default_producer()
+    return chosen.list_scheduled(limit=limit, offset=offset)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,13 @@ from settings import (
     config_path,
     public_url,
 )
+from settings.durations import parse_duration
 
 __all__ = [
     "defaults_in_use",
     "make_producer",
     "send",
+    "send_at_flag",
 ]
 
 
@@ -74,6 +77,8 @@ def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
     ):
         if options[key] is not None:
             job[key] = options[key]
+    if options["send_at"] is not None:
+        job["send_at"] = send_at_flag(options["send_at"])
     headers = {}
     for header in options["header"]:
         name, sep, value = header.partition(":")
@@ -95,6 +100,27 @@ def _from_flags(options: dict[str, Any]) -> dict[str, Any]:
     if attachments:
         job["attachments"] = attachments
     return job
+
+
+def send_at_flag(value: str) -> str:
+    """``--send-at``: ISO 8601 with an offset, or ``+DURATION`` from now (``+10m``).
+
+    Raises:
+        JobValidationError: naming ``send_at``, for a relative form that is no
+            duration.
+    """
+    if not value.startswith("+"):
+        return value
+    try:
+        seconds = parse_duration(value[1:])
+    except ValueError:
+        raise JobValidationError(
+            "send_at",
+            f"{value!r} is neither ISO 8601 (2026-12-03T09:00:00Z) nor +DURATION "
+            "(+90s, +10m, +2h, +1d)",
+        ) from None
+    moment = datetime.now(UTC) + timedelta(seconds=seconds)
+    return moment.isoformat(timespec="milliseconds")
 
 
 def _actions_from_flags(options: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +213,13 @@ def _from_json(source: str) -> dict[str, Any]:
     "--not-after",
     "not_after",
     help="ISO 8601 deadline; later the job is dead-lettered.",
+)
+@click.option(
+    "--send-at",
+    "send_at",
+    metavar="TIME|+DURATION",
+    help="Send at this time: ISO 8601 with an offset (2026-12-03T09:00:00Z) or "
+    "+10m, +2h, +1d from now; at most limits.max_schedule_ahead ahead.",
 )
 @click.option(
     "--json",

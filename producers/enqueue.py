@@ -24,6 +24,8 @@ from common.keys import (
     WAKE_LUA,
     queue_key,
     queue_messages_key,
+    scheduled_key,
+    scheduled_messages_key,
     status_key,
     wake_channel,
     wake_gate_key,
@@ -38,8 +40,10 @@ from producers.batch import (
 )
 from producers.events import Event, ack_events, read_events
 from producers.job import Notification
+from producers.schedule import Cancelled, ScheduledPage, cancel, list_page
 from settings import (
     ConfigError,
+    EventsSettings,
     JobValidationError,
     Limits,
     Settings,
@@ -49,8 +53,10 @@ from settings.models import NAMESPACE
 
 __all__ = ["Producer", "wire_message"]
 
-# KEYS: queue list, queue hash, status hash, idempotency key ("" for none)
-# ARGV: redis message id, payload, job id, status fields (JSON), status ttl, idem ttl, payload hash
+# KEYS: queue list, queue hash, status hash, idempotency key ("" for none), wake gate,
+#       scheduled set, scheduled hash
+# ARGV: redis message id, payload, job id, status fields (JSON), status ttl, idem ttl,
+#       payload hash, wake channel, queue name, due time in ms ("" to queue it now)
 _ENQUEUE = (
     WAKE_LUA
     + """
@@ -67,19 +73,29 @@ if KEYS[4] ~= '' then
     redis.call('SET', KEYS[4], claim, 'EX', ARGV[6])
   end
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('RPUSH', KEYS[1], ARGV[1])
+if ARGV[10] ~= '' then
+  redis.call('ZADD', KEYS[6], ARGV[10], ARGV[3])
+  redis.call('HSET', KEYS[7], ARGV[3], ARGV[2])
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+end
 redis.call('HSET', KEYS[3], unpack(pairs_of(cjson.decode(ARGV[4]))))
 redis.call('EXPIRE', KEYS[3], ARGV[5])
-wake(KEYS[5], ARGV[8], ARGV[9])
+if ARGV[10] == '' then wake(KEYS[5], ARGV[8], ARGV[9]) end
 return {'enqueued', ARGV[3]}
 """
 )
 _CHUNK = 500
 
 
-def wire_message(job_id: str, queue: str, job: dict[str, Any]) -> tuple[str, bytes]:
-    """Return (redis message id, payload) of the Dramatiq message for one job."""
+def wire_message(
+    job_id: str, queue: str, job: dict[str, Any], *, timestamp_ms: int | None = None
+) -> tuple[str, bytes]:
+    """Return (redis message id, payload) of the Dramatiq message for one job.
+
+    ``timestamp_ms`` is a scheduled job's due time: ``retry.max_age`` counts from it.
+    """
     redis_message_id = str(uuid.uuid4())
     message = envelope(
         job_id,
@@ -87,6 +103,7 @@ def wire_message(job_id: str, queue: str, job: dict[str, Any]) -> tuple[str, byt
         ACTOR_NAME,
         {"job": job},
         options={"redis_message_id": redis_message_id},
+        timestamp_ms=timestamp_ms,
     )
     return redis_message_id, orjson.dumps(message)
 
@@ -107,8 +124,10 @@ class Producer:
         idempotency_ttl: float = 86400,
         broker_label: str = "redis",
         email_actions: bool = False,
+        events: EventsSettings | None = None,
     ) -> None:
         self._client = client
+        self._events = events or EventsSettings()
         self._email_actions = email_actions
         self._namespace = namespace
         self._limits = limits or Limits()
@@ -137,6 +156,7 @@ class Producer:
             idempotency_ttl=settings.status.idempotency_ttl,
             broker_label=public_url(url),
             email_actions=settings.email_actions.enabled,
+            events=settings.events,
         )
 
     @classmethod
@@ -213,6 +233,36 @@ class Producer:
             self._client, self._namespace, job_id, now_ms=now_ms, label=self._label
         )
 
+    def cancel_scheduled(self, job_id: str) -> Cancelled:
+        """Cancel a job waiting in the scheduled set (``producers.cancel_scheduled``)."""
+        return cancel(
+            self._client,
+            self._namespace,
+            job_id,
+            status_ttl=self._status_ttl,
+            events=self._events,
+            label=self._label,
+        )
+
+    def list_scheduled(
+        self,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        due_after: datetime | None = None,
+        due_before: datetime | None = None,
+    ) -> ScheduledPage:
+        """A page of the scheduled set, soonest first (``producers.list_scheduled``)."""
+        return list_page(
+            self._client,
+            self._namespace,
+            limit=limit,
+            offset=offset,
+            due_after=due_after,
+            due_before=due_before,
+            label=self._label,
+        )
+
     def enqueue(self, notification: Notification) -> str:
         """Validate and enqueue one notification.
 
@@ -239,7 +289,7 @@ class Producer:
             bulk: carry up to ``BATCH_SIZE`` jobs per broker message. This is the fast
                 path, and each job still has its own id, status record, marker, retries
                 and dead letter. False enqueues one broker message per job, as
-                ``enqueue`` does.
+                ``enqueue`` does; so does a call with any job that has ``send_at``.
 
         Returns:
             The job ids, in order.
@@ -257,7 +307,8 @@ class Producer:
                 if len(jobs) == 1:
                     raise
                 raise JobValidationError(f"[{index}].{exc.field}", exc.reason) from None
-        if bulk and len(jobs) > 1:
+        # A scheduled job is a broker message of its own, cancellable alone.
+        if bulk and len(jobs) > 1 and not any(job.send_at for job in jobs):
             return self._enqueue_bulk(jobs)
         ids: list[str] = []
         for start in range(0, len(jobs), _CHUNK):
@@ -355,9 +406,18 @@ class Producer:
         wire = job.to_wire()
         job_id = str(uuid.uuid4())
         queue = QUEUES[job.priority]
-        redis_message_id, payload = wire_message(job_id, queue, wire)
+        due_ms = int(job.send_at.timestamp() * 1000) if job.send_at else None
+        redis_message_id, payload = wire_message(
+            job_id, queue, wire, timestamp_ms=due_ms
+        )
         digest = payload_digest(wire)
         fields = queued_record(job_id, queue, now, job)
+        ttl = self._status_ttl
+        if job.send_at is not None:
+            # The record outlives the wait: it is kept status.ttl after the send time.
+            fields.update(state="scheduled", send_at=_iso(job.send_at))
+            ahead = job.send_at - datetime.now(UTC)
+            ttl += max(0, int(ahead.total_seconds()) + 1)
         idem = claim_key(self._namespace, job)
         keys = [
             queue_key(self._namespace, queue),
@@ -365,16 +425,24 @@ class Producer:
             status_key(self._namespace, job_id),
             idem,
             wake_gate_key(self._namespace, queue),
+            scheduled_key(self._namespace),
+            scheduled_messages_key(self._namespace),
         ]
         args: list[str | bytes | int] = [
             redis_message_id,
             payload,
             job_id,
             orjson.dumps(fields),
-            self._status_ttl,
+            ttl,
             self._idempotency_ttl,
             digest,
             wake_channel(self._namespace),
             queue,
+            "" if due_ms is None else due_ms,
         ]
         return self._script(keys=keys, args=args, client=pipe)
+
+
+def _iso(moment: datetime) -> str:
+    """``moment`` in UTC as the status records write times (milliseconds)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")

@@ -162,6 +162,7 @@ class Notification(JobModel):
     idempotency_key: Annotated[Line, Field(min_length=1, max_length=200)] | None = None
     priority: Literal["high", "normal", "bulk"] = "normal"
     not_after: datetime | None = None
+    send_at: datetime | None = None
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     # RFC 3834: "auto-replied" for a message that answers one (a confirmation).
     auto_submitted: Literal["auto-generated", "auto-replied"] = "auto-generated"
@@ -186,7 +187,7 @@ class Notification(JobModel):
                 raise ValueError(f"{name!r} is too long")
         return value
 
-    @field_validator("not_after")
+    @field_validator("not_after", "send_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
@@ -211,6 +212,8 @@ class Notification(JobModel):
             raise ValueError("text: give text, html or both")
         if not (self.to or self.cc or self.bcc):
             raise ValueError("to: give at least one recipient in to, cc or bcc")
+        if self.send_at and self.not_after and self.not_after <= self.send_at:
+            raise ValueError("not_after: must be later than send_at")
         if self.action_context and not self.actions:
             raise ValueError("action_context: given without actions")
         if self.actions and self.reply_to:
@@ -227,16 +230,42 @@ class Notification(JobModel):
             seen.setdefault(box.address, None)
         return list(seen)
 
-    def check_limits(self, limits: Limits) -> None:
+    def check_limits(self, limits: Limits, *, requeue: bool = False) -> None:
         """Refuse a notification over ``[limits]``, or one whose ``not_after`` passed.
 
+        A ``send_at`` must be in the future (unless ``requeue``: a dead letter sent
+        again goes now), at most ``limits.max_schedule_ahead`` ahead.
+
         Raises:
-            JobValidationError: too many recipients, surely larger than allowed, or
-                expired.
+            JobValidationError: too many recipients, surely larger than allowed,
+                expired, or scheduled in the past or too far ahead.
         """
         self.check_size(limits)
-        if self.not_after is not None and self.not_after <= datetime.now(UTC):
+        now = datetime.now(UTC)
+        if self.not_after is not None and self.not_after <= now:
             raise JobValidationError("not_after", "is in the past")
+        if self.send_at is not None and not (requeue and self.send_at <= now):
+            self.check_schedule(limits, now)
+
+    def check_schedule(self, limits: Limits, now: datetime) -> None:
+        """Refuse a ``send_at`` in the past or beyond ``limits.max_schedule_ahead``.
+
+        Raises:
+            JobValidationError: naming ``send_at``.
+        """
+        if self.send_at is None:
+            return
+        if self.send_at <= now:
+            raise JobValidationError(
+                "send_at", f"{self.send_at.isoformat()} is in the past"
+            )
+        ahead = (self.send_at - now).total_seconds()
+        if ahead > limits.max_schedule_ahead:
+            raise JobValidationError(
+                "send_at",
+                f"{self.send_at.isoformat()} is {_days(ahead)} ahead; at most "
+                f"{_days(limits.max_schedule_ahead)} (limits.max_schedule_ahead)",
+            )
 
     def check_size(self, limits: Limits) -> None:
         """Refuse a notification with more recipients or bytes than ``[limits]`` allow.
@@ -280,6 +309,15 @@ class Notification(JobModel):
                 for a in self.attachments
             ]
         return data
+
+
+def _days(seconds: float) -> str:
+    """A span as people read it: ``"31.5 days"``, ``"2.0 hours"``, ``"90 seconds"``."""
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:.0f} seconds"
 
 
 def parse_job(data: object) -> Notification:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +41,48 @@ def _reply_address(value: str) -> str:
     return value.lower()
 
 
+# Room for "/a/", the key, "/" and a 32-character action id in a URL far below what
+# mail clients and browsers open (shared research, "mailto links": ~2,000).
+MAX_LINKS_BASE_URL = 200
+_LOOPBACK_NAMES = {"localhost"}
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _links_base_url(value: str) -> str:
+    """An https origin (with an optional path), or http on a loopback host for dev."""
+    if not value:
+        return value
+    if len(value) > MAX_LINKS_BASE_URL:
+        raise ValueError(f"longer than {MAX_LINKS_BASE_URL} characters")
+    try:
+        url = urlsplit(value)
+        host, port = url.hostname or "", url.port
+    except ValueError as exc:
+        raise ValueError(f"not a URL ({exc})") from None
+    if url.scheme not in ("https", "http") or not host:
+        raise ValueError("not an https:// URL with a host")
+    if url.scheme == "http" and not _loopback(host):
+        raise ValueError(
+            "https is required (http only on a loopback host such as 127.0.0.1, "
+            "for development)"
+        )
+    if url.username is not None or url.password is not None:
+        raise ValueError("a user name or password has no place in it")
+    if url.query or url.fragment or "?" in value or "#" in value:
+        raise ValueError("no query or fragment: each link adds /a/<key>/<action> to it")
+    if port == 0 or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ValueError("not a URL (a port of 0, a space or a control character)")
+    return value.rstrip("/")
+
+
 def _authserv_id(value: str) -> str:
     if not _AUTHSERV_ID.match(value):
         raise ValueError(f"{value!r} is not an authserv-id (a host name)")
@@ -62,6 +106,7 @@ class EmailActionsSettings(BaseModel):
         default_factory=list
     )
     confirm_by_email: bool = False
+    links_base_url: Annotated[str, AfterValidator(_links_base_url)] = ""
 
     @model_validator(mode="after")
     def _rules(self) -> EmailActionsSettings:

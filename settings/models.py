@@ -105,6 +105,8 @@ class Limits(_Section):
 
     max_message_bytes: int = Field(26_214_400, ge=1024)
     max_recipients: int = Field(500, ge=1)
+    # How far ahead a job's ``send_at`` may be (README "Scheduled sends").
+    max_schedule_ahead: Duration = 30 * 86400.0
 
 
 class RetryPolicy(_Section):
@@ -153,12 +155,15 @@ class StatusSettings(_Section):
 
     ttl: Duration = 7 * 86400.0
     idempotency_ttl: Duration = 86400.0
+    # At most this many dead letters; past it the oldest go first. 0 = no cap.
+    max_dead_letters: int = Field(100_000, ge=0)
 
 
 # The kinds of event on the events stream (docs/design.md §9).
 EventType = Literal[
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -166,6 +171,7 @@ EventType = Literal[
 EVENT_TYPES: tuple[EventType, ...] = (
     "delivery.sent",
     "delivery.dead",
+    "delivery.cancelled",
     "delivery.bounced",
     "action.accepted",
     "action.refused",
@@ -203,6 +209,11 @@ class SmtpConnection(_Section):
     timeout: Duration = 30.0
     max_connections: int = Field(8, ge=1, le=1000)
     max_connections_total: int = Field(0, ge=0)
+    # Sending budgets across all workers, sliding windows; 0 = no budget.
+    messages_per_minute: int = Field(0, ge=0)
+    messages_per_hour: int = Field(0, ge=0)
+    recipients_per_day: int = Field(0, ge=0)
+    overflow: Literal["failover", "wait"] = "failover"
 
     @model_validator(mode="after")
     def _rules(self) -> SmtpConnection:
@@ -372,6 +383,11 @@ class InboundSource(_Section):
     max_message_bytes: int = Field(10_485_760, ge=1024)
     tls_certificate_file: Path | None = None
     tls_key_file: Path | None = None
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys that apply to this source's ``kind``."""
+        return _INBOUND_KEYS[self.kind] | _COMMON_INBOUND_KEYS
 
     @model_validator(mode="after")
     def _rules(self) -> InboundSource:

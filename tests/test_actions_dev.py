@@ -77,6 +77,9 @@ def test_mailworker_dev_shows_an_action_end_to_end(tmp_path):
         [sent] = wait_for(lambda: list(outbox.glob("*.eml")), timeout=30)
         reply_to = _eml(sent)["Reply-To"].addresses[0].addr_spec
         key = reply_to.split("+", 1)[1].split("@", 1)[0]
+        # Its links point at the API on loopback ([api] listen's port).
+        text = _eml(sent).get_body(("plain",)).get_content()
+        assert f"<http://127.0.0.1:8025/a/{key}/approve>" in text
         raw = reply(key, sender="ann@example.com", to=reply_to, text="Yes.")
         with smtplib.SMTP(HOST, port, timeout=10) as client:
             client.sendmail("ann@example.com", [reply_to], raw)

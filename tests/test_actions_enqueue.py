@@ -88,12 +88,12 @@ def test_actions_settings_load_with_a_source_that_receives_the_reply_address(
         ([RECEIVER], {"reply_address": "a" * 38 + "@workflow.example.com"}, "reply_address"),
         ([RECEIVER], {"authentication": "maybe"}, "authentication"),
         ([RECEIVER], {"trusted_authserv_ids": ["not a host"]}, "trusted_authserv_ids"),
-        ([RECEIVER], {"links_base_url": "https://x.example"}, "links_base_url"),
+        ([RECEIVER], {"links_base_url": "http://x.example"}, "links_base_url"),
         ([RECEIVER], {"key_ttl": "30s"}, "email_actions"),
     ],
     ids=[
         "no-source", "source-disabled", "not-accepted", "no-reply-address", "plus",
-        "local-part-too-long", "authentication", "authserv-id", "unknown-key",
+        "local-part-too-long", "authentication", "authserv-id", "links-http",
         "key-ttl-too-short",
     ],
 )  # fmt: skip

@@ -270,9 +270,11 @@ def test_send_bulk_enqueues_every_valid_line_and_summarises(
 def test_a_worker_holds_few_delayed_messages_in_memory(
     smtp_server, make_settings, run_worker, redis_client, namespace
 ):
-    """Retries waiting for their time stay in Redis: a worker process prefetches at most
-    25 delayed messages per thread (Dramatiq's default is 1,000 per thread)."""
+    """Messages waiting for their time stay in Redis: a long delay waits in the
+    scheduled set, held by no worker; of short ones (Dramatiq's delayed messages) a
+    worker process prefetches at most 25 per thread (Dramatiq's default is 1,000)."""
     from tests.support.helpers import wait_for
+    from worker.broker.schedule import SCHEDULE_AFTER_MS
     from worker.middleware.tuning import DELAY_PREFETCH
 
     server = smtp_server()
@@ -280,11 +282,13 @@ def test_a_worker_holds_few_delayed_messages_in_memory(
     job = {"to": ["user@example.org"], "subject": "Later", "text": "Not yet."}
     for _ in range(200):
         app.actor.send_with_options(kwargs={"job": job}, delay=600_000)
+    for _ in range(200):
+        app.actor.send_with_options(kwargs={"job": job}, delay=SCHEDULE_AFTER_MS)
     held = f"{namespace}:__acks__.{app.broker.broker_id}.mail.DQ"
     wait_for(lambda: redis_client.scard(held) >= DELAY_PREFETCH, timeout=10)
     time.sleep(0.5)  # time for the consumer to fetch more, were it allowed to
     assert redis_client.scard(held) == DELAY_PREFETCH
-    assert redis_client.hlen(f"{namespace}:mail.DQ.msgs") == 200
+    assert redis_client.zcard(f"{namespace}:scheduled") == 200
 
 
 def test_a_bulk_message_waits_while_a_single_job_of_its_process_runs(

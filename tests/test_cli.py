@@ -424,6 +424,38 @@ def test_config_check_masks_every_secret(write_config, tmp_path, source):
     assert lines[-1] == "# delivery order: primary (smtp) -> backup (smtp)"
 
 
+def test_config_check_prints_every_section_with_its_secrets_masked(write_config):
+    """Inbound sources (only their kind's keys), webhooks, bounces, actions and the API."""
+    config = write_config(
+        smtp=_services({})[1:2],
+        bounces={"return_path": "bounces@example.com", "secret": "bouncesecret77"},
+        inbound=[
+            {"name": "replies", "kind": "imap", "server": "imap.example.com",
+             "username": "replies@example.com", "password": "imapsecret88"},
+        ],
+        webhook=[
+            {"name": "engine", "url": "https://engine.example.com/hook",
+             "secret": "hooksecret99"},
+        ],
+    )  # fmt: skip
+    result = mailworker("config", "check", config=config)
+    assert result.returncode == 0, result.stderr
+    for secret in ("bouncesecret77", "imapsecret88", "hooksecret99"):
+        assert secret not in result.stdout + result.stderr
+    text = result.stdout
+    for header in (
+        "[bounces]",
+        "[[inbound]]",
+        "[[webhook]]",
+        "[email_actions]",
+        "[api]",
+    ):
+        assert f"\n{header}\n" in text, header
+    inbound = text.split("[[inbound]]\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert 'password = "***"' in inbound and 'server = "imap.example.com"' in inbound
+    assert not any(line.startswith(("listen =", "accept =")) for line in inbound)
+
+
 def test_config_check_masks_broker_password_from_environment(write_config):
     """A password in MAILWORKER_BROKER_URL is masked too, and that URL is the one shown."""
     config = write_config(broker_url="redis://127.0.0.1:6379/0", smtp=_services({})[1:])

@@ -65,13 +65,15 @@ def test_only_worker_broker_knows_dramatiqs_internals():
 
 
 def test_every_package_has_an_init():
-    """``worker/`` and its subfolders are regular packages, not namespace packages."""
+    """``worker/`` and its subfolders of code are regular packages, not namespace
+    packages (a folder of data only, such as templates, is package data)."""
     missing = [
         str(folder.relative_to(ROOT))
         for package in ORDER
         for folder in [ROOT / package, *(ROOT / package).rglob("*")]
         if folder.is_dir()
         and folder.name != "__pycache__"
+        and any(folder.rglob("*.py"))
         and not (folder / "__init__.py").exists()
     ]
     assert missing == []

@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis
 import structlog
+import structlog.testing
 
 from common.keys import events_key
 from producers import Notification, Producer
@@ -54,7 +55,7 @@ def receiver(server_tls):
 def hook_settings(make_settings, ca_file):
     """Settings with one webhook ``engine`` to ``rx``: ``hook_settings(rx, **keys)``."""
 
-    def make(rx, *, retry=None, smtp=None, **keys):
+    def make(rx, *, retry=None, smtp=None, status=None, **keys):
         hook = {"name": "engine", "url": rx.url, "secret": SECRET, "timeout": "2s"}
         if rx.scheme == "https":
             hook["ca_bundle"] = str(ca_file)
@@ -63,6 +64,8 @@ def hook_settings(make_settings, ca_file):
         data = {"webhook": [hook], "retry": retry or FAST_RETRY}
         if smtp:
             data["smtp"] = smtp
+        if status:
+            data["status"] = status
         return make_settings(**data)
 
     return make
@@ -358,6 +361,31 @@ def test_after_max_attempts_a_dead_letter_the_dead_commands_handle(
     purged = _cli(tmp_path, "dead", "purge", second)
     assert (purged.returncode, purged.stdout.strip()) == (0, "purged 1 dead letter(s)")
     assert _cli(tmp_path, "dead", "show", second).returncode == 3
+
+
+def test_webhook_dead_letters_count_toward_max_dead_letters(
+    receiver, hook_settings, redis_client, namespace
+):
+    """A webhook delivery's dead letter past status.max_dead_letters trims the oldest
+    dead letter in the same script, with its log line and count."""
+    rx = receiver()
+    rx.plan = [REDIRECT, REDIRECT]
+    settings = hook_settings(
+        rx,
+        retry={**FAST_RETRY, "max_attempts": 1},
+        status={"max_dead_letters": 1},
+    )
+    deliverer = _deliverer(settings, redis_client)
+    first = f"webhook:engine:{_emit(redis_client, namespace, 'job-1')['id']}"
+    _drive(deliverer, lambda: _letters(redis_client, settings).show(first))
+    second = f"webhook:engine:{_emit(redis_client, namespace, 'job-2')['id']}"
+    with structlog.testing.capture_logs() as logs:
+        _drive(deliverer, lambda: _letters(redis_client, settings).show(second))
+    letters = _letters(redis_client, settings)
+    assert letters.show(first) is None and letters.trimmed() == 1
+    assert [e["job_ids"] for e in logs if e["event"] == "dead_letters_trimmed"] == [
+        [first]
+    ]
 
 
 def test_requeue_refuses_a_letter_of_a_webhook_that_is_not_enabled(

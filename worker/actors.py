@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +31,10 @@ from worker.status import ErrorRecord, JobStart, RecordFields, StatusStore
 __all__ = ["JobHandler", "Prepared"]
 
 log = structlog.get_logger("mailworker.job")
+
+# A job whose send_at is at most this many seconds ahead is sent: the workers' and the
+# producers' clocks may be a little apart.
+_EARLY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -129,6 +134,8 @@ class JobHandler:
         ):
             self._dead(job, "expired", records.error("expired", "not_after has passed"))
             return None
+        if notification.send_at is not None and self._early(job, notification.send_at):
+            return None
         if job.age > self._settings.retry.max_age:
             error = records.error("max_age", f"job is {job.age:.0f}s old")
             self._dead(job, "max_age", error)
@@ -169,6 +176,40 @@ class JobHandler:
                 r: personal(notification, keys[r], actions) for r in pending
             }
         return Prepared(start, wanted, parcel, suppressed)
+
+    def _early(self, job: Job, send_at: datetime) -> bool:
+        """A job that came before its ``send_at`` (a wire producer's) waits for it.
+
+        It goes into the scheduled set, due at ``send_at``: ``retry.max_age`` counts
+        from then. Returns False when it is due (within ``_EARLY_S``, for clocks a
+        little apart).
+        """
+        ahead = (send_at - datetime.now(UTC)).total_seconds()
+        if ahead <= _EARLY_S:
+            return False
+        limit = self._settings.limits.max_schedule_ahead
+        if ahead > limit + _EARLY_S:
+            reason = f"more than {limit:.0f}s ahead (limits.max_schedule_ahead)"
+            self.invalid(job, JobValidationError("send_at", reason))
+            return True
+        due = send_at.astimezone(UTC).isoformat(timespec="milliseconds")
+        self.reschedule(
+            job, ahead, count=False, timestamp_ms=int(send_at.timestamp() * 1000)
+        )
+        self._write(
+            job.id,
+            {
+                "id": job.id,
+                "state": "scheduled",
+                "reason": "",
+                "queue": job.queue,
+                "attempts": job.attempt - 1,
+                "send_at": due,
+            },
+            event={"attempt": job.attempt - 1, "event": "scheduled"},
+        )
+        log.info("job_scheduled", job_id=job.id, send_at=due)
+        return True
 
     def _all_suppressed(
         self,
@@ -298,6 +339,11 @@ class JobHandler:
         """
         delay = max(1.0, outcome.wait or 0.0)
         reason = outcome.skipped[-1]["reason"] if outcome.skipped else "budget"
+        if math.isinf(delay):  # more recipients than a whole budget: no wait helps
+            self._write(job.id, fields)
+            message = outcome.skipped[-1]["message"] if outcome.skipped else reason
+            self._dead(job, "permanent", records.error(reason, message))
+            return
         if job.age + delay > self._settings.retry.max_age:
             self._write(job.id, fields)
             error = records.error(reason, "waited past retry.max_age")
@@ -371,10 +417,14 @@ class JobHandler:
             raise dramatiq.Retry(message=error["message"], delay=int(delay * 1000))
         self.reschedule(job, delay, count=True)
 
-    def reschedule(self, job: Job, delay: float, *, count: bool) -> None:
+    def reschedule(
+        self, job: Job, delay: float, *, count: bool, timestamp_ms: int | None = None
+    ) -> None:
         """Put the job back as a single job after ``delay`` seconds.
 
         ``count`` says whether the attempt just made counts toward ``max_attempts``.
+        ``timestamp_ms`` replaces the time ``retry.max_age`` counts from. A delay
+        longer than a few seconds waits in the scheduled set (``MailBroker.enqueue``).
         """
         options = {
             k: v
@@ -388,7 +438,7 @@ class JobHandler:
             ACTOR_NAME,
             job.message["kwargs"],
             options=options,
-            timestamp_ms=job.timestamp_ms,
+            timestamp_ms=job.timestamp_ms if timestamp_ms is None else timestamp_ms,
         )
         message: dramatiq.Message[Any] = dramatiq.Message(**{**fields, "args": ()})
         current = CurrentMessage.get_current_message()

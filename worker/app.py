@@ -35,6 +35,7 @@ from worker.middleware.dead_letters import DeadLetterCapture
 from worker.middleware.draining import Draining
 from worker.middleware.heartbeat import Heartbeat
 from worker.middleware.log_context import LogContext
+from worker.middleware.release import Releaser
 from worker.middleware.retries import ReliableRetries
 from worker.middleware.tuning import WorkerTuning
 from worker.middleware.wake import Waker
@@ -143,6 +144,7 @@ def build(
         namespace=settings.namespace,
         ttl=settings.status.ttl,
         events=settings.events,
+        max_dead_letters=settings.status.max_dead_letters,
     )
     dead_letters = DeadLetters(
         client, namespace=settings.namespace, ttl=settings.status.ttl, status=status
@@ -178,6 +180,7 @@ def build(
             WorkerTuning(),
             bulk_slots,
             waker,
+            Releaser(),
             *webhooks,
         ],
     )

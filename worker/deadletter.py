@@ -2,10 +2,13 @@
 
 A dead letter is an entry in ``{ns}:dead`` (job id → time of death), the full message in
 ``{ns}:dead:{id}`` and the job's status record (reason, last error, attempts, recipients).
-All three live ``status.ttl``. Webhook deliveries that ran out of attempts are kept the
-same way under ids ``webhook:NAME:EVENT_ID`` (``worker.events.letters``). ``sweep``
-drops index entries whose time has passed, so nothing depends on Dramatiq's random
-maintenance passes.
+All three live ``status.ttl``, and at most ``status.max_dead_letters`` dead letters are
+kept: the script that writes one trims the oldest past the cap (``TRIM_DEAD_LUA``),
+counted in ``{ns}:counters`` (``dead_letters_trimmed``). That cap counts letters; the
+size cap of one letter's kept message is ``kept_payload``'s. Webhook deliveries that
+ran out of attempts are kept the same way under ids ``webhook:NAME:EVENT_ID``
+(``worker.events.letters``). ``sweep`` drops index entries whose time has passed, so
+nothing depends on Dramatiq's random maintenance passes.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from redis.typing import EncodableT
 
 from common.keys import (
     WAKE_LUA,
+    counters_key,
     dead_index_key,
     dead_payload_key,
+    history_key,
     queue_key,
     queue_messages_key,
     status_key,
@@ -78,18 +83,24 @@ TEXT_KEPT = 64 * 1024  # characters of text and html kept of a message over the 
 DROPPED = "content_dropped"  # the key that marks a dead letter kept without its content
 _DECODE_BLOCK = 256 * 1024  # base64 characters decoded at a time to size and hash
 
-# KEYS: queue list, queue hash, dead index, dead payload, status hash, wake gate
-# ARGV: redis message id, payload, job id, status fields (JSON), wake channel, queue
+# KEYS: queue list, queue hash, dead index, dead payload, status hash, wake gate, history
+# ARGV: redis message id, payload, job id, status fields (JSON), wake channel, queue,
+#       history entry, ttl
+# The history entry goes in before the message is queued: a worker that takes it at
+# once writes its attempt after `requeued`, never before.
 _REQUEUE = (
     WAKE_LUA
     + """
 if redis.call('ZSCORE', KEYS[3], ARGV[3]) == false then return 0 end
+redis.call('RPUSH', KEYS[7], ARGV[7])
+redis.call('EXPIRE', KEYS[7], ARGV[8])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[4])
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[5], k, v) end
+redis.call('EXPIRE', KEYS[5], ARGV[8])
 wake(KEYS[6], ARGV[5], ARGV[6])
 return 1
 """
@@ -294,6 +305,11 @@ class DeadLetters:
             self._client.zremrangebyscore(dead_index_key(self._ns), "-inf", cutoff)
         )
 
+    def trimmed(self) -> int:
+        """How many dead letters went, oldest first, to keep ``status.max_dead_letters``."""
+        count = self._client.hget(counters_key(self._ns), "dead_letters_trimmed")
+        return int(count or 0)
+
     def add_poison(self, redis_id: str, raw: bytes, error: str, queue: str) -> None:
         """Keep a message that cannot be decoded (or names the wrong queue): raw, base64."""
         payload = orjson.dumps(
@@ -335,10 +351,10 @@ class DeadLetters:
             "list[tuple[bytes, float]]",
             self._client.zrange(dead_index_key(self._ns), 0, -1, withscores=True),
         )
+        ids = [raw_id.decode() for raw_id, _ in index]
         out = []
-        for raw_id, score in index:
-            job_id = raw_id.decode()
-            record = self.status.get(job_id)
+        records = self.status.get_many(ids)  # 500 a round trip, not one each
+        for job_id, (_, score), record in zip(ids, index, records, strict=True):
             if record is None:
                 continue  # the record expired: the dead letter goes with it
             if filters.match(record, score / 1000):
@@ -411,7 +427,7 @@ class DeadLetters:
             )
         try:
             notification = parse_job((message.get("kwargs") or {}).get("job"))
-            notification.check_limits(limits)
+            notification.check_limits(limits, requeue=True)
         except JobValidationError as exc:
             raise RequeueRefusedError(f"{job_id} is invalid: {exc}") from None
         queue = q_name(str(message["queue_name"]))
@@ -440,6 +456,7 @@ class DeadLetters:
             dead_payload_key(self._ns, job_id),
             status_key(self._ns, job_id),
             wake_gate_key(self._ns, queue),
+            history_key(self._ns, job_id),
         ]
         args: list[EncodableT] = [
             redis_id,
@@ -448,10 +465,11 @@ class DeadLetters:
             orjson.dumps(fields),
             wake_channel(self._ns),
             queue,
+            orjson.dumps({"at": fields["updated_at"], "event": "requeued"}),
+            self._ttl,
         ]
         if not self._requeue(keys=keys, args=args):
             raise RequeueRefusedError(f"no dead letter {job_id}")
-        self.status.write(job_id, {}, event={"event": "requeued"})
 
     def purge(self, job_id: str) -> bool:
         """Delete one dead letter. Its status record stays until it expires."""

@@ -7,6 +7,7 @@ exceptions.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from settings.errors import (
@@ -145,3 +146,23 @@ class BudgetExhaustedError(DeliveryError):
         super().__init__(message, service=service)
         self.wait = wait
         self.overflow = overflow
+
+    @classmethod
+    def spent(
+        cls, limit: str, owner: str, wait: float, *, service: str, overflow: str
+    ) -> BudgetExhaustedError:
+        """The error for budget ``limit`` of ``owner`` (a mailbox, a connection) spent.
+
+        ``wait`` is ``inf`` when the message alone is larger than the budget.
+        """
+        message = (
+            f"the message alone is over {limit} of {owner}"
+            if math.isinf(wait)
+            else f"{limit} of {owner} spent; room in {math.ceil(wait)}s"
+        )
+        return cls(
+            message,
+            service=service,
+            wait=wait,
+            overflow=overflow,
+        )

@@ -1,7 +1,7 @@
 """Limits shared by every worker process and host through Redis.
 
-They are concurrency slots with leases that expire, sliding-window budgets, and the
-circuit breaker.
+They are concurrency slots with leases that expire, sliding-window budgets (Office 365
+mailboxes and SMTP connections alike), and the circuit breaker.
 """
 
 from __future__ import annotations
@@ -9,14 +9,26 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import redis
 import structlog
 from redis.typing import EncodableT
 
-__all__ = ["Breaker", "Budget", "Slots"]
+from settings import OpenAuthService, Settings, SmtpConnection
+from worker.broker.scripts import ThreadLocalScript
+
+__all__ = [
+    "Breaker",
+    "Budget",
+    "Slots",
+    "Spent",
+    "budgets",
+    "graph_budget",
+    "smtp_budget",
+]
 
 log = structlog.get_logger("mailworker.limits")
 
@@ -31,36 +43,59 @@ end
 return 0
 """
 
-# KEYS: minute zset, day zset. ARGV: now, per-minute limit, per-day limit, recipients, prefix
-# Returns {1, 0} when both budgets had room (and were spent), else {0, ms until room}.
+# KEYS: one sorted set per window. ARGV: now, member prefix, window count w, then per
+# window its length (ms), limit and what it counts ("r" recipients, else messages),
+# then each message's recipient count. Messages are spent in order while every window
+# has room for them. Returns {messages spent, ms until the next one has room (-1: it
+# never fits; 0: all were spent), the window that refused it (1-based; 0: none)}.
 _SPEND = """
-local now = tonumber(ARGV[1])
-local windows = {60000, 86400000}
-local wanted = {1, tonumber(ARGV[4])}
-local wait = 0
-for i = 1, 2 do
-  local limit = tonumber(ARGV[i + 1])
-  if limit > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - windows[i])
-    local used = redis.call('ZCARD', KEYS[i])
-    if wanted[i] > limit then return {0, -1} end
-    if used + wanted[i] > limit then
-      local freeing = redis.call('ZRANGE', KEYS[i], used + wanted[i] - limit - 1,
-                                 used + wanted[i] - limit - 1, 'WITHSCORES')
-      local until_free = tonumber(freeing[2]) + windows[i] - now
-      if until_free > wait then wait = until_free end
+local now, prefix, nwin = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local span, limit, rcpt, used = {}, {}, {}, {}
+for w = 1, nwin do
+  local b = 4 + (w - 1) * 3
+  span[w], limit[w], rcpt[w] = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), ARGV[b + 2] == 'r'
+  redis.call('ZREMRANGEBYSCORE', KEYS[w], '-inf', now - span[w])
+  used[w] = redis.call('ZCARD', KEYS[w])
+end
+local first = 4 + nwin * 3
+local spent, wait, refused = 0, 0, 0
+for m = first, #ARGV do
+  local n = tonumber(ARGV[m])
+  for w = 1, nwin do
+    local wanted = rcpt[w] and n or 1
+    if wanted > limit[w] then
+      wait, refused = -1, w
+      break
+    end
+    if used[w] + wanted > limit[w] then
+      local oldest = used[w] + wanted - limit[w] - 1
+      local freeing = redis.call('ZRANGE', KEYS[w], oldest, oldest, 'WITHSCORES')
+      local until_free = tonumber(freeing[2]) + span[w] - now
+      if until_free > wait then wait, refused = until_free, w end
     end
   end
-end
-if wait > 0 then return {0, wait} end
-for i = 1, 2 do
-  if tonumber(ARGV[i + 1]) > 0 then
-    for n = 1, wanted[i] do redis.call('ZADD', KEYS[i], now, ARGV[5] .. ':' .. n) end
-    redis.call('PEXPIRE', KEYS[i], windows[i])
+  if refused > 0 then break end
+  for w = 1, nwin do
+    local wanted = rcpt[w] and n or 1
+    for r = 1, wanted do
+      redis.call('ZADD', KEYS[w], now, prefix .. ':' .. (m - first) .. ':' .. r)
+    end
+    used[w] = used[w] + wanted
   end
+  spent = spent + 1
 end
-return {1, 0}
+if spent > 0 then
+  for w = 1, nwin do redis.call('PEXPIRE', KEYS[w], span[w]) end
+end
+return {spent, wait, refused}
 """
+
+# The windows a budget can have: (setting, key suffix, length in ms, what it counts).
+_WINDOWS = (
+    ("messages_per_minute", "minute", 60_000, "m"),
+    ("messages_per_hour", "hour", 3_600_000, "m"),
+    ("recipients_per_day", "day", 86_400_000, "r"),
+)
 
 
 def _now_ms() -> int:
@@ -127,42 +162,143 @@ class Slots:
                 self.release(token)
 
 
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """What a budget let through of some messages, in their order.
+
+    Attributes:
+        count: how many messages, from the first, were spent (and may be sent).
+        wait: seconds until the next one has room (``inf``: it never fits, being
+            larger than a budget); 0 when every message was spent.
+        limit: the setting that refused the next one (``messages_per_minute``), or "".
+    """
+
+    count: int
+    wait: float = 0.0
+    limit: str = ""
+
+
 class Budget:
-    """Per-mailbox sending budgets: messages per sliding minute, recipients per sliding day."""
+    """Sending budgets of one mailbox or connection, shared by every worker.
+
+    Messages per sliding minute and per sliding hour, recipients per sliding day; a
+    limit of 0 is no budget. Office 365 mailboxes (``[[openauth]]``) and ``[[smtp]]``
+    connections both spend through this one script.
+    """
 
     def __init__(
-        self, client: redis.Redis, key: str, *, per_minute: int, recipients_per_day: int
+        self,
+        client: redis.Redis,
+        key: str,
+        *,
+        per_minute: int = 0,
+        per_hour: int = 0,
+        recipients_per_day: int = 0,
     ) -> None:
         self.key = key
         self.per_minute = per_minute
+        self.per_hour = per_hour
         self.per_day = recipients_per_day
-        self._spend = client.register_script(_SPEND)
+        limits = (per_minute, per_hour, recipients_per_day)
+        # (setting, key, window ms, counts, limit) of each budget that is set.
+        self._windows = [
+            (name, f"{key}:{suffix}", span, counts, limit)
+            for (name, suffix, span, counts), limit in zip(
+                _WINDOWS, limits, strict=True
+            )
+            if limit > 0
+        ]
+        self._client = client
+        # Over the thread's own connection, as the status writes: a call through
+        # redis-py's pool costs twice the client CPU (docs/benchmarks.md). Not made
+        # again when its reply is lost: that could spend twice.
+        self._spend = ThreadLocalScript(client, _SPEND, idempotent=False)
 
     @property
     def unlimited(self) -> bool:
-        """True when neither budget is set."""
-        return self.per_minute == 0 and self.per_day == 0
+        """True when no budget is set."""
+        return not self._windows
 
     def spend(self, recipients: int) -> float:
         """Spend one message and ``recipients``.
 
         Returns 0, or the seconds until there is room (``inf`` when the message alone is
-        larger than the daily budget).
+        larger than a budget).
         """
-        if self.unlimited:
-            return 0.0
-        keys = [f"{self.key}:minute", f"{self.key}:day"]
-        args: list[EncodableT] = [
-            _now_ms(),
-            self.per_minute,
-            self.per_day,
-            recipients,
-            uuid.uuid4().hex,
-        ]
-        ok, wait = self._spend(keys=keys, args=args)
-        if ok == 1:
-            return 0.0
-        return float("inf") if wait < 0 else wait / 1000
+        return self.spend_many([recipients]).wait
+
+    def spend_many(self, recipients: Sequence[int]) -> Spent:
+        """Spend messages in order, while every budget has room: one round trip.
+
+        Args:
+            recipients: each message's number of recipients.
+
+        Returns:
+            How many were spent, and what holds back the next one.
+        """
+        if self.unlimited or not recipients:
+            return Spent(len(recipients))
+        keys = [key for _, key, _, _, _ in self._windows]
+        args: list[EncodableT] = [_now_ms(), uuid.uuid4().hex, len(self._windows)]
+        for _, _, span, counts, limit in self._windows:
+            args += [span, limit, counts]
+        args += list(recipients)
+        count, wait, refused = self._spend.run(keys, args)
+        if refused == 0:
+            return Spent(int(count))
+        name = self._windows[int(refused) - 1][0]
+        return Spent(int(count), float("inf") if wait < 0 else wait / 1000, name)
+
+    def describe(self) -> dict[str, int]:
+        """The budgets that are set, by setting name (``messages_per_minute``: 30)."""
+        return {name: limit for name, _, _, _, limit in self._windows}
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Per budget that is set: (used in its window now, limit). One round trip."""
+        now = _now_ms()
+        with self._client.pipeline(transaction=False) as pipe:
+            for _, key, span, _, _ in self._windows:
+                pipe.zcount(key, f"({now - span}", "+inf")
+            used = pipe.execute()
+        return {
+            name: (int(n), limit)
+            for (name, _, _, _, limit), n in zip(self._windows, used, strict=True)
+        }
+
+
+def smtp_budget(client: redis.Redis, namespace: str, conn: SmtpConnection) -> Budget:
+    """The sending budgets of one ``[[smtp]]`` connection, shared by every worker."""
+    return Budget(
+        client,
+        f"{namespace}:budget:smtp:{conn.name}",
+        per_minute=conn.messages_per_minute,
+        per_hour=conn.messages_per_hour,
+        recipients_per_day=conn.recipients_per_day,
+    )
+
+
+def graph_budget(client: redis.Redis, namespace: str, oa: OpenAuthService) -> Budget:
+    """The sending budgets of one Office 365 mailbox, shared by every worker."""
+    return Budget(
+        client,
+        f"{namespace}:budget:{oa.service_identity}",
+        per_minute=oa.messages_per_minute,
+        recipients_per_day=oa.recipients_per_day,
+    )
+
+
+def budgets(settings: Settings, client: redis.Redis) -> dict[str, Budget]:
+    """The budgets of every enabled service that has one, by service name."""
+    found = [
+        (oa.name, graph_budget(client, settings.namespace, oa))
+        for oa in settings.openauth
+        if oa.enabled
+    ] + [
+        (conn.name, smtp_budget(client, settings.namespace, conn))
+        for conn in settings.smtp
+        if conn.enabled
+    ]
+    return {name: budget for name, budget in found if not budget.unlimited}
 
 
 class Breaker:

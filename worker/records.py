@@ -83,6 +83,7 @@ class RecordFields(TypedDict, total=False):
     created_at: str
     next_attempt_at: str
     dead_at: str
+    send_at: str
 
 
 class StatusRecord(TypedDict):
@@ -104,6 +105,7 @@ class StatusRecord(TypedDict):
     updated_at: str | None
     next_attempt_at: str | None
     dead_at: str | None
+    send_at: str | None
     metadata: dict[str, Any]
     history: NotRequired[list[dict[str, Any]]]
 

@@ -17,7 +17,7 @@ from settings import (
 )
 from worker.delivery import Service
 from worker.inbound.returnpath import ReturnPath
-from worker.limits import Budget, Slots
+from worker.limits import Slots, graph_budget, smtp_budget
 from worker.transports.smtp import SmtpTransport, lease_seconds
 
 if TYPE_CHECKING:
@@ -105,12 +105,7 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
                 limit=oa.max_concurrent_requests,
                 lease=2 * oa.timeout + 10,
             ),
-            budget=Budget(
-                client,
-                f"{ns}:budget:{oa.service_identity}",
-                per_minute=oa.messages_per_minute,
-                recipients_per_day=oa.recipients_per_day,
-            ),
+            budget=graph_budget(client, ns, oa),
         )
         services.append(Service(transport, Mailbox(address=oa.service_identity)))
     return_path = ReturnPath.from_settings(settings.bounces)
@@ -131,6 +126,7 @@ def build_services(settings: Settings, client: redis.Redis) -> list[Service]:
             password=_password_reader(conn),
             tokens=accounts.get(conn.integrated_service) if xoauth2 else None,
             total=total,
+            budget=smtp_budget(client, ns, conn),
         )
         from_box = Mailbox(address=conn.from_address, name=conn.from_display_name)
         services.append(Service(smtp, from_box, return_path))

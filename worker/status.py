@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis
+import structlog
 from redis.typing import EncodableT
 
-from common.keys import QUEUES, history_key, queue_messages_key, status_key
-from settings import EventsSettings
+from common.keys import (
+    MINUTE_COUNTS_TTL,
+    QUEUES,
+    TRIM_DEAD_LUA,
+    history_key,
+    queue_messages_key,
+    scheduled_key,
+    status_key,
+)
+from settings import EventsSettings, StatusSettings
 from settings.models import EventType
 from worker.broker.attached import PackedWrite
 from worker.broker.envelope import JobRef, message_id_of
@@ -31,6 +42,7 @@ from worker.records import (
 
 __all__ = [
     "Counts",
+    "DeadTrims",
     "ErrorRecord",
     "JobStart",
     "RecipientRecord",
@@ -41,24 +53,35 @@ __all__ = [
     "now_iso",
 ]
 
+log = structlog.get_logger("mailworker.status")
+
 _JSON_FIELDS = ("error", "recipients", "counts", "skipped", "metadata")
 _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
 # Key names are derived from the namespace as in common/keys.py (status_key & co.).
-# ARGV: namespace, ttl, now (ms), events' max length, record count, then per record:
+# ARGV: namespace, ttl, now (ms), events' max length, dead letters' cap (0: none),
+#       record count, then per record:
 #       job id, history entry ("" none), dead payload ("" none), guard ("1": skipped
 #       when the job is `sent`), event type ("" none), event id, event time, event data,
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
 # An outcome's event is added to the events stream with its record, or not at all.
+# A record that turns `sent`, `retrying` or `dead` counts in that minute's hash
+# (``common.keys.minute_counts_key``), which the console's chart reads.
 # The ack is Dramatiq's own (dispatch.lua "ack"), so it lands in the same round trip.
+# A dead letter past the cap trims the oldest in the same step (TRIM_DEAD_LUA); the
+# reply is the ids of those that went.
 _WRITE = (
     LUA
+    + f"local MINUTE_TTL = {MINUTE_COUNTS_TTL}\n"
+    + TRIM_DEAD_LUA
     + """
 local ns, ttl, now, maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local count = tonumber(ARGV[5])
-local i = 6
+local cap, count = ARGV[5], tonumber(ARGV[6])
+local trimmed = {}
+local i = 7
+local tallies = {}
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local etype = ARGV[i + 4]
@@ -72,8 +95,17 @@ for _ = 1, count do
   i = i + 1
   -- A job that was sent never dies, nor goes back to `queued` (a bulk message Dramatiq
   -- gave up on after it, or that a stopping worker hands back).
-  if guard == '' or redis.call('HGET', key, 'state') ~= 'sent' then
+  local old = redis.call('HGET', key, 'state')
+  if guard == '' or old ~= 'sent' then
+    local new = old
+    for j = first, last - 1, 2 do
+      if ARGV[j] == 'state' then new = ARGV[j + 1] end
+    end
     redis.call('HSET', key, unpack(ARGV, first, last))
+    -- The console's per-minute counts: outcomes, each counted when the state changes.
+    if new ~= old and (new == 'sent' or new == 'retrying' or new == 'dead') then
+      tallies[new] = (tallies[new] or 0) + 1
+    end
     redis.call('EXPIRE', key, ttl)
     if m > 0 then
       redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
@@ -87,6 +119,7 @@ for _ = 1, count do
       redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
       redis.call('ZADD', ns .. ':dead', now, id)
       redis.call('ZREMRANGEBYSCORE', ns .. ':dead', '-inf', now - tonumber(ttl) * 1000)
+      for _, gone in ipairs(trim_dead(ns, cap)) do trimmed[#trimmed + 1] = gone end
     end
     if etype ~= '' then
       redis.call('XADD', ns .. ':events', 'MAXLEN', '~', maxlen, '*', 'type', etype,
@@ -95,12 +128,18 @@ for _ = 1, count do
   end
   i = i + m
 end
+local minute = ns .. ':minute:' .. math.floor(now / 60000)
+for kind, n in pairs(tallies) do
+  if redis.call('HINCRBY', minute, kind, n) == n then
+    redis.call('EXPIRE', minute, MINUTE_TTL)
+  end
+end
 if ARGV[i] then
   local queue, broker, rid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   redis.call('ZADD', heartbeats_key(ns), now, broker)
   dramatiq_ack(ns, broker, queue, rid)
 end
-return 1
+return trimmed
 """
 )
 
@@ -129,6 +168,40 @@ end
 out[#out + 1] = redis.call('HLEN', ns .. ':suppressed')
 return out
 """
+
+
+class DeadTrims:
+    """Says which dead letters went to keep ``status.max_dead_letters``.
+
+    One ``dead_letters_trimmed`` line at first, then at most one every ``every`` seconds
+    with the count since the last (at the cap every new dead letter trims one: a line
+    each would double the log of a failure storm). ``{ns}:counters`` has every one.
+    """
+
+    def __init__(self, cap: int, *, every: float = 10.0) -> None:
+        self.cap = cap
+        self._every = every
+        self._lock = threading.Lock()
+        self._unsaid = 0
+        self._sample: list[str] = []
+        self._said_at = -math.inf
+
+    def note(self, ids: list[bytes]) -> None:
+        """Count trimmed ``ids``; write the line when it is due."""
+        now = time.monotonic()
+        with self._lock:
+            self._unsaid += len(ids)
+            self._sample = (self._sample + [i.decode() for i in ids])[:10]
+            if now - self._said_at < self._every:
+                return
+            count, sample = self._unsaid, self._sample
+            self._unsaid, self._sample, self._said_at = 0, [], now
+        log.warning(
+            "dead_letters_trimmed",
+            count=count,
+            max_dead_letters=self.cap,
+            job_ids=sample,
+        )
 
 
 def now_iso() -> str:
@@ -189,6 +262,9 @@ class StatusStore:
         client: a Redis client (bytes replies).
         namespace: the key prefix shared with producers.
         ttl: seconds a record, its history and its marker are kept.
+        events: the ``[events]`` settings (which types, the stream's length).
+        max_dead_letters: at most this many dead letters, the oldest going first
+            (``status.max_dead_letters``; 0: no cap).
     """
 
     def __init__(
@@ -198,10 +274,13 @@ class StatusStore:
         namespace: str,
         ttl: float,
         events: EventsSettings | None = None,
+        max_dead_letters: int = StatusSettings().max_dead_letters,
     ) -> None:
         self._client = client
         self._ns = namespace
         self._ttl = int(ttl)
+        self._max_dead = max_dead_letters
+        self._trims = DeadTrims(max_dead_letters)
         events = events or EventsSettings()
         self._event_types = frozenset(events.types)
         self._events_max_len = events.max_len
@@ -359,13 +438,16 @@ class StatusStore:
             self._ttl,
             int(time.time() * 1000),
             self._events_max_len,
+            self._max_dead,
             len(writes),
         ]
         for packed in writes:
             args.extend(packed)
         if ack is not None:
             args.extend(ack)
-        self._write(*args)
+        trimmed = self._write(*args)
+        if trimmed:
+            self._trims.note(trimmed)
 
     def get(self, job_id: str) -> StatusRecord | None:
         """The job's status record, or None when the id is unknown or expired.
@@ -384,8 +466,43 @@ class StatusStore:
         record["history"] = [orjson.loads(h) for h in history]
         return record
 
+    def get_many(
+        self, job_ids: Sequence[str], *, chunk: int = 500
+    ) -> list[StatusRecord | None]:
+        """The records of many jobs, ``chunk`` of them a round trip; None where none is.
+
+        Unlike ``get``, a job without a record is not looked for on the queues: this is
+        for lists of jobs that have ended (the dead letters).
+        """
+        out: list[StatusRecord | None] = []
+        for start in range(0, len(job_ids), chunk):
+            part = job_ids[start : start + chunk]
+            with self._client.pipeline(transaction=False) as pipe:
+                for job_id in part:
+                    pipe.hgetall(status_key(self._ns, job_id))
+                    pipe.lrange(history_key(self._ns, job_id), 0, -1)
+                replies = pipe.execute()
+            for raw, history in zip(replies[::2], replies[1::2], strict=True):
+                if not raw:
+                    out.append(None)
+                    continue
+                record = _decode(raw)
+                record["history"] = [orjson.loads(h) for h in history]
+                out.append(record)
+        return out
+
     def _queued_without_record(self, job_id: str) -> StatusRecord | None:
         needle = job_id.encode()
+        due = self._client.zscore(scheduled_key(self._ns), job_id)
+        if due is not None:  # a wire producer's scheduled job
+            send_at = datetime.fromtimestamp(due / 1000, UTC)
+            return _decode(
+                {
+                    b"id": needle,
+                    b"state": b"scheduled",
+                    b"send_at": send_at.isoformat(timespec="milliseconds").encode(),
+                }
+            )
         for queue in QUEUES.values():
             for name in (queue, dq_name(queue)):
                 for _, payload in self._client.hscan_iter(
@@ -425,5 +542,6 @@ def _decode(raw: Mapping[bytes, bytes]) -> StatusRecord:
         "updated_at": data.get("updated_at") or None,
         "next_attempt_at": data.get("next_attempt_at") or None,
         "dead_at": data.get("dead_at") or None,
+        "send_at": data.get("send_at") or None,
         "metadata": parsed("metadata", {}),
     }

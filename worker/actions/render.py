@@ -2,7 +2,9 @@
 
 The buttons are tables with inline styles and no script, which Outlook (desktop and
 web), Gmail and Apple Mail all draw; each is a ``mailto:`` that opens a reply to the
-recipient's key with the action in the subject.
+recipient's key with the action in the subject. With ``links_base_url`` each button is a
+link to the action's confirmation page (``worker.actions.web``) instead, and the
+``mailto:`` replies follow as plain links: both ways stay open.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from producers.actions import Action
 from producers.job import Mailbox, Notification
 from settings import EmailActionsSettings
 
-__all__ = ["action_subject", "key_address", "mailto", "personal"]
+__all__ = ["action_link", "action_subject", "key_address", "mailto", "personal"]
 
 # A mailto of at most ~1,000 characters opens in every client measured
 # (shared research, "mailto links"): the subject is cut to keep it short.
@@ -36,6 +38,18 @@ _HOW = (
     "Each button opens a reply: send it as it is, or write a comment above the "
     "quoted text first. Only a reply from this address counts, once."
 )
+_REPLIES = (
+    '<p style="margin:4px 0 0 0;font-family:Arial,Helvetica,sans-serif;font-size:13px;'
+    'line-height:20px;color:#333333">Or answer by e-mail: {links}</p>'
+)
+_REPLY_LINK = (
+    '<a href="{href}" style="color:#1a5fb4;text-decoration:underline">{label}</a>'
+)
+_HOW_LINKS = (
+    "Each button opens a page that asks you to confirm (and takes a comment); an "
+    "e-mail answer opens a reply: write a comment above the quoted text. These links "
+    "are yours alone, and one action counts, once."
+)
 
 
 def key_address(settings: EmailActionsSettings, key: str) -> str:
@@ -53,32 +67,59 @@ def mailto(address: str, action: Action, subject: str) -> str:
     return f"mailto:{address}?subject={quote(action_subject(action, subject), safe='')}"
 
 
-def _buttons(notification: Notification, address: str) -> str:
+def action_link(base_url: str, key: str, action: Action) -> str:
+    """``<links_base_url>/a/<key>/<action id>``: the action's confirmation page.
+
+    At most 200 + 62 characters: the key is 26 base32 characters and an id at most
+    32 of ``[a-z0-9_-]``, neither needing escapes.
+    """
+    return f"{base_url}/a/{key}/{action.id}"
+
+
+def _buttons(notification: Notification, address: str, key: str, base: str) -> str:
+    def href(action: Action) -> str:
+        if base:
+            return action_link(base, key, action)
+        return mailto(address, action, notification.subject)
+
     cells = "".join(
-        _BUTTON.format(
+        _BUTTON.format(href=html.escape(href(a)), label=html.escape(a.label))
+        for a in notification.actions
+    )
+    block = (
+        '<table role="presentation" cellspacing="0" cellpadding="0" border="0" '
+        'style="margin:16px 0 8px 0"><tr>' + cells + "</tr></table>"
+    )
+    if not base:
+        return block + _NOTE.format(text=html.escape(_HOW))
+    replies = " &middot; ".join(
+        _REPLY_LINK.format(
             href=html.escape(mailto(address, a, notification.subject)),
             label=html.escape(a.label),
         )
         for a in notification.actions
     )
     return (
-        '<table role="presentation" cellspacing="0" cellpadding="0" border="0" '
-        'style="margin:16px 0 8px 0"><tr>'
-        + cells
-        + "</tr></table>"
-        + _NOTE.format(text=html.escape(_HOW))
+        block
+        + _REPLIES.format(links=replies)
+        + _NOTE.format(text=html.escape(_HOW_LINKS))
     )
 
 
-def _lines(notification: Notification, address: str) -> str:
-    lines = [
-        "",
-        "-- ",
-        "Reply to act on this. Send a reply whose subject starts with one of:",
-    ]
+def _lines(notification: Notification, address: str, key: str, base: str) -> str:
+    lines = ["", "-- "]
+    if base:
+        lines.append("Act on this: open an action's page (it asks you to confirm),")
+        lines.append("or send a reply whose subject starts with the action's word:")
+    else:
+        lines.append(
+            "Reply to act on this. Send a reply whose subject starts with one of:"
+        )
     for action in notification.actions:
         needs = " (write a comment)" if action.comment == "required" else ""
         lines.append(f"  {action.id}: {action.label}{needs}")
+        if base:
+            lines.append(f"    <{action_link(base, key, action)}>")
         lines.append(f"    <{mailto(address, action, notification.subject)}>")
     lines.append("Anything you write above the quoted text is kept as your comment.")
     return "\n".join(lines) + "\n"
@@ -96,16 +137,19 @@ def personal(
     """The notification as the recipient of ``key`` gets it.
 
     Its Reply-To is the key's address; the html part ends with a button per action, the
-    text part with a line per action.
+    text part with a line per action (with ``links_base_url``, each with its link too).
     """
     address = key_address(settings, key)
+    base = settings.links_base_url
     update: dict[str, object] = {"reply_to": [Mailbox(address=address)]}
     if notification.text:
         update["text"] = (
-            notification.text.rstrip("\n") + "\n" + _lines(notification, address)
+            notification.text.rstrip("\n")
+            + "\n"
+            + _lines(notification, address, key, base)
         )
     if notification.html:
         update["html"] = _with_buttons(
-            notification.html, _buttons(notification, address)
+            notification.html, _buttons(notification, address, key, base)
         )
     return notification.model_copy(update=update)

@@ -1,70 +1,31 @@
 """Replies to action keys: decide, then record the outcome, the key and the event at once.
 
-The script that writes a reply's outcome checks the key's state again: of two replies
-racing for one key, exactly one is accepted, the other is refused ``used``. The inbound
-record, the key's new state and the ``action.*`` event are one step (DESIGN §9).
+The outcome is written by ``acceptance.Acceptance``'s one script, which checks the key's
+state again: of two replies racing for one key, exactly one is accepted, the other is
+refused ``used``. The inbound record, the key's new state and the ``action.*`` event are
+one step (DESIGN §9).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 
 import orjson
 import redis
-from redis.typing import EncodableT
 
-from common.keys import action_key, events_key, inbound_index_key, inbound_key
+from common.keys import action_key, inbound_key
 from settings import EmailActionsSettings, EventsSettings
+from worker.actions.acceptance import Acceptance, Answer, InboundEntry
 from worker.actions.confirm import Confirmations
 from worker.actions.reply import Reply, keys_in, read_reply
 from worker.actions.verdict import KeyRecord, Verdict, decide, key_record
-from worker.broker.scripts import ThreadLocalScript
 from worker.clock import iso_millis
 from worker.inbound.classify import Classification
 from worker.inbound.model import Handled, InboundUnavailableError, Received
 from worker.inbound.parse import Headers, UnreadableMessageError, parse
 
 __all__ = ["ActionReplies"]
-
-# ARGV: record key, index key, message key, ttl, now (ms), 2n, n field/value pairs; key
-# record ("" none), verdict, reason; events key, max length, emit accepted ("1"/"0"),
-# emit refused, event id, job id, at, accepted data, refused data without its "}";
-# then the key's new fields: action, actor, comment, message id.
-_WRITE = """
-local record, index, mkey, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-if redis.call('EXISTS', record) == 1 then return {'duplicate', ''} end
-local n = tonumber(ARGV[6])
-local i = 7 + n
-local key, verdict, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-if verdict == 'accepted' then
-  local state = redis.call('HGET', key, 'state')
-  if not state then verdict, reason = 'refused', 'unknown_key'
-  elseif state == 'used' or state == 'closed' then verdict, reason = 'refused', state
-  elseif tonumber(redis.call('HGET', key, 'expires_at') or '0') <= now then
-    verdict, reason = 'refused', 'expired'
-  end
-end
-local stream, maxlen, at = ARGV[i + 3], ARGV[i + 4], ARGV[i + 9]
-if verdict == 'accepted' then
-  redis.call('HSET', key, 'state', 'used', 'action', ARGV[i + 12], 'actor', ARGV[i + 13],
-             'comment', ARGV[i + 14], 'message_id', ARGV[i + 15], 'used_at', at)
-  if ARGV[i + 5] == '1' then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', 'action.accepted',
-               'id', ARGV[i + 7], 'job_id', ARGV[i + 8], 'at', at, 'data', ARGV[i + 10])
-  end
-elseif ARGV[i + 6] == '1' then
-  local data = ARGV[i + 11] .. ',"reason":"' .. reason .. '"}'
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', 'action.refused',
-             'id', ARGV[i + 7], 'job_id', ARGV[i + 8], 'at', at, 'data', data)
-end
-redis.call('HSET', record, unpack(ARGV, 7, 6 + n))
-redis.call('HSET', record, 'outcome', verdict, 'reason', reason)
-redis.call('EXPIRE', record, ttl)
-redis.call('ZADD', index, now, mkey)
-return {verdict, reason}
-"""
 
 
 class ActionReplies:
@@ -97,9 +58,9 @@ class ActionReplies:
         self._client = client
         self._ns = namespace
         self._settings = settings
-        self._events = events
-        self._ttl = int(ttl)
-        self._write = ThreadLocalScript(client, _WRITE)
+        self._acceptance = Acceptance(
+            client, namespace=namespace, events=events, ttl=ttl
+        )
 
     def wants(self, found: Classification, received: Received) -> bool:
         """True when the message is addressed to a ``+`` tag of the reply address."""
@@ -180,8 +141,8 @@ class ActionReplies:
             record = key_record(raw) if self._key(reply) else None
             verdict = self._decide(found, received, record, reply, auth, authas)
             handled = self._handled(found, reply, record, verdict)
-            args = self._args(received, reply, record, verdict, handled)
-            outcome, reason = (v.decode() for v in self._write(*args))
+            answer, entry = self._answer(received, reply, record, verdict, handled)
+            outcome, reason = self._acceptance.write(answer, entry)
         except redis.RedisError as exc:
             raise InboundUnavailableError(f"cannot record: {exc}") from None
         if outcome == "duplicate":
@@ -230,14 +191,14 @@ class ActionReplies:
             details={"action": verdict.action, "actor": actor},
         )
 
-    def _args(
+    def _answer(
         self,
         received: Received,
         reply: Reply,
         record: KeyRecord | None,
         verdict: Verdict,
         handled: Handled,
-    ) -> list[EncodableT]:
+    ) -> tuple[Answer, InboundEntry]:
         now = iso_millis()
         fields = {
             "received_at": now,
@@ -248,41 +209,17 @@ class ActionReplies:
             "key": handled.key,
             "details": orjson.dumps(handled.details).decode(),
         }
-        common = {
-            "actor": handled.details["actor"],
-            "context": record.context if record is not None else {},
-            "received_at": now,
-            "message_id": handled.message_id,
-            "via": received.source,
-        }
-        accepted = {"action": verdict.action, "comment": verdict.comment, **common}
-        refused = {"action": verdict.action or None, **common}
-        types = self._events.types
-        return [
-            inbound_key(self._ns, handled.key),
-            inbound_index_key(self._ns),
-            handled.key,
-            self._ttl,
-            int(time.time() * 1000),
-            len(fields) * 2,
-            *[item for pair in fields.items() for item in pair],
-            self._key(reply) or "",
-            verdict.outcome,
-            verdict.reason,
-            events_key(self._ns),
-            self._events.max_len,
-            "1" if "action.accepted" in types else "0",
-            "1" if "action.refused" in types else "0",
-            uuid.uuid4().hex,
-            handled.job_id or "",
-            now,
-            orjson.dumps(accepted),
-            orjson.dumps(refused)[:-1],
-            verdict.action,
-            handled.details["actor"],
-            verdict.comment,
-            handled.message_id or "",
-        ]
+        answer = Answer(
+            key=reply.keys[0] if self._key(reply) else "",
+            verdict=verdict,
+            job_id=handled.job_id or "",
+            actor=handled.details["actor"],
+            context=record.context if record is not None else {},
+            via=received.source,
+            message_id=handled.message_id,
+            received_at=now,
+        )
+        return answer, InboundEntry(handled.key, fields)
 
 
 def _previous(key: str, raw: dict[bytes, bytes]) -> Handled:

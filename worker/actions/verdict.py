@@ -1,4 +1,4 @@
-"""The rules of DESIGN §10 applied to one reply and the key's record, purely."""
+"""The rules of DESIGN §10 applied to one reply, or one link, and the key's record, purely."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from settings import EmailActionsSettings
 from worker.actions.authresults import proof
 from worker.actions.reply import Reply
 
-__all__ = ["REASONS", "KeyRecord", "Verdict", "decide", "key_record"]
+__all__ = ["REASONS", "KeyRecord", "Verdict", "decide", "decide_link", "key_record"]
 
 Reason = Literal[
     "unknown_key",
@@ -150,12 +150,11 @@ def decide(
 
     if auto_reply:
         return refused("auto_reply")
-    if len(reply.keys) != 1 or reply.malformed or record is None:
+    if len(reply.keys) != 1 or reply.malformed:
         return refused("unknown_key")
-    if record.state in ("used", "closed"):
-        return refused("used" if record.state == "used" else "closed")
-    if record.expires_at <= now_ms:
-        return refused("expired")
+    dead = _dead(record, now_ms)
+    if dead is not None or record is None:
+        return refused(dead or "unknown_key")
     senders = {*reply.senders, *([reply.sender_header] if reply.sender_header else [])}
     if len(reply.senders) != 1 or senders != {record.recipient.lower()}:
         return refused("sender_mismatch")
@@ -164,7 +163,46 @@ def decide(
     action, comment = _action(reply, record.actions)
     if not action:
         return refused("unknown_action")
+    return _taken(record, action, comment)
+
+
+def _dead(record: KeyRecord | None, now_ms: int) -> Reason | None:
+    """Why the key takes no answer any more (None: it is live)."""
+    if record is None:
+        return "unknown_key"
+    if record.state in ("used", "closed"):
+        return "used" if record.state == "used" else "closed"
+    if record.expires_at <= now_ms:
+        return "expired"
+    return None
+
+
+def _taken(record: KeyRecord, action: str, comment: str) -> Verdict:
+    """``action`` (one the key offers) taken with ``comment``, if it may be."""
     offered = next(a for a in record.actions if a["id"] == action)
     if offered.get("comment") == "required" and not comment:
         return Verdict("refused", "comment_required", action=action)
     return Verdict("accepted", action=action, comment=comment)
+
+
+def decide_link(
+    record: KeyRecord | None, action: str, comment: str, *, now_ms: int
+) -> Verdict:
+    """The rules that apply to an action link's POST, in the order replies apply them.
+
+    The key in the link is the proof (its recipient is the actor), so the sender and
+    authentication rules have nothing to check; the others are the replies' own.
+
+    Args:
+        record: the key's record (None: no such key).
+        action: the action id in the link.
+        comment: the comment typed on the page, stripped.
+        now_ms: the time now, in ms.
+    """
+    # Unlike a reply's, a link's action is known whatever the verdict: its refusals name it.
+    dead = _dead(record, now_ms)
+    if dead is not None or record is None:
+        return Verdict("refused", dead or "unknown_key", action=action)
+    if not any(a["id"] == action for a in record.actions):
+        return Verdict("refused", "unknown_action", action=action)
+    return _taken(record, action, comment)

@@ -7,6 +7,7 @@
 - ``keys``: Dramatiq's key names, for Python and as a Lua prelude.
 - ``scripts``: Lua scripts over each thread's own Redis connection.
 - ``heartbeats``: heartbeats, host records and the reaper of dead workers' messages.
+- ``schedule``: ``Schedule``: the scheduled set; long delays wait there, due ones go out.
 
 The Dramatiq minor version is pinned. ``tests/test_dramatiq_layout.py`` fails when an
 upgrade changes what is mirrored here.

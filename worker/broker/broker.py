@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.message import Message
 from dramatiq.middleware import MiddlewareError
 
 from worker.broker.consumer import SafeConsumer
+from worker.broker.schedule import Schedule
 from worker.broker.scripts import DispatchScript, ThreadLocalScript
 
 if TYPE_CHECKING:
@@ -25,6 +28,9 @@ __all__ = ["MailBroker"]
 
 class MailBroker(RedisBroker):
     """``RedisBroker`` with the safe consumer, our status records and dead letters.
+
+    A message enqueued with a delay longer than ``SCHEDULE_AFTER_MS`` waits in the
+    scheduled set in Redis (``schedule``), not as a delayed message a worker holds.
 
     Args:
         status: where the consumer writes job records (with each ack).
@@ -62,12 +68,28 @@ class MailBroker(RedisBroker):
         self.waker = waker
         self.stopping = stopping or threading.Event()
         self.bulk_slots = bulk_slots
+        self.schedule = Schedule(self.client, self.namespace)
         self._handed: dict[str, list[MessageProxy]] = {}
         self._handed_lock = threading.Lock()
 
     @property
     def consumer_class(self) -> type[SafeConsumer]:
         return SafeConsumer
+
+    def enqueue(
+        self, message: Message[Any], *, delay: int | None = None
+    ) -> Message[Any]:
+        """Dramatiq's enqueue, but a long delay waits in the scheduled set."""
+        if not self.schedule.takes(delay):
+            return super().enqueue(message, delay=delay)
+        assert delay is not None
+        scheduled, due_ms = self.schedule.entry(
+            message, int(time.time() * 1000) + delay
+        )
+        self.emit_before("enqueue", scheduled, delay)
+        self.schedule.add([(scheduled, due_ms)])
+        self.emit_after("enqueue", scheduled, delay)
+        return scheduled
 
     def hand_over(self, queue: str, messages: list[MessageProxy]) -> None:
         """Keep messages a closing consumer could not put back for the queue's next one.

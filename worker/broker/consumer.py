@@ -18,6 +18,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.message import Message
 
 from worker.broker.attached import Attached, attached
 from worker.broker.envelope import (
@@ -76,7 +77,8 @@ class SafeConsumer(_RedisConsumer):
     def ack(self, message: MessageProxy) -> None:
         """Apply the status writes the job left and acknowledge, in one round trip.
 
-        When a retry or enqueues are pending: write, enqueue, then acknowledge.
+        When a retry or enqueues are pending: write, enqueue, then acknowledge. A retry
+        that waits long goes into the scheduled set in the same script as the ack.
 
         A connection error in any step is raised as Dramatiq's ``ConnectionClosed``, so
         Dramatiq tries the whole ack again every few seconds until Redis is back: the
@@ -98,12 +100,31 @@ class SafeConsumer(_RedisConsumer):
             self._apply(work)
             if work.retry is not None:
                 copy, delay = work.retry
+                if self.broker.schedule.takes(delay):
+                    self._schedule_with_ack(message, copy, delay)
+                    work.retry = None
+                    return
                 self.broker.enqueue(copy, delay=delay)
                 work.retry = None
         except redis.RedisError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         # Dramatiq's, untyped
         super().ack(message)  # type: ignore[no-untyped-call]
+        self._release(message)
+        self._done()
+
+    def _schedule_with_ack(
+        self, message: MessageProxy, copy: Message[Any], delay: int
+    ) -> None:
+        """Put a long retry in the scheduled set and acknowledge, in one script."""
+        schedule = self.broker.schedule
+        entry = schedule.entry(copy, int(time.time() * 1000) + delay)
+        redis_id = message.options["redis_message_id"]
+        try:
+            ack = (self.queue_name, self.broker.broker_id, redis_id)
+            schedule.add([entry], ack=ack)
+        finally:
+            self.queued_message_ids.discard(message.message_id)
         self._release(message)
         self._done()
 

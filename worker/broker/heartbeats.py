@@ -26,6 +26,7 @@ __all__ = [
     "check_host",
     "host_beats",
     "host_key",
+    "hosts_key",
     "reap",
     "redeliveries_key",
 ]
@@ -72,7 +73,9 @@ HOST_RECORD_TTL = 86400
 # KEYS: none (names derived from the namespace, as _REAP does).
 # ARGV: namespace, host, own broker id, now (ms), pid, forget after (ms), record ttl (s)
 # Dramatiq's heartbeat, then this process's line in its host's record. Lines of processes
-# silent for longer than "forget after" (dead ones) are dropped.
+# silent for longer than "forget after" (dead ones) are dropped. The host goes into the
+# index of hosts (``hosts_key``: host → last beat, ms), which forgets a host a record's
+# lifetime after its last beat, so the console lists hosts without scanning keys.
 _BEAT = (
     LUA
     + """
@@ -86,9 +89,18 @@ for i = 1, #lines, 2 do
   if at == nil or at < now - forget then redis.call('HDEL', key, lines[i]) end
 end
 redis.call('EXPIRE', key, ARGV[7])
+local hosts = ns .. ':hosts'
+redis.call('ZADD', hosts, now, host)
+redis.call('ZREMRANGEBYSCORE', hosts, '-inf', now - tonumber(ARGV[7]) * 1000)
+redis.call('EXPIRE', hosts, ARGV[7])
 return 1
 """
 )
+
+
+def hosts_key(namespace: str) -> str:
+    """The sorted set of host → its last beat (ms): the hosts with a record."""
+    return f"{namespace}:hosts"
 
 
 def host_key(namespace: str, host: str) -> str:

@@ -125,7 +125,9 @@ def list_command(
                 f"{named or '-':<12} {_got(record):<8} {message}"
             )
     if not as_json:
-        click.echo(f"{len(entries)} dead letter(s)", err=True)
+        trimmed = store.trimmed()
+        past = f"; {trimmed} trimmed past status.max_dead_letters" if trimmed else ""
+        click.echo(f"{len(entries)} dead letter(s){past}", err=True)
 
 
 def _got(record: StatusRecord) -> str:

@@ -135,7 +135,9 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
     It keeps the user's limits and retry policy, but has only the capture mailbox as a
     service and the embedded broker. Configured services and inbound sources are
     ignored. Bounces use dev's own return path, which the capture mailbox receives; with
-    ``[email_actions]`` on, the capture mailbox receives its ``reply_address`` too.
+    ``[email_actions]`` on, the capture mailbox receives its ``reply_address`` too, and
+    action links (unless ``links_base_url`` is set) point at the API on loopback, at
+    ``[api] listen``'s port.
     """
     data = base.model_dump(
         exclude={
@@ -171,6 +173,9 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
                 "accept": [base.email_actions.reply_address],
             }
         ]
+        if not base.email_actions.links_base_url:
+            port = base.api.listen.rpartition(":")[2]
+            data["email_actions"]["links_base_url"] = f"http://{HOST}:{port}"
     return Settings(**data)
 
 
@@ -268,7 +273,8 @@ def dev(outbox: Path, threads: int, port: int, api_port: int) -> None:
         click.echo(
             "# e-mail actions: replies to "
             f"{settings.email_actions.local_part}+<key>@{settings.email_actions.domain} "
-            f"sent to 127.0.0.1:{mailbox.port} are handled (README, 'E-mail actions')",
+            f"sent to 127.0.0.1:{mailbox.port} are handled (README, 'E-mail actions'); "
+            f"action links go to {settings.email_actions.links_base_url}/a/...",
             err=True,
         )
     sys.stdout.flush()

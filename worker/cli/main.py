@@ -31,6 +31,7 @@ from worker.cli.dev import dev
 from worker.cli.events import events
 from worker.cli.inbound import inbound
 from worker.cli.output import render_config, render_status
+from worker.cli.scheduled import scheduled
 from worker.cli.stats import queue
 from worker.cli.suppress import suppress
 from worker.middleware.tuning import POLL_ENV
@@ -68,6 +69,7 @@ main.add_command(suppress)
 main.add_command(actions)
 main.add_command(api_key)
 main.add_command(api)
+main.add_command(scheduled)
 
 
 def _queue_names(queues: tuple[str, ...]) -> list[str]:

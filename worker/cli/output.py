@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from settings import Settings, public_url
+from settings.models import InboundSource
 
 __all__ = ["render_config", "render_status"]
 
@@ -25,6 +26,7 @@ def render_status(record: Mapping[str, Any]) -> list[str]:
         "queue",
         "created_at",
         "updated_at",
+        "send_at",
         "next_attempt_at",
         "dead_at",
     ):
@@ -123,6 +125,20 @@ def render_config(
         lines.append(_resolved(conn.enabled, resolved))
     for name, svc in settings.integrated_services.items():
         lines += ["", f"[integrated_services.{name}]", *_table(_masked(svc))]
+    # Every other section, in the order the model declares them.
+    shown = {"limits", "retry", "breaker", "status", "openauth", "smtp"}
+    for section in type(settings).model_fields:
+        value = getattr(settings, section)
+        if section in shown or section == "integrated_services":
+            continue
+        if isinstance(value, list):
+            for item in value:
+                data = _masked(item)
+                if isinstance(item, InboundSource):  # only the keys of its kind
+                    data = {k: v for k, v in data.items() if k in item.keys}
+                lines += ["", f"[[{section}]]", *_table(data)]
+        elif hasattr(value, "model_dump"):
+            lines += ["", f"[{section}]", *_table(_masked(value))]
     kinds = {s.name: "openauth" for s in settings.openauth} | {
         s.name: "smtp" for s in settings.smtp
     }

@@ -36,6 +36,7 @@ def build_deliverers(
             namespace=settings.namespace,
             webhook=webhook.name,
             ttl=settings.status.ttl,
+            max_dead_letters=settings.status.max_dead_letters,
         )
         deliverers.append(
             WebhookDeliverer(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.keys import TRIM_DEAD_LUA
+
 __all__ = ["CLAIM_DUE", "DEAD", "DONE", "RECORD", "REQUEUE", "RETRY"]
 
 # record(status key, history key, fields JSON ('' none), ttl, history entries...):
@@ -44,9 +46,12 @@ return 1
 )
 
 # KEYS: stream, retry, deliveries, status, history, dead index, dead payload
-# ARGV: group, stream id, id, dead id, payload, now (ms), ttl, fields, entries...
+# ARGV: group, stream id, id, dead id, payload, now (ms), ttl, dead letters' cap,
+#       fields, entries...
+# Returns 0 when another process moved it, else {1, the ids of dead letters trimmed}.
 DEAD = (
     RECORD
+    + TRIM_DEAD_LUA
     + """
 if ARGV[2] ~= '' then
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
@@ -58,8 +63,9 @@ local now, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
 redis.call('SET', KEYS[7], ARGV[5], 'EX', ttl)
 redis.call('ZADD', KEYS[6], now, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - ttl * 1000)
-record(KEYS[4], KEYS[5], ARGV[8], ttl, {unpack(ARGV, 9)})
-return 1
+local trimmed = trim_dead(string.sub(KEYS[6], 1, -6), ARGV[8])
+record(KEYS[4], KEYS[5], ARGV[9], ttl, {unpack(ARGV, 10)})
+return {1, unpack(trimmed)}
 """
 )
 

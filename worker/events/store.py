@@ -29,6 +29,7 @@ from common.keys import (
     history_key,
     status_key,
 )
+from settings import StatusSettings
 from worker.events import scripts
 from worker.events.model import (
     Delivery,
@@ -40,6 +41,7 @@ from worker.events.model import (
     retry_key,
     text,
 )
+from worker.status import DeadTrims
 
 __all__ = ["DeliveryStore"]
 
@@ -57,9 +59,17 @@ class DeliveryStore:
     """
 
     def __init__(
-        self, client: redis.Redis, *, namespace: str, webhook: str, ttl: float
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str,
+        webhook: str,
+        ttl: float,
+        max_dead_letters: int = StatusSettings().max_dead_letters,
     ) -> None:
         self._client = client
+        self._max_dead = max_dead_letters
+        self._trims = DeadTrims(max_dead_letters)
         self._ns = namespace
         self.webhook = webhook
         self.group = group_name(webhook)
@@ -235,9 +245,15 @@ class DeliveryStore:
             payload,
             int(time.time() * 1000),
             self._ttl,
+            self._max_dead,
             *_record_args(fields, history),
         ]
-        return bool(self._dead(keys=keys, args=args))
+        reply = self._dead(keys=keys, args=args)
+        if not reply:
+            return False
+        if len(reply) > 1:
+            self._trims.note(reply[1:])
+        return True
 
     def _record_keys(self, event_id: str) -> list[str]:
         # Only a requeued delivery has a record; its id is the dead letter's.

@@ -99,7 +99,7 @@ def parse(raw: bytes, *, max_parts: int, max_depth: int) -> Message:
     if problem:
         raise UnreadableMessageError(problem)
     try:
-        message = _PARSER.parsebytes(raw)
+        message = _split_multipart(raw) or _PARSER.parsebytes(raw)
     except RecursionError:  # only if the scan and the parser ever disagree
         raise UnreadableMessageError(f"nested deeper than {max_depth}") from None
     except Exception as exc:  # the parser is lenient: this would be a bug there
@@ -305,3 +305,173 @@ def msg_id_in(text: str) -> str | None:
 def first_of(values: Iterable[str]) -> str:
     """The first non-empty value, else ""."""
     return next((v for v in values if v), "")
+
+
+# A blank line: the end of a header block.
+_BLANK = re.compile(rb"\r?\n\r?\n")
+# A top-level Content-Type of multipart/*, folding allowed (a fast, loose first look).
+_MULTIPART = re.compile(
+    rb"^content-type:[ \t\r\n]*multipart/", re.IGNORECASE | re.MULTILINE
+)
+
+
+def _chomp(text: str) -> str:
+    """``text`` without one final newline (CRLF or LF; a lone CR never gets here)."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _split_multipart(raw: bytes) -> Message | None:
+    """A multipart message parsed part by part, or None where only the feed parser will do.
+
+    The feed parser matches every line of a multipart against a regular expression it
+    compiles for each message's boundary: for a delivery report, most of its time. Here
+    the parts are cut at their delimiter lines with ``bytes.find`` (nested multiparts
+    inside the cut parts the same way), each part's header is parsed alone, a leaf's body
+    is set as it is, and a message/* part (a delivery status, a quoted original) is
+    parsed by the feed parser. The tree is the one the feed parser builds
+    (``tests/test_inbound_parse.py`` compares them on samples, mutations and random
+    trees); anything this does not mimic exactly (a digest, a lone CR, a header that is
+    not one, a repeated or missing delimiter) returns None, and the caller parses the
+    whole message.
+    """
+    blank = _BLANK.search(raw)
+    if blank is None or not _MULTIPART.search(raw, 0, blank.start()):
+        return None  # not a multipart, or not one this can cut: the parser's work
+    if raw.count(b"\r") != raw.count(b"\r\n"):
+        return None  # the parser ends lines at a lone CR too
+    top, body = _header_block(raw)
+    if top is None or top.defects or not _fill(top, body):
+        return None
+    return top
+
+
+def _fill(multipart: Message, body: bytes) -> bool:
+    """Set ``multipart``'s parts, preamble and epilogue from its ``body``; False to give up."""
+    ctype = content_type(multipart)
+    if not ctype.startswith("multipart/") or ctype == "multipart/digest":
+        return False
+    try:
+        boundary = multipart.get_boundary()
+    except Exception:  # unreadable parameters: the parser copes on its own
+        return False
+    if (
+        not boundary
+        or not boundary.isascii()
+        or str(multipart.get("content-transfer-encoding", "8bit")).lower()
+        not in ("7bit", "8bit", "binary")
+    ):
+        return False
+    cuts = _delimiters(body, ("--" + boundary).encode("ascii", "surrogateescape"))
+    if cuts is None:
+        return False
+    starts, close = cuts
+    text = body.decode("ascii", "surrogateescape")
+    # The newline before a delimiter belongs to the delimiter (RFC 2046).
+    if starts[0][0]:
+        multipart.preamble = _chomp(text[: starts[0][0]])
+    parts: list[Message | str] = []
+    ends = [start for start, _ in starts[1:]] + [close[0]]
+    for (_, begin), stop in zip(starts, ends, strict=True):
+        part = _part(body[begin:stop])
+        if part is None:
+            return False
+        parts.append(part)
+    multipart.set_payload(parts)
+    multipart.epilogue = text[close[1] :]
+    return True
+
+
+def _header_block(raw: bytes) -> tuple[Message | None, bytes]:
+    """The header of ``raw`` parsed alone, and the body after its blank line."""
+    if raw[:1] in (b"\n", b"\r"):
+        head, body = b"", raw[2 if raw[:2] == b"\r\n" else 1 :]
+    else:
+        blank = _BLANK.search(raw)
+        if blank is None:
+            return None, b""
+        head, body = raw[: blank.start()] + b"\r\n\r\n", raw[blank.end() :]
+    try:
+        return _PARSER.parsebytes(head, headersonly=True), body
+    except Exception:  # the whole message will be parsed, and fail there if it must
+        return None, b""
+
+
+def _delimiters(
+    body: bytes, delimiter: bytes
+) -> tuple[list[tuple[int, int]], tuple[int, int]] | None:
+    """(where each part's delimiter line starts, where its part starts) and the close's.
+
+    None unless every delimiter is alone on its line, no two follow each other, and the
+    close delimiter is there.
+    """
+    starts: list[tuple[int, int]] = []
+    at = 0
+    while True:
+        found = body.find(delimiter, at)
+        if found < 0:
+            return None  # no close delimiter
+        at = found + len(delimiter)
+        if found and body[found - 1 : found] != b"\n":
+            continue
+        end = body.find(b"\n", at)
+        end = len(body) if end < 0 else end + 1
+        rest = body[at:end].rstrip(b"\r\n").rstrip(b" \t")
+        if rest not in (b"", b"--"):
+            continue  # a longer word that starts like the delimiter
+        if starts and starts[-1][1] == found:
+            return None  # a repeated delimiter: the parser skips it, we do not
+        if rest == b"--":
+            if not starts:
+                return None
+            return starts, (found, end)
+        starts.append((found, end))
+        at = end
+
+
+def _part(data: bytes) -> Message | None:
+    """One part of a multipart, as the feed parser makes it (its last newline dropped)."""
+    head, body = _header_block(data) if data else (None, b"")
+    if head is None or head.defects:
+        return None
+    maintype = content_type(head).split("/", 1)[0]
+    if maintype == "multipart":
+        if not _fill(head, body):
+            return None
+        _drop_last_newline(head)
+        return head
+    if maintype == "message":
+        try:
+            part = _PARSER.parsebytes(data)
+        except Exception:  # the whole message will be parsed instead
+            return None
+        _drop_last_newline(_last_made(part))
+        return part
+    head.set_payload(_chomp(body.decode("ascii", "surrogateescape")))
+    return head
+
+
+def _last_made(part: Message) -> Message:
+    """The entity the feed parser made last in ``part``, or the multipart it ended last."""
+    while content_type(part).split("/", 1)[0] != "multipart":
+        payload = part.get_payload()
+        if not isinstance(payload, list) or not payload:
+            break
+        last = payload[-1]
+        if not isinstance(last, Message):
+            break
+        part = last
+    return part
+
+
+def _drop_last_newline(part: Message) -> None:
+    """What the feed parser does to the entity before a delimiter: its newline is dropped."""
+    if content_type(part).startswith("multipart/"):
+        if part.epilogue == "":
+            part.epilogue = None
+        elif part.epilogue is not None:
+            part.epilogue = _chomp(part.epilogue)
+    # The raw payload, as the feed parser reads it (get_payload() decodes 8-bit text).
+    elif isinstance(raw := getattr(part, "_payload", None), str):
+        part._payload = _chomp(raw)  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@
 - ``tuning``: ``WorkerTuning``: idle poll, delayed prefetch, malloc.
 - ``bulk_slots``: ``BulkSlots`` keeps a thread free for single jobs.
 - ``wake``: ``Waker`` wakes idle consumers when a producer enqueues.
+- ``release``: ``Releaser`` moves due scheduled jobs onto their queues.
 """
 
 __all__: list[str] = []

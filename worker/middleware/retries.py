@@ -24,7 +24,8 @@ class ReliableRetries(Middleware):
 
     The actor raises ``dramatiq.Retry`` with its own delay for every retry it wants. Any
     other exception (a bug, Redis gone mid-job) waits ``policy.backoff``, the actor's
-    own rule. ``SafeConsumer.ack`` enqueues the delayed copy.
+    own rule. ``SafeConsumer.ack`` enqueues the delayed copy: one that waits longer
+    than ``SCHEDULE_AFTER_MS`` goes into the scheduled set in the ack's own script.
 
     Args:
         policy: the ``[retry]`` settings.

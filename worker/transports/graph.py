@@ -112,12 +112,15 @@ class GraphTransport:
                 service=self.name,
                 code=413,
             )
-        wait = self._budget.spend(len(message.recipients)) if self._budget else 0.0
-        if wait:
-            raise BudgetExhaustedError(
-                f"sending budget of {self.service.service_identity} spent; room in {wait:.0f}s",
+        spent = (
+            self._budget.spend_many([len(message.recipients)]) if self._budget else None
+        )
+        if spent is not None and spent.wait:
+            raise BudgetExhaustedError.spent(
+                spent.limit,
+                self.service.service_identity,
+                spent.wait,
                 service=self.name,
-                wait=wait,
                 overflow=self.service.overflow,
             )
         if self._slots is None:

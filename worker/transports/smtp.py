@@ -11,11 +11,12 @@ import redis
 
 from settings import SmtpConnection
 from worker.errors import (
+    BudgetExhaustedError,
     DeliveryError,
     TransientDeliveryError,
     TransportUnavailableError,
 )
-from worker.limits import Slots
+from worker.limits import Budget, Slots, Spent
 from worker.transports.base import OutgoingMessage, Receipt, SendResult
 from worker.transports.smtp_client import SmtpClient
 
@@ -46,6 +47,8 @@ class SmtpTransport:
         tokens: the integrated service account, for ``auth = "xoauth2"``.
         total: ``max_connections_total`` leases shared by every worker, when capped.
         password: a callable returning the current password (re-read after an AUTH failure).
+        budget: ``messages_per_minute``, ``messages_per_hour`` and ``recipients_per_day``
+            across every worker (None: none, as for ``test-connection``).
     """
 
     needs_mime = True
@@ -57,8 +60,10 @@ class SmtpTransport:
         password: Callable[[], str | None],
         tokens: TokenProvider | None = None,
         total: Slots | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.name = conn.name
+        self._budget = budget if budget is not None and not budget.unlimited else None
         self.conn = conn
         self._password = password
         self._tokens = tokens
@@ -76,20 +81,76 @@ class SmtpTransport:
         """Send one message on a pooled session.
 
         Raises:
+            BudgetExhaustedError: a sending budget is spent (nothing was sent).
             TransportUnavailableError: connect, TLS or AUTH failed, or a quota reply.
-            TransientDeliveryError: 4xx, timeout, lost connection, or no free session in
-                time. ``in_doubt`` when the reply to the final dot was lost.
+            TransientDeliveryError: 4xx, timeout, lost connection, no free session in
+                time, or the budget's Redis did not answer. ``in_doubt`` when the reply
+                to the final dot was lost.
             MessageRefusedError: the sender or message was refused for good.
         """
+        return self._send_held(message, spend=True)
+
+    def _send_held(self, message: OutgoingMessage, *, spend: bool) -> Receipt:
+        """``send`` on a session of this process; ``spend`` unless already spent."""
         if not self._slots.acquire(timeout=self.conn.timeout):
             raise TransientDeliveryError(
                 f"all {self.conn.max_connections} sessions busy for {self.conn.timeout:g}s",
                 service=self.name,
             )
         try:
+            if spend and self._budget is not None:
+                spent = self._spend([message])
+                if spent.count == 0:
+                    raise self._spent(spent)
             return self._send(message)
         finally:
             self._slots.release()
+
+    def _spend(self, messages: Sequence[OutgoingMessage]) -> Spent:
+        """Spend the budget of the first messages that fit.
+
+        Raises:
+            TransientDeliveryError: the budget's Redis did not answer.
+        """
+        assert self._budget is not None
+        try:
+            spent = self._budget.spend_many([len(m.recipients) for m in messages])
+        except redis.RedisError as exc:  # a passing failure of this send, never a crash
+            raise TransientDeliveryError(
+                "cannot spend the sending budget: the broker's Redis answered "
+                f"{type(exc).__name__}",
+                service=self.name,
+            ) from exc
+        return spent
+
+    def _pay(
+        self, messages: Sequence[OutgoingMessage], results: list[SendResult]
+    ) -> int:
+        """Spend the budget of as many messages as fit, from the first; how many.
+
+        When a per-message budget stopped them, no later one fits either, whatever its
+        recipients: those are refused in ``results`` at once (the others go on to
+        ``send``, which asks again for each).
+        """
+        if self._budget is None:
+            return len(messages)
+        try:
+            spent = self._spend(messages)
+        except TransientDeliveryError:
+            return 0  # each message finds out on its own
+        if spent.limit.startswith("messages_"):
+            for index in range(spent.count, len(messages)):
+                results[index] = self._spent(spent)
+        return spent.count
+
+    def _spent(self, spent: Spent) -> BudgetExhaustedError:
+        return BudgetExhaustedError.spent(
+            spent.limit,
+            f"[[smtp]] {self.name}",
+            spent.wait,
+            service=self.name,
+            overflow=self.conn.overflow,
+        )
 
     def send_many(
         self,
@@ -99,32 +160,37 @@ class SmtpTransport:
     ) -> list[SendResult]:
         """Send many messages on one pooled session, pipelined across messages.
 
-        This is ``SmtpClient.send_many``. Those the session could not take are sent one
-        by one as ``send`` does.
+        This is ``SmtpClient.send_many``, for as many messages, from the first, as the
+        budget has room for. The others, and those the session could not take, are sent
+        one by one as ``send`` does.
 
         Returns:
             Per message, its Receipt, the DeliveryError ``send`` would have raised, or
             None when ``stop`` became true before it was sent.
         """
         results: list[SendResult] = [None] * len(messages)
+        paid = 0  # the first ``paid`` messages have spent the budget
         if self._slots.acquire(timeout=self.conn.timeout):
             try:
-                client, _ = self._checkout()
-                try:
-                    results = client.send_many(
-                        [(m.sender, m.recipients, m.data) for m in messages], stop=stop
-                    )
-                finally:
-                    self._checkin(client)
+                paid = self._pay(messages, results)
+                if paid:
+                    client, _ = self._checkout()
+                    try:
+                        results[:paid] = client.send_many(
+                            [(m.sender, m.recipients, m.data) for m in messages[:paid]],
+                            stop=stop,
+                        )
+                    finally:
+                        self._checkin(client)
             except DeliveryError:
                 pass  # connecting failed: each message finds out on its own below
             finally:
                 self._slots.release()
         out: list[SendResult] = []
-        for message, result in zip(messages, results, strict=True):
+        for index, (message, result) in enumerate(zip(messages, results, strict=True)):
             if result is None and not (stop and stop()):
                 try:
-                    result = self.send(message)
+                    result = self._send_held(message, spend=index >= paid)
                 except DeliveryError as exc:
                     result = exc
             out.append(result)
