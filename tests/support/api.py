@@ -25,6 +25,7 @@ class ApiServer:
     settings: Settings
     client: redis.Redis
     port: int = field(default_factory=free_port)
+    mount: bool = True
     _server: BackgroundServer | None = None
 
     @property
@@ -32,7 +33,7 @@ class ApiServer:
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> ApiServer:
-        app = AccessLog(create_app(self.settings, client=self.client))
+        app = AccessLog(create_app(self.settings, client=self.client, mount=self.mount))
         self._server = BackgroundServer(app, self.settings, HOST, self.port)
         self._server.start()
         return self

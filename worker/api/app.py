@@ -45,7 +45,7 @@ MOUNTED = (
 
 
 def _mount(path: str, app: Callable[..., Any]) -> ASGIRouteHandler:
-    @asgi(path, is_mount=True, include_in_schema=False)
+    @asgi(path, is_mount=True, copy_scope=True, include_in_schema=False)
     async def mounted(scope: Scope, receive: Receive, send: Send) -> None:
         await app(scope, receive, send)
 
@@ -66,12 +66,16 @@ def mounts(settings: Settings, client: redis.Redis) -> list[ASGIRouteHandler]:
     return handlers
 
 
-def create_app(settings: Settings, *, client: redis.Redis | None = None) -> Litestar:
+def create_app(
+    settings: Settings, *, client: redis.Redis | None = None, mount: bool = True
+) -> Litestar:
     """The HTTP API for ``settings``.
 
     Args:
         settings: the configuration (``[api]``, ``[limits]``, the broker).
         client: the broker's Redis client (one from ``broker_url`` when omitted).
+        mount: mount the console, the action links and the metrics where installed
+            (the console reads its session secret from Redis as it is built).
 
     Returns:
         The ASGI app. It connects to Redis lazily.
@@ -82,7 +86,7 @@ def create_app(settings: Settings, *, client: redis.Redis | None = None) -> Lite
         )
     context = ApiContext.build(settings, client)
     return Litestar(
-        route_handlers=[*ROUTES, *mounts(settings, client)],
+        route_handlers=[*ROUTES, *(mounts(settings, client) if mount else [])],
         state=State({"api": context, "key_cache": KeyCache()}),
         plugins=[problem_plugin()],
         exception_handlers=INTERNAL_HANDLERS,  # type: ignore[arg-type]
