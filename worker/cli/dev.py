@@ -11,6 +11,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -198,7 +199,8 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
     "--api-port",
     type=click.IntRange(0, 65535),
     default=0,
-    help="Port of the HTTP API on 127.0.0.1 (default: a free one).",
+    help="Port of the HTTP API on 127.0.0.1 (default: [api] listen's, 8025, when it is "
+    "free, else a free one).",
 )
 def dev(outbox: Path, threads: int, port: int, api_port: int) -> None:
     """Run everything on loopback: an embedded broker, the worker, a capture mailbox.
@@ -215,7 +217,7 @@ def dev(outbox: Path, threads: int, port: int, api_port: int) -> None:
     from worker.inbound.runner import build_inbound
     from worker.logging import configure
 
-    base = settings_or_fail()
+    base = _with_api_port(settings_or_fail(), api_port)
     broker = EmbeddedBroker(port)
     broker.start()
     import structlog
@@ -242,7 +244,9 @@ def dev(outbox: Path, threads: int, port: int, api_port: int) -> None:
     # Poll an idle queue every 50 ms so a message arrives well within a second.
     worker = Worker(app.broker, worker_threads=threads, worker_timeout=50)
     worker.start()
-    api, api_key = _serve_api(settings, client, api_port)
+    api, api_key = _serve_api(
+        settings, client, int(settings.api.listen.rpartition(":")[2])
+    )
     me = (
         sys.argv[0]
         if shutil.which("mailworker") != os.path.abspath(sys.argv[0])
@@ -285,6 +289,20 @@ def dev(outbox: Path, threads: int, port: int, api_port: int) -> None:
     app.close()
     mailbox.stop()
     broker.stop()
+
+
+def _with_api_port(base: Settings, port: int) -> Settings:
+    """``base`` with the API on 127.0.0.1: ``port``, or [api] listen's port if free."""
+    if not port:
+        wanted = int(base.api.listen.rpartition(":")[2])
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, wanted))
+                port = wanted
+            except OSError:
+                port = free_port()  # another dev, or a real API, holds it
+    api = base.api.model_copy(update={"listen": f"{HOST}:{port}"})
+    return base.model_copy(update={"api": api})
 
 
 def _serve_api(settings: Settings, client: Any, port: int) -> tuple[Any, str]:
