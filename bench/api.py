@@ -5,7 +5,7 @@ One ``mailworker api`` app serves both endpoints in one uvicorn process, on a Re
 own: ``/v1/notifications`` (key, rate limit, validation, the enqueue script) and
 ``/bare`` (only RPUSHes the raw body). wrk drives each with 50 connections, in
 alternating rounds, so the shared machine's busy moments fall on both. Then 8 httpx
-clients pace 200 requests/s for the latency, wrk posts batches of 100 against
+clients pace 200 requests/s for the latency, wrk posts batches of 100 (8 connections) against
 single posts, and the server's peak RSS is read.
 """
 
