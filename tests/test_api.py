@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import ssl
 
+import httpx
 import orjson
 import pytest
 from structlog.testing import capture_logs
@@ -359,3 +361,24 @@ def test_concurrent_posts_each_get_their_own_job(api, redis_client):
     ns = api.settings.namespace
     assert all(redis_client.hget(status_key(ns, i), "state") == b"queued" for i in ids)
     assert redis_client.llen(f"{ns}:mail") == 40
+
+
+def test_tls_is_served_from_the_certificate_and_key_files(
+    api_server, make_settings, ca, ca_file, tmp_path
+):
+    """[api] tls_certificate_file and tls_key_file: HTTPS, verified by the client's CA."""
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key_file = tmp_path / "api.crt", tmp_path / "api.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key_file))
+    api = api_server(
+        make_settings(
+            api={"tls_certificate_file": str(cert), "tls_key_file": str(key_file)}
+        )
+    )
+    assert api.url.startswith("https://")
+    trusting = ssl.create_default_context(cafile=str(ca_file))
+    with api.http(api.key("send"), verify=trusting) as http:
+        assert http.post("/v1/notifications", json=JOB).status_code == 202
+    with pytest.raises(httpx.ConnectError), httpx.Client(verify=True) as untrusting:
+        untrusting.get(f"{api.url}/healthz")

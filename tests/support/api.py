@@ -30,7 +30,8 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        scheme = "https" if self.settings.api.tls_certificate_file else "http"
+        return f"{scheme}://{HOST}:{self.port}"
 
     def start(self) -> ApiServer:
         app = AccessLog(create_app(self.settings, client=self.client, mount=self.mount))
