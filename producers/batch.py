@@ -44,7 +44,7 @@ local states, ids, parts, seen = {}, {}, {}, {}
 for i = 1, n do
   local idem, base = KEYS[3 + 2 * i], 7 + (i - 1) * 4
   local id, digest = ARGV[base + 1], ARGV[base + 3]
-  if idem ~= '' then
+  if string.sub(idem, -6) ~= ':idem:' then
     local held = seen[idem] or redis.call('GET', idem)
     if held then
       local sep = string.find(held, ' ', 1, true)
@@ -65,7 +65,7 @@ for i = 1, n do
   if states[i] == 'enqueued' then
     local base = 7 + (i - 1) * 4
     local idem, status = KEYS[3 + 2 * i], KEYS[2 + 2 * i]
-    if idem ~= '' then
+    if string.sub(idem, -6) ~= ':idem:' then
       redis.call('SET', idem, ARGV[base + 1] .. ' ' .. ARGV[base + 3], 'EX', ARGV[5])
     end
     redis.call('HSET', status, unpack(pairs_of(cjson.decode(ARGV[base + 4]))))
@@ -100,9 +100,16 @@ def queued_record(
 
 
 def claim_key(namespace: str, job: Notification) -> str:
-    """The job's idempotency claim key, or "" when it has no ``idempotency_key``."""
+    """The job's idempotency claim key; ``{ns}:idem:`` (never written) when it has no
+    ``idempotency_key``.
+
+    A key under the namespace even then: on Redis Cluster every key a script declares
+    must be in the namespace's slot (an empty name is in slot 0).
+    """
     return (
-        idempotency_key(namespace, job.idempotency_key) if job.idempotency_key else ""
+        idempotency_key(namespace, job.idempotency_key)
+        if job.idempotency_key
+        else f"{namespace}:idem:"
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect, connect_settings, replication
 from common.envelope import envelope
 from common.keys import (
     ACTOR_NAME,
@@ -42,6 +42,7 @@ from producers.events import Event, ack_events, read_events
 from producers.job import Notification
 from producers.schedule import Cancelled, ScheduledPage, cancel, list_page
 from settings import (
+    BrokerNotReplicatedError,
     ConfigError,
     EventsSettings,
     JobValidationError,
@@ -60,7 +61,7 @@ __all__ = ["Producer", "wire_message"]
 _ENQUEUE = (
     WAKE_LUA
     + """
-if KEYS[4] ~= '' then
+if string.sub(KEYS[4], -6) ~= ':idem:' then
   local claim = ARGV[3] .. ' ' .. ARGV[7]
   if redis.call('SET', KEYS[4], claim, 'NX', 'EX', ARGV[6]) == false then
     local held = redis.call('GET', KEYS[4])
@@ -149,7 +150,7 @@ class Producer:
         """
         url = broker_url or settings.broker_url.get_secret_value()
         return cls(
-            connect(url, ca_bundle=settings.broker_ca_bundle),
+            connect_settings(settings, url),
             namespace=settings.namespace,
             limits=settings.limits,
             status_ttl=settings.status.ttl,
@@ -170,27 +171,41 @@ class Producer:
         idempotency_ttl: float = 86400,
         ca_bundle: Path | None = None,
         email_actions: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> Producer:
         """Build a producer for one broker, without reading any configuration.
 
         Args:
-            broker_url: ``redis://[user:password@]host:port/db`` or ``rediss://…``, the
+            broker_url: ``redis://[user:password@]host:port/db``, ``rediss://…``, a
+                Sentinel or Cluster URL (README, "Redis high availability"), the
                 workers' ``broker_url``.
             namespace: the workers' ``namespace``.
             limits: the workers' ``[limits]`` (default: the defaults).
             status_ttl: the workers' ``status.ttl``, in seconds.
             idempotency_ttl: the workers' ``status.idempotency_ttl``, in seconds.
-            ca_bundle: extra trust for ``rediss://``.
+            ca_bundle: extra trust for ``rediss://`` (and ``rediss+sentinel://``,
+                ``rediss+cluster://``).
             email_actions: the workers' ``email_actions.enabled``: whether jobs may
                 carry ``actions``.
+            wait_replicas: the workers' ``[broker] wait_replicas``: an enqueue returns
+                once that many replicas have it.
+            wait_timeout: the workers' ``[broker] wait_timeout``, in seconds.
 
         Raises:
-            ConfigError: ``namespace`` is not a valid namespace.
+            ConfigError: ``namespace`` is not a valid namespace, or ``broker_url`` is
+                not a broker URL (the error names it, never its password).
         """
         if not NAMESPACE.match(namespace):
             raise ConfigError("namespace", f"{namespace!r} is not a valid namespace")
         return cls(
-            connect(broker_url, ca_bundle=ca_bundle),
+            connect(
+                broker_url,
+                ca_bundle=ca_bundle,
+                namespace=namespace,
+                replicas=wait_replicas,
+                replica_timeout=wait_timeout,
+            ),
             namespace=namespace,
             limits=limits,
             status_ttl=status_ttl,
@@ -276,6 +291,8 @@ class Producer:
             JobValidationError: the job breaks ``[limits]`` or reuses an idempotency key
                 with another payload.
             BrokerUnavailableError: Redis cannot be reached. Nothing was enqueued.
+            BrokerNotReplicatedError: (a ``BrokerUnavailableError``) with ``[broker]
+                wait_replicas``, too few replicas confirmed the enqueue in time.
         """
         return self.enqueue_many([notification])[0]
 
@@ -297,7 +314,8 @@ class Producer:
         Raises:
             JobValidationError: one is invalid (``field`` starts with its index). None
                 was enqueued. For a conflicting idempotency key the ones before it were.
-            BrokerUnavailableError: Redis cannot be reached.
+            BrokerUnavailableError: Redis cannot be reached (``BrokerNotReplicatedError``
+                when too few replicas confirmed it, as for ``enqueue``).
         """
         jobs = list(notifications)
         for index, job in enumerate(jobs):
@@ -373,23 +391,52 @@ class Producer:
                         now=now,
                     )
                     self._batch(keys=keys, args=args, client=pipe)
-                return list(pipe.execute())
+                replies, acked = self._execute(pipe)
         except redis.RedisError as exc:
             raise broker_error(self._label, exc) from None
+        self._check_replicated(acked, sum(len(g) for g in groups))
+        return replies
+
+    def _execute(self, pipe: Any) -> tuple[list[Any], int | None]:
+        """Run ``pipe``; with ``wait_replicas``, ``WAIT`` last on its connection.
+
+        Returns:
+            The replies, and how many replicas have them (None when not asked).
+        """
+        replicas, timeout_ms = replication(self._client)
+        if replicas:
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+        replies = list(pipe.execute())
+        if not replicas:
+            return replies, None
+        return replies[:-1], int(replies[-1])
+
+    def _check_replicated(self, acked: int | None, count: int) -> None:
+        replicas, timeout_ms = replication(self._client)
+        if acked is None or acked >= replicas:
+            return
+        raise BrokerNotReplicatedError(
+            f"broker {self._label}: the primary took {count} job(s), but only {acked} "
+            f"of the {replicas} replica(s) [broker] wait_replicas asks for confirmed "
+            f"them within wait_timeout ({timeout_ms} ms): they may still be delivered, "
+            "or be lost if the primary fails now. Enqueueing them again with the same "
+            "idempotency_key is safe"
+        )
 
     def _enqueue_chunk(self, jobs: Sequence[Notification], offset: int) -> list[str]:
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         try:
-            if len(jobs) == 1:
+            if len(jobs) == 1 and not replication(self._client)[0]:
                 # One EVALSHA: a pipeline would ask SCRIPT EXISTS first, a round trip more.
-                replies = [self._queue_call(self._client, jobs[0], now)]
+                replies, acked = [self._queue_call(self._client, jobs[0], now)], None
             else:
                 with self._client.pipeline(transaction=False) as pipe:
                     for job in jobs:
                         self._queue_call(pipe, job, now)
-                    replies = pipe.execute()
+                    replies, acked = self._execute(pipe)
         except redis.RedisError as exc:
             raise broker_error(self._label, exc) from None
+        self._check_replicated(acked, len(jobs))
         ids = []
         for index, (state, job_id) in enumerate(replies):
             if state == b"conflict":

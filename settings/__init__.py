@@ -2,6 +2,7 @@
 
 from settings.errors import (
     BrokerAuthenticationError,
+    BrokerNotReplicatedError,
     BrokerUnavailableError,
     ConfigError,
     JobValidationError,
@@ -12,6 +13,7 @@ from settings.models import (
     EVENT_TYPES,
     BouncesSettings,
     BreakerSettings,
+    BrokerSettings,
     EmailActionsSettings,
     EventsSettings,
     InboundSource,
@@ -30,6 +32,8 @@ __all__ = [
     "BouncesSettings",
     "BreakerSettings",
     "BrokerAuthenticationError",
+    "BrokerNotReplicatedError",
+    "BrokerSettings",
     "BrokerUnavailableError",
     "ConfigError",
     "EmailActionsSettings",

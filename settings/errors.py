@@ -6,7 +6,8 @@ Every error mailworker raises on purpose descends from ``MailworkerError``::
     ├── ConfigError(ValueError)        settings: names the key; never retried (CLI exit 2)
     ├── JobValidationError(ValueError) settings: names the field; dead-lettered at once
     ├── BrokerUnavailableError         settings: Redis unreachable or refusing (exit 4)
-    │   └── BrokerAuthenticationError  the login or an ACL refused
+    │   ├── BrokerAuthenticationError  the login or an ACL refused
+    │   └── BrokerNotReplicatedError   fewer replicas than [broker] wait_replicas had it
     ├── RequeueRefusedError            worker.deadletter: this dead letter cannot be sent
     ├── MalformedMessageError          worker.broker.envelope: a broker message of the
     │                                  wrong shape (also Dramatiq's DecodeError)
@@ -33,6 +34,7 @@ from typing import Any
 
 __all__ = [
     "BrokerAuthenticationError",
+    "BrokerNotReplicatedError",
     "BrokerUnavailableError",
     "ConfigError",
     "JobValidationError",
@@ -96,3 +98,12 @@ class BrokerUnavailableError(MailworkerError):
 class BrokerAuthenticationError(BrokerUnavailableError):
     """The broker refused the login of ``broker_url`` (password or ACL user), or the ACL
     user may not run a command mailworker needs; nothing was enqueued (CLI exit 4)."""
+
+
+class BrokerNotReplicatedError(BrokerUnavailableError):
+    """The primary took the enqueue, but fewer replicas than ``[broker] wait_replicas``
+    confirmed it within ``wait_timeout`` (CLI exit 4).
+
+    The job may still be delivered, or be lost if the primary fails now. Enqueueing it
+    again with the same ``idempotency_key`` is safe: it is not enqueued twice.
+    """

@@ -112,22 +112,25 @@ def read_secret(
 
 
 def public_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to print or log)."""
+    """Return ``url`` with any password replaced by ``***`` (safe to print or log).
+
+    The user info's password and every query parameter whose name holds ``password``
+    (``sentinel_password``) are masked.
+    """
     parts = urlsplit(url)
     if parts.query:
         query = "&".join(
-            f"{k}=***" if k.lower() == "password" else f"{k}{sep}{v}"
+            f"{k}=***" if "password" in k.lower() else f"{k}{sep}{v}"
             for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
         )
         parts = parts._replace(query=query)
         url = urlunsplit(parts)
     if parts.password is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    # The hosts are kept as written: a Sentinel or Cluster URL lists several.
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}:***@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 

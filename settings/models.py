@@ -23,12 +23,15 @@ from pydantic_settings import (
 
 from settings.actions import EmailActionsSettings, receiving_source
 from settings.durations import Duration
+from settings.endpoints import parse_broker_url
+from settings.errors import ConfigError
 
 __all__ = [
     "EVENT_TYPES",
     "ApiSettings",
     "BouncesSettings",
     "BreakerSettings",
+    "BrokerSettings",
     "EmailActionsSettings",
     "EventType",
     "EventsSettings",
@@ -49,7 +52,9 @@ _ADDRESS = re.compile(
     r"^[^@\s<>\"(),;:\\\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
 )
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
-NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# A plain name, or one hash tag (``{mailworker}``): on Redis Cluster every key of a
+# hash-tagged namespace is in one slot (docs/scaling.md).
+NAMESPACE = re.compile(r"^(?:[A-Za-z0-9_.-]{1,64}|\{[A-Za-z0-9_.-]{1,62}\})$")
 
 
 def _service_name(value: str) -> str:
@@ -148,6 +153,25 @@ class BreakerSettings(_Section):
 
     failures: int = Field(5, ge=1)
     cooldown: Duration = 60.0
+
+
+def _broker_url(value: SecretStr) -> SecretStr:
+    try:
+        parse_broker_url(value.get_secret_value())
+    except ConfigError as exc:
+        raise ValueError(exc.reason) from None
+    return value
+
+
+class BrokerSettings(_Section):
+    """``[broker]``: what an acknowledged write promises (docs/scaling.md).
+
+    With ``wait_replicas`` above 0 an enqueue, an acknowledgement and a status write
+    return only once that many replicas have it (Redis ``WAIT``, up to ``wait_timeout``).
+    """
+
+    wait_replicas: int = Field(0, ge=0, le=16)
+    wait_timeout: Duration = Field(1.0, gt=0, le=60)
 
 
 class StatusSettings(_Section):
@@ -569,9 +593,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True)
 
-    broker_url: SecretStr = SecretStr(DEFAULT_BROKER_URL)
+    broker_url: Annotated[SecretStr, AfterValidator(_broker_url)] = SecretStr(
+        DEFAULT_BROKER_URL
+    )
     broker_ca_bundle: Path | None = None
     namespace: Annotated[str, Field(pattern=NAMESPACE.pattern)] = "mailworker"
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_recipients: Literal["full", "domain", "hash"] = "full"
     redirect_all_to: Address = ""
@@ -603,6 +630,17 @@ class Settings(BaseSettings):
         # The file and the environment are merged by settings.loading, whose rules
         # (named services, unknown variables as errors) pydantic-settings cannot express.
         return (init_settings,)
+
+    @model_validator(mode="after")
+    def _cluster_namespace(self) -> Settings:
+        endpoint = parse_broker_url(self.broker_url.get_secret_value())
+        if endpoint.kind == "cluster" and not self.namespace.startswith("{"):
+            raise ValueError(
+                f"namespace: {self.namespace!r} is not a hash tag; on Redis Cluster "
+                f"every key must be in one slot: write namespace = "
+                f'"{{{self.namespace}}}"'
+            )
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from settings.models import (
     BouncesSettings,
     BreakerSettings,
+    BrokerSettings,
     EmailActionsSettings,
     EventsSettings,
     InboundSource,
@@ -33,6 +34,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "limits": Limits,
     "retry": RetryPolicy,
     "breaker": BreakerSettings,
+    "broker": BrokerSettings,
     "status": StatusSettings,
     "events": EventsSettings,
     "bounces": BouncesSettings,

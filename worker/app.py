@@ -18,9 +18,10 @@ from dramatiq import Middleware
 from dramatiq.middleware import CurrentMessage
 from pydantic import SecretStr
 
-from common.broker import connect
+from common.broker import connect_settings
 from common.keys import ACTOR_NAME, BATCH_ACTOR_NAME, QUEUES
 from settings import Settings, read_secret
+from settings.endpoints import parse_broker_url
 from worker.actions.keys import ActionKeys
 from worker.actors import JobHandler
 from worker.broker.broker import MailBroker
@@ -107,8 +108,9 @@ def secrets_of(settings: Settings) -> list[str]:
         secret = read_secret(inline, path, field_name + ("_file" if path else ""))
         if secret is not None:
             values.append(secret.get_secret_value())
-    broker_password = urlsplit(settings.broker_url.get_secret_value()).password
-    return [v for v in [*values, broker_password] if v]
+    broker = parse_broker_url(settings.broker_url.get_secret_value())
+    broker_password = broker.password or urlsplit(broker.url).password
+    return [v for v in [*values, broker_password, broker.sentinel_password] if v]
 
 
 def build(
@@ -123,7 +125,8 @@ def build(
 
     Args:
         settings: the configuration.
-        client: a Redis client to use instead of one from ``broker_url`` (tests, dev).
+        client: a Redis client to use instead of one from ``broker_url`` (tests, dev);
+            it keeps its own replication policy (``common.broker.require_replicas``).
         backoff: the first in-process retry wait, in seconds.
         sleep: how in-process retries wait.
         single_jobs: how bulk messages wait for single jobs (``worker.bulk``).
@@ -134,9 +137,9 @@ def build(
     Raises:
         ConfigError: the configuration cannot run a worker.
     """
-    client = client or connect(
-        settings.broker_url.get_secret_value(), ca_bundle=settings.broker_ca_bundle
-    )
+    # A client given here keeps its own [broker] wait_replicas policy
+    # (common.broker.require_replicas); one made here has the configuration's.
+    client = client or connect_settings(settings)
     services = build_services(settings, client)
     policy = settings.retry
     status = StatusStore(

@@ -286,7 +286,7 @@ class StatusStore:
         self._events_max_len = events.max_len
         self._lock = threading.Lock()
         self._prefetched: dict[tuple[str, str], tuple[float, JobStart]] = {}
-        self._write = ThreadLocalScript(client, _WRITE)
+        self._write = ThreadLocalScript(client, _WRITE, wait=True)
         self._begin = ThreadLocalScript(client, _BEGIN)
 
     def begin(self, job: JobRef) -> JobStart:

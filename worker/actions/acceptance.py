@@ -131,8 +131,8 @@ class Acceptance:
         # A reply's write is safe to repeat (its inbound record says "done"); an answer
         # without one is not (a second run would be refused `used`), so its lost reply
         # is raised instead.
-        self._once = ThreadLocalScript(client, _WRITE)
-        self._bare = ThreadLocalScript(client, _WRITE, idempotent=False)
+        self._once = ThreadLocalScript(client, _WRITE, wait=True)
+        self._bare = ThreadLocalScript(client, _WRITE, idempotent=False, wait=True)
 
     def write(
         self, answer: Answer, inbound: InboundEntry | None = None

@@ -138,7 +138,10 @@ class Schedule:
         self._set = scheduled_key(namespace)
         self._messages = scheduled_messages_key(namespace)
         # Both are safe to run twice: the same entry again, a release of what is gone.
-        self._schedule = ThreadLocalScript(client, _SCHEDULE)
+        # A scheduled retry goes with its acknowledgement: it waits for [broker]
+        # wait_replicas as an ack does. A release does not: one a failover loses leaves
+        # its entries in the set, released again; a fetch of them waits, and covers it.
+        self._schedule = ThreadLocalScript(client, _SCHEDULE, wait=True)
         self._release = ThreadLocalScript(client, _RELEASE)
         self._queue_keys: list[str] = []
         for queue in _QUEUES:

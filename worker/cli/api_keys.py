@@ -6,7 +6,7 @@ import click
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, EXIT_NOT_FOUND, EXIT_USAGE, fail, settings_or_fail
 from settings import public_url
 from worker.api.keys import SCOPES, ApiKeyError, ApiKeys
@@ -21,7 +21,7 @@ _BROKER_URL = click.option(
 def _keys(broker_url: str | None) -> tuple[ApiKeys, str]:
     settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
-    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    client = connect_settings(settings, url)
     return ApiKeys(client, namespace=settings.namespace), url
 
 

@@ -9,7 +9,7 @@ import click
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
 from settings import ConfigError, Settings, load_settings, public_url
 from settings.durations import parse_duration
@@ -25,7 +25,7 @@ def _store(broker_url: str | None) -> tuple[Settings, DeadLetters, str]:
     except ConfigError as exc:
         fail(EXIT_USAGE, f"configuration: {exc}")
     url = broker_url or settings.broker_url.get_secret_value()
-    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    client = connect_settings(settings, url)
     store = DeadLetters(client, namespace=settings.namespace, ttl=settings.status.ttl)
     return settings, store, public_url(url)
 

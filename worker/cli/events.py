@@ -8,7 +8,7 @@ import click
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, fail, settings_or_fail
 from common.keys import events_key
 from settings import EVENT_TYPES, public_url
@@ -47,7 +47,7 @@ def tail(
     """
     settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
-    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    client = connect_settings(settings, url)
     key = events_key(settings.namespace)
     try:
         last = reversed(

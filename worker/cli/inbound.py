@@ -13,7 +13,7 @@ import click
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_USAGE, fail, settings_or_fail
 from settings import ConfigError, Settings, public_url
 from settings.durations import parse_duration
@@ -24,7 +24,7 @@ __all__ = ["inbound"]
 
 def _client(settings: Settings, broker_url: str | None) -> tuple[redis.Redis, str]:
     url = broker_url or settings.broker_url.get_secret_value()
-    return connect(url, ca_bundle=settings.broker_ca_bundle), url
+    return connect_settings(settings, url), url
 
 
 _BROKER_URL = click.option(

@@ -11,7 +11,7 @@ import click
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect_settings
 from common.exits import (
     EXIT_BROKER,
     EXIT_FAILED,
@@ -188,7 +188,7 @@ def _check_worker(settings: Settings) -> None:
     from worker.events.signing import signer_for
 
     url = settings.broker_url.get_secret_value()
-    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    client = connect_settings(settings, url)
     try:
         build_services(settings, client)
         for webhook in settings.webhook:
@@ -252,7 +252,7 @@ def status(job_id: str, as_json: bool, broker_url: str | None) -> None:
 
     settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
-    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    client = connect_settings(settings, url)
     store = StatusStore(client, namespace=settings.namespace, ttl=settings.status.ttl)
     try:
         record: dict[str, Any] | None = store.get(job_id)  # type: ignore[assignment]
@@ -343,7 +343,7 @@ def config_check(no_broker: bool) -> None:
 
     settings = settings_or_fail()
     url = settings.broker_url.get_secret_value()
-    client = connect(url, ca_bundle=settings.broker_ca_bundle)
+    client = connect_settings(settings, url)
     try:
         secrets_of(settings)  # every secret file must be readable
         services = build_services(settings, client)  # what the worker refuses
@@ -449,13 +449,7 @@ def health(
         fail(EXIT_USAGE, f"--max-age: {max_age!r} is not a duration (15s, 1m)")
     url = broker_url or settings.broker_url.get_secret_value()
     # Bounded by --timeout, not connect()'s 5 s and 10 s: a probe has its own timeout.
-    options: dict[str, object] = {
-        "socket_connect_timeout": timeout,
-        "socket_timeout": timeout,
-    }
-    if settings.broker_ca_bundle is not None and url.startswith("rediss://"):
-        options["ssl_ca_certs"] = str(settings.broker_ca_bundle)
-    client = redis.Redis.from_url(url, **options)
+    client = connect_settings(settings, url, timeout=timeout, connect_timeout=timeout)
     try:
         found = check_host(
             client,

@@ -8,7 +8,7 @@ import click
 import orjson
 import redis
 
-from common.broker import broker_error, connect
+from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, fail, settings_or_fail
 from common.keys import QUEUES, counters_key, dead_index_key, scheduled_key
 from settings import Settings, public_url
@@ -83,7 +83,7 @@ def queue_stats_command(as_json: bool, broker_url: str | None) -> None:
     settings = settings_or_fail()
     url = broker_url or settings.broker_url.get_secret_value()
     try:
-        client = connect(url, ca_bundle=settings.broker_ca_bundle)
+        client = connect_settings(settings, url)
         stats = queue_stats(client, settings.namespace)
         stats["budgets"] = budget_use(settings, client)
     except redis.RedisError as exc:

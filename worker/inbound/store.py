@@ -90,7 +90,7 @@ class InboundStore:
         self._ttl = int(ttl)
         self._events = events or EventsSettings()
         self._read = ThreadLocalScript(client, _READ)
-        self._write = ThreadLocalScript(client, _WRITE)
+        self._write = ThreadLocalScript(client, _WRITE, wait=True)
 
     def job(self, job_id: str) -> JobView | None:
         """The job's recipients and service, or None when it is unknown or expired.

@@ -13,11 +13,13 @@ itself) costs at most one poll interval, never a job.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import redis
 import structlog
 from dramatiq import Broker, Middleware, Worker
 
+from common.broker import sibling
 from common.keys import wake_channel
 from common.sockets import KernelTimeoutConnection
 
@@ -30,27 +32,28 @@ CLIENT_NAME = "mailworker-wake"  # how the listener shows in Redis' CLIENT LIST
 
 
 def _listener_client(client: redis.Redis) -> redis.Redis:
-    """A client like ``client`` on a pool of its own.
+    """A client like ``client`` on a pool of its own (``common.broker.sibling``).
 
     Its connection is named and pinged every 30 s, so a silently dropped connection is
-    found and replaced.
+    found and replaced. Behind Sentinel or on a Cluster it subscribes on the primary
+    found when it connects; when that one fails the listener reconnects (after a second)
+    to the new one and wakes every queue, so nothing published meanwhile waits longer
+    than one poll.
     """
     pool = client.connection_pool
     if pool.connection_class.__module__.startswith("fakeredis"):
         return client  # the embedded broker of `mailworker dev` and the tests
-    kwargs = dict(pool.connection_kwargs)
-    kwargs.update(client_name=CLIENT_NAME, health_check_interval=30)
-    connection_class = pool.connection_class
-    if issubclass(connection_class, KernelTimeoutConnection):
+    overrides: dict[str, Any] = {
+        "client_name": CLIENT_NAME,
+        "health_check_interval": 30,
+    }
+    if issubclass(pool.connection_class, KernelTimeoutConnection):
         # Python's own timeout here: redis-py's pub/sub waits with poll() on the
         # socket timeout in places, which the kernel's timeouts do not bound.
-        connection_class = redis.Connection
-        kwargs["socket_timeout"] = kwargs.pop("io_timeout")
-    return redis.Redis(
-        connection_pool=redis.ConnectionPool(
-            connection_class=connection_class, max_connections=2, **kwargs
-        )
-    )
+        overrides["connection_class"] = redis.Connection
+        overrides["socket_timeout"] = pool.connection_kwargs["io_timeout"]
+        return sibling(client, without=("io_timeout",), max_connections=2, **overrides)
+    return sibling(client, max_connections=2, **overrides)
 
 
 class Waker(Middleware):
