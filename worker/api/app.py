@@ -18,7 +18,7 @@ from litestar.datastructures import State
 from litestar.handlers import ASGIRouteHandler
 from litestar.types import Receive, Scope, Send
 
-from common.broker import connect
+from common.broker import connect_settings
 from settings import Settings
 from worker.api import deadletters, events, health, notifications
 from worker.api.auth import KeyCache
@@ -81,9 +81,7 @@ def create_app(
         The ASGI app. It connects to Redis lazily.
     """
     if client is None:
-        client = connect(
-            settings.broker_url.get_secret_value(), ca_bundle=settings.broker_ca_bundle
-        )
+        client = connect_settings(settings)
     context = ApiContext.build(settings, client)
     return Litestar(
         route_handlers=[*ROUTES, *(mounts(settings, client) if mount else [])],
