@@ -15,6 +15,7 @@ __all__ = [
     "accepted_key",
     "action_key",
     "actions_key",
+    "api_rate_key",
     "counters_key",
     "dead_index_key",
     "dead_payload_key",
@@ -200,3 +201,8 @@ def api_keys_key(namespace: str) -> str:
 def api_key_hashes_key(namespace: str) -> str:
     """The API keys by hash: SHA-256 of the secret (hex) → the key's record (JSON)."""
     return f"{namespace}:api:key-hashes"
+
+
+def api_rate_key(namespace: str, name: str) -> str:
+    """One API key's token bucket (``worker.api.ratelimit``): tokens and last refill."""
+    return f"{namespace}:api:rate:{name}"

@@ -243,3 +243,23 @@ def run_worker(redis_client: redis.Redis) -> Iterator[Callable[..., Any]]:
 def _no_event_loop_leak() -> Iterator[None]:
     yield
     asyncio.set_event_loop(None)
+
+
+# ---------------------------------------------------------------- the HTTP API
+
+
+@pytest.fixture
+def api_server(redis_client: redis.Redis) -> Iterator[Callable[..., Any]]:
+    """Serve the HTTP API for ``settings`` with uvicorn on a free loopback port."""
+    from tests.support.api import ApiServer
+
+    started: list[ApiServer] = []
+
+    def start(settings: Settings) -> ApiServer:
+        server = ApiServer(settings, redis_client).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -156,8 +156,16 @@ def _manifests() -> Iterator[tuple[str, dict[str, Any]]]:
                 yield path.name, document
 
 
-def _one(kind: str) -> dict[str, Any]:
-    (found,) = [d for _, d in _manifests() if d["kind"] == kind]
+def _one(kind: str, component: str = "worker") -> dict[str, Any]:
+    (found,) = [
+        d
+        for _, d in _manifests()
+        if d["kind"] == kind
+        and d["metadata"]
+        .get("labels", {})
+        .get("app.kubernetes.io/component", component)
+        == component
+    ]
     return found
 
 
@@ -210,6 +218,7 @@ def test_every_manifest_is_valid_and_a_misspelt_field_would_not_be():
         "ConfigMap",
         "Secret",
         "Deployment",
+        "Service",
         "PodDisruptionBudget",
         "ScaledObject",
         "TriggerAuthentication",
@@ -280,6 +289,33 @@ def test_the_deployment_probes_stops_and_confines_the_worker():
     assert deployment["spec"]["selector"]["matchLabels"].items() <= (
         deployment["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def test_the_api_deployment_probes_health_and_readiness_behind_its_service():
+    """Liveness is /healthz, readiness /readyz, on the port the API binds and the
+    Service targets; the grace period outlasts --graceful-timeout; it runs confined."""
+    from worker.api.server import split_listen
+    from worker.cli.api import api
+
+    deployment = _one("Deployment", "api")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[0] == "api"
+    api.make_context("api", args[1:])  # every option is one `mailworker api` takes
+    host, port = split_listen(_flag(args, "--listen"))
+    (named,) = container["ports"]
+    assert named["containerPort"] == port and host == "0.0.0.0"  # noqa: S104
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert pod["terminationGracePeriodSeconds"] > float(
+        _flag(args, "--graceful-timeout")
+    )
+    assert pod["enableServiceLinks"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    service = _one("Service", "api")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == named["name"]
 
 
 def test_the_example_configuration_loads_with_the_files_the_secret_mounts(tmp_path):

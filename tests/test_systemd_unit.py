@@ -109,3 +109,50 @@ def test_systemd_unit_credential_hint_reaches_the_connection(
     settings = load_settings()
     assert settings.smtp[0].password_file == credentials / name
     assert "from-the-credential" in secrets_of(settings)
+
+
+API_UNIT = UNIT.parent / "mailworker-api.service"
+
+
+def test_api_unit_is_valid_for_systemd(tmp_path):
+    """`systemd-analyze verify` accepts the API's unit, its hints uncommented."""
+    if shutil.which("systemd-analyze") is None:
+        if CI:
+            raise RuntimeError(
+                "CI=true but systemd-analyze is missing: .ci/run installs it"
+            )
+        pytest.skip("systemd-analyze is not installed")
+    text = API_UNIT.read_text().replace(BINARY, MAILWORKER)
+    text = re.sub(r"^#(LoadCredential|Environment)=", r"\1=", text, flags=re.M)
+    for name in ("api.crt", "api.key"):  # what the credential hints load
+        (tmp_path / name).write_text("x")
+    text = text.replace("/etc/mailworker/tls/", f"{tmp_path}/")
+    unit = tmp_path / "mailworker-api.service"
+    unit.write_text(text)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+
+
+def test_api_unit_fits_the_api_command():
+    """Its stop timeout outlasts --graceful-timeout, exit 2 is not restarted, and every
+    option it and its hints pass is one `mailworker api` takes."""
+    from worker.cli.api import api
+
+    text = API_UNIT.read_text()
+    unit = _settings(text)
+    [command] = unit["ExecStart"]
+    args = shlex.split(command)
+    assert args[:2] == [BINARY, "api"] and "$API_OPTIONS" in args
+    assert int(unit["TimeoutStopSec"][0]) > float(
+        args[args.index("--graceful-timeout") + 1]
+    )
+    assert str(EXIT_USAGE) in unit["RestartPreventExitStatus"][0].split()
+    examples = re.findall(r"'API_OPTIONS=([^']+)'", text)
+    assert len(examples) >= 2
+    for options in [args[2:], *(shlex.split(e) for e in examples)]:
+        api.make_context("api", [a for a in options if a != "$API_OPTIONS"])

@@ -11,6 +11,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -194,11 +195,19 @@ def dev_settings(base: Settings, *, broker_url: str, smtp_port: int) -> Settings
     default=0,
     help="Port of the embedded broker (default: a free one).",
 )
-def dev(outbox: Path, threads: int, port: int) -> None:
+@click.option(
+    "--api-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the HTTP API on 127.0.0.1 (default: [api] listen's, 8025, when it is "
+    "free, else a free one).",
+)
+def dev(outbox: Path, threads: int, port: int, api_port: int) -> None:
     """Run everything on loopback: an embedded broker, the worker, a capture mailbox.
 
     Configured services are ignored. Every message is written into OUTBOX and never
-    sent anywhere. Prints the MAILWORKER_BROKER_URL for producers in another terminal.
+    sent anywhere. Prints the MAILWORKER_BROKER_URL for producers in another terminal,
+    and the HTTP API's URL with a dev key (all scopes) and a curl to paste.
     """
     from dramatiq import Worker
 
@@ -208,7 +217,7 @@ def dev(outbox: Path, threads: int, port: int) -> None:
     from worker.inbound.runner import build_inbound
     from worker.logging import configure
 
-    base = settings_or_fail()
+    base = _with_api_port(settings_or_fail(), api_port)
     broker = EmbeddedBroker(port)
     broker.start()
     import structlog
@@ -235,6 +244,9 @@ def dev(outbox: Path, threads: int, port: int) -> None:
     # Poll an idle queue every 50 ms so a message arrives well within a second.
     worker = Worker(app.broker, worker_threads=threads, worker_timeout=50)
     worker.start()
+    api, api_key = _serve_api(
+        settings, client, int(settings.api.listen.rpartition(":")[2])
+    )
     me = (
         sys.argv[0]
         if shutil.which("mailworker") != os.path.abspath(sys.argv[0])
@@ -251,6 +263,11 @@ def dev(outbox: Path, threads: int, port: int) -> None:
         f"{shlex.quote(me)} send --to someone@example.com --subject 'Hello from mailworker' "
         "--text 'It works.'"
     )
+    api_url = f"http://{HOST}:{api.port}"
+    click.echo(
+        f"# HTTP API: {api_url}/ (docs: {api_url}/openapi.json), dev key {api_key}"
+    )
+    click.echo(_curl(api_url, api_key))
     click.echo(
         f"# a recipient at {BOUNCING_DOMAIN} bounces: see it with `status`, "
         "`inbound list`, `suppress list`, `events tail`",
@@ -267,10 +284,50 @@ def dev(outbox: Path, threads: int, port: int) -> None:
     sys.stdout.flush()
     _wait_for_signal()
     click.echo("mailworker dev: stopping", err=True)
+    api.stop()
     worker.stop(timeout=5000)
     app.close()
     mailbox.stop()
     broker.stop()
+
+
+def _with_api_port(base: Settings, port: int) -> Settings:
+    """``base`` with the API on 127.0.0.1: ``port``, or [api] listen's port if free."""
+    if not port:
+        wanted = int(base.api.listen.rpartition(":")[2])
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, wanted))
+                port = wanted
+            except OSError:
+                port = free_port()  # another dev, or a real API, holds it
+    api = base.api.model_copy(update={"listen": f"{HOST}:{port}"})
+    return base.model_copy(update={"api": api})
+
+
+def _serve_api(settings: Settings, client: Any, port: int) -> tuple[Any, str]:
+    """The HTTP API on the embedded broker, in a thread, and a new key of every scope."""
+    from worker.api.accesslog import AccessLog
+    from worker.api.app import create_app
+    from worker.api.keys import SCOPES, ApiKeys
+    from worker.api.server import BackgroundServer
+
+    _, secret = ApiKeys(client, settings.namespace).create(
+        f"dev-{secrets.token_hex(3)}", SCOPES
+    )
+    server = BackgroundServer(
+        AccessLog(create_app(settings, client=client)), settings, HOST, port
+    )
+    server.start()
+    return server, secret
+
+
+def _curl(url: str, key: str) -> str:
+    body = '{"to": "someone@example.com", "subject": "Hello over HTTP", "text": "It works."}'
+    return (
+        f"curl -s {url}/v1/notifications -H {shlex.quote('Authorization: Bearer ' + key)} "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
 
 
 def _wait_for_signal() -> None:

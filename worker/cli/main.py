@@ -24,6 +24,7 @@ from common.keys import QUEUES
 from producers.cli import defaults_in_use, send
 from settings import ConfigError, Settings, config_path, public_url
 from worker.cli.actions import actions
+from worker.cli.api import api
 from worker.cli.api_keys import api_key
 from worker.cli.dead import dead
 from worker.cli.dev import dev
@@ -67,6 +68,7 @@ main.add_command(inbound)
 main.add_command(suppress)
 main.add_command(actions)
 main.add_command(api_key)
+main.add_command(api)
 main.add_command(scheduled)
 
 
