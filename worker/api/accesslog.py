@@ -12,6 +12,8 @@ from typing import Any
 
 import structlog
 
+from worker.actions.web import loggable_path
+
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -35,6 +37,8 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        # Read now: a mount rewrites the scope's path for the app it hands it to.
+        path = loggable_path(scope["path"])[:200]
         status = 500
         state = scope.setdefault("state", {})
 
@@ -50,7 +54,7 @@ class AccessLog:
             _log.info(
                 "api_request_handled",
                 method=scope["method"],
-                path=scope["path"][:200],
+                path=path,
                 status=status,
                 duration_ms=round((time.perf_counter() - start) * 1000, 2),
                 api_key=state.get("api_key") if isinstance(state, dict) else None,

@@ -1,13 +1,12 @@
 """The API's composition root: ``create_app(settings) -> Litestar``.
 
 It builds the stores once, registers the routes, the problem handlers, the OpenAPI
-document and the access log, and mounts the other HTTP parts that are installed: the
+document and the access log, and mounts the other HTTP parts: the
 ``/ops`` console, the ``/a`` action-link pages and ``/metrics``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
@@ -20,11 +19,14 @@ from litestar.types import Receive, Scope, Send
 
 from common.broker import connect_settings
 from settings import Settings
+from worker.actions.web import create_links_app
 from worker.api import deadletters, events, health, notifications
 from worker.api.auth import KeyCache
 from worker.api.context import ApiContext
 from worker.api.openapi import openapi_config
 from worker.api.problems import INTERNAL_HANDLERS, problem_plugin
+from worker.console import create_console_app
+from worker.metrics.exposition import asgi_app as metrics_app
 
 __all__ = ["create_app", "mounts"]
 
@@ -35,12 +37,11 @@ BODIES = {
     ("/v1/notifications/batch", "post"): "batch",
     ("/v1/dead-letters/requeue", "post"): "requeue_filter",
 }
-# The other HTTP parts, each its own ASGI app, mounted when its package is installed:
-# (path, module, factory). A factory takes (settings, client).
-MOUNTED = (
-    ("/ops", "worker.console", "create_console_app"),
-    ("/a", "worker.actions.web", "create_links_app"),
-    ("/metrics", "worker.metrics", "create_metrics_app"),
+# The other HTTP parts, each its own ASGI app: (path, factory taking (settings, client)).
+MOUNTED: tuple[tuple[str, Callable[[Settings, redis.Redis], Any]], ...] = (
+    ("/ops", create_console_app),
+    ("/a", create_links_app),
+    ("/metrics", metrics_app),
 )
 
 
@@ -53,17 +54,8 @@ def _mount(path: str, app: Callable[..., Any]) -> ASGIRouteHandler:
 
 
 def mounts(settings: Settings, client: redis.Redis) -> list[ASGIRouteHandler]:
-    """Route handlers for the console, the action links and the metrics, where present."""
-    handlers = []
-    for path, module_name, factory in MOUNTED:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue  # that part is not built into this installation
-        build = getattr(module, factory, None)
-        if build is not None:
-            handlers.append(_mount(path, build(settings, client)))
-    return handlers
+    """Route handlers for the console, the action links and the metrics."""
+    return [_mount(path, build(settings, client)) for path, build in MOUNTED]
 
 
 def create_app(

@@ -10,6 +10,7 @@ conflict and the message is sent again without it.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from litestar import Request
@@ -27,6 +28,7 @@ from worker.api.bodies import (
 )
 from worker.api.problems import problem
 from worker.api.schemas import BatchItem, BatchResult
+from worker.metrics.recorder import recorder
 
 __all__ = ["enqueue_batch", "read_batch"]
 
@@ -101,6 +103,11 @@ def enqueue_batch(producer: Producer, items: list[Item]) -> BatchResult:
     for indexes in keyed.values():
         for start in range(0, len(indexes), BATCH_SIZE):
             _enqueue_keyed(producer, jobs, indexes[start : start + BATCH_SIZE], results)
+    priorities = Counter(
+        jobs[i].priority for i, r in enumerate(results) if r is not None and "id" in r
+    )
+    for priority, count in priorities.items():
+        recorder().enqueued(priority, count, source="api")
     done = [r for r in results if r is not None]
     accepted = sum("id" in r for r in done)
     return {"items": done, "accepted": accepted, "rejected": len(done) - accepted}

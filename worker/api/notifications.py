@@ -19,6 +19,7 @@ from worker.api.docs import problems
 from worker.api.ids import check_job_id
 from worker.api.problems import problem
 from worker.api.schemas import Accepted, BatchResult, StatusDoc
+from worker.metrics.recorder import recorder
 
 __all__ = ["ROUTES"]
 
@@ -68,6 +69,7 @@ async def create_notification(
             "idempotency_key: already used with another body",
             errors=[{"field": "idempotency_key", "message": exc.reason}],
         ) from None
+    recorder().enqueued(job.priority, source="api")
     return Response(
         {"id": job_id},
         status_code=202,

@@ -31,9 +31,11 @@ __all__ = [
 def factory() -> AccessLog:
     """The app, from the configuration this process finds (uvicorn's ``--factory``)."""
     from worker.logging import configure
+    from worker.metrics.process import worker_process
 
     settings = load_settings()
     configure(log_format=settings.log_format, log_recipients=settings.log_recipients)
+    worker_process(settings)  # counts in the directory `mailworker api` prepared
     return AccessLog(create_app(settings))
 
 

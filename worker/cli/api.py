@@ -40,6 +40,7 @@ def api(
     """Serve the HTTP API: enqueue, status, dead letters, events (Bearer API keys)."""
     from worker.api.server import ServerOptions, serve, split_listen
     from worker.logging import configure
+    from worker.metrics.process import launch
 
     settings = settings_or_fail()
     address = listen or settings.api.listen
@@ -48,6 +49,8 @@ def api(
     except ValueError:
         fail(EXIT_USAGE, f"--listen: {address!r} is not HOST:PORT")
     configure(log_format=settings.log_format, log_recipients=settings.log_recipients)
+    # Counted in [metrics] directory, served at /metrics with the workers' counts.
+    launch(settings, "api")
     scheme = "https" if settings.api.tls_certificate_file else "http"
     click.echo(f"mailworker api: serving {scheme}://{address}/", err=True)
     serve(

@@ -18,7 +18,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from common.broker import connect
+from common.broker import connect_settings
 from settings import Settings
 from worker.metrics.broker import BrokerCollector
 from worker.metrics.directory import directory_of, subdirectories, sweep
@@ -70,9 +70,7 @@ class Exposition(Collector):
 
 def exposition(settings: Settings, client: redis.Redis | None = None) -> Exposition:
     """The collector ``/metrics`` serves for this configuration."""
-    client = client or connect(
-        settings.broker_url.get_secret_value(), ca_bundle=settings.broker_ca_bundle
-    )
+    client = client or connect_settings(settings)
     return Exposition(directory_of(settings), BrokerCollector(settings, client))
 
 
