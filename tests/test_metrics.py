@@ -139,7 +139,7 @@ def test_worker_metrics_count_deliveries_dead_letters_and_retries(
         samples = wait_for(
             lambda: (
                 (s := _scrape_or_empty(port))
-                and _value(s, "mailworker_deliveries_total", service="primary") >= 3
+                and _value(s, "mailworker_deliveries_total", service="primary") >= 7
                 and _total(s, "mailworker_dead_letters_total") >= 1
                 and _total(s, "mailworker_job_retries_total") >= 1
                 and s
