@@ -19,6 +19,7 @@ from producers.job import Mailbox
 from tests.support.config import write_toml
 from tests.support.helpers import wait_for
 from tests.support.processes import WorkerProcess
+from tests.support.proxy import CuttingProxy
 from worker.errors import TransientDeliveryError
 from worker.mime import Base64Lines, Mime, render
 from worker.status import StatusStore
@@ -250,3 +251,43 @@ def test_a_worker_records_a_lost_reply_and_sends_again(
     [line] = worker.events("delivery_in_doubt")
     assert line["job_id"] == by_subject["lose"]
     assert line["service"] == "primary" and "final dot" in line["reason"]
+
+
+@pytest.mark.slow
+def test_a_fetch_whose_reply_is_lost_is_put_back_and_sent(
+    redis_url, namespace, tmp_path, smtp_server
+):
+    """Given a connection to Redis cut while a fetch's reply carries a job, the job the
+    fetch moved into the worker's ack set is put back and sent, not left there until
+    the worker exits (no reaper looks at a live worker's ack set)."""
+    if not redis_url.startswith("redis://127.0.0.1:"):
+        pytest.skip("needs a Redis server to put a proxy in front of")
+    client = redis.Redis.from_url(redis_url)
+    store = StatusStore(client, namespace=namespace, ttl=3600)
+    server = smtp_server()
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = CuttingProxy(port)
+    proxy.start()
+    proxy.cut_reply(b"fetched-then-lost", 0)
+    config = write_toml(
+        tmp_path / "mailworker.toml",
+        {
+            "broker_url": f"redis://127.0.0.1:{proxy.port}/0",
+            "namespace": namespace,
+            "retry": {"min_backoff": "1s", "max_backoff": "2s"},
+            "smtp": [server.smtp_section()],
+        },
+    )
+    worker = WorkerProcess(config, tmp_path / "worker.log", "-p", "1", "-t", "2")
+    try:
+        job_id = Producer(client, namespace=namespace).enqueue(
+            Notification(to=["ann@example.org"], subject="fetched-then-lost", text="Hi")
+        )
+        wait_for(lambda: _sent(store, job_id), timeout=45)
+    finally:
+        assert worker.stop() == 0
+        proxy.stop()
+    assert proxy.cuts == 1
+    [line] = worker.events("lost_fetch_requeued")
+    assert line["messages"] == 1
+    assert len(server.recorder.messages) == 1

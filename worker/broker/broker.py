@@ -71,6 +71,11 @@ class MailBroker(RedisBroker):
         self.schedule = Schedule(self.client, self.namespace)
         self._handed: dict[str, list[MessageProxy]] = {}
         self._handed_lock = threading.Lock()
+        # The redis message ids this process fetched and has not acknowledged or put
+        # back, by queue (each queue has one consumer thread), and the queues whose
+        # last fetch lost its reply (SafeConsumer).
+        self.held: dict[str, set[str]] = {}
+        self.fetch_lost: set[str] = set()
 
     @property
     def consumer_class(self) -> type[SafeConsumer]:

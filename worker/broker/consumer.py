@@ -73,6 +73,10 @@ class SafeConsumer(_RedisConsumer):
         self._delayed: dict[str, MessageProxy] | None = (
             {} if self._is_delay_queue else None
         )
+        # What this process fetched from the queue and still holds, shared with the
+        # consumers before and after this one: after a fetch whose reply was lost,
+        # whatever else is in the ack set was moved there unseen (``_reclaim``).
+        self._held: set[str] = self.broker.held.setdefault(self.queue_name, set())
 
     def ack(self, message: MessageProxy) -> None:
         """Apply the status writes the job left and acknowledge, in one round trip.
@@ -156,10 +160,16 @@ class SafeConsumer(_RedisConsumer):
             self.broker.enqueue(later, delay=delay)
             work.enqueues.pop(0)
 
-    def _release(self, message: MessageProxy) -> None:
-        """The message is off this consumer's hands (acknowledged or put back)."""
+    def _release(self, message: MessageProxy, *, held: bool = False) -> None:
+        """The message is off this consumer's hands (acknowledged or put back).
+
+        ``held``: it stays in this process' ack set all the same (handed over).
+        """
+        redis_id = message.options.get("redis_message_id", "")
         if self._delayed is not None:
-            self._delayed.pop(message.options.get("redis_message_id", ""), None)
+            self._delayed.pop(redis_id, None)
+        if not held:
+            self._held.discard(redis_id)
 
     def __next__(self) -> MessageProxy | None:
         message = self._next()
@@ -218,10 +228,11 @@ class SafeConsumer(_RedisConsumer):
             super().requeue(messages)  # type: ignore[no-untyped-call]
         except redis.RedisError:
             self._keep(messages)
-            return
-        finally:
             for message in messages:
-                self._release(message)
+                self._release(message, held=True)
+            return
+        for message in messages:
+            self._release(message)
         try:
             self._unbegin(messages)
         except redis.RedisError:
@@ -262,6 +273,7 @@ class SafeConsumer(_RedisConsumer):
                 messages.append(MessageProxy(decode(data)))
             except DecodeError:
                 continue  # stays unacknowledged: recovered and quarantined later
+            self._held.add(messages[-1].options.get("redis_message_id", ""))
         if messages:
             self.requeue(messages)
         super().close()
@@ -294,6 +306,7 @@ class SafeConsumer(_RedisConsumer):
                     self.misses = 0
                     message = decode(data)
                     self.queued_message_ids.add(message.message_id)
+                    self._held.add(message.options.get("redis_message_id", ""))
                     return MessageProxy(message)
                 event.clear()  # a wake-up or an ack from now on ends the wait below
                 if self.broker.stopping.is_set():
@@ -310,9 +323,7 @@ class SafeConsumer(_RedisConsumer):
                     event.wait(self.timeout / 1000)
                     return None
                 self._wanting = False
-                self.message_cache = self.broker.do_fetch(
-                    self.queue_name, self.prefetch - outstanding
-                )
+                self.message_cache = self._fetch(self.prefetch - outstanding)
                 if self.message_cache:
                     continue
                 self.misses, backoff_ms = compute_backoff(
@@ -325,6 +336,37 @@ class SafeConsumer(_RedisConsumer):
                 return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def _fetch(self, count: int) -> list[bytes]:
+        """Dramatiq's fetch; one whose reply was lost is sorted out before the next."""
+        if self.queue_name in self.broker.fetch_lost:
+            self._reclaim()
+        try:
+            return list(self.broker.do_fetch(self.queue_name, count) or [])
+        except redis.ConnectionError:
+            self.broker.fetch_lost.add(self.queue_name)
+            raise
+
+    def _reclaim(self) -> None:
+        """Put back what a fetch whose reply was lost moved into this process' ack set.
+
+        Such messages are no consumer's, and no reaper's either (this process still
+        beats): they would wait there until it exits. Whatever is in the ack set that
+        this process does not hold goes back on the queue (Dramatiq's ``requeue``,
+        which takes only what is still in the ack set).
+        """
+        acks = acks_key(self.broker.namespace, self.broker.broker_id, self.queue_name)
+        members = {
+            m.decode() if isinstance(m, bytes) else str(m)
+            for m in self.broker.client.smembers(acks)
+        }
+        stray = sorted(members - self._held)
+        if stray:
+            self.broker.do_requeue(self.queue_name, *stray)
+            log.warning(
+                "lost_fetch_requeued", queue=self.queue_name, messages=len(stray)
+            )
+        self.broker.fetch_lost.discard(self.queue_name)
 
     def _wake(self) -> None:
         """A thread slot for bulk messages freed: stop waiting, hand a parked one over."""
@@ -389,6 +431,7 @@ class SafeConsumer(_RedisConsumer):
             return
         self.broker.dead_letters.add_poison(redis_id, raw, error, self.queue_name)
         self.broker.do_ack(self.queue_name, redis_id)
+        self._held.discard(redis_id)
         log.error("job_dead_lettered", reason="poison", job_id=redis_id, error=error)
 
     def _find(self, raw: bytes, message_id: str | None) -> tuple[str, bytes] | None:

@@ -171,7 +171,12 @@ class ThreadLocalScript:
         return self.run((), args)
 
     def run(
-        self, keys: Sequence[Any], args: Sequence[Any], *, wait: bool | None = None
+        self,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        *,
+        wait: bool | None = None,
+        idempotent: bool | None = None,
     ) -> Any:
         """Run the script with ``keys`` as KEYS and ``args`` as ARGV.
 
@@ -180,7 +185,8 @@ class ThreadLocalScript:
         once more on a new connection. A call whose reply is lost drops its connection.
         An idempotent script's call is then made once more on a new one, if the old one
         had served calls before (Redis may have restarted since). Any other is raised,
-        as the client would raise it. ``wait`` overrides the script's own ``wait``.
+        as the client would raise it. ``wait`` and ``idempotent`` override the script's
+        own for this call.
 
         Raises:
             redis.RedisError: as the client would.
@@ -204,7 +210,7 @@ class ThreadLocalScript:
         try:
             return self._run(conn, command, replicas, timeout_ms)
         except (redis.ConnectionError, redis.TimeoutError):
-            if fresh or not self._idempotent:
+            if fresh or not (self._idempotent if idempotent is None else idempotent):
                 raise
         return self._run(self._connection(local), command, replicas, timeout_ms)
 
@@ -291,7 +297,14 @@ class DispatchScript:
     _WAITING = frozenset({"enqueue", "fetch", "ack", "nack", "requeue"})
 
     def __call__(self, args: list[Any], keys: list[Any]) -> Any:
+        # A fetch whose reply is lost may have moved messages into this process' ack
+        # set: it is never made again unseen, the consumer sorts it out (SafeConsumer).
         try:
-            return self._script.run(keys, args, wait=args[0] in self._WAITING)
+            return self._script.run(
+                keys,
+                args,
+                wait=args[0] in self._WAITING,
+                idempotent=None if args[0] != "fetch" else False,
+            )
         except redis.TimeoutError as exc:
             raise redis.ConnectionError(str(exc)) from exc
