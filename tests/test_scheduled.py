@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from dramatiq.message import Message
 
 from common.keys import (
     queue_key,
@@ -519,3 +520,51 @@ def test_a_scheduled_job_that_died_can_be_requeued(
     # Then it is sent
     wait_for(lambda: _received(server)[job_id] == 1, timeout=20)
     wait_for(lambda: app.status.get(job_id)["state"] == "sent")
+
+
+def test_a_bulk_retry_is_never_cancelled_and_its_jobs_are_sent(
+    tmp_path, smtp_server, make_settings, run_worker, redis_client, redis_url, namespace
+):
+    """A bulk message's retry waits in the scheduled set under the message's id:
+    `scheduled cancel` refuses it (exit 1, saying what to do instead) and changes
+    nothing, `scheduled list` marks it, and its jobs are all sent later."""
+    # Given a bulk message of three jobs waiting in the scheduled set as a broker
+    # retry puts it there (taken off its queue, added with the retry's script)
+    ids = _producer(redis_client, namespace).enqueue_many(
+        [_job(to=[f"u{n}@example.org"]) for n in range(3)]
+    )
+    [redis_id] = redis_client.lrange(queue_key(namespace, "mail"), 0, -1)
+    payload = redis_client.hget(queue_messages_key(namespace, "mail"), redis_id)
+    redis_client.delete(queue_key(namespace, "mail"))
+    redis_client.hdel(queue_messages_key(namespace, "mail"), redis_id)
+    message = Message(**json.loads(payload))
+    due_ms = int(time.time() * 1000) + 1_000
+    Schedule(redis_client, namespace).add([Schedule.entry(message, due_ms)])
+    bulk_id = message.message_id
+    assert bulk_id not in ids
+    # When an operator lists and cancels it
+    config = write_toml(
+        tmp_path / "mailworker.toml", {"broker_url": redis_url, "namespace": namespace}
+    )
+    listed = _cli(config, "scheduled", "list")
+    assert listed.returncode == 0, listed.stderr
+    [row] = listed.stdout.splitlines()[1:]
+    assert row.split()[:1] == [bulk_id] and " bulk " in row, row
+    assert "cannot be cancelled" in row and "bulk message's retry" in listed.stderr
+    [line] = _cli(config, "scheduled", "list", "--json").stdout.splitlines()
+    assert json.loads(line)["bulk"] is True and json.loads(line)["jobs"] == 3
+    refused = _cli(config, "scheduled", "cancel", bulk_id)
+    # Then it is refused, saying why and what to do instead, and nothing changes
+    assert refused.returncode == 1, refused.stderr
+    assert "bulk message's retry (3 jobs) and cannot be cancelled" in refused.stderr
+    assert "suppress add" in refused.stderr
+    assert redis_client.zscore(scheduled_key(namespace), bulk_id) == due_ms
+    assert redis_client.hexists(scheduled_messages_key(namespace), bulk_id)
+    assert not redis_client.exists(f"{namespace}:job:{bulk_id}")
+    assert not redis_client.exists(f"{namespace}:events")
+    # And every job of it is sent once a worker releases it
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    wait_for(lambda: all(_received(server)[i] == 1 for i in ids), timeout=30)
+    for job_id in ids:
+        wait_for(lambda j=job_id: app.status.get(j)["state"] == "sent")
