@@ -455,6 +455,30 @@ def test_cli_schedules_lists_pages_and_cancels(tmp_path, redis_url, namespace):
         assert "send_at" in refused.stderr, (bad, refused.stderr)
 
 
+def test_durations_too_long_for_a_date_name_their_option(
+    tmp_path, redis_url, namespace
+):
+    """A duration past any date is a usage error naming its option, no traceback."""
+    config = write_toml(
+        tmp_path / "mailworker.toml", {"broker_url": redis_url, "namespace": namespace}
+    )
+    base = ("send", "--to", "a@example.org", "--subject", "Far", "--text", "t")
+    cases = [
+        ((*base, "--send-at", "+1000000000d"), "send_at"),
+        ((*base, "--send-at", "+" + "9" * 400), "send_at"),
+        (
+            ("scheduled", "list", "--due-before", "99999999999999999999d"),
+            "--due-before",
+        ),
+        (("scheduled", "list", "--due-after", "1000000000d"), "--due-after"),
+    ]
+    for args, named in cases:
+        refused = _cli(config, *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert named in refused.stderr and "too" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr, refused.stderr
+
+
 def test_bounded_many_scheduled_jobs_are_all_sent_once(
     smtp_server, make_settings, run_worker, redis_client, namespace
 ):

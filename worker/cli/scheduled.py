@@ -26,6 +26,8 @@ def _moment(flag: str, value: str | None) -> datetime | None:
         return None
     try:
         return datetime.now(UTC) + timedelta(seconds=parse_duration(value))
+    except OverflowError:
+        fail(EXIT_USAGE, f"{flag}: {value!r} is too long: past any date")
     except ValueError:
         pass
     try:
