@@ -21,6 +21,7 @@ from common.keys import (
     BATCH_ACTOR_NAME,
     events_key,
     history_key,
+    idempotency_key,
     scheduled_key,
     scheduled_messages_key,
     status_key,
@@ -29,7 +30,8 @@ from settings import EventsSettings
 
 __all__ = ["Cancelled", "Scheduled", "ScheduledPage", "cancel", "list_page"]
 
-# KEYS: scheduled set, scheduled hash, status hash, history list, events stream
+# KEYS: scheduled set, scheduled hash, status hash, history list, events stream, the
+#       job's idempotency claim (`{ns}:idem:`, never written, for none)
 # ARGV: job id, now (ISO 8601), status ttl, history entry (JSON), then the event:
 #       type ("" for none), id, data (JSON), the stream's max length; the bulk actor
 # Returns {outcome, state before, jobs}: `cancelled`; `absent` when the job is not in
@@ -37,7 +39,8 @@ __all__ = ["Cancelled", "Scheduled", "ScheduledPage", "cancel", "list_page"]
 # `bulk` when the entry is a bulk message's retry (its id is no job's: cancelling it
 # would drop its jobs unrecorded), left as it is, with how many jobs it carries.
 # The release script also takes its entries out of the set in one step, so of a
-# cancel and a release racing for a job exactly one wins.
+# cancel and a release racing for a job exactly one wins. A cancelled job's claim is
+# released when it is still this job's, so its key can be used for a new job.
 _CANCEL = """
 local before = redis.call('HGET', KEYS[3], 'state') or ''
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {'absent', before, 0} end
@@ -62,6 +65,12 @@ redis.call('EXPIRE', KEYS[4], ARGV[3])
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'type', ARGV[5],
              'id', ARGV[6], 'job_id', ARGV[1], 'at', ARGV[2], 'data', ARGV[7])
+end
+if string.sub(KEYS[6], -6) ~= ':idem:' then
+  local held = redis.call('GET', KEYS[6])
+  if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+    redis.call('DEL', KEYS[6])
+  end
 end
 return {'cancelled', before, 1}
 """
@@ -131,7 +140,8 @@ def cancel(
     """Take a scheduled job out of the scheduled set; its record says ``cancelled``.
 
     The ``delivery.cancelled`` event goes on the events stream in the same script
-    (unless ``events.types`` leaves it out). A job already released to its queue (or
+    (unless ``events.types`` leaves it out), and the job's idempotency claim is
+    released: a new enqueue with its key makes a new job. A job already released to its queue (or
     sent) is not touched: ``cancelled`` is False and ``state`` says where it is. A bulk
     message's retry (several jobs under the message's id) is not touched either:
     ``bulk_jobs`` says how many jobs it carries.
@@ -143,12 +153,19 @@ def cancel(
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     entry = orjson.dumps({"at": now, "event": "cancelled", "reason": "cancelled"})
     kind = "delivery.cancelled" if "delivery.cancelled" in events.types else ""
+    try:
+        claim = _claim_of(
+            namespace, client.hget(scheduled_messages_key(namespace), job_id)
+        )
+    except redis.RedisError as exc:
+        raise broker_error(label, exc) from None
     keys = [
         scheduled_key(namespace),
         scheduled_messages_key(namespace),
         status_key(namespace, job_id),
         history_key(namespace, job_id),
         events_key(namespace),
+        claim,
     ]
     args: list[EncodableT] = [job_id, now, status_ttl, entry, kind, uuid.uuid4().hex]
     args += [orjson.dumps({"reason": "cancelled"}), events.max_len, BATCH_ACTOR_NAME]
@@ -159,6 +176,26 @@ def cancel(
         raise broker_error(label, exc) from None
     bulk = int(jobs) if outcome == b"bulk" else 0
     return Cancelled(job_id, outcome == b"cancelled", before.decode(), bulk)
+
+
+def _claim_of(namespace: str, payload: bytes | None) -> str:
+    """The idempotency claim key of a scheduled job's message (``{ns}:idem:``: none).
+
+    The message is written once for its id, so the key read here is the one the
+    script releases, if the claim still names this job.
+    """
+    message: Any = None
+    if payload is not None:
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            message = None
+    found = message.get("kwargs") if isinstance(message, dict) else None
+    job = found.get("job") if isinstance(found, dict) else None
+    key = job.get("idempotency_key") if isinstance(job, dict) else None
+    if isinstance(key, str) and key:
+        return idempotency_key(namespace, key)
+    return f"{namespace}:idem:"
 
 
 def list_page(

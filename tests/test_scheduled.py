@@ -592,3 +592,23 @@ def test_a_bulk_retry_is_never_cancelled_and_its_jobs_are_sent(
     wait_for(lambda: all(_received(server)[i] == 1 for i in ids), timeout=30)
     for job_id in ids:
         wait_for(lambda j=job_id: app.status.get(j)["state"] == "sent")
+
+
+def test_cancel_releases_the_idempotency_key_for_a_new_job(redis_client, namespace):
+    """After a cancel, enqueueing again with the same idempotency_key schedules a new
+    job instead of returning the cancelled one; before it, the key finds the job."""
+    # Given a job scheduled with an idempotency key
+    producer = _producer(redis_client, namespace)
+    job = _job(send_at=_in(3600), idempotency_key="reminder-42")
+    first = producer.enqueue(job)
+    assert producer.enqueue(job) == first
+    # When it is cancelled and the same job is enqueued again
+    assert producer.cancel_scheduled(first).cancelled
+    second = producer.enqueue(job)
+    # Then it is a new job, scheduled, and the key now finds that one
+    assert second != first
+    status = _status(redis_client, namespace)
+    assert status.get(second)["state"] == "scheduled"
+    assert status.get(first)["state"] == "cancelled"
+    assert redis_client.zscore(scheduled_key(namespace), second) is not None
+    assert producer.enqueue(job) == second
