@@ -612,3 +612,40 @@ def test_cancel_releases_the_idempotency_key_for_a_new_job(redis_client, namespa
     assert status.get(first)["state"] == "cancelled"
     assert redis_client.zscore(scheduled_key(namespace), second) is not None
     assert producer.enqueue(job) == second
+
+
+def test_a_retry_is_not_scheduled_for_a_message_already_put_back(
+    redis_client, namespace
+):
+    """A long retry is scheduled with its message's ack only while that message is
+    still unacknowledged: once a reaper has put it back on its queue, the retry is
+    not added (the job would be there twice); otherwise both happen together."""
+    schedule = Schedule(redis_client, namespace)
+    acks = f"{namespace}:__acks__.broker-1.mail"
+    messages = queue_messages_key(namespace, "mail")
+
+    def retry() -> Message:
+        return Message(
+            queue_name="mail", actor_name="deliver", args=(), kwargs={}, options={}
+        )
+
+    # Given a message the reaper has put back: on its queue, not in the ack set
+    put_back = retry()
+    redis_client.hset(messages, "rid-1", b"{}")
+    due = int(time.time() * 1000) + 60_000
+    # When its retry is scheduled with its ack, nothing is added
+    added = schedule.add(
+        [Schedule.entry(put_back, due)], ack=("mail", "broker-1", "rid-1")
+    )
+    assert added == 0
+    assert redis_client.zscore(scheduled_key(namespace), put_back.message_id) is None
+    assert redis_client.hexists(messages, "rid-1")
+    # And a message still unacknowledged is acked and its retry scheduled together
+    held = retry()
+    redis_client.hset(messages, "rid-2", b"{}")
+    redis_client.sadd(acks, "rid-2")
+    added = schedule.add([Schedule.entry(held, due)], ack=("mail", "broker-1", "rid-2"))
+    assert added == 1
+    assert redis_client.zscore(scheduled_key(namespace), held.message_id) == due
+    assert not redis_client.sismember(acks, "rid-2")
+    assert not redis_client.hexists(messages, "rid-2")
