@@ -649,3 +649,20 @@ def test_a_retry_is_not_scheduled_for_a_message_already_put_back(
     assert redis_client.zscore(scheduled_key(namespace), held.message_id) == due
     assert not redis_client.sismember(acks, "rid-2")
     assert not redis_client.hexists(messages, "rid-2")
+
+
+def test_a_wire_job_scheduled_far_ahead_keeps_its_record_until_after_it(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """The `scheduled` record a worker writes for a wire job pushed a day early is
+    kept status.ttl after its send time, as a producer's is, not status.ttl from now."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()], status={"ttl": 600}))
+    job = {"to": ["ann@example.org"], "subject": "s", "text": "t"}
+    early = wire_enqueue(
+        redis_client, namespace, {**job, "send_at": _in(86_400).isoformat()}, wake=True
+    )
+    wait_for(lambda: app.status.get(early)["state"] == "scheduled")
+    kept = redis_client.ttl(f"{namespace}:job:{early}")
+    assert 86_400 < kept <= 86_400 + 600 + 2, kept
+    assert 86_400 < redis_client.ttl(f"{namespace}:job:{early}:history") <= 87_002

@@ -63,7 +63,9 @@ _INT_FIELDS = ("attempts",)
 # ARGV: namespace, ttl, now (ms), events' max length, dead letters' cap (0: none),
 #       record count, then per record:
 #       job id, history entry ("" none), dead payload ("" none), guard ("1": skipped
-#       when the job is `sent`), event type ("" none), event id, event time, event data,
+#       when the job is `sent`), its ttl ("" the store's: a record written long before
+#       its job runs is kept longer), event type ("" none), event id, event time,
+#       event data,
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
 # An outcome's event is added to the events stream with its record, or not at all.
@@ -84,11 +86,13 @@ local i = 7
 local tallies = {}
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local etype = ARGV[i + 4]
-  local e = i + 5
-  local n = tonumber(ARGV[i + 8])
+  local keep = ARGV[i + 4]
+  if keep == '' then keep = ttl end
+  local etype = ARGV[i + 5]
+  local e = i + 6
+  local n = tonumber(ARGV[i + 9])
   local key = ns .. ':job:' .. id
-  i = i + 9
+  i = i + 10
   local first, last = i, i + n - 1
   i = i + n
   local m = tonumber(ARGV[i])
@@ -106,14 +110,14 @@ for _ = 1, count do
     if new ~= old and (new == 'sent' or new == 'retrying' or new == 'dead') then
       tallies[new] = (tallies[new] or 0) + 1
     end
-    redis.call('EXPIRE', key, ttl)
+    redis.call('EXPIRE', key, keep)
     if m > 0 then
       redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
-      redis.call('EXPIRE', key .. ':accepted', ttl)
+      redis.call('EXPIRE', key .. ':accepted', keep)
     end
     if event ~= '' then
       redis.call('RPUSH', key .. ':history', event)
-      redis.call('EXPIRE', key .. ':history', ttl)
+      redis.call('EXPIRE', key .. ':history', keep)
     end
     if dead ~= '' then
       redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
@@ -392,11 +396,14 @@ class StatusStore:
         event: Mapping[str, Any] | None = None,
         dead_payload: bytes | None = None,
         outcome: tuple[EventType, Mapping[str, Any]] | None = None,
+        keep_for: float | None = None,
     ) -> PackedWrite:
         """``write``'s arguments, ready for ``write_many`` (or to ride along with an ack).
 
         ``outcome`` is the event (type, data) that goes on the events stream with the
-        record, unless ``[events] types`` leaves that type out.
+        record, unless ``[events] types`` leaves that type out. ``keep_for`` is how
+        many seconds the record (its history, its marker) is kept from now, when that
+        is not the store's ``ttl`` (a job scheduled far ahead).
         """
         now = now_iso()
         pairs: list[EncodableT] = ["updated_at", now]
@@ -418,6 +425,7 @@ class StatusStore:
             orjson.dumps({"at": now, **event}) if event is not None else "",
             dead_payload if dead_payload is not None else "",
             "1" if guarded else "",
+            "" if keep_for is None else max(1, int(keep_for)),
             *stream,
             len(pairs),
             *pairs,
