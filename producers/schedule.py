@@ -178,7 +178,7 @@ def cancel(
     return Cancelled(job_id, outcome == b"cancelled", before.decode(), bulk)
 
 
-def _claim_of(namespace: str, payload: bytes | None) -> str:
+def _claim_of(namespace: str, payload: bytes | str | None) -> str:
     """The idempotency claim key of a scheduled job's message (``{ns}:idem:``: none).
 
     The message is written once for its id, so the key read here is the one the

@@ -20,6 +20,7 @@ from common.keys import (
     QUEUES,
     TRIM_DEAD_LUA,
     history_key,
+    minute_counts_key,
     queue_messages_key,
     scheduled_key,
     status_key,
@@ -60,6 +61,7 @@ _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
 # Key names are derived from the namespace as in common/keys.py (status_key & co.).
+# KEYS: this minute's counts (``minute_counts_key`` of ARGV's now)
 # ARGV: namespace, ttl, now (ms), events' max length, dead letters' cap (0: none),
 #       record count, then per record:
 #       job id, history entry ("" none), dead payload ("" none), guard ("1": skipped
@@ -132,7 +134,7 @@ for _ = 1, count do
   end
   i = i + m
 end
-local minute = ns .. ':minute:' .. math.floor(now / 60000)
+local minute = KEYS[1]
 for kind, n in pairs(tallies) do
   if redis.call('HINCRBY', minute, kind, n) == n then
     redis.call('EXPIRE', minute, MINUTE_TTL)
@@ -441,10 +443,11 @@ class StatusStore:
         ``ack`` is (queue, broker id, redis message id). All of it is one script, one
         round trip.
         """
+        now_ms = int(time.time() * 1000)
         args: list[EncodableT] = [
             self._ns,
             self._ttl,
-            int(time.time() * 1000),
+            now_ms,
             self._events_max_len,
             self._max_dead,
             len(writes),
@@ -453,7 +456,9 @@ class StatusStore:
             args.extend(packed)
         if ack is not None:
             args.extend(ack)
-        trimmed = self._write(*args)
+        # The minute of the same `now` the script counts at, declared as a key.
+        minute = minute_counts_key(self._ns, now_ms // 60_000)
+        trimmed = self._write.run([minute], args)
         if trimmed:
             self._trims.note(trimmed)
 
