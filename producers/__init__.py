@@ -166,8 +166,10 @@ def cancel_scheduled(job_id: str, *, producer: Producer | None = None) -> Cancel
 
     Its status record then says ``cancelled``. A job already released (or sent) is
     left as it is: ``Cancelled.cancelled`` is False and ``state`` says where it is. A
-    job waiting for a broker retry can be cancelled the same way. Without
-    ``producer``, the process-wide ``default_producer()`` is used.
+    job waiting for a broker retry can be cancelled the same way; a bulk message's
+    retry cannot (``Cancelled.bulk_jobs`` says how many jobs it carries). A cancel
+    releases the job's ``idempotency_key``. Without ``producer``, the process-wide
+    ``default_producer()`` is used.
     """
     return (producer or _default_producer()).cancel_scheduled(job_id)
 

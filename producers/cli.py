@@ -107,7 +107,7 @@ def send_at_flag(value: str) -> str:
 
     Raises:
         JobValidationError: naming ``send_at``, for a relative form that is no
-            duration.
+            duration or one too long to be a date.
     """
     if not value.startswith("+"):
         return value
@@ -119,7 +119,12 @@ def send_at_flag(value: str) -> str:
             f"{value!r} is neither ISO 8601 (2026-12-03T09:00:00Z) nor +DURATION "
             "(+90s, +10m, +2h, +1d)",
         ) from None
-    moment = datetime.now(UTC) + timedelta(seconds=seconds)
+    try:
+        moment = datetime.now(UTC) + timedelta(seconds=seconds)
+    except OverflowError:
+        raise JobValidationError(
+            "send_at", f"{value!r} is too far ahead: past any date that can be written"
+        ) from None
     return moment.isoformat(timespec="milliseconds")
 
 

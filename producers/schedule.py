@@ -18,8 +18,10 @@ from redis.typing import EncodableT
 
 from common.broker import broker_error
 from common.keys import (
+    BATCH_ACTOR_NAME,
     events_key,
     history_key,
+    idempotency_key,
     scheduled_key,
     scheduled_messages_key,
     status_key,
@@ -28,16 +30,32 @@ from settings import EventsSettings
 
 __all__ = ["Cancelled", "Scheduled", "ScheduledPage", "cancel", "list_page"]
 
-# KEYS: scheduled set, scheduled hash, status hash, history list, events stream
+# KEYS: scheduled set, scheduled hash, status hash, history list, events stream, the
+#       job's idempotency claim (`{ns}:idem:`, never written, for none)
 # ARGV: job id, now (ISO 8601), status ttl, history entry (JSON), then the event:
-#       type ("" for none), id, data (JSON), the stream's max length
-# Returns {outcome, state before}: `cancelled`, or `absent` when the job is not in the
-# set (released already, cancelled, or unknown), with its record's state ('' none).
+#       type ("" for none), id, data (JSON), the stream's max length; the bulk actor
+# Returns {outcome, state before, jobs}: `cancelled`; `absent` when the job is not in
+# the set (released already, cancelled, or unknown), with its record's state ('' none);
+# `bulk` when the entry is a bulk message's retry (its id is no job's: cancelling it
+# would drop its jobs unrecorded), left as it is, with how many jobs it carries.
 # The release script also takes its entries out of the set in one step, so of a
-# cancel and a release racing for a job exactly one wins.
+# cancel and a release racing for a job exactly one wins. A cancelled job's claim is
+# released when it is still this job's, so its key can be used for a new job.
 _CANCEL = """
 local before = redis.call('HGET', KEYS[3], 'state') or ''
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return {'absent', before} end
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {'absent', before, 0} end
+local payload = redis.call('HGET', KEYS[2], ARGV[1])
+if payload then
+  local ok, message = pcall(cjson.decode, payload)
+  if ok and type(message) == 'table' and message.actor_name == ARGV[9] then
+    local jobs = 0
+    if type(message.kwargs) == 'table' and type(message.kwargs.jobs) == 'table' then
+      jobs = #message.kwargs.jobs
+    end
+    return {'bulk', before, jobs}
+  end
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], 'id', ARGV[1], 'state', 'cancelled', 'reason', 'cancelled',
            'updated_at', ARGV[2], 'next_attempt_at', '')
@@ -48,7 +66,13 @@ if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'type', ARGV[5],
              'id', ARGV[6], 'job_id', ARGV[1], 'at', ARGV[2], 'data', ARGV[7])
 end
-return {'cancelled', before}
+if string.sub(KEYS[6], -6) ~= ':idem:' then
+  local held = redis.call('GET', KEYS[6])
+  if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+    redis.call('DEL', KEYS[6])
+  end
+end
+return {'cancelled', before, 1}
 """
 
 
@@ -62,11 +86,14 @@ class Cancelled:
         state: its record's state before (``scheduled``, ``retrying``; for one not
             cancelled: ``queued``, ``sending``, ``sent``, ``cancelled``..., or ``""``
             when the job has no record).
+        bulk_jobs: for an id that is a bulk message's retry waiting in the set, how
+            many jobs it carries: such an entry is never cancelled (0 otherwise).
     """
 
     job_id: str
     cancelled: bool
     state: str
+    bulk_jobs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +107,8 @@ class Scheduled:
         queue: the Dramatiq queue it goes to.
         subject: the job's subject (None for a bulk message or an unreadable one).
         jobs: how many jobs the message carries.
+        bulk: True for a bulk message's retry: its id is the message's, not a job's,
+            and it cannot be cancelled (its jobs' own records say ``retrying``).
     """
 
     job_id: str
@@ -88,6 +117,7 @@ class Scheduled:
     queue: str | None
     subject: str | None
     jobs: int
+    bulk: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +140,11 @@ def cancel(
     """Take a scheduled job out of the scheduled set; its record says ``cancelled``.
 
     The ``delivery.cancelled`` event goes on the events stream in the same script
-    (unless ``events.types`` leaves it out). A job already released to its queue (or
-    sent) is not touched: ``cancelled`` is False and ``state`` says where it is.
+    (unless ``events.types`` leaves it out), and the job's idempotency claim is
+    released: a new enqueue with its key makes a new job. A job already released to its queue (or
+    sent) is not touched: ``cancelled`` is False and ``state`` says where it is. A bulk
+    message's retry (several jobs under the message's id) is not touched either:
+    ``bulk_jobs`` says how many jobs it carries.
 
     Raises:
         BrokerUnavailableError: Redis cannot be reached.
@@ -120,21 +153,49 @@ def cancel(
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     entry = orjson.dumps({"at": now, "event": "cancelled", "reason": "cancelled"})
     kind = "delivery.cancelled" if "delivery.cancelled" in events.types else ""
+    try:
+        claim = _claim_of(
+            namespace, client.hget(scheduled_messages_key(namespace), job_id)
+        )
+    except redis.RedisError as exc:
+        raise broker_error(label, exc) from None
     keys = [
         scheduled_key(namespace),
         scheduled_messages_key(namespace),
         status_key(namespace, job_id),
         history_key(namespace, job_id),
         events_key(namespace),
+        claim,
     ]
     args: list[EncodableT] = [job_id, now, status_ttl, entry, kind, uuid.uuid4().hex]
-    args += [orjson.dumps({"reason": "cancelled"}), events.max_len]
+    args += [orjson.dumps({"reason": "cancelled"}), events.max_len, BATCH_ACTOR_NAME]
     try:
         script = client.register_script(_CANCEL)
-        outcome, before = script(keys=keys, args=args)
+        outcome, before, jobs = script(keys=keys, args=args)
     except redis.RedisError as exc:
         raise broker_error(label, exc) from None
-    return Cancelled(job_id, outcome == b"cancelled", before.decode())
+    bulk = int(jobs) if outcome == b"bulk" else 0
+    return Cancelled(job_id, outcome == b"cancelled", before.decode(), bulk)
+
+
+def _claim_of(namespace: str, payload: bytes | str | None) -> str:
+    """The idempotency claim key of a scheduled job's message (``{ns}:idem:``: none).
+
+    The message is written once for its id, so the key read here is the one the
+    script releases, if the claim still names this job.
+    """
+    message: Any = None
+    if payload is not None:
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            message = None
+    found = message.get("kwargs") if isinstance(message, dict) else None
+    job = found.get("job") if isinstance(found, dict) else None
+    key = job.get("idempotency_key") if isinstance(job, dict) else None
+    if isinstance(key, str) and key:
+        return idempotency_key(namespace, key)
+    return f"{namespace}:idem:"
 
 
 def list_page(
@@ -186,6 +247,7 @@ def _entry(
     queue: str | None = None
     subject: str | None = None
     jobs = 1
+    bulk = False
     message: Any = None
     if payload is not None:
         try:
@@ -201,6 +263,7 @@ def _entry(
         if isinstance(job, dict) and isinstance(job.get("subject"), str):
             subject = job["subject"]
         batch = kwargs.get("jobs")
+        bulk = message.get("actor_name") == BATCH_ACTOR_NAME
         if isinstance(batch, list):
             jobs = len(batch)
     return Scheduled(
@@ -210,4 +273,5 @@ def _entry(
         queue=queue,
         subject=subject,
         jobs=jobs,
+        bulk=bulk,
     )

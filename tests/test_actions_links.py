@@ -434,6 +434,21 @@ def test_a_comment_required_action_without_a_comment_shows_the_form_again(system
     assert accepted["data"]["comment"] == "Wrong amount."
 
 
+def test_a_comment_of_many_wide_characters_fits_the_body_cap(system):
+    """9,999 CJK characters (nine bytes each, form-encoded: some 90 KB) are within
+    the comment limit, so they are a comment like any other, not a body too large."""
+    s = system()
+    _, messages = s.send()
+    ann = messages["ann@example.org"]
+    url = s.link(ann, "reject")
+    with s.browser() as browser:
+        _, token = s.open(url, browser)
+        done = browser.post(url, data={"token": token, "comment": "日" * 9_999})
+    assert done.status_code == 200, done.text
+    [accepted] = s.events()
+    assert accepted["data"]["comment"] == "日" * 9_999
+
+
 def test_pages_are_escaped_script_free_and_carry_the_headers(system):
     """Every answer (page, HEAD, 403, 404, 405) has no-store, no-referrer, noindex and a
     CSP without scripts; the page escapes the subject and context and has no script,

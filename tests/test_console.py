@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -350,7 +351,12 @@ def test_overview_shows_queues_workers_breakers_and_the_last_hour(
 def test_overview_counts_what_waits_on_each_queue(
     visitor, ops_key, redis_client, namespace
 ):
-    """Messages nobody has fetched yet show as ready on their priority's row."""
+    """Messages nobody has fetched yet show as ready on their priority's row; jobs
+    waiting for their time (or a long retry) show as scheduled, and a scheduled job's
+    page says when it goes."""
+    send_at = datetime.now(UTC) + timedelta(hours=1)
+    later = Notification(to=["z@example.org"], subject="s", text="t", send_at=send_at)
+    job_id = Producer(redis_client, namespace=namespace).enqueue(later)
     for _ in range(2):
         wire_enqueue(
             redis_client, namespace, {"to": ["x@example.org"]}, queue="mail-bulk"
@@ -363,6 +369,10 @@ def test_overview_counts_what_waits_on_each_queue(
     assert row.format("high", "mail-high", 1) in page
     assert row.format("normal", "mail", 0) in page
     assert "No worker process has beaten in the last day." in page
+    assert "<strong>1 scheduled</strong>: jobs with a send time, and retries" in page
+    job = visitor.get(f"/jobs/{job_id}").text
+    assert "<dt>State</dt><dd>scheduled</dd>" in job
+    assert f"<dt>Send at</dt><dd>{send_at.isoformat(timespec='milliseconds')}" in job
 
 
 def test_the_suppression_list_and_removing_an_address(

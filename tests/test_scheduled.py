@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from dramatiq.message import Message
 
 from common.keys import (
     queue_key,
@@ -454,6 +455,30 @@ def test_cli_schedules_lists_pages_and_cancels(tmp_path, redis_url, namespace):
         assert "send_at" in refused.stderr, (bad, refused.stderr)
 
 
+def test_durations_too_long_for_a_date_name_their_option(
+    tmp_path, redis_url, namespace
+):
+    """A duration past any date is a usage error naming its option, no traceback."""
+    config = write_toml(
+        tmp_path / "mailworker.toml", {"broker_url": redis_url, "namespace": namespace}
+    )
+    base = ("send", "--to", "a@example.org", "--subject", "Far", "--text", "t")
+    cases = [
+        ((*base, "--send-at", "+1000000000d"), "send_at"),
+        ((*base, "--send-at", "+" + "9" * 400), "send_at"),
+        (
+            ("scheduled", "list", "--due-before", "99999999999999999999d"),
+            "--due-before",
+        ),
+        (("scheduled", "list", "--due-after", "1000000000d"), "--due-after"),
+    ]
+    for args, named in cases:
+        refused = _cli(config, *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert named in refused.stderr and "too" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr, refused.stderr
+
+
 def test_bounded_many_scheduled_jobs_are_all_sent_once(
     smtp_server, make_settings, run_worker, redis_client, namespace
 ):
@@ -519,3 +544,125 @@ def test_a_scheduled_job_that_died_can_be_requeued(
     # Then it is sent
     wait_for(lambda: _received(server)[job_id] == 1, timeout=20)
     wait_for(lambda: app.status.get(job_id)["state"] == "sent")
+
+
+def test_a_bulk_retry_is_never_cancelled_and_its_jobs_are_sent(
+    tmp_path, smtp_server, make_settings, run_worker, redis_client, redis_url, namespace
+):
+    """A bulk message's retry waits in the scheduled set under the message's id:
+    `scheduled cancel` refuses it (exit 1, saying what to do instead) and changes
+    nothing, `scheduled list` marks it, and its jobs are all sent later."""
+    # Given a bulk message of three jobs waiting in the scheduled set as a broker
+    # retry puts it there (taken off its queue, added with the retry's script)
+    ids = _producer(redis_client, namespace).enqueue_many(
+        [_job(to=[f"u{n}@example.org"]) for n in range(3)]
+    )
+    [redis_id] = redis_client.lrange(queue_key(namespace, "mail"), 0, -1)
+    payload = redis_client.hget(queue_messages_key(namespace, "mail"), redis_id)
+    redis_client.delete(queue_key(namespace, "mail"))
+    redis_client.hdel(queue_messages_key(namespace, "mail"), redis_id)
+    message = Message(**json.loads(payload))
+    due_ms = int(time.time() * 1000) + 1_000
+    Schedule(redis_client, namespace).add([Schedule.entry(message, due_ms)])
+    bulk_id = message.message_id
+    assert bulk_id not in ids
+    # When an operator lists and cancels it
+    config = write_toml(
+        tmp_path / "mailworker.toml", {"broker_url": redis_url, "namespace": namespace}
+    )
+    listed = _cli(config, "scheduled", "list")
+    assert listed.returncode == 0, listed.stderr
+    [row] = listed.stdout.splitlines()[1:]
+    assert row.split()[:1] == [bulk_id] and " bulk " in row, row
+    assert "cannot be cancelled" in row and "bulk message's retry" in listed.stderr
+    [line] = _cli(config, "scheduled", "list", "--json").stdout.splitlines()
+    assert json.loads(line)["bulk"] is True and json.loads(line)["jobs"] == 3
+    refused = _cli(config, "scheduled", "cancel", bulk_id)
+    # Then it is refused, saying why and what to do instead, and nothing changes
+    assert refused.returncode == 1, refused.stderr
+    assert "bulk message's retry (3 jobs) and cannot be cancelled" in refused.stderr
+    assert "suppress add" in refused.stderr
+    assert redis_client.zscore(scheduled_key(namespace), bulk_id) == due_ms
+    assert redis_client.hexists(scheduled_messages_key(namespace), bulk_id)
+    assert not redis_client.exists(f"{namespace}:job:{bulk_id}")
+    assert not redis_client.exists(f"{namespace}:events")
+    # And every job of it is sent once a worker releases it
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()]))
+    wait_for(lambda: all(_received(server)[i] == 1 for i in ids), timeout=30)
+    for job_id in ids:
+        wait_for(lambda j=job_id: app.status.get(j)["state"] == "sent")
+
+
+def test_cancel_releases_the_idempotency_key_for_a_new_job(redis_client, namespace):
+    """After a cancel, enqueueing again with the same idempotency_key schedules a new
+    job instead of returning the cancelled one; before it, the key finds the job."""
+    # Given a job scheduled with an idempotency key
+    producer = _producer(redis_client, namespace)
+    job = _job(send_at=_in(3600), idempotency_key="reminder-42")
+    first = producer.enqueue(job)
+    assert producer.enqueue(job) == first
+    # When it is cancelled and the same job is enqueued again
+    assert producer.cancel_scheduled(first).cancelled
+    second = producer.enqueue(job)
+    # Then it is a new job, scheduled, and the key now finds that one
+    assert second != first
+    status = _status(redis_client, namespace)
+    assert status.get(second)["state"] == "scheduled"
+    assert status.get(first)["state"] == "cancelled"
+    assert redis_client.zscore(scheduled_key(namespace), second) is not None
+    assert producer.enqueue(job) == second
+
+
+def test_a_retry_is_not_scheduled_for_a_message_already_put_back(
+    redis_client, namespace
+):
+    """A long retry is scheduled with its message's ack only while that message is
+    still unacknowledged: once a reaper has put it back on its queue, the retry is
+    not added (the job would be there twice); otherwise both happen together."""
+    schedule = Schedule(redis_client, namespace)
+    acks = f"{namespace}:__acks__.broker-1.mail"
+    messages = queue_messages_key(namespace, "mail")
+
+    def retry() -> Message:
+        return Message(
+            queue_name="mail", actor_name="deliver", args=(), kwargs={}, options={}
+        )
+
+    # Given a message the reaper has put back: on its queue, not in the ack set
+    put_back = retry()
+    redis_client.hset(messages, "rid-1", b"{}")
+    due = int(time.time() * 1000) + 60_000
+    # When its retry is scheduled with its ack, nothing is added
+    added = schedule.add(
+        [Schedule.entry(put_back, due)], ack=("mail", "broker-1", "rid-1")
+    )
+    assert added == 0
+    assert redis_client.zscore(scheduled_key(namespace), put_back.message_id) is None
+    assert redis_client.hexists(messages, "rid-1")
+    # And a message still unacknowledged is acked and its retry scheduled together
+    held = retry()
+    redis_client.hset(messages, "rid-2", b"{}")
+    redis_client.sadd(acks, "rid-2")
+    added = schedule.add([Schedule.entry(held, due)], ack=("mail", "broker-1", "rid-2"))
+    assert added == 1
+    assert redis_client.zscore(scheduled_key(namespace), held.message_id) == due
+    assert not redis_client.sismember(acks, "rid-2")
+    assert not redis_client.hexists(messages, "rid-2")
+
+
+def test_a_wire_job_scheduled_far_ahead_keeps_its_record_until_after_it(
+    smtp_server, make_settings, run_worker, redis_client, namespace
+):
+    """The `scheduled` record a worker writes for a wire job pushed a day early is
+    kept status.ttl after its send time, as a producer's is, not status.ttl from now."""
+    server = smtp_server()
+    app = run_worker(make_settings(smtp=[server.smtp_section()], status={"ttl": 600}))
+    job = {"to": ["ann@example.org"], "subject": "s", "text": "t"}
+    early = wire_enqueue(
+        redis_client, namespace, {**job, "send_at": _in(86_400).isoformat()}, wake=True
+    )
+    wait_for(lambda: app.status.get(early)["state"] == "scheduled")
+    kept = redis_client.ttl(f"{namespace}:job:{early}")
+    assert 86_400 < kept <= 86_400 + 600 + 2, kept
+    assert 86_400 < redis_client.ttl(f"{namespace}:job:{early}:history") <= 87_002

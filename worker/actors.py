@@ -208,6 +208,8 @@ class JobHandler:
                 "send_at": due,
             },
             event={"attempt": job.attempt - 1, "event": "scheduled"},
+            # Kept status.ttl after the send time, as a producer's scheduled record is.
+            keep_for=self._settings.status.ttl + int(ahead) + 1,
         )
         log.info("job_scheduled", job_id=job.id, send_at=due)
         return True
@@ -462,6 +464,7 @@ class JobHandler:
         event: dict[str, Any] | None = None,
         dead_payload: bytes | None = None,
         outcome: tuple[EventType, dict[str, Any]] | None = None,
+        keep_for: float | None = None,
     ) -> None:
         """Write a job's record with the ack (or nack) of its broker message.
 
@@ -477,6 +480,7 @@ class JobHandler:
                 event=event,
                 dead_payload=dead_payload,
                 outcome=outcome,
+                keep_for=keep_for,
             )
         )
 

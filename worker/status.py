@@ -20,6 +20,7 @@ from common.keys import (
     QUEUES,
     TRIM_DEAD_LUA,
     history_key,
+    minute_counts_key,
     queue_messages_key,
     scheduled_key,
     status_key,
@@ -60,10 +61,13 @@ _INT_FIELDS = ("attempts",)
 
 # Writes many records and, optionally, acknowledges the broker message they came in.
 # Key names are derived from the namespace as in common/keys.py (status_key & co.).
+# KEYS: this minute's counts (``minute_counts_key`` of ARGV's now)
 # ARGV: namespace, ttl, now (ms), events' max length, dead letters' cap (0: none),
 #       record count, then per record:
 #       job id, history entry ("" none), dead payload ("" none), guard ("1": skipped
-#       when the job is `sent`), event type ("" none), event id, event time, event data,
+#       when the job is `sent`), its ttl ("" the store's: a record written long before
+#       its job runs is kept longer), event type ("" none), event id, event time,
+#       event data,
 #       n, n field/value arguments, m, m accepted recipients to add to the marker; then,
 #       for an ack: queue, broker id, message id.
 # An outcome's event is added to the events stream with its record, or not at all.
@@ -84,11 +88,13 @@ local i = 7
 local tallies = {}
 for _ = 1, count do
   local id, event, dead, guard = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local etype = ARGV[i + 4]
-  local e = i + 5
-  local n = tonumber(ARGV[i + 8])
+  local keep = ARGV[i + 4]
+  if keep == '' then keep = ttl end
+  local etype = ARGV[i + 5]
+  local e = i + 6
+  local n = tonumber(ARGV[i + 9])
   local key = ns .. ':job:' .. id
-  i = i + 9
+  i = i + 10
   local first, last = i, i + n - 1
   i = i + n
   local m = tonumber(ARGV[i])
@@ -106,14 +112,14 @@ for _ = 1, count do
     if new ~= old and (new == 'sent' or new == 'retrying' or new == 'dead') then
       tallies[new] = (tallies[new] or 0) + 1
     end
-    redis.call('EXPIRE', key, ttl)
+    redis.call('EXPIRE', key, keep)
     if m > 0 then
       redis.call('SADD', key .. ':accepted', unpack(ARGV, i, i + m - 1))
-      redis.call('EXPIRE', key .. ':accepted', ttl)
+      redis.call('EXPIRE', key .. ':accepted', keep)
     end
     if event ~= '' then
       redis.call('RPUSH', key .. ':history', event)
-      redis.call('EXPIRE', key .. ':history', ttl)
+      redis.call('EXPIRE', key .. ':history', keep)
     end
     if dead ~= '' then
       redis.call('SET', ns .. ':dead:' .. id, dead, 'EX', ttl)
@@ -128,7 +134,7 @@ for _ = 1, count do
   end
   i = i + m
 end
-local minute = ns .. ':minute:' .. math.floor(now / 60000)
+local minute = KEYS[1]
 for kind, n in pairs(tallies) do
   if redis.call('HINCRBY', minute, kind, n) == n then
     redis.call('EXPIRE', minute, MINUTE_TTL)
@@ -392,11 +398,14 @@ class StatusStore:
         event: Mapping[str, Any] | None = None,
         dead_payload: bytes | None = None,
         outcome: tuple[EventType, Mapping[str, Any]] | None = None,
+        keep_for: float | None = None,
     ) -> PackedWrite:
         """``write``'s arguments, ready for ``write_many`` (or to ride along with an ack).
 
         ``outcome`` is the event (type, data) that goes on the events stream with the
-        record, unless ``[events] types`` leaves that type out.
+        record, unless ``[events] types`` leaves that type out. ``keep_for`` is how
+        many seconds the record (its history, its marker) is kept from now, when that
+        is not the store's ``ttl`` (a job scheduled far ahead).
         """
         now = now_iso()
         pairs: list[EncodableT] = ["updated_at", now]
@@ -418,6 +427,7 @@ class StatusStore:
             orjson.dumps({"at": now, **event}) if event is not None else "",
             dead_payload if dead_payload is not None else "",
             "1" if guarded else "",
+            "" if keep_for is None else max(1, int(keep_for)),
             *stream,
             len(pairs),
             *pairs,
@@ -433,10 +443,11 @@ class StatusStore:
         ``ack`` is (queue, broker id, redis message id). All of it is one script, one
         round trip.
         """
+        now_ms = int(time.time() * 1000)
         args: list[EncodableT] = [
             self._ns,
             self._ttl,
-            int(time.time() * 1000),
+            now_ms,
             self._events_max_len,
             self._max_dead,
             len(writes),
@@ -445,7 +456,9 @@ class StatusStore:
             args.extend(packed)
         if ack is not None:
             args.extend(ack)
-        trimmed = self._write(*args)
+        # The minute of the same `now` the script counts at, declared as a key.
+        minute = minute_counts_key(self._ns, now_ms // 60_000)
+        trimmed = self._write.run([minute], args)
         if trimmed:
             self._trims.note(trimmed)
 

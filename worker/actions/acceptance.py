@@ -27,40 +27,45 @@ __all__ = ["Acceptance", "Answer", "InboundEntry", "Written"]
 
 Written = Literal["accepted", "refused", "duplicate"]
 
-# ARGV: record key ("" for none), index key, message key, ttl, now (ms), 2n, n
-# field/value pairs; key record ("" none), verdict, reason; events key, max length, emit
-# accepted ("1"/"0"), emit refused, event id, job id, at, accepted data, refused data
-# without its "}"; then the key's new fields: action, actor, comment, message id, via.
+# KEYS: the inbound record (a name never written when there is none), the inbound
+#       index, the action key (likewise), the events stream
+# ARGV: has a record ("1"/""), message key, ttl, now (ms), 2n, n field/value pairs; has
+#       an action key ("1"/""), verdict, reason; the stream's max length, emit accepted
+#       ("1"/"0"), emit refused, event id, job id, at, accepted data, refused data
+#       without its "}"; then the key's new fields: action, actor, comment, message id,
+#       via.
 _WRITE = """
-local record, index, mkey, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-if record ~= '' and redis.call('EXISTS', record) == 1 then return {'duplicate', ''} end
-local n = tonumber(ARGV[6])
-local i = 7 + n
-local key, verdict, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+local record, index, key, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local has_record, mkey, ttl, now = ARGV[1] == '1', ARGV[2], ARGV[3], tonumber(ARGV[4])
+if has_record and redis.call('EXISTS', record) == 1 then return {'duplicate', ''} end
+local n = tonumber(ARGV[5])
+local i = 6 + n
+local has_key, verdict, reason = ARGV[i] == '1', ARGV[i + 1], ARGV[i + 2]
 if verdict == 'accepted' then
-  local state = redis.call('HGET', key, 'state')
+  local state = false
+  if has_key then state = redis.call('HGET', key, 'state') end
   if not state then verdict, reason = 'refused', 'unknown_key'
   elseif state == 'used' or state == 'closed' then verdict, reason = 'refused', state
   elseif tonumber(redis.call('HGET', key, 'expires_at') or '0') <= now then
     verdict, reason = 'refused', 'expired'
   end
 end
-local stream, maxlen, at = ARGV[i + 3], ARGV[i + 4], ARGV[i + 9]
+local maxlen, at = ARGV[i + 3], ARGV[i + 8]
 if verdict == 'accepted' then
-  redis.call('HSET', key, 'state', 'used', 'action', ARGV[i + 12], 'actor', ARGV[i + 13],
-             'comment', ARGV[i + 14], 'message_id', ARGV[i + 15], 'used_at', at,
-             'via', ARGV[i + 16])
-  if ARGV[i + 5] == '1' then
+  redis.call('HSET', key, 'state', 'used', 'action', ARGV[i + 11], 'actor', ARGV[i + 12],
+             'comment', ARGV[i + 13], 'message_id', ARGV[i + 14], 'used_at', at,
+             'via', ARGV[i + 15])
+  if ARGV[i + 4] == '1' then
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', 'action.accepted',
-               'id', ARGV[i + 7], 'job_id', ARGV[i + 8], 'at', at, 'data', ARGV[i + 10])
+               'id', ARGV[i + 6], 'job_id', ARGV[i + 7], 'at', at, 'data', ARGV[i + 9])
   end
-elseif ARGV[i + 6] == '1' then
-  local data = ARGV[i + 11] .. ',"reason":"' .. reason .. '"}'
+elseif ARGV[i + 5] == '1' then
+  local data = ARGV[i + 10] .. ',"reason":"' .. reason .. '"}'
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', 'action.refused',
-             'id', ARGV[i + 7], 'job_id', ARGV[i + 8], 'at', at, 'data', data)
+             'id', ARGV[i + 6], 'job_id', ARGV[i + 7], 'at', at, 'data', data)
 end
-if record ~= '' then
-  redis.call('HSET', record, unpack(ARGV, 7, 6 + n))
+if has_record then
+  redis.call('HSET', record, unpack(ARGV, 6, 5 + n))
   redis.call('HSET', record, 'outcome', verdict, 'reason', reason)
   redis.call('EXPIRE', record, ttl)
   redis.call('ZADD', index, now, mkey)
@@ -146,7 +151,14 @@ class Acceptance:
             redis.RedisError: Redis did not answer; nothing or everything was written.
         """
         script = self._bare if inbound is None else self._once
-        outcome, reason = script(*self._args(answer, inbound))
+        none = f"{self._ns}:none"  # in the namespace's slot, never written
+        keys = [
+            inbound_key(self._ns, inbound.key) if inbound is not None else none,
+            inbound_index_key(self._ns),
+            action_key(self._ns, answer.key) if answer.key else none,
+            events_key(self._ns),
+        ]
+        outcome, reason = script.run(keys, self._args(answer, inbound))
         return cast(Written, outcome.decode()), reason.decode()
 
     def _args(self, answer: Answer, inbound: InboundEntry | None) -> list[EncodableT]:
@@ -163,17 +175,15 @@ class Acceptance:
         types = self._events.types
         fields = inbound.fields if inbound is not None else {}
         return [
-            inbound_key(self._ns, inbound.key) if inbound is not None else "",
-            inbound_index_key(self._ns),
+            "1" if inbound is not None else "",
             inbound.key if inbound is not None else "",
             self._ttl,
             int(time.time() * 1000),
             len(fields) * 2,
             *[item for pair in fields.items() for item in pair],
-            action_key(self._ns, answer.key) if answer.key else "",
+            "1" if answer.key else "",
             verdict.outcome,
             verdict.reason,
-            events_key(self._ns),
             self._events.max_len,
             "1" if "action.accepted" in types else "0",
             "1" if "action.refused" in types else "0",

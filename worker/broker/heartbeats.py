@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from worker.broker.keys import LUA, dq_name
+from worker.broker.keys import LUA, dq_name, heartbeats_key
 
 __all__ = [
     "HOST_RECORD_TTL",
@@ -70,18 +70,18 @@ return moved
 # that came and went do not pile up.
 HOST_RECORD_TTL = 86400
 
-# KEYS: none (names derived from the namespace, as _REAP does).
-# ARGV: namespace, host, own broker id, now (ms), pid, forget after (ms), record ttl (s)
+# KEYS: the heartbeats (Dramatiq's), this host's record (``host_key``), the index of
+#       hosts (``hosts_key``)
+# ARGV: namespace (unused), host, own broker id, now (ms), pid, forget after (ms),
+#       record ttl (s)
 # Dramatiq's heartbeat, then this process's line in its host's record. Lines of processes
 # silent for longer than "forget after" (dead ones) are dropped. The host goes into the
 # index of hosts (``hosts_key``: host → last beat, ms), which forgets a host a record's
 # lifetime after its last beat, so the console lists hosts without scanning keys.
-_BEAT = (
-    LUA
-    + """
-local ns, host, me, now, forget = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6])
-redis.call('ZADD', heartbeats_key(ns), now, me)
-local key = ns .. ':hosts:' .. host
+_BEAT = """
+local host, me, now, forget = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6])
+redis.call('ZADD', KEYS[1], now, me)
+local key = KEYS[2]
 redis.call('HSET', key, me, now .. ' ' .. ARGV[5])
 local lines = redis.call('HGETALL', key)
 for i = 1, #lines, 2 do
@@ -89,13 +89,12 @@ for i = 1, #lines, 2 do
   if at == nil or at < now - forget then redis.call('HDEL', key, lines[i]) end
 end
 redis.call('EXPIRE', key, ARGV[7])
-local hosts = ns .. ':hosts'
+local hosts = KEYS[3]
 redis.call('ZADD', hosts, now, host)
 redis.call('ZREMRANGEBYSCORE', hosts, '-inf', now - tonumber(ARGV[7]) * 1000)
 redis.call('EXPIRE', hosts, ARGV[7])
 return 1
 """
-)
 
 
 def hosts_key(namespace: str) -> str:
@@ -230,7 +229,10 @@ def beat(
     """
     client.eval(
         _BEAT,
-        0,
+        3,
+        heartbeats_key(namespace),
+        host_key(namespace, host),
+        hosts_key(namespace),
         namespace,
         host,
         broker_id,

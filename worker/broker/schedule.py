@@ -53,21 +53,24 @@ RELEASE_BATCH = 1_000
 #       queue's hash
 # ARGV: entry count, then per entry: message id, due (ms), payload; then for an ack:
 #       broker id, redis message id, now (ms)
+# Returns how many entries it put in the set.
 # Scheduling with the ack is Dramatiq's ack (dispatch.lua "ack") in the same step: a
-# retry is never both in the set and still unacknowledged, nor in neither.
+# retry is never both in the set and still unacknowledged, nor in neither. The ack
+# comes first: a message no longer in the ack set was put back on its queue already
+# (a reaper took it from a worker it believed dead), so that copy runs again and the
+# retry is not scheduled: the job is never there twice.
 _SCHEDULE = """
 local n = tonumber(ARGV[1])
+if KEYS[3] then
+  local a = 2 + 3 * n
+  redis.call('ZADD', KEYS[3], ARGV[a + 2], ARGV[a])
+  if redis.call('SREM', KEYS[4], ARGV[a + 1]) == 0 then return 0 end
+  redis.call('HDEL', KEYS[5], ARGV[a + 1])
+end
 for i = 0, n - 1 do
   local b = 2 + 3 * i
   redis.call('ZADD', KEYS[1], ARGV[b + 1], ARGV[b])
   redis.call('HSET', KEYS[2], ARGV[b], ARGV[b + 2])
-end
-if KEYS[3] then
-  local a = 2 + 3 * n
-  redis.call('ZADD', KEYS[3], ARGV[a + 2], ARGV[a])
-  if redis.call('SREM', KEYS[4], ARGV[a + 1]) > 0 then
-    redis.call('HDEL', KEYS[5], ARGV[a + 1])
-  end
 end
 return n
 """
@@ -171,11 +174,15 @@ class Schedule:
         entries: Sequence[tuple[Message[Any], int]],
         *,
         ack: tuple[str, str, str] | None = None,
-    ) -> None:
+    ) -> int:
         """Put ``entries`` (message, due ms) in the set; with ``ack``, acknowledge too.
 
         ``ack`` is (queue, broker id, redis message id) of the message being
-        acknowledged. It is all one script, one round trip.
+        acknowledged. It is all one script, one round trip. When that message is no
+        longer unacknowledged (a reaper put it back on its queue), nothing is added.
+
+        Returns:
+            How many entries were added: ``len(entries)``, or 0 for such an ack.
         """
         keys: list[EncodableT] = [self._set, self._messages]
         args: list[EncodableT] = [len(entries)]
@@ -189,7 +196,7 @@ class Schedule:
                 queue_messages_key(self._ns, queue),
             ]
             args += [broker_id, redis_id, int(time.time() * 1000)]
-        self._schedule.run(keys, args)
+        return int(self._schedule.run(keys, args))
 
     def due(self, now_ms: int, limit: int = RELEASE_BATCH) -> list[str]:
         """The message ids due by ``now_ms``, soonest first: one read, nothing moved."""

@@ -26,6 +26,8 @@ def _moment(flag: str, value: str | None) -> datetime | None:
         return None
     try:
         return datetime.now(UTC) + timedelta(seconds=parse_duration(value))
+    except OverflowError:
+        fail(EXIT_USAGE, f"{flag}: {value!r} is too long: past any date")
     except ValueError:
         pass
     try:
@@ -81,12 +83,16 @@ def list_command(
                 "queue": entry.queue,
                 "subject": entry.subject,
                 "jobs": entry.jobs,
+                "bulk": entry.bulk,
             }
             click.echo(orjson.dumps(line).decode())
             continue
         subject = entry.subject if entry.jobs == 1 else f"({entry.jobs} jobs)"
+        if entry.bulk:
+            subject = f"(bulk retry of {entry.jobs} jobs: cannot be cancelled)"
+        state = "bulk" if entry.bulk else entry.state or "-"
         click.echo(
-            f"{entry.job_id:<36}  {entry.due_at:<29}  {entry.state or '-':<10} "
+            f"{entry.job_id:<36}  {entry.due_at:<29}  {state:<10} "
             f"{entry.queue or '-':<10} {(subject or '-')[:60]}"
         )
     if not as_json:
@@ -94,6 +100,12 @@ def list_command(
         more = offset + shown < page.total
         hint = f"; next page: --offset {offset + shown}" if more and shown else ""
         click.echo(f"{shown} of {page.total} scheduled{hint}", err=True)
+        if any(entry.bulk for entry in page.entries):
+            click.echo(
+                "STATE bulk: a bulk message's retry, under the message's id; its jobs "
+                "say `retrying` in their own records and are retried together",
+                err=True,
+            )
 
 
 @scheduled.command("cancel")
@@ -102,7 +114,8 @@ def list_command(
 def cancel_command(job_id: str, broker_url: str | None) -> None:
     """Cancel a scheduled job: it never sends, its status says cancelled.
 
-    Exit codes: 0 cancelled, 1 already released to its queue (or done), 3 unknown.
+    Exit codes: 0 cancelled, 1 already released to its queue (or done) or a bulk
+    message's retry (which carries several jobs and is never cancelled), 3 unknown.
     """
     producer = make_producer(broker_url)
     try:
@@ -112,6 +125,14 @@ def cancel_command(job_id: str, broker_url: str | None) -> None:
     if result.cancelled:
         click.echo(f"cancelled {job_id} (it was {result.state or 'scheduled'})")
         return
+    if result.bulk_jobs:
+        fail(
+            EXIT_FAILED,
+            f"{job_id} is a bulk message's retry ({result.bulk_jobs} jobs) and cannot "
+            "be cancelled: it would drop its jobs. Nothing was changed; they are "
+            "retried together when it is due. To stop mail to a recipient, run "
+            "`mailworker suppress add ADDRESS` before then",
+        )
     if not result.state:
         fail(EXIT_NOT_FOUND, f"no scheduled job {job_id}")
     if result.state == "cancelled":

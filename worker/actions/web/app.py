@@ -41,8 +41,10 @@ __all__ = ["create_links_app"]
 
 log = structlog.get_logger("mailworker.actions")
 _PATH = "/{key:str}/{action:str}"
-# A form of one token and a comment: a page's POST is far smaller than this.
-_MAX_BODY = 64 * 1024
+# A form of one token and a comment of MAX_COMMENT characters in the worst form
+# encoding (a 4-byte UTF-8 character percent-encoded is 12 bytes), and room for the
+# token and field names: a longer comment gets the page saying the limit, not a 413.
+_MAX_BODY = 12 * MAX_COMMENT + 4096
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
