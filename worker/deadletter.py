@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
@@ -40,6 +41,7 @@ from common.keys import (
 )
 from producers.job import parse_job
 from settings import JobValidationError, Limits, MailworkerError
+from settings.durations import parse_duration
 from worker.broker.keys import q_name
 from worker.events import letters
 from worker.events.model import parse_dead_id
@@ -60,6 +62,7 @@ __all__ = [
     "content_size",
     "elide",
     "kept_payload",
+    "since_moment",
 ]
 
 RAW_LIMIT = 64 * 1024  # undecodable messages are kept raw up to this many bytes
@@ -105,6 +108,21 @@ wake(KEYS[6], ARGV[5], ARGV[6])
 return 1
 """
 )
+
+
+def since_moment(value: str, now: float | None = None) -> float:
+    """A ``--since`` filter as a Unix time: a duration back from now (``2h``, ``7d``) or
+    an ISO time (UTC when it names no offset).
+
+    Raises:
+        ValueError: neither.
+    """
+    try:
+        return (time.time() if now is None else now) - parse_duration(value)
+    except ValueError:
+        pass
+    moment = datetime.fromisoformat(value)  # ValueError: neither
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def kept_payload(message: dict[str, Any], limits: Limits) -> bytes:

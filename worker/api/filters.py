@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from settings.durations import parse_duration
 from worker.api.problems import problem
-from worker.deadletter import REASONS, Filters
+from worker.deadletter import REASONS, Filters, since_moment
 
 __all__ = ["filters_of"]
 
@@ -15,18 +12,13 @@ def _since(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return datetime.now(UTC).timestamp() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value)
+        return since_moment(value)
     except ValueError:
         raise problem(
             400,
             f"since: {value[:80]!r} is neither a duration (2h, 7d) nor an ISO time",
             errors=[{"field": "since", "message": "not a duration nor an ISO time"}],
         ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def filters_of(since: str | None, reason: str | None, service: str | None) -> Filters:

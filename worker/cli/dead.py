@@ -12,8 +12,13 @@ import redis
 from common.broker import broker_error, connect_settings
 from common.exits import EXIT_BROKER, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
 from settings import ConfigError, Settings, load_settings, public_url
-from settings.durations import parse_duration
-from worker.deadletter import REASONS, DeadLetters, Filters, RequeueRefusedError
+from worker.deadletter import (
+    REASONS,
+    DeadLetters,
+    Filters,
+    RequeueRefusedError,
+    since_moment,
+)
 from worker.status import StatusRecord
 
 __all__ = ["dead"]
@@ -34,17 +39,12 @@ def _since(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return datetime.now(UTC).timestamp() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value)
+        return since_moment(value)
     except ValueError:
         fail(
             EXIT_USAGE,
             f"--since: {value!r} is neither a duration (2h, 7d) nor an ISO time",
         )
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _filters(since: str | None, reason: str | None, service: str | None) -> Filters:

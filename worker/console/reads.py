@@ -17,10 +17,9 @@ import redis
 
 from common.keys import minute_counts_key, suppressed_key
 from settings import Settings
-from settings.durations import parse_duration
 from worker.broker.heartbeats import host_beats, hosts_key
 from worker.cli.stats import queue_stats
-from worker.deadletter import REASONS, DeadLetters, Filters
+from worker.deadletter import REASONS, DeadLetters, Filters, since_moment
 from worker.status import StatusRecord
 
 __all__ = [
@@ -67,16 +66,6 @@ class LetterFilter:
         return {k: v for k, v in given.items() if v}
 
 
-def _since(value: str, now: float) -> float:
-    """``mailworker dead list --since``: a duration back from now, or an ISO time."""
-    try:
-        return now - parse_duration(value)
-    except ValueError:
-        pass
-    moment = datetime.fromisoformat(value)  # ValueError: neither
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
 def parse_filter(query: Mapping[str, str], *, now: float | None = None) -> LetterFilter:
     """The filters of a query or form, as ``mailworker dead list`` takes them."""
     now = time.time() if now is None else now
@@ -87,7 +76,7 @@ def parse_filter(query: Mapping[str, str], *, now: float | None = None) -> Lette
     moment = None
     if since:
         try:
-            moment = _since(since, now)
+            moment = since_moment(since, now)
         except ValueError:
             errors["since"] = "a duration (2h, 7d) or an ISO time (2026-05-01T08:00)"
     if reason and reason not in REASONS:
