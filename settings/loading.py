@@ -9,7 +9,6 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
 
@@ -115,23 +114,25 @@ def public_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***`` (safe to print or log).
 
     The user info's password and every query parameter whose name holds ``password``
-    (``sentinel_password``) are masked.
+    (``sentinel_password``) are masked. The URL is read as text, not parsed: a password
+    with an unencoded ``#``, ``/``, ``?`` or ``@`` (which a URL parser would take for
+    the end of the user info) is masked all the same, and so, at worst, is a little more.
     """
-    parts = urlsplit(url)
-    if parts.query:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        user = rest[:at].partition(":")[0]
+        rest = f"{user}:***@{rest[at + 1 :]}"
+    path, mark, query = rest.partition("?")
+    if mark:
         query = "&".join(
-            f"{k}=***" if "password" in k.lower() else f"{k}{sep}{v}"
-            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+            f"{k}=***" if "password" in k.lower() else f"{k}{eq}{v}"
+            for k, eq, v in (item.partition("=") for item in query.split("&"))
         )
-        parts = parts._replace(query=query)
-        url = urlunsplit(parts)
-    if parts.password is None:
-        return url
-    # The hosts are kept as written: a Sentinel or Cluster URL lists several.
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    netloc = f"{user}:***@{hosts}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        rest = f"{path}?{query}"
+    return f"{scheme}{sep}{rest}"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -714,6 +714,14 @@ def test_non_finite_duration_in_the_file_is_refused(tmp_path, literal):
         ("rediss://app:hun%40ter2@[::1]:6380/0", "rediss://app:***@[::1]:6380/0"),
         ("redis://redis.internal:6379/0", "redis://redis.internal:6379/0"),
         ("redis://app@redis.internal:6379/0", "redis://app@redis.internal:6379/0"),
+        # unencoded characters a URL parser takes for the end of the user info
+        ("redis://:pa#ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://u:pa/ss@h:6379/0", "redis://u:***@h:6379/0"),
+        ("redis://u:p?w@d@h:6379/0", "redis://u:***@h:6379/0"),
+        (
+            "redis+sentinel://u:p?w@h1:26379,h2/svc?sentinel_password=s3",
+            "redis+sentinel://u:***@h1:26379,h2/svc?sentinel_password=***",
+        ),
     ],
 )
 def test_public_url_masks_the_password(url, shown):
