@@ -171,12 +171,7 @@ class ThreadLocalScript:
         return self.run((), args)
 
     def run(
-        self,
-        keys: Sequence[Any],
-        args: Sequence[Any],
-        *,
-        wait: bool | None = None,
-        idempotent: bool | None = None,
+        self, keys: Sequence[Any], args: Sequence[Any], *, wait: bool | None = None
     ) -> Any:
         """Run the script with ``keys`` as KEYS and ``args`` as ARGV.
 
@@ -185,8 +180,7 @@ class ThreadLocalScript:
         once more on a new connection. A call whose reply is lost drops its connection.
         An idempotent script's call is then made once more on a new one, if the old one
         had served calls before (Redis may have restarted since). Any other is raised,
-        as the client would raise it. ``wait`` and ``idempotent`` override the script's
-        own for this call.
+        as the client would raise it. ``wait`` overrides the script's own ``wait``.
 
         Raises:
             redis.RedisError: as the client would.
@@ -210,7 +204,7 @@ class ThreadLocalScript:
         try:
             return self._run(conn, command, replicas, timeout_ms)
         except (redis.ConnectionError, redis.TimeoutError):
-            if fresh or not (self._idempotent if idempotent is None else idempotent):
+            if fresh or not self._idempotent:
                 raise
         return self._run(self._connection(local), command, replicas, timeout_ms)
 
@@ -259,8 +253,12 @@ class ThreadLocalScript:
         try:
             self._write(conn, commands)
         except (redis.ConnectionError, redis.TimeoutError):
-            # Nothing of it was run: a command cut off is never executed. Once more, on
-            # a new socket (the connection reconnects when it sends).
+            # A command cut off is never executed, but the script goes out before its
+            # WAIT: cut in the WAIT, it has run. Only an idempotent one is sent again
+            # then; any other call is raised (a lost fetch is sorted out by its consumer).
+            if len(commands) > 1 and not self._idempotent:
+                raise
+            # Once more, on a new socket (the connection reconnects when it sends).
             conn.disconnect()
             self._write(conn, commands)
 
@@ -297,14 +295,9 @@ class DispatchScript:
     _WAITING = frozenset({"enqueue", "fetch", "ack", "nack", "requeue"})
 
     def __call__(self, args: list[Any], keys: list[Any]) -> Any:
-        # A fetch whose reply is lost may have moved messages into this process' ack
-        # set: it is never made again unseen, the consumer sorts it out (SafeConsumer).
+        # Dramatiq's script is not idempotent (made once: a lost reply is raised): a
+        # fetch whose reply is lost is sorted out by its consumer (SafeConsumer._reclaim).
         try:
-            return self._script.run(
-                keys,
-                args,
-                wait=args[0] in self._WAITING,
-                idempotent=None if args[0] != "fetch" else False,
-            )
+            return self._script.run(keys, args, wait=args[0] in self._WAITING)
         except redis.TimeoutError as exc:
             raise redis.ConnectionError(str(exc)) from exc
